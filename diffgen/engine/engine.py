@@ -1,0 +1,59 @@
+"""Engine: the Python API over a loaded pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from diffgen.engine.request import GenerationRequest, GenerationResult
+from diffgen.pipelines.base import ComposedPipeline, ProgressFn
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Load a diffusers-format checkpoint once; generate many times.
+
+    >>> engine = Engine.from_pretrained("black-forest-labs/FLUX.1-dev", device="cuda", dtype="bfloat16")
+    >>> result = engine.generate(prompt="a raccoon", seed=0)
+    >>> result.images[0].save("raccoon.png")
+    """
+
+    def __init__(self, pipeline: ComposedPipeline):
+        self.pipeline = pipeline
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, revision: str | None = None,
+                        attention_backend: str | None = None) -> Engine:
+        """``model_path``: a hub id (``org/name``) or a local diffusers pipeline folder."""
+        from diffgen.layers.attention import set_attention_backend
+        from diffgen.loader.components import load_pipeline
+
+        if attention_backend:
+            set_attention_backend(attention_backend)
+        return cls(load_pipeline(model_path, device=device, dtype=dtype, revision=revision))
+
+    @property
+    def defaults(self):
+        return self.pipeline.defaults
+
+    @property
+    def model_path(self) -> str:
+        return self.pipeline.model_path
+
+    def generate(self, prompt: str | list[str], *, progress: ProgressFn | None = None,
+                 is_cancelled=None, **params: Any) -> GenerationResult:
+        """Generate for one prompt or a list of prompts.
+
+        ``params``: negative_prompt, height, width, num_inference_steps, guidance_scale, true_cfg_scale,
+        seed, num_outputs_per_prompt, num_frames, fps, images, max_sequence_length, return_tensors.
+        """
+        request = GenerationRequest.build(prompt, **params)
+        return self.run(request, progress=progress, is_cancelled=is_cancelled)
+
+    def run(self, request: GenerationRequest, progress: ProgressFn | None = None,
+            is_cancelled=None) -> GenerationResult:
+        return self.pipeline.run(request, progress=progress, is_cancelled=is_cancelled)

@@ -1,0 +1,1 @@
+"""Shared DiT building blocks: each exists once and every model composes them."""

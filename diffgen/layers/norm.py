@@ -1,0 +1,30 @@
+"""Normalisation layers shared by the DiTs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def layer_norm_no_affine(dim: int, eps: float = 1e-6) -> nn.LayerNorm:
+    """The parameter-free LayerNorm that AdaLN modulation wraps."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (as the references do), with an optional learned scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            if self.weight.dtype in (torch.float16, torch.bfloat16):
+                return (x32.to(self.weight.dtype)) * self.weight
+            return (x32 * self.weight).to(dtype)
+        return x32.to(dtype)

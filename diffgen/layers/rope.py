@@ -1,0 +1,41 @@
+"""Rotary position embeddings over several position axes (time/row/col, or text positions).
+
+All supported DiTs rotate interleaved channel pairs (x0, x1), (x2, x3), ...; frequencies are built
+in float64 where the device allows it, as the reference implementations do, then cast to float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _freq_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """Angles (S, dim/2) for one axis: position times theta^(-2i/dim)."""
+    dtype = _freq_dtype(positions.device)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype, device=positions.device) / dim))
+    return torch.outer(positions.to(dtype), inv_freq)
+
+
+def multi_axis_rope(positions: torch.Tensor, axes_dims: list[int] | tuple[int, ...], theta: float):
+    """cos/sin tables (S, sum(axes_dims)) for integer positions (S, n_axes), one slice of channels per axis."""
+    angles = torch.cat([rope_angles(positions[:, i], d, theta) for i, d in enumerate(axes_dims)], dim=-1)
+    return rope_tables(angles)
+
+
+def rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn (S, D/2) angles into interleaved (S, D) float32 cos and sin tables."""
+    cos = angles.cos().repeat_interleave(2, dim=-1).float()
+    sin = angles.sin().repeat_interleave(2, dim=-1).float()
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, D) by (S, D) tables; computed in float32, returned in x's dtype."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    out = x.float() * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.to(x.dtype)

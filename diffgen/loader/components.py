@@ -1,0 +1,105 @@
+"""Load a pipeline's components: native DiTs from safetensors, the rest through their libraries."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffgen.errors import ModelLoadError
+from diffgen.loader.resolve import read_model_index, resolve_model_path
+from diffgen.loader.weights import load_native_model
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """A dtype from its name; None means bfloat16 on GPUs and float32 on CPU."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None or name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"--dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}, auto")
+    return DTYPES[name]
+
+
+def parse_device(name: str | torch.device | None) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ModelLoadError(f"--device {name!r} is not a valid device (e.g. cpu, cuda, cuda:1)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def load_pipeline(model_path: str, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None, revision: str | None = None):
+    """Resolve ``model_path``, pick the registered pipeline for its model_index.json, load it."""
+    from diffgen.pipelines.base import pipeline_for
+
+    device = parse_device(device)
+    dtype = parse_dtype(dtype, device)
+    local = Path(model_path).expanduser()
+    if local.exists():
+        folder = resolve_model_path(local)
+        index = read_model_index(folder)
+        pipeline_cls = pipeline_for(index.get("_class_name", "?"), folder)
+    else:
+        # Read the index first to learn which component folders this pipeline needs.
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index_path = Path(hf_hub_download(str(model_path), "model_index.json", revision=revision))
+        except Exception:
+            folder = resolve_model_path(model_path, revision=revision)  # raises the precise error
+            index_path = folder / "model_index.json"
+        index = read_model_index(index_path.parent)
+        pipeline_cls = pipeline_for(index.get("_class_name", "?"), Path(str(model_path)))
+        wanted = [c for c in (*pipeline_cls.required_components, *pipeline_cls.optional_components)
+                  if isinstance(index.get(c), list) and index[c][0] is not None]
+        folder = resolve_model_path(model_path, components=wanted, revision=revision)
+
+    components: dict[str, Any] = {}
+    for name in (*pipeline_cls.required_components, *pipeline_cls.optional_components):
+        entry = index.get(name)
+        if not isinstance(entry, list) or entry[0] is None:
+            if name in pipeline_cls.required_components:
+                raise ModelLoadError(f"{folder}: model_index.json has no {name!r} component")
+            components[name] = None
+            continue
+        library, class_name = entry
+        components[name] = load_component(folder / name, library, class_name, pipeline_cls, dtype, device)
+    return pipeline_cls(components, str(model_path), device, dtype)
+
+
+def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dtype: torch.dtype,
+                   device: torch.device) -> Any:
+    if not folder.is_dir():
+        raise ModelLoadError(f"component folder {folder} is missing")
+    native = pipeline_cls.native_models.get(class_name)
+    if native is not None:
+        return load_native_model(native, folder, dtype, device)
+    try:
+        module = importlib.import_module(library)
+        cls = getattr(module, class_name)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"{folder}: component class {library}.{class_name} cannot be imported: {e}") from e
+    if library == "diffusers" and "Scheduler" in class_name:
+        return cls.from_pretrained(folder)
+    if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        kwargs = {"torch_dtype": dtype} if library == "diffusers" else {"dtype": dtype}
+        model = cls.from_pretrained(folder, **kwargs)
+        return model.to(device).eval().requires_grad_(False)
+    return cls.from_pretrained(folder)  # tokenizers, processors

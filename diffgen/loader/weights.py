@@ -1,0 +1,71 @@
+"""Build native models without allocating random weights, then fill them from safetensors files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from diffgen.errors import ModelLoadError
+
+_WEIGHT_NAME = "diffusion_pytorch_model"
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The component's weight files: a single file, or the shards named by an index."""
+    index = folder / f"{_WEIGHT_NAME}.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / f"{_WEIGHT_NAME}.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise ModelLoadError(f"{folder} has no .safetensors weights")
+    return found
+
+
+def config_from_json(config_cls: type, folder: Path):
+    """Instantiate a config dataclass from the component's config.json, ignoring unknown keys."""
+    raw = json.loads((folder / "config.json").read_text())
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in names}
+    return config_cls(**values)
+
+
+def load_native_model(model_cls: type[nn.Module], folder: Path, dtype: torch.dtype,
+                      device: torch.device | str) -> nn.Module:
+    """Construct ``model_cls`` on the meta device and assign the checkpoint's tensors to it.
+
+    Strict: the checkpoint must hold exactly the model's parameter names; otherwise the error lists
+    the missing and the unexpected keys.
+    """
+    config = config_from_json(model_cls.config_class, folder)
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = set(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(folder):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"checkpoint {folder} does not match {model_cls.__name__}: "
+            f"missing keys {_short(missing)}; unexpected keys {_short(unexpected)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _short(keys: list[str], limit: int = 20) -> str:
+    if not keys:
+        return "[]"
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''}]"

@@ -1,0 +1,186 @@
+"""FLUX.1 (dev and schnell): an MMDiT with double-stream then single-stream blocks.
+
+Parameter names follow diffusers' ``FluxTransformer2DModel`` so its checkpoints load unchanged.
+Shapes: image tokens (B, N, in_channels) packed 2x2, text tokens (B, T, joint_attention_dim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffgen.layers.attention import attention
+from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
+from diffgen.layers.modulation import AdaLayerNorm, modulate
+from diffgen.layers.norm import RMSNorm, layer_norm_no_affine
+from diffgen.layers.rope import apply_rope, multi_axis_rope
+
+
+@dataclass
+class FluxConfig:
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    rope_theta: float = 10000.0
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+class FluxTimeTextEmbedding(nn.Module):
+    """Timestep (+ guidance for dev) + pooled CLIP text embedding -> the block conditioning vector."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, dim)
+        self.guidance_embedder = MLPEmbedder(256, dim) if guidance else None
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+        emb = self.timestep_embedder(sinusoidal_embedding(timestep, 256).to(pooled.dtype))
+        if self.guidance_embedder is not None:
+            emb = emb + self.guidance_embedder(sinusoidal_embedding(guidance, 256).to(pooled.dtype))
+        return emb + self.text_embedder(pooled)
+
+
+class FluxAttention(nn.Module):
+    """Joint attention; with ``joint=True`` it also owns the text-stream projections."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, joint: bool):
+        super().__init__()
+        self.heads, self.head_dim, self.joint = heads, head_dim, joint
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        if joint:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
+            self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
+            self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+            self.to_add_out = nn.Linear(dim, dim)
+
+    def _project(self, x, to_q, to_k, to_v, norm_q, norm_k):
+        q, k, v = (proj(x).unflatten(-1, (self.heads, self.head_dim)) for proj in (to_q, to_k, to_v))
+        return norm_q(q), norm_k(k), v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                context: torch.Tensor | None = None):
+        q, k, v = self._project(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        if context is not None:
+            cq, ck, cv = self._project(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                                       self.norm_added_q, self.norm_added_k)
+            q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v).flatten(2).to(q.dtype)
+        if context is None:
+            return out
+        text_len = context.shape[1]
+        return self.to_out[0](out[:, text_len:]), self.to_add_out(out[:, :text_len])
+
+
+class FluxDoubleBlock(nn.Module):
+    """Image and text streams with their own weights, attending jointly."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = AdaLayerNorm(dim, 6)
+        self.norm1_context = AdaLayerNorm(dim, 6)
+        self.attn = FluxAttention(dim, heads, head_dim, joint=True)
+        self.norm2 = layer_norm_no_affine(dim)
+        self.ff = FeedForward(dim)
+        self.norm2_context = layer_norm_no_affine(dim)
+        self.ff_context = FeedForward(dim)
+
+    def forward(self, x, context, temb, rope):
+        shift, scale, gate, shift_ff, scale_ff, gate_ff = self.norm1(temb)
+        c_shift, c_scale, c_gate, c_shift_ff, c_scale_ff, c_gate_ff = self.norm1_context(temb)
+        attn_x, attn_c = self.attn(modulate(self.norm1.norm(x), shift, scale), rope,
+                                   context=modulate(self.norm1_context.norm(context), c_shift, c_scale))
+        x = x + gate.unsqueeze(1) * attn_x
+        x = x + gate_ff.unsqueeze(1) * self.ff(modulate(self.norm2(x), shift_ff, scale_ff))
+        context = context + c_gate.unsqueeze(1) * attn_c
+        context = context + c_gate_ff.unsqueeze(1) * self.ff_context(
+            modulate(self.norm2_context(context), c_shift_ff, c_scale_ff))
+        if context.dtype == torch.float16:
+            context = context.clip(-65504, 65504)
+        return x, context
+
+
+class FluxSingleBlock(nn.Module):
+    """One stream over [text, image]: attention and MLP in parallel, fused output projection."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        mlp_dim = int(dim * mlp_ratio)
+        self.norm = AdaLayerNorm(dim, 3)
+        self.proj_mlp = nn.Linear(dim, mlp_dim)
+        self.attn = FluxAttention(dim, heads, head_dim, joint=False)
+        self.proj_out = nn.Linear(dim + mlp_dim, dim)
+
+    def forward(self, x, temb, rope):
+        shift, scale, gate = self.norm(temb)
+        h = modulate(self.norm.norm(x), shift, scale)
+        mlp = nn.functional.gelu(self.proj_mlp(h), approximate="tanh")
+        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=2))
+        x = x + gate.unsqueeze(1) * out
+        if x.dtype == torch.float16:
+            x = x.clip(-65504, 65504)
+        return x
+
+
+class FluxTransformer(nn.Module):
+    config_class = FluxConfig
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        self.config = config
+        dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
+        self.time_text_embed = FluxTimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(config.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(FluxDoubleBlock(dim, heads, head_dim)
+                                                for _ in range(config.num_layers))
+        self.single_transformer_blocks = nn.ModuleList(FluxSingleBlock(dim, heads, head_dim)
+                                                       for _ in range(config.num_single_layers))
+        self.norm_out = AdaLayerNorm(dim, 2)
+        out_channels = config.out_channels or config.in_channels
+        self.proj_out = nn.Linear(dim, config.patch_size**2 * out_channels)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity. ``timestep`` and ``guidance`` are sigmas in [0, 1] (scaled by 1000 here)."""
+        x = self.x_embedder(hidden_states)
+        timestep = timestep.to(x.dtype) * 1000
+        guidance = guidance.to(x.dtype) * 1000 if guidance is not None else None
+        temb = self.time_text_embed(timestep, guidance, pooled_projections)
+        context = self.context_embedder(encoder_hidden_states)
+        rope = multi_axis_rope(torch.cat([txt_ids, img_ids], 0), self.config.axes_dims_rope, self.config.rope_theta)
+        rope = tuple(t.to(x.device) for t in rope)
+
+        for block in self.transformer_blocks:
+            x, context = block(x, context, temb, rope)
+        text_len = context.shape[1]
+        joint = torch.cat([context, x], dim=1)
+        for block in self.single_transformer_blocks:
+            joint = block(joint, temb, rope)
+        x = joint[:, text_len:]
+
+        scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first
+        return self.proj_out(modulate(self.norm_out.norm(x), shift, scale))

@@ -1,0 +1,3 @@
+"""Pipeline definitions; importing this package registers all of them."""
+
+from diffgen.pipelines import flux  # noqa: F401

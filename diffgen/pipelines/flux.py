@@ -1,0 +1,122 @@
+"""FLUX.1 text-to-image (dev: guidance-distilled; schnell: timestep-distilled)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffgen.configs.flux import FLUX_DEV, FLUX_SCHNELL
+from diffgen.configs.models import ModelDefaults
+from diffgen.models.dits.flux import FluxTransformer
+from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.stages import draw_noise
+
+
+def flux_shift_mu(image_seq_len: int, config) -> float:
+    """FLUX's resolution-dependent timestep shift: linear in the number of image tokens."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4): 2x2 patches as tokens."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for a latent grid of (height, width)."""
+    b, _, channels = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels // 4, height, width)
+
+
+def image_position_ids(grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+    """(grid_h * grid_w, 3) ids: axis 0 unused for images, then row and column."""
+    ids = torch.zeros(grid_h, grid_w, 3)
+    ids[..., 1] = torch.arange(grid_h)[:, None]
+    ids[..., 2] = torch.arange(grid_w)[None, :]
+    return ids.reshape(-1, 3).to(device)
+
+
+@register_pipeline
+class FluxPipeline(ComposedPipeline):
+    pipeline_class_names = ("FluxPipeline",)
+    required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                           "transformer")
+    native_models = {"FluxTransformer2DModel": FluxTransformer}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def select_defaults(self) -> ModelDefaults:
+        return FLUX_DEV if self.transformer.config.guidance_embeds else FLUX_SCHNELL
+
+    # -- text ----------------------------------------------------------------------------------
+    def _encode(self, prompts: list[str], max_length: int, repeat: int) -> dict[str, torch.Tensor]:
+        clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids
+        pooled = self.text_encoder(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+        t5_ids = self.tokenizer_2(prompts, padding="max_length", max_length=max_length, truncation=True,
+                                  return_tensors="pt").input_ids
+        embeds = self.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
+        embeds = embeds.to(self.text_encoder_2.dtype)
+        return {
+            "encoder_hidden_states": embeds.repeat_interleave(repeat, dim=0),
+            "pooled_projections": pooled.to(self.text_encoder.dtype).repeat_interleave(repeat, dim=0),
+            "txt_ids": torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.text_encoder.dtype),
+        }
+
+    def encode_text(self, state: PipelineState) -> None:
+        r = state.request
+        state.cond = self._encode(r.prompt, r.max_sequence_length, r.num_outputs_per_prompt)
+        # FLUX has no CFG by default; "true CFG" runs only with a negative prompt and true_cfg_scale > 1.
+        if r.negative_prompt is not None and r.true_cfg_scale > 1:
+            state.uncond = self._encode(r.negative_prompt, r.max_sequence_length, r.num_outputs_per_prompt)
+
+    # -- latents and timesteps -------------------------------------------------------------------
+    def prepare_latents(self, state: PipelineState) -> None:
+        r = state.request
+        grid_h = 2 * (r.height // (self.vae_scale_factor * 2))
+        grid_w = 2 * (r.width // (self.vae_scale_factor * 2))
+        channels = self.transformer.config.in_channels // 4
+        dtype = state.cond["encoder_hidden_states"].dtype
+        noise = draw_noise((r.batch_size, channels, grid_h, grid_w), state.seed, dtype, self.device)
+        state.latents = pack_latents(noise)
+        img_ids = image_position_ids(grid_h // 2, grid_w // 2, self.device).to(dtype)
+        state.cond["img_ids"] = img_ids
+        if state.uncond is not None:
+            state.uncond["img_ids"] = img_ids
+        if self.transformer.config.guidance_embeds:
+            state.extras["guidance"] = torch.full((r.batch_size,), float(r.guidance_scale), device=self.device)
+        state.extras["latent_grid"] = (grid_h, grid_w)
+
+    def prepare_timesteps(self, state: PipelineState) -> None:
+        steps = state.request.num_inference_steps
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh: schedulers keep a step index
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        mu = flux_shift_mu(state.latents.shape[1], scheduler.config)
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self.device)
+        scheduler.set_begin_index(0)
+        state.scheduler, state.timesteps = scheduler, scheduler.timesteps
+
+    # -- denoising -------------------------------------------------------------------------------
+    def predict_noise(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        guidance = state.extras.get("guidance")
+        pred = self.transformer(latents, timestep, guidance=guidance, **state.cond)
+        if state.uncond is not None:
+            neg = self.transformer(latents, timestep, guidance=guidance, **state.uncond)
+            pred = neg + state.request.true_cfg_scale * (pred - neg)
+        return pred
+
+    # -- decoding --------------------------------------------------------------------------------
+    def decode(self, state: PipelineState) -> None:
+        grid_h, grid_w = state.extras["latent_grid"]
+        latents = unpack_latents(state.latents, grid_h, grid_w)
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        state.pixels = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()

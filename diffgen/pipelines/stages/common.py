@@ -1,0 +1,79 @@
+"""The stages every pipeline is made of.
+
+Each stage does the orchestration (order, timing, progress, cancellation) and calls the
+pipeline's hook for the model-specific part, so a pipeline definition reads as a list of hooks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from diffgen.pipelines.base import ComposedPipeline, PipelineState
+
+
+def draw_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Gaussian noise exactly as diffusers draws it with ``torch.Generator("cpu").manual_seed(seed)``."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
+class InputValidationStage:
+    name = "input_validation"
+
+    def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
+        state.request = pipe.resolve_request(state.request)
+
+
+class TextEncodingStage:
+    name = "text_encoding"
+
+    def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
+        pipe.encode_text(state)
+
+
+class ImageEncodingStage:
+    name = "image_encoding"
+
+    def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
+        pipe.encode_images(state)
+
+
+class LatentsStage:
+    name = "latents"
+
+    def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
+        pipe.prepare_latents(state)
+
+
+class TimestepsStage:
+    name = "timesteps"
+
+    def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
+        pipe.prepare_timesteps(state)
+
+
+class DenoisingStage:
+    """The sampling loop: predict, step, report progress, honour cancellation between steps."""
+
+    name = "denoising"
+
+    def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
+        latents = state.latents
+        total = len(state.timesteps)
+        for i, t in enumerate(state.timesteps):
+            state.check_cancelled()
+            noise_pred = pipe.predict_noise(state, latents, t, i)
+            latents = state.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if state.progress is not None:
+                state.progress(i + 1, total)
+        state.latents = latents
+
+
+class DecodingStage:
+    name = "decoding"
+
+    def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
+        pipe.decode(state)

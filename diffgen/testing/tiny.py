@@ -1,0 +1,84 @@
+"""Write tiny random-weight pipelines in the layout of the real diffusers repositories.
+
+Each builder constructs the reference diffusers pipeline from configs in code (seeded, so the same
+call writes the same weights), then ``save_pretrained``. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from diffgen.testing import tokenizers as tok
+
+SEED = 0
+
+
+def _seeded(build: Callable):
+    torch.manual_seed(SEED)
+    return build()
+
+
+def flux_pipeline(variant: str = "dev"):
+    """A tiny FLUX.1 pipeline; dev has the guidance embedding and dynamic shift, schnell neither."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    dev = variant == "dev"
+    transformer = _seeded(lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=dev,
+        axes_dims_rope=(4, 4, 8)))
+    text_encoder = _seeded(lambda: CLIPTextModel(CLIPTextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
+        hidden_act="gelu")))
+    text_encoder_2 = _seeded(lambda: T5EncoderModel(T5Config(
+        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)))
+    # 3 downsamples -> scale factor 8 and 16 latent channels (64 packed), as in the real FLUX VAE.
+    vae = _seeded(lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.1159, scaling_factor=0.3611, sample_size=64))
+    if dev:  # the real FLUX.1-dev scheduler config
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    else:  # the real FLUX.1-schnell scheduler config
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok.clip_tokenizer(),
+                        text_encoder_2=text_encoder_2, tokenizer_2=tok.t5_tokenizer(), transformer=transformer)
+
+
+# family name -> builder of the reference pipeline object; each model family adds its own.
+TINY_FAMILIES: dict[str, Callable] = {
+    "flux": lambda: flux_pipeline("dev"),
+    "flux-schnell": lambda: flux_pipeline("schnell"),
+}
+
+
+def build_tiny_pipeline(family: str):
+    """The in-memory diffusers pipeline of a tiny family, in eval mode."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    pipe = TINY_FAMILIES[family]()
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # built from configs -> train mode; T5 dropout would make outputs random
+    return pipe
+
+
+def write_tiny_checkpoint(family: str, path: str | os.PathLike, shard_size: str | None = None) -> Path:
+    """Write a tiny random checkpoint of ``family`` to ``path`` in diffusers format; returns the path.
+
+    ``shard_size`` (e.g. "20KB") shards the safetensors of each model component.
+    """
+    pipe = build_tiny_pipeline(family)
+    path = Path(path)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    pipe.save_pretrained(path, safe_serialization=True, **kwargs)
+    return path

@@ -1,0 +1,31 @@
+"""Tokenizers built in memory from a tiny synthetic vocabulary: no hub, no sentencepiece files."""
+
+from __future__ import annotations
+
+from tokenizers import pre_tokenizers
+
+PRINTABLE = [chr(i) for i in range(33, 127)]
+
+
+def byte_alphabet() -> list[str]:
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def clip_tokenizer(max_length: int = 77):
+    """Byte-level CLIP BPE without merges (one token per byte); bos=0, eos=pad=1."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in byte_alphabet():
+            vocab.setdefault(ch + suffix, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def t5_tokenizer(max_length: int = 512):
+    """T5/UMT5-style Unigram: <pad>=0, </s>=1, <unk>=2, then single characters with and without '▁'."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -5.0) for c in PRINTABLE] + [("▁" + c, -4.0) for c in PRINTABLE]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, additional_special_tokens=[], model_max_length=max_length)
