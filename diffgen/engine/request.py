@@ -74,7 +74,8 @@ class GenerationRequest:
                     "negative_prompt", f"{len(self.negative_prompt)} given for {len(self.prompt)} prompts")
             for text in self.negative_prompt:
                 if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
-                    raise InvalidRequestError("negative_prompt", f"must be a string of at most {MAX_PROMPT_CHARS} characters")
+                    raise InvalidRequestError("negative_prompt",
+                                              f"must be a string of at most {MAX_PROMPT_CHARS} characters")
         _check_int("num_outputs_per_prompt", self.num_outputs_per_prompt, 1, MAX_OUTPUTS)
         for name in ("height", "width"):
             value = getattr(self, name)
