@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def layer_norm_no_affine(dim: int, eps: float = 1e-6) -> nn.LayerNorm:
     """The parameter-free LayerNorm that AdaLN modulation wraps."""
     return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (weights too), returned in the input's dtype (diffusers' FP32LayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

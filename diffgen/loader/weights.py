@@ -43,8 +43,12 @@ def load_native_model(model_cls: type[nn.Module], folder: Path, dtype: torch.dty
     """Construct ``model_cls`` on the meta device and assign the checkpoint's tensors to it.
 
     Strict: the checkpoint must hold exactly the model's parameter names; otherwise the error lists
-    the missing and the unexpected keys.
+    the missing and the unexpected keys. Optional class attributes: ``keep_in_fp32_modules`` (module
+    names whose tensors stay float32 whatever ``dtype`` is, as diffusers' ``_keep_in_fp32_modules``)
+    and ``ignored_checkpoint_keys`` (name parts of checkpoint tensors the model does not use).
     """
+    keep_fp32 = set(getattr(model_cls, "keep_in_fp32_modules", ()))
+    ignored = set(getattr(model_cls, "ignored_checkpoint_keys", ()))
     config = config_from_json(model_cls.config_class, folder)
     with torch.device("meta"):
         model = model_cls(config)
@@ -53,8 +57,13 @@ def load_native_model(model_cls: type[nn.Module], folder: Path, dtype: torch.dty
     for file in safetensors_files(folder):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for key in f.keys():
+                parts = set(key.split("."))
+                if parts & ignored:
+                    continue
                 tensor = f.get_tensor(key)
-                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                if tensor.is_floating_point():
+                    tensor = tensor.to(torch.float32 if parts & keep_fp32 else dtype)
+                state[key] = tensor
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ModelLoadError(

@@ -1,0 +1,224 @@
+"""Wan 2.1 / 2.2: a video DiT with self-attention over 3-D patches, text cross-attention and AdaLN.
+
+Parameter names follow diffusers' ``WanTransformer3DModel`` so its checkpoints load unchanged.
+Shapes: latents (B, C, F, H, W) are cut into (1, 2, 2) patches -> tokens (B, F*H/2*W/2, dim); text
+(B, L, text_dim) from UMT5; for Wan2.1 I2V also CLIP image tokens (B, 257, image_dim).
+
+Timesteps are the scheduler's (0..1000). Wan2.2 TI2V-5B gives one timestep per token (B, S), so the
+modulation is kept as (B, S or 1, 6, dim) throughout: one code path for both.
+
+Precision follows the reference: the timestep MLP, the modulation tables and the LayerNorms stay in
+float32 (``keep_in_fp32_modules``), and the residual stream is updated in float32 before it is cast
+back to the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffgen.layers.attention import attention
+from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
+from diffgen.layers.modulation import modulate
+from diffgen.layers.norm import FP32LayerNorm, RMSNorm
+from diffgen.layers.rope import apply_rope, multi_axis_rope
+
+
+@dataclass
+class WanConfig:
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int | None = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"  # the reference always normalises q/k across heads
+    eps: float = 1e-6
+    image_dim: int | None = None  # CLIP image features (Wan2.1 I2V); None for T2V and Wan2.2
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None  # first-last-frame models: learned positions of 2 x 257 image tokens
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+def wan_rope(grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0):
+    """cos/sin tables (F*H*W, head_dim) for a (frames, rows, cols) token grid.
+
+    Rows and columns each get 2*(head_dim//6) channels, frames the rest (44/42/42 for head_dim 128).
+    """
+    frames, rows, cols = grid
+    hw_dim = 2 * (head_dim // 6)
+    axes_dims = (head_dim - 2 * hw_dim, hw_dim, hw_dim)
+    positions = torch.stack(torch.meshgrid(
+        torch.arange(frames, device=device), torch.arange(rows, device=device), torch.arange(cols, device=device),
+        indexing="ij"), dim=-1).reshape(-1, 3)
+    return multi_axis_rope(positions, axes_dims, theta)
+
+
+class WanImageEmbedder(nn.Module):
+    """CLIP penultimate-layer tokens -> model width: LayerNorm, GELU MLP, LayerNorm."""
+
+    def __init__(self, image_dim: int, dim: int, pos_embed_seq_len: int | None):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(image_dim)  # eps 1e-5, affine: as the reference
+        self.ff = FeedForward(image_dim, hidden_dim=image_dim, dim_out=dim, approximate="none")
+        self.norm2 = FP32LayerNorm(dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim)) if pos_embed_seq_len else None
+
+    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:  # first and last frame: their tokens side by side in one sequence
+            _, length, channels = image_tokens.shape
+            image_tokens = image_tokens.view(-1, 2 * length, channels) + self.pos_embed
+        return self.norm2(self.ff(self.norm1(image_tokens)))
+
+
+class WanConditionEmbedder(nn.Module):
+    """Timestep -> (temb, 6-way modulation); UMT5 text and CLIP image tokens -> model width."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        dim = config.inner_dim
+        self.freq_dim = config.freq_dim
+        self.time_embedder = MLPEmbedder(config.freq_dim, dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = MLPEmbedder(config.text_dim, dim, act="gelu_tanh")
+        self.image_embedder = (WanImageEmbedder(config.image_dim, dim, config.pos_embed_seq_len)
+                               if config.image_dim is not None else None)
+
+    def forward(self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None):
+        """``timestep`` (B,) or (B, S) -> temb (B, 1|S, dim) and modulation (B, 1|S, 6, dim)."""
+        batch = timestep.shape[0]
+        freqs = sinusoidal_embedding(timestep.flatten(), self.freq_dim).unflatten(0, (batch, -1))
+        temb = self.time_embedder(freqs.to(self.time_embedder.linear_1.weight.dtype)).to(text.dtype)
+        modulation = self.time_proj(nn.functional.silu(temb)).unflatten(-1, (6, -1))
+        text = self.text_embedder(text)
+        if image is not None:
+            image = self.image_embedder(image)
+        return temb, modulation, text, image
+
+
+class WanAttention(nn.Module):
+    """Multi-head attention with RMS q/k norm across all heads.
+
+    Self-attention passes ``rope``; cross-attention passes ``context`` (text) and, in Wan2.1 I2V,
+    ``image_context``, attended separately with its own key/value projections and summed.
+    """
+
+    def __init__(self, dim: int, heads: int, eps: float, image_kv_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        if image_kv_dim is not None:
+            self.add_k_proj, self.add_v_proj = nn.Linear(image_kv_dim, dim), nn.Linear(image_kv_dim, dim)
+            self.norm_added_k = RMSNorm(dim, eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                image_context: torch.Tensor | None = None) -> torch.Tensor:
+        source = x if context is None else context
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(source)))
+        v = self._heads(self.to_v(source))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v).flatten(2).type_as(q)
+        if image_context is not None:
+            image_k = self._heads(self.norm_added_k(self.add_k_proj(image_context)))
+            image_v = self._heads(self.add_v_proj(image_context))
+            out = out + attention(q, image_k, image_v).flatten(2).type_as(q)
+        return self.to_out[0](out)
+
+
+class WanBlock(nn.Module):
+    """Self-attention and FFN under AdaLN modulation (scale_shift_table + timestep), plain cross-attention."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        dim, eps = config.inner_dim, config.eps
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim, config.num_attention_heads, eps)
+        self.attn2 = WanAttention(dim, config.num_attention_heads, eps, image_kv_dim=config.added_kv_proj_dim)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, hidden_dim=config.ffn_dim, approximate="tanh")
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None, modulation: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # (B, 1|S, 6, dim) in float32 -> six (B, 1|S, dim) vectors
+        shift, scale, gate, ff_shift, ff_scale, ff_gate = (
+            self.scale_shift_table.unsqueeze(0) + modulation.float()).unbind(dim=2)
+
+        h = modulate(self.norm1(x.float()), shift, scale).type_as(x)
+        x = (x.float() + self.attn1(h, rope=rope) * gate).type_as(x)
+
+        h = self.norm2(x.float()).type_as(x)
+        x = x + self.attn2(h, context=text, image_context=image)
+
+        h = modulate(self.norm3(x.float()), ff_shift, ff_scale).type_as(x)
+        return (x.float() + self.ffn(h).float() * ff_gate).type_as(x)
+
+
+class WanTransformer(nn.Module):
+    config_class = WanConfig
+    keep_in_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+    ignored_checkpoint_keys = ("norm_added_q",)  # present in some conversions, unused by the reference
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        self.config = config
+        dim = config.inner_dim
+        self.patch_embedding = nn.Conv3d(config.in_channels, dim, kernel_size=config.patch_size,
+                                         stride=config.patch_size)
+        self.condition_embedder = WanConditionEmbedder(config)
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.norm_out = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        out_channels = config.out_channels or config.in_channels
+        self.proj_out = nn.Linear(dim, out_channels * math.prod(config.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity (B, C_out, F, H, W) of latents (B, C_in, F, H, W).
+
+        ``timestep``: (B,) scheduler timesteps, or (B, S) one per token (Wan2.2 TI2V).
+        """
+        batch, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        rope = wan_rope(grid, self.config.attention_head_dim, hidden_states.device)
+
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+        temb, modulation, text, image = self.condition_embedder(
+            timestep, encoder_hidden_states, encoder_hidden_states_image)
+
+        for block in self.blocks:
+            x = block(x, text, image, modulation, rope)
+
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(dim=2)
+        x = modulate(self.norm_out(x.float()), shift, scale).type_as(x)
+        x = self.proj_out(x)
+
+        # tokens (B, F'*H'*W', pt*ph*pw*C) -> (B, C, F, H, W)
+        x = x.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(batch, -1, frames, height, width)
