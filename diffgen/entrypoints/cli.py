@@ -110,7 +110,8 @@ def run_generate(options: dict[str, Any]) -> int:
     params = {k: options[k] for k in ("negative_prompt", "height", "width", "num_inference_steps",
                                       "guidance_scale", "true_cfg_scale", "seed", "num_frames", "fps",
                                       "max_sequence_length") if options.get(k) is not None}
-    params["num_outputs_per_prompt"] = options.get("num_outputs_per_prompt") or 1
+    outputs = options.get("num_outputs_per_prompt")
+    params["num_outputs_per_prompt"] = 1 if outputs is None else outputs
     if images:
         params["images"] = images
     from diffgen.engine.request import GenerationRequest

@@ -99,7 +99,6 @@ def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dt
     if library == "diffusers" and "Scheduler" in class_name:
         return cls.from_pretrained(folder)
     if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-        kwargs = {"torch_dtype": dtype} if library == "diffusers" else {"dtype": dtype}
-        model = cls.from_pretrained(folder, **kwargs)
+        model = cls.from_pretrained(folder, dtype=dtype)
         return model.to(device).eval().requires_grad_(False)
     return cls.from_pretrained(folder)  # tokenizers, processors

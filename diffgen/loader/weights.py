@@ -54,6 +54,9 @@ def load_native_model(model_cls: type[nn.Module], folder: Path, dtype: torch.dty
         model = model_cls(config)
     expected = set(model.state_dict())
     state: dict[str, torch.Tensor] = {}
+    # On CPU, safetensors hands out views into the memory-mapped file at arbitrary alignment; kernels
+    # round differently on unaligned data, so copy into fresh (aligned) storage, as diffusers does.
+    copy = torch.device(device).type == "cpu"
     for file in safetensors_files(folder):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for key in f.keys():
@@ -61,9 +64,10 @@ def load_native_model(model_cls: type[nn.Module], folder: Path, dtype: torch.dty
                 if parts & ignored:
                     continue
                 tensor = f.get_tensor(key)
+                target = tensor.dtype
                 if tensor.is_floating_point():
-                    tensor = tensor.to(torch.float32 if parts & keep_fp32 else dtype)
-                state[key] = tensor
+                    target = torch.float32 if parts & keep_fp32 else dtype
+                state[key] = tensor.to(dtype=target, copy=copy)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ModelLoadError(

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny checkpoints written once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+_quiet()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Returns a function family -> path of that tiny checkpoint (written on first use)."""
+    from diffgen.testing import write_tiny_checkpoint
+
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cache[family] = str(write_tiny_checkpoint(family, tmp_path_factory.mktemp(family) / "ckpt"))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tiny_checkpoint) -> str:
+    return tiny_checkpoint("flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tiny_checkpoint) -> str:
+    return tiny_checkpoint("flux-schnell")
