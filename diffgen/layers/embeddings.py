@@ -10,12 +10,19 @@ from torch import nn
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
-                         downscale_freq_shift: float = 0.0, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features (N, dim) of 1-D (possibly fractional) timesteps, in float32."""
+                         downscale_freq_shift: float = 0.0, max_period: float = 10000.0,
+                         scale: float = 1.0) -> torch.Tensor:
+    """Sinusoidal features (N, dim) of 1-D (possibly fractional) timesteps, in float32.
+
+    ``scale`` multiplies the angles after ``t * freqs`` (models fed sigmas in [0, 1] use 1000),
+    in that order so the rounding matches diffusers' ``Timesteps(scale=...)``.
+    """
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
     freqs = torch.exp(exponent / (half - downscale_freq_shift))
     args = t[:, None].float() * freqs[None, :]
+    if scale != 1.0:
+        args = scale * args
     emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)],
                     dim=-1)
     if dim % 2:

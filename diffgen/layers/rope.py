@@ -13,16 +13,21 @@ def _freq_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
-    """Angles (S, dim/2) for one axis: position times theta^(-2i/dim)."""
-    dtype = _freq_dtype(positions.device)
+def rope_angles(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Angles (S, dim/2) for one axis: position times theta^(-2i/dim).
+
+    ``dtype`` None means float64 where the device allows it; a model whose reference builds its
+    frequencies in float32 (Qwen-Image) passes torch.float32 to round exactly as it does.
+    """
+    dtype = dtype or _freq_dtype(positions.device)
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype, device=positions.device) / dim))
     return torch.outer(positions.to(dtype), inv_freq)
 
 
-def multi_axis_rope(positions: torch.Tensor, axes_dims: list[int] | tuple[int, ...], theta: float):
+def multi_axis_rope(positions: torch.Tensor, axes_dims: list[int] | tuple[int, ...], theta: float,
+                    dtype: torch.dtype | None = None):
     """cos/sin tables (S, sum(axes_dims)) for integer positions (S, n_axes), one slice of channels per axis."""
-    angles = torch.cat([rope_angles(positions[:, i], d, theta) for i, d in enumerate(axes_dims)], dim=-1)
+    angles = torch.cat([rope_angles(positions[:, i], d, theta, dtype) for i, d in enumerate(axes_dims)], dim=-1)
     return rope_tables(angles)
 
 

@@ -91,6 +91,9 @@ def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dt
     native = pipeline_cls.native_models.get(class_name)
     if native is not None:
         return load_native_model(native, folder, dtype, device)
+    custom_loader = pipeline_cls.component_loaders.get(class_name)
+    if custom_loader is not None:
+        return custom_loader(folder, dtype, device)
     try:
         module = importlib.import_module(library)
         cls = getattr(module, class_name)

@@ -68,6 +68,9 @@ class ComposedPipeline:
     optional_components: ClassVar[tuple[str, ...]] = ()
     #: diffusers class names of components replaced by a native diffgen model.
     native_models: ClassVar[dict[str, type[torch.nn.Module]]] = {}
+    #: component class names loaded by a pipeline-specific function ``(folder, dtype, device) -> component``
+    #: (e.g. a processor whose library class needs a package diffgen does not require).
+    component_loaders: ClassVar[dict[str, Callable[..., Any]]] = {}
     #: "image" or "video"
     output_kind: ClassVar[str] = "image"
     #: whether the pipeline takes input images (edit / image-to-video).

@@ -9,28 +9,9 @@ from diffgen.configs.flux import FLUX_DEV, FLUX_SCHNELL
 from diffgen.configs.models import ModelDefaults
 from diffgen.models.dits.flux import FluxTransformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.latents import pack_latents, unpack_latents
+from diffgen.pipelines.latents import resolution_shift_mu as flux_shift_mu
 from diffgen.pipelines.stages import draw_noise
-
-
-def flux_shift_mu(image_seq_len: int, config) -> float:
-    """FLUX's resolution-dependent timestep shift: linear in the number of image tokens."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, C*4): 2x2 patches as tokens."""
-    b, c, h, w = latents.shape
-    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_latents` for a latent grid of (height, width)."""
-    b, _, channels = tokens.shape
-    x = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, channels // 4, height, width)
 
 
 def image_position_ids(grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:

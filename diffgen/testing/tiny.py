@@ -60,6 +60,19 @@ TINY_FAMILIES: dict[str, Callable] = {
     "flux-schnell": lambda: flux_pipeline("schnell"),
 }
 
+# family -> function(pipeline, path) run after save_pretrained (components saved as the hub stores them)
+_AFTER_SAVE: dict[str, Callable] = {}
+
+
+def _register_qwen() -> None:
+    from diffgen.testing.tiny_qwen import QWEN_AFTER_SAVE, QWEN_FAMILIES
+
+    TINY_FAMILIES.update(QWEN_FAMILIES)
+    _AFTER_SAVE.update(QWEN_AFTER_SAVE)
+
+
+_register_qwen()
+
 
 def build_tiny_pipeline(family: str):
     """The in-memory diffusers pipeline of a tiny family, in eval mode."""
@@ -81,4 +94,6 @@ def write_tiny_checkpoint(family: str, path: str | os.PathLike, shard_size: str 
     path = Path(path)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     pipe.save_pretrained(path, safe_serialization=True, **kwargs)
+    if family in _AFTER_SAVE:
+        _AFTER_SAVE[family](pipe, path)
     return path

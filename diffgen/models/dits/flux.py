@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffgen.layers.attention import attention
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
+from diffgen.layers.joint_attention import JointAttention
 from diffgen.layers.modulation import AdaLayerNorm, modulate
-from diffgen.layers.norm import RMSNorm, layer_norm_no_affine
-from diffgen.layers.rope import apply_rope, multi_axis_rope
+from diffgen.layers.norm import layer_norm_no_affine
+from diffgen.layers.rope import multi_axis_rope
 
 
 @dataclass
@@ -54,39 +54,6 @@ class FluxTimeTextEmbedding(nn.Module):
         return emb + self.text_embedder(pooled)
 
 
-class FluxAttention(nn.Module):
-    """Joint attention; with ``joint=True`` it also owns the text-stream projections."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int, joint: bool):
-        super().__init__()
-        self.heads, self.head_dim, self.joint = heads, head_dim, joint
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
-        self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
-        if joint:
-            self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
-            self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
-            self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-            self.to_add_out = nn.Linear(dim, dim)
-
-    def _project(self, x, to_q, to_k, to_v, norm_q, norm_k):
-        q, k, v = (proj(x).unflatten(-1, (self.heads, self.head_dim)) for proj in (to_q, to_k, to_v))
-        return norm_q(q), norm_k(k), v
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                context: torch.Tensor | None = None):
-        q, k, v = self._project(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        if context is not None:
-            cq, ck, cv = self._project(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                                       self.norm_added_q, self.norm_added_k)
-            q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v).flatten(2).to(q.dtype)
-        if context is None:
-            return out
-        text_len = context.shape[1]
-        return self.to_out[0](out[:, text_len:]), self.to_add_out(out[:, :text_len])
-
-
 class FluxDoubleBlock(nn.Module):
     """Image and text streams with their own weights, attending jointly."""
 
@@ -94,7 +61,7 @@ class FluxDoubleBlock(nn.Module):
         super().__init__()
         self.norm1 = AdaLayerNorm(dim, 6)
         self.norm1_context = AdaLayerNorm(dim, 6)
-        self.attn = FluxAttention(dim, heads, head_dim, joint=True)
+        self.attn = JointAttention(dim, heads, head_dim, joint=True)
         self.norm2 = layer_norm_no_affine(dim)
         self.ff = FeedForward(dim)
         self.norm2_context = layer_norm_no_affine(dim)
@@ -123,7 +90,7 @@ class FluxSingleBlock(nn.Module):
         mlp_dim = int(dim * mlp_ratio)
         self.norm = AdaLayerNorm(dim, 3)
         self.proj_mlp = nn.Linear(dim, mlp_dim)
-        self.attn = FluxAttention(dim, heads, head_dim, joint=False)
+        self.attn = JointAttention(dim, heads, head_dim, joint=False)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
     def forward(self, x, temb, rope):

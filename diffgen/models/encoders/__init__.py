@@ -1,0 +1,1 @@
+"""Text/vision encoders: thin, reference-exact wrappers around transformers models."""

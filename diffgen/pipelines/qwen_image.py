@@ -1,0 +1,252 @@
+"""Qwen-Image text-to-image, Qwen-Image-Edit and Qwen-Image-Edit-2509 (several input images).
+
+Prompts are wrapped in a chat template, encoded by Qwen2.5-VL (with the input images through its
+vision tower when editing), and the template's first tokens are dropped. Editing appends the input
+images' VAE latents to the noisy latents as extra tokens; only the output tokens are denoised.
+True CFG runs when a negative prompt is given and ``true_cfg_scale > 1``, rescaling the combined
+prediction to the norm of the conditional one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffgen.configs.models import ModelDefaults
+from diffgen.configs.qwen_image import QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
+from diffgen.engine.request import GenerationRequest
+from diffgen.errors import InvalidRequestError
+from diffgen.models.dits.qwen_image import QwenImageTransformer
+from diffgen.models.encoders.qwen_vl import QwenVLProcessor, encode_qwen_vl_prompts
+from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.latents import pack_latents, resolution_shift_mu, unpack_latents
+from diffgen.pipelines.stages import draw_noise
+
+_SYSTEM_EDIT = ("Describe the key features of the input image (color, shape, size, texture, objects, background), "
+                "then explain how the user's text instruction should alter or modify the image. Generate a new image "
+                "that meets the user's requirements while maintaining consistency with the original input where "
+                "appropriate.")
+T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+                "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+EDIT_TEMPLATE = (f"<|im_start|>system\n{_SYSTEM_EDIT}<|im_end|>\n<|im_start|>user\n"
+                 "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
+EDIT_PLUS_TEMPLATE = (f"<|im_start|>system\n{_SYSTEM_EDIT}<|im_end|>\n<|im_start|>user\n{{}}<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+EDIT_PLUS_IMAGE_PREFIX = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+TOKENIZER_MAX_LENGTH = 1024
+VAE_IMAGE_AREA = 1024 * 1024  # edit inputs are VAE-encoded at about this many pixels, keeping their aspect ratio
+CONDITION_IMAGE_AREA = 384 * 384  # Edit-2509: what its vision tower sees of each input
+
+
+def area_fit_size(width: int, height: int, area: int) -> tuple[int, int]:
+    """(width, height) of about ``area`` pixels with the given aspect ratio, multiples of 32."""
+    ratio = width / height
+    fit_width = math.sqrt(area * ratio)
+    fit_height = fit_width / ratio
+    return round(fit_width / 32) * 32, round(fit_height / 32) * 32
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]."""
+    array = np.array(image).astype(np.float32) / 255.0
+    return 2.0 * torch.from_numpy(array).permute(2, 0, 1)[None] - 1.0
+
+
+@register_pipeline
+class QwenImagePipeline(ComposedPipeline):
+    pipeline_class_names = ("QwenImagePipeline",)
+    required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
+    native_models = {"QwenImageTransformer2DModel": QwenImageTransformer}
+    prompt_template = T2I_TEMPLATE
+    template_tokens = 34  # tokens of the template's system part, dropped from the embeddings
+    truncate_prompt = True  # T2I cuts the embeddings at max_sequence_length; the edit pipelines do not
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** len(self.vae.config.temperal_downsample)
+
+    def select_defaults(self) -> ModelDefaults:
+        return QWEN_IMAGE
+
+    # -- text ----------------------------------------------------------------------------------
+    def text_encoder_inputs(self, prompts: list[str], state: PipelineState) -> dict[str, torch.Tensor]:
+        texts = [self.prompt_template.format(p) for p in prompts]
+        tokens = self.tokenizer(texts, max_length=TOKENIZER_MAX_LENGTH + self.template_tokens, padding=True,
+                                truncation=True, return_tensors="pt")
+        return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+
+    def _encode(self, prompts: list[str], state: PipelineState) -> dict[str, torch.Tensor | None]:
+        r = state.request
+        inputs = self.text_encoder_inputs(prompts, state)
+        embeds, mask = encode_qwen_vl_prompts(self.text_encoder, inputs, self.template_tokens, self.device)
+        embeds = embeds.to(self.text_encoder.dtype)
+        if self.truncate_prompt:
+            embeds, mask = embeds[:, :r.max_sequence_length], mask[:, :r.max_sequence_length]
+        embeds = embeds.repeat_interleave(r.num_outputs_per_prompt, dim=0)
+        mask = mask.repeat_interleave(r.num_outputs_per_prompt, dim=0)
+        # An all-ones mask is dropped, as the reference does: attention then runs unmasked.
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": None if mask.all() else mask}
+
+    def encode_text(self, state: PipelineState) -> None:
+        r = state.request
+        state.cond = self._encode(r.prompt, state)
+        if r.negative_prompt is not None and r.true_cfg_scale > 1:
+            state.uncond = self._encode(r.negative_prompt, state)
+
+    # -- latents and timesteps -------------------------------------------------------------------
+    def prepare_latents(self, state: PipelineState) -> None:
+        r = state.request
+        scale = self.vae_scale_factor
+        grid_h, grid_w = 2 * (r.height // (scale * 2)), 2 * (r.width // (scale * 2))
+        channels = self.transformer.config.in_channels // 4
+        dtype = state.cond["encoder_hidden_states"].dtype
+        noise = draw_noise((r.batch_size, channels, grid_h, grid_w), state.seed, dtype, self.device)
+        state.latents = pack_latents(noise)
+        state.extras["latent_grid"] = (grid_h, grid_w)
+        # Token grids in the order the DiT sees them: the output, then any edit inputs.
+        state.extras["image_shapes"] = [(1, r.height // scale // 2, r.width // scale // 2),
+                                        *state.extras.get("condition_shapes", [])]
+
+    def prepare_timesteps(self, state: PipelineState) -> None:
+        steps = state.request.num_inference_steps
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh: schedulers keep a step index
+        mu = resolution_shift_mu(state.latents.shape[1], scheduler.config)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=self.device)
+        scheduler.set_begin_index(0)
+        state.scheduler, state.timesteps = scheduler, scheduler.timesteps
+
+    # -- denoising -------------------------------------------------------------------------------
+    def predict_noise(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        condition = state.extras.get("condition_latents")
+        tokens = latents if condition is None else torch.cat([latents, condition], dim=1)
+        shapes = state.extras["image_shapes"]
+        output_tokens = latents.shape[1]
+        pred = self.transformer(tokens, timestep, image_shapes=shapes, **state.cond)[:, :output_tokens]
+        if state.uncond is not None:
+            neg = self.transformer(tokens, timestep, image_shapes=shapes, **state.uncond)[:, :output_tokens]
+            combined = neg + state.request.true_cfg_scale * (pred - neg)
+            # Rescale each token's combined prediction to the norm of the conditional one.
+            pred = combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+        return pred
+
+    # -- decoding --------------------------------------------------------------------------------
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, std
+
+    def decode(self, state: PipelineState) -> None:
+        grid_h, grid_w = state.extras["latent_grid"]
+        latents = unpack_latents(state.latents, grid_h, grid_w).unsqueeze(2).to(self.vae.dtype)  # (B, C, 1, H, W)
+        mean, std = self._latent_stats(latents)
+        latents = latents / (1.0 / std) + mean  # the reference divides by the reciprocal; same rounding
+        image = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
+        state.pixels = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+
+
+@register_pipeline
+class QwenImageEditPipeline(QwenImagePipeline):
+    """Edit one input image: it is seen by the text encoder's vision tower and appended as latent tokens."""
+
+    pipeline_class_names = ("QwenImageEditPipeline",)
+    required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer")
+    component_loaders = {"Qwen2VLProcessor": QwenVLProcessor.from_folder}
+    accepts_images = True
+    prompt_template = EDIT_TEMPLATE
+    template_tokens = 64
+    truncate_prompt = False
+    max_input_images = 1
+
+    def select_defaults(self) -> ModelDefaults:
+        return QWEN_IMAGE_EDIT
+
+    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
+        name = self.defaults.name
+        if not request.images:
+            raise InvalidRequestError("image", f"{name} edits an input image; give one (--image-path or images=[...])")
+        if len(request.images) > self.max_input_images:
+            raise InvalidRequestError(
+                "image", f"{name} takes at most {self.max_input_images} input image(s), got {len(request.images)}"
+                + (" (Qwen-Image-Edit-2509 takes several)" if self.max_input_images == 1 else ""))
+        # Without an explicit size the output keeps the reference image's aspect ratio at ~1024x1024 pixels.
+        width, height = area_fit_size(*self.size_reference(request.images).size, VAE_IMAGE_AREA)
+        multiple = self.defaults.resolution_multiple
+        request = dataclasses.replace(request, height=request.height or height // multiple * multiple,
+                                      width=request.width or width // multiple * multiple)
+        return super().resolve_request(request)
+
+    def size_reference(self, images: list[Image.Image]) -> Image.Image:
+        return images[0]
+
+    def edit_inputs(self, state: PipelineState) -> tuple[list[Image.Image], list[Image.Image]]:
+        """(images for the vision tower, images for the VAE), resized once per request."""
+        if "vision_images" not in state.extras:
+            image = state.request.images[0]
+            resized = image.resize(area_fit_size(*image.size, VAE_IMAGE_AREA), resample=Image.Resampling.LANCZOS)
+            state.extras["vision_images"], state.extras["vae_images"] = [resized], [resized]
+        return state.extras["vision_images"], state.extras["vae_images"]
+
+    def format_prompt(self, prompt: str, num_images: int) -> str:
+        return self.prompt_template.format(prompt)
+
+    def text_encoder_inputs(self, prompts: list[str], state: PipelineState) -> dict[str, torch.Tensor]:
+        vision_images, _ = self.edit_inputs(state)
+        texts = [self.format_prompt(p, len(vision_images)) for p in prompts]
+        # Every prompt carries the image placeholders, so each gets the images.
+        return self.processor(text=texts, images=vision_images * len(prompts))
+
+    def encode_images(self, state: PipelineState) -> None:
+        _, vae_images = self.edit_inputs(state)
+        scale = self.vae_scale_factor
+        dtype = state.cond["encoder_hidden_states"].dtype
+        tokens, shapes = [], []
+        for image in vae_images:
+            pixels = image_to_tensor(image).unsqueeze(2).to(self.device, dtype)  # (1, 3, 1, H, W)
+            latents = self.vae.encode(pixels).latent_dist.mode()
+            mean, std = self._latent_stats(latents)
+            latents = ((latents - mean) / std)[:, :, 0]
+            tokens.append(pack_latents(latents).expand(state.request.batch_size, -1, -1))
+            shapes.append((1, image.height // scale // 2, image.width // scale // 2))
+        state.extras["condition_latents"] = torch.cat(tokens, dim=1)
+        state.extras["condition_shapes"] = shapes
+
+
+@register_pipeline
+class QwenImageEditPlusPipeline(QwenImageEditPipeline):
+    """Edit-2509 / 2511: several input images, each named "Picture i" in the prompt.
+
+    The vision tower sees each input at ~384x384 pixels, the VAE at ~1024x1024; the output size
+    follows the last input.
+    """
+
+    pipeline_class_names = ("QwenImageEditPlusPipeline",)
+    prompt_template = EDIT_PLUS_TEMPLATE
+    max_input_images = 4
+
+    def select_defaults(self) -> ModelDefaults:
+        return QWEN_IMAGE_EDIT_PLUS
+
+    def size_reference(self, images: list[Image.Image]) -> Image.Image:
+        return images[-1]
+
+    def edit_inputs(self, state: PipelineState) -> tuple[list[Image.Image], list[Image.Image]]:
+        if "vision_images" not in state.extras:
+            lanczos = Image.Resampling.LANCZOS
+            images = state.request.images
+            state.extras["vision_images"] = [
+                image.resize(area_fit_size(*image.size, CONDITION_IMAGE_AREA), resample=lanczos) for image in images]
+            state.extras["vae_images"] = [
+                image.resize(area_fit_size(*image.size, VAE_IMAGE_AREA), resample=lanczos) for image in images]
+        return state.extras["vision_images"], state.extras["vae_images"]
+
+    def format_prompt(self, prompt: str, num_images: int) -> str:
+        prefix = "".join(EDIT_PLUS_IMAGE_PREFIX.format(i + 1) for i in range(num_images))
+        return self.prompt_template.format(prefix + prompt)
