@@ -1,0 +1,230 @@
+"""The FastAPI application: lifecycle, authentication, the error envelope, health and metrics.
+
+The HTTP process never runs the model. It validates requests, hands them to the scheduler (whose
+worker processes hold the model) and awaits the outcome without blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import importlib
+import logging
+import re
+import types
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diffgen.engine.metrics import Metrics
+from diffgen.engine.request import GenerationRequest
+from diffgen.engine.scheduler import JobError, NotReadyError, QueueFullError, Scheduler
+from diffgen.engine.worker import ModelInfo, WorkerOutput
+from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs
+from diffgen.entrypoints.http.schemas import APIError
+from diffgen.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+# Image content URLs are capability URLs (a random 128-bit id), fetchable without the API key like
+# the signed URLs of the OpenAI API: a browser or `requests.get(url)` can download them.
+_PUBLIC_PATHS = re.compile(r"^/v1/images/img_[0-9a-f]{32}/content$")
+# HTTP status for each way a job can fail.
+_JOB_ERROR_STATUS = {"invalid_request": 400, "cancelled": 409, "out_of_memory": 503, "worker_died": 503,
+                     "shutdown": 503, "generation_error": 500}
+
+
+@dataclass
+class ServerConfig:
+    model_path: str
+    device: str | None = None
+    dtype: str | None = None
+    revision: str | None = None
+    attention_backend: str | None = None
+    output_dir: str = "outputs/server"
+    max_queue: int = 64
+    max_batch_size: int = 4
+    api_key: str | None = None
+    shutdown_timeout: float = 30.0
+    served_model_name: str | None = None
+
+    def model_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("model_path", "device", "dtype", "revision", "attention_backend")}
+
+
+class ServerState:
+    """Everything the routes share: config, scheduler, job store, metrics."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.metrics.describe("diffgen_http_requests_total", "counter", "HTTP requests by route and status")
+        self.scheduler = Scheduler(config.model_options(), max_queue=config.max_queue,
+                                   max_batch_size=config.max_batch_size, metrics=self.metrics)
+        self.store = JobStore(config.output_dir)
+        self.videos = VideoJobs(self.store, self.scheduler, self.metrics)
+        self.images = ImageFiles(config.output_dir)
+        self.model_id = config.served_model_name or config.model_path
+        self._pipeline_class: Any = None
+
+    def start(self) -> None:
+        recovered = self.store.recover()
+        if recovered:
+            logger.warning("marked %d unfinished video job(s) of a previous run as failed", recovered)
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.shutdown(self.config.shutdown_timeout)
+        self.videos.close()  # waits for MP4s of jobs that finished
+        self.store.close()
+
+    def model_names(self) -> set[str]:
+        names = {self.model_id, self.config.model_path, Path(self.config.model_path).name}
+        if self.scheduler.model_info is not None:
+            names.add(self.scheduler.model_info.name)
+        return names
+
+    def require_ready(self) -> ModelInfo:
+        info = self.scheduler.model_info
+        if info is None or not self.scheduler.ready:
+            reason = self.scheduler.load_error or "the model is still loading"
+            raise APIError(503, f"not ready: {reason}; retry later", code="model_not_ready", type="server_error",
+                           headers={"Retry-After": "5"})
+        return info
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names():
+            raise APIError(404, f"The model '{model}' is not served here; this server serves '{self.model_id}'.",
+                           param="model", code="model_not_found")
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the model's defaults filled in and checked as the pipeline will check it,
+        without the weights: bad input is refused here and never reaches the GPU."""
+        info = self.require_ready()
+        if self._pipeline_class is None:
+            module, _, name = info.pipeline_class.partition(":")
+            self._pipeline_class = getattr(importlib.import_module(module), name)
+        stand_in = types.SimpleNamespace(defaults=info.defaults, output_kind=info.output_kind,
+                                         accepts_images=info.accepts_images)
+        try:
+            return self._pipeline_class.resolve_request(stand_in, request)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param=e.field, code="invalid_value") from None
+        except Exception:  # a pipeline whose check needs its weights: the worker checks it instead
+            logger.debug("pre-check skipped", exc_info=True)
+            return dataclasses.replace(request)
+
+    async def run(self, request: GenerationRequest, job_id: str) -> WorkerOutput:
+        """Queue ``request`` and wait for its result; failures become API errors."""
+        job = self.submit(request, job_id)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except JobError as e:
+            status = _JOB_ERROR_STATUS.get(e.code, 500)
+            raise APIError(status, e.message, param=e.param, code=e.code,
+                           type="invalid_request_error" if status < 500 else "server_error") from None
+        except asyncio.CancelledError:  # the client went away: free the worker
+            self.scheduler.cancel(job.id)
+            raise
+
+    def submit(self, request: GenerationRequest, job_id: str, **kwargs: Any):
+        try:
+            return self.scheduler.submit(request, job_id=job_id, **kwargs)
+        except QueueFullError as e:
+            raise APIError(429, f"The server is busy: {e}.", code="queue_full", type="rate_limit_error",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+        except NotReadyError as e:
+            raise APIError(503, f"not ready: {e}; retry later", code="model_not_ready", type="server_error",
+                           headers={"Retry-After": "5"}) from None
+
+
+def error_response(error: APIError, request_id: str | None = None) -> JSONResponse:
+    headers = dict(error.headers)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    from diffgen.entrypoints.http.openai_routes import router
+
+    state = ServerState(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.start()
+        yield
+        await asyncio.to_thread(state.stop)
+
+    app = FastAPI(title="diffgen", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.diffgen = state
+
+    @app.middleware("http")
+    async def request_frame(request: Request, call_next):
+        request.state.request_id = f"req_{uuid.uuid4().hex}"
+        path = request.url.path
+        if config.api_key and path.startswith("/v1/") and not _PUBLIC_PATHS.match(path) \
+                and not _authorized(request, config.api_key):
+            response = error_response(APIError(
+                401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
+                code="invalid_api_key", type="authentication_error"))
+        else:
+            response = await call_next(request)
+        response.headers.setdefault("x-request-id", request.state.request_id)
+        route = request.scope.get("route")
+        state.metrics.inc("diffgen_http_requests_total", route=getattr(route, "path", "unmatched"),
+                          method=request.method, status=str(response.status_code))
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path")) or None
+        return error_response(APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(APIError(error.status_code, str(error.detail), code=codes.get(error.status_code)))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception):
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, f"internal server error: {type(error).__name__}", type="server_error",
+                                       code="internal_error"))
+
+    @app.get("/health")
+    async def health():
+        scheduler = state.scheduler
+        info = scheduler.model_info
+        body = {"status": "ok" if scheduler.ready else ("failed" if scheduler.load_error else "loading"),
+                "model": state.model_id, "output_kind": info.output_kind if info else None,
+                "queue_depth": scheduler.queue_depth(), "running": scheduler.running_count(),
+                "worker_pids": scheduler.worker_pids(), "worker_restarts": scheduler.restarts,
+                "error": scheduler.load_error}
+        return JSONResponse(body, status_code=200 if scheduler.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.include_router(router)
+    return app
+
+
+def _authorized(request: Request, api_key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())

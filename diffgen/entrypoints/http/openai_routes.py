@@ -1,0 +1,347 @@
+"""The OpenAI-compatible routes: /v1/images/generations, /v1/images/edits, /v1/videos, /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
+
+from diffgen.engine.request import GenerationRequest
+from diffgen.engine.worker import ModelInfo, WorkerOutput
+from diffgen.entrypoints.http.jobs import is_video_id, video_object
+from diffgen.entrypoints.http.schemas import (
+    MAX_FRAMES,
+    MAX_VIDEO_SECONDS,
+    APIError,
+    ImageEditBody,
+    ImageGenerationBody,
+    VideoBody,
+    invalid,
+    parse_size,
+    read_form,
+    read_json,
+    read_upload,
+    validate,
+)
+from diffgen.errors import InvalidRequestError
+
+router = APIRouter()
+
+MAX_INPUT_SIDE = 8192
+POLL_AFTER_MS = "250"  # hint for the openai client's videos.poll
+
+
+def _state(request: Request):
+    return request.app.state.diffgen
+
+
+def _is_multipart(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "").lower()
+    return content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
+
+
+def _build(prompt: str, **params: Any) -> GenerationRequest:
+    try:
+        return GenerationRequest.build(prompt, **{k: v for k, v in params.items() if v is not None})
+    except InvalidRequestError as e:
+        raise invalid(e.field, str(e)) from None
+
+
+def _sampling(body) -> dict[str, Any]:
+    return {"negative_prompt": body.negative_prompt, "num_inference_steps": body.num_inference_steps,
+            "guidance_scale": body.guidance_scale, "true_cfg_scale": body.true_cfg_scale, "seed": body.seed}
+
+
+def _require_kind(info: ModelInfo, kind: str, model_id: str) -> None:
+    if info.output_kind != kind:
+        other = "/v1/videos" if info.output_kind == "video" else "/v1/images/generations"
+        raise invalid("model", f"The model '{model_id}' makes {info.output_kind}s, not {kind}s; use {other}.",
+                      code="unsupported_model")
+
+
+def _check_image_options(body: ImageGenerationBody) -> None:
+    if body.stream:
+        raise invalid("stream", "streaming is not supported; leave stream unset or false")
+    if body.partial_images:
+        raise invalid("partial_images", "partial images are not supported; leave partial_images unset or 0")
+    if body.background == "transparent":
+        raise invalid("background", "transparent backgrounds are not supported; use 'auto' or 'opaque'")
+
+
+# -- models ------------------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request):
+    state = _state(request)
+    info = state.scheduler.model_info
+    return {"object": "list", "data": [{
+        "id": state.model_id, "object": "model", "created": 0, "owned_by": "diffgen",
+        "output_kind": info.output_kind if info else None, "ready": state.scheduler.ready}]}
+
+
+# -- images ------------------------------------------------------------------------------------
+@router.post("/v1/images/generations")
+async def create_image(request: Request):
+    state = _state(request)
+    if _is_multipart(request):
+        raise invalid(None, "this endpoint takes a JSON body (Content-Type: application/json)",
+                      code="invalid_content_type")
+    body: ImageGenerationBody = validate(ImageGenerationBody, await read_json(request), strict=True)
+    _check_image_options(body)
+    height, width = parse_size(body.size)
+    generation = _build(body.prompt, height=height, width=width, num_outputs_per_prompt=body.n, **_sampling(body))
+    state.check_model(body.model)
+    _require_kind(state.require_ready(), "image", state.model_id)
+    generation = state.resolve(generation)
+    output = await state.run(generation, request.state.request_id)
+    return await _images_response(request, body, generation, output)
+
+
+@router.post("/v1/images/edits")
+async def edit_image(request: Request):
+    state = _state(request)
+    if not _is_multipart(request):
+        raise invalid(None, "this endpoint takes multipart/form-data (image files and fields)",
+                      code="invalid_content_type")
+    form = await read_form(request, {"image", "mask"})
+    body: ImageEditBody = validate(ImageEditBody, form.fields, strict=False)
+    _check_image_options(body)
+    height, width = parse_size(body.size)
+    uploads = form.files.get("image", [])
+    if not uploads:
+        raise invalid("image", "Missing required parameter: 'image' (one or more image files).",
+                      code="missing_required_parameter")
+    images = [await _read_image(upload, "image") for upload in uploads]
+    mask = None
+    if form.files.get("mask"):
+        if len(form.files["mask"]) > 1:
+            raise invalid("mask", "give one mask")
+        mask = await _read_mask(form.files["mask"][0], images[0].size)
+    generation = _build(body.prompt, height=height, width=width, num_outputs_per_prompt=body.n, images=images,
+                        **_sampling(body))
+    state.check_model(body.model)
+    info = state.require_ready()
+    _require_kind(info, "image", state.model_id)
+    if not info.accepts_images:
+        raise invalid("image", f"The model '{state.model_id}' cannot edit images (it takes no input image); "
+                      "use /v1/images/generations or serve an edit model such as Qwen-Image-Edit.",
+                      code="model_cannot_edit")
+    generation = state.resolve(generation)
+    output = await state.run(generation, request.state.request_id)
+    if mask is not None:
+        output.images = [composite_with_mask(result, images[0], mask) for result in output.images]
+    return await _images_response(request, body, generation, output)
+
+
+async def _read_image(upload, param: str) -> Image.Image:
+    data = await read_upload(upload, param)
+    image = _open_image(data, param)
+    return image.convert("RGB")
+
+
+async def _read_mask(upload, size: tuple[int, int]) -> Image.Image:
+    mask = _open_image(await read_upload(upload, "mask"), "mask")
+    if "A" not in mask.getbands() and "transparency" not in mask.info:
+        raise invalid("mask", "the mask must be a PNG with an alpha channel; transparent pixels mark the area "
+                      "to edit")
+    if mask.size != size:
+        raise invalid("mask", f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; "
+                      "they must have the same size")
+    return mask.convert("RGBA")
+
+
+def _open_image(data: bytes, param: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        if max(image.size) > MAX_INPUT_SIDE:
+            raise invalid(param, f"{param}: {image.size[0]}x{image.size[1]} is too large; at most "
+                          f"{MAX_INPUT_SIDE} pixels per side")
+        image.load()
+    except APIError:
+        raise
+    except Exception:  # PIL raises many kinds (unidentified, truncated, decompression bomb)
+        raise invalid(param, f"{param}: the uploaded file is not a readable image (png, jpeg or webp)",
+                      code="invalid_image") from None
+    return image
+
+
+def composite_with_mask(result: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """Keep the original outside the mask: the model's pixels only where the mask is transparent
+    (alpha 0, the OpenAI convention for "edit here"). Works at the result's size."""
+    if original.size != result.size:
+        original = original.resize(result.size, Image.Resampling.LANCZOS)
+        mask = mask.resize(result.size, Image.Resampling.NEAREST)
+    keep = mask.getchannel("A").point(lambda alpha: 255 if alpha > 0 else 0)
+    return Image.composite(original.convert("RGB"), result.convert("RGB"), keep)
+
+
+async def _images_response(request: Request, body: ImageGenerationBody, generation: GenerationRequest,
+                           output: WorkerOutput) -> JSONResponse:
+    from diffgen.outputs import encode_image
+
+    state = _state(request)
+    fmt = body.output_format or "png"
+    quality = body.output_compression if fmt != "png" else None
+    metadata = {"prompt": body.prompt, "negative_prompt": body.negative_prompt or "", "seed": str(output.seed),
+                "steps": str(output.num_inference_steps), "guidance_scale": str(generation.guidance_scale),
+                "width": str(output.width), "height": str(output.height), "model": state.model_id,
+                "software": "diffgen"}
+
+    def encode_all() -> list[dict[str, Any]]:
+        data = []
+        for index, image in enumerate(output.images):
+            encoded = encode_image(image, fmt, dict(metadata, output_index=str(index)), quality=quality)
+            if body.response_format == "url":
+                image_id = state.images.save(encoded, fmt)
+                data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/images/{image_id}/content",
+                             "revised_prompt": body.prompt})
+            else:
+                data.append({"b64_json": base64.b64encode(encoded).decode("ascii"), "revised_prompt": body.prompt})
+        return data
+
+    data = await asyncio.to_thread(encode_all)
+    tokens = len(output.images) * (output.height // 16) * (output.width // 16)
+    return JSONResponse({
+        "created": int(time.time()), "id": request.state.request_id, "data": data, "output_format": fmt,
+        "size": f"{output.width}x{output.height}", "background": "opaque", "seed": output.seed,
+        "usage": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                  "output_tokens": tokens, "output_tokens_details": {"image_tokens": tokens, "text_tokens": 0},
+                  "total_tokens": tokens},
+    })
+
+
+@router.get("/v1/images/{image_id}/content")
+async def image_content(request: Request, image_id: str):
+    found = _state(request).images.find(image_id)
+    if found is None:
+        raise APIError(404, f"No image with id '{image_id}'.", param="image_id", code="not_found")
+    path, media_type = found
+    return FileResponse(path, media_type=media_type)
+
+
+# -- videos ------------------------------------------------------------------------------------
+@router.post("/v1/videos")
+async def create_video(request: Request):
+    state = _state(request)
+    reference = None
+    if _is_multipart(request):
+        form = await read_form(request, {"input_reference"})
+        body: VideoBody = validate(VideoBody, form.fields, strict=False)
+        uploads = form.files.get("input_reference", [])
+        if len(uploads) > 1:
+            raise invalid("input_reference", "give one input_reference image")
+        if uploads:
+            reference = await _read_image(uploads[0], "input_reference")
+    else:
+        data = await read_json(request)
+        if "input_reference" in data:
+            raise invalid("input_reference", "upload input_reference as a file (multipart/form-data)")
+        body = validate(VideoBody, data, strict=True)
+    seconds = _parse_seconds(body.seconds)
+    height, width = parse_size(body.size)
+    generation = _build(body.prompt, height=height, width=width, num_frames=body.num_frames, fps=body.fps,
+                        images=[reference] if reference is not None else None, **_sampling(body))
+    state.check_model(body.model)
+    info = state.require_ready()
+    _require_kind(info, "video", state.model_id)
+    if reference is not None and not info.accepts_images:
+        raise invalid("input_reference", f"The model '{state.model_id}' takes no input image (text-to-video only).",
+                      code="unsupported_input")
+    if seconds is not None and body.num_frames is None:
+        generation.num_frames = _frames_for(seconds, body.fps or info.defaults.fps or 16,
+                                            info.defaults.frame_multiple)
+    generation = state.resolve(generation)
+    fps = generation.fps or 16
+    shown_seconds = body.seconds if isinstance(body.seconds, str) else f"{generation.num_frames / fps:.3g}"
+    record = await asyncio.to_thread(
+        state.videos.create, generation, state.model_id, str(shown_seconds),
+        f"{generation.width}x{generation.height}",
+        {"num_frames": generation.num_frames, "fps": fps, "seed": generation.seed,
+         "num_inference_steps": generation.num_inference_steps})
+    return JSONResponse(video_object(record), headers={"x-request-id": record["id"]})
+
+
+def _parse_seconds(value: str | float | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise invalid("seconds", f"seconds {value!r} is not a number") from None
+    if not 0 < seconds <= MAX_VIDEO_SECONDS:
+        raise invalid("seconds", f"seconds {value!r} is out of range; allowed (0, {MAX_VIDEO_SECONDS:g}]")
+    return seconds
+
+
+def _frames_for(seconds: float, fps: int, multiple: int | None) -> int:
+    """Frames for a duration, snapped to the VAE's k*multiple+1 frame counts."""
+    frames = max(1, round(seconds * fps))
+    if multiple:
+        frames = max(1, round((frames - 1) / multiple)) * multiple + 1
+    if frames > MAX_FRAMES:
+        raise invalid("seconds", f"{seconds:g} s at {fps} fps is {frames} frames; at most {MAX_FRAMES}")
+    return frames
+
+
+def _video_record(request: Request, video_id: str) -> dict[str, Any]:
+    record = _state(request).store.get(video_id) if is_video_id(video_id) else None
+    if record is None:
+        raise APIError(404, f"No video with id '{video_id}'.", param="video_id", code="not_found")
+    return record
+
+
+@router.get("/v1/videos/{video_id}")
+async def retrieve_video(request: Request, video_id: str):
+    record = await asyncio.to_thread(_video_record, request, video_id)
+    return JSONResponse(video_object(record), headers={"openai-poll-after-ms": POLL_AFTER_MS})
+
+
+@router.get("/v1/videos")
+async def list_videos(request: Request):
+    query = request.query_params
+    unknown = sorted(set(query) - {"after", "limit", "order"})
+    if unknown:
+        raise invalid(unknown[0], f"Unknown parameter: '{unknown[0]}'.", code="unknown_parameter")
+    limit_text = query.get("limit", "20")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+        raise invalid("limit", f"limit {limit_text!r} must be an integer between 1 and 100")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid("order", f"order {order!r} must be 'asc' or 'desc'")
+    after = query.get("after")
+    try:
+        rows, has_more = await asyncio.to_thread(_state(request).store.list, after, int(limit_text), order)
+    except KeyError:
+        raise invalid("after", f"No video with id '{after}'.") from None
+    data = [video_object(row) for row in rows]
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+@router.delete("/v1/videos/{video_id}")
+async def delete_video(request: Request, video_id: str):
+    state = _state(request)
+    if not is_video_id(video_id) or not await asyncio.to_thread(state.videos.delete, video_id):
+        raise APIError(404, f"No video with id '{video_id}'.", param="video_id", code="not_found")
+    return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+
+@router.get("/v1/videos/{video_id}/content")
+async def video_content(request: Request, video_id: str):
+    variant = request.query_params.get("variant", "video")
+    if variant != "video":
+        raise invalid("variant", f"variant {variant!r} is not available; only 'video'")
+    record = await asyncio.to_thread(_video_record, request, video_id)
+    if record["status"] != "completed":
+        raise APIError(409, f"The video '{video_id}' is {record['status']}; its content exists once it is "
+                       "completed.", param="video_id", code="video_not_ready")
+    path = _state(request).store.video_path(video_id)
+    if not path.is_file():
+        raise APIError(404, f"The content of video '{video_id}' is missing from the output directory.",
+                       param="video_id", code="not_found")
+    return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")

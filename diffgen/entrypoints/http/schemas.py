@@ -1,0 +1,199 @@
+"""Request bodies of the OpenAI-compatible routes, the error envelope and the parsing of bodies.
+
+JSON bodies are validated strictly (``"n": "2"`` is refused); multipart forms carry every value as
+text, so they are validated in pydantic's lax mode ("2" -> 2). Unknown fields are refused by name;
+OpenAI fields that have no meaning here (quality, style, moderation, ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from diffgen.engine.request import MAX_PROMPT_CHARS, MAX_SEED
+
+MAX_JSON_BYTES = 1 * 2**20
+MAX_UPLOAD_BYTES = 50 * 2**20  # per file
+MAX_BODY_BYTES = 200 * 2**20  # whole request
+MAX_FILES = 16
+MAX_SIDE = 4096  # pixels, per side of an output
+MAX_STEPS = 200
+MAX_VIDEO_SECONDS = 60.0
+MAX_FRAMES = 1025
+
+
+class APIError(Exception):
+    """An error answered in the OpenAI envelope: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(param: str | None, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class _Extensions(_Body):
+    """diffgen's sampling fields, accepted by every generation route."""
+
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    true_cfg_scale: float | None = Field(None, ge=0, le=100)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+
+class ImageGenerationBody(_Extensions):
+    prompt: str = Prompt
+    model: str | None = Field(None, max_length=512)
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = Field("auto", max_length=32)
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    user: str | None = Field(None, max_length=512)
+    # OpenAI fields with no meaning for these models: accepted, ignored.
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+    safety_identifier: str | None = Field(None, max_length=512)
+    stream: bool | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
+
+
+class ImageEditBody(ImageGenerationBody):
+    input_fidelity: Literal["high", "low"] | None = None
+
+
+class VideoBody(_Extensions):
+    prompt: str = Prompt
+    model: str | None = Field(None, max_length=512)
+    seconds: str | float | None = None
+    size: str | None = Field(None, max_length=32)
+    num_frames: int | None = Field(None, ge=1, le=MAX_FRAMES)
+    fps: int | None = Field(None, ge=1, le=120)
+    user: str | None = Field(None, max_length=512)
+
+
+class Form:
+    """A parsed multipart body: text fields (validated later) and uploaded files by field name."""
+
+    def __init__(self, fields: dict[str, str], files: dict[str, list[UploadFile]]):
+        self.fields = fields
+        self.files = files
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    body = await _read_limited(request, MAX_JSON_BYTES)
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise invalid(None, f"the body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise invalid(None, "the body must be a JSON object", code="invalid_json")
+    return data
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body is larger than {limit // 1024} KiB", code="too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is larger than {limit // 1024} KiB", code="too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_form(request: Request, file_fields: set[str]) -> Form:
+    """Parse multipart/form-data (or urlencoded); ``file_fields``: names that may carry files."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB", code="too_large")
+    try:
+        form = await request.form(max_files=MAX_FILES, max_fields=100)
+    except APIError:
+        raise
+    except Exception as e:  # python-multipart / starlette parse errors
+        raise invalid(None, f"the multipart body cannot be parsed: {e}", code="invalid_multipart") from e
+    fields: dict[str, str] = {}
+    files: dict[str, list[UploadFile]] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            name = key[:-2] if key.endswith("[]") else key
+            if name not in file_fields:
+                raise invalid(key, f"Unknown file field: '{key}'.", code="unknown_parameter")
+            files.setdefault(name, []).append(value)
+        else:
+            if key in file_fields or key.rstrip("[]") in file_fields:
+                raise invalid(key, f"'{key}' must be a file upload, not text")
+            if key in fields:
+                raise invalid(key, f"'{key}' is given more than once")
+            fields[key] = value
+    return Form(fields, files)
+
+
+async def read_upload(upload: UploadFile, param: str) -> bytes:
+    data = await upload.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise APIError(413, f"{param}: the file is larger than {MAX_UPLOAD_BYTES // 2**20} MiB", param=param,
+                       code="too_large")
+    if not data:
+        raise invalid(param, f"{param}: the uploaded file is empty")
+    return data
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], strict: bool) -> Any:
+    """Validate into ``model``; the first problem becomes one 400 naming the field and the value."""
+    try:
+        return model.model_validate(data, strict=strict)
+    except ValidationError as e:
+        error = e.errors(include_url=False)[0]
+        param = ".".join(str(part) for part in error["loc"]) or None
+        if error["type"] == "extra_forbidden":
+            raise invalid(param, f"Unknown parameter: '{param}'.", code="unknown_parameter") from None
+        if error["type"] == "missing":
+            raise invalid(param, f"Missing required parameter: '{param}'.", code="missing_required_parameter") \
+                from None
+        shown = repr(error.get("input"))
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise invalid(param, f"{param}: {error['msg']} (got {shown})") from None
+
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def parse_size(size: str | None, param: str = "size") -> tuple[int | None, int | None]:
+    """"WxH" -> (height, width); "auto" or None -> (None, None): the model's default."""
+    if size is None or size == "auto":
+        return None, None
+    match = _SIZE.match(size)
+    if not match:
+        raise invalid(param, f"size {size!r} is not of the form WIDTHxHEIGHT (e.g. 1024x1024) or 'auto'")
+    width, height = int(match.group(1)), int(match.group(2))
+    for value in (width, height):
+        if not 16 <= value <= MAX_SIDE:
+            raise invalid(param, f"size {size!r}: each side must be between 16 and {MAX_SIDE} pixels")
+    return height, width
