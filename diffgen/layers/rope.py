@@ -40,7 +40,7 @@ def rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, S, H, D) by (S, D) tables; computed in float32, returned in x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    out = x.float() * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # exact in any dtype
+    out = x.float() * cos[None, :, None, :] + rotated.float() * sin[None, :, None, :]
     return out.to(x.dtype)
