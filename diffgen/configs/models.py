@@ -20,3 +20,4 @@ class ModelDefaults:
     fps: int | None = None
     frame_multiple: int | None = None  # num_frames must be frame_multiple * k + 1
     negative_prompt: str | None = None  # used when the user gives none (video models)
+    guidance_scale_2: float | None = None  # two-transformer models: guidance of the low-noise transformer

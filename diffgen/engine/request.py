@@ -34,6 +34,7 @@ class GenerationRequest:
     width: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_scale_2: float | None = None  # two-transformer models (Wan2.2 A14B): the low-noise stage
     true_cfg_scale: float | None = None
     seed: int | None = None
     num_outputs_per_prompt: int = 1
@@ -85,7 +86,7 @@ class GenerationRequest:
             _check_int("num_inference_steps", self.num_inference_steps, 1, 1000)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
-        for name in ("guidance_scale", "true_cfg_scale"):
+        for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0 <= value <= 100):

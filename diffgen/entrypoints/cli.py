@@ -36,6 +36,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--width", type=int, help="output width in pixels (default: model's)")
     group.add_argument("--num-inference-steps", type=int, help="denoising steps (default: model's)")
     group.add_argument("--guidance-scale", type=float, help="guidance scale (default: model's)")
+    group.add_argument("--guidance-scale-2", type=float,
+                       help="guidance of the low-noise transformer of two-transformer models (Wan2.2 A14B)")
     group.add_argument("--true-cfg-scale", type=float, help="true classifier-free guidance scale")
     group.add_argument("--seed", type=int, help="seed; same seed, same picture as diffusers (default: random)")
     group.add_argument("--num-outputs-per-prompt", type=int, help="outputs per prompt (default 1)")
@@ -47,7 +49,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--save-output", action="store_true", default=None, help="write the outputs to files")
     out.add_argument("--output-path", help="folder for outputs (default ./outputs)")
     out.add_argument("--output-file-name", help="file name stem (index suffix added for several outputs)")
-    out.add_argument("--output-format", help="png, jpeg, webp for images; mp4 for videos")
+    out.add_argument("--output-format",
+                     help="png, jpeg, webp for images; mp4 (default), gif, webp, png-frames for videos")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,8 +111,8 @@ def run_generate(options: dict[str, Any]) -> int:
         raise DiffgenError("--prompt is required (or --prompt-file)")
     images = [load_image(p, "--image-path") for p in options.get("image_path") or []]
     params = {k: options[k] for k in ("negative_prompt", "height", "width", "num_inference_steps",
-                                      "guidance_scale", "true_cfg_scale", "seed", "num_frames", "fps",
-                                      "max_sequence_length") if options.get(k) is not None}
+                                      "guidance_scale", "guidance_scale_2", "true_cfg_scale", "seed", "num_frames",
+                                      "fps", "max_sequence_length") if options.get(k) is not None}
     outputs = options.get("num_outputs_per_prompt")
     params["num_outputs_per_prompt"] = 1 if outputs is None else outputs
     if images:

@@ -81,7 +81,9 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
             continue
         library, class_name = entry
         components[name] = load_component(folder / name, library, class_name, pipeline_cls, dtype, device)
-    return pipeline_cls(components, str(model_path), device, dtype)
+    # Pipeline-level settings of model_index.json (Wan: boundary_ratio, expand_timesteps).
+    settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    return pipeline_cls(components, str(model_path), device, dtype, settings=settings)
 
 
 def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dtype: torch.dtype,

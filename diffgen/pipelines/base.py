@@ -76,11 +76,14 @@ class ComposedPipeline:
     #: whether the pipeline takes input images (edit / image-to-video).
     accepts_images: ClassVar[bool] = False
 
-    def __init__(self, components: dict[str, Any], model_path: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, components: dict[str, Any], model_path: str, device: torch.device, dtype: torch.dtype,
+                 settings: dict[str, Any] | None = None):
         self.components = components
         self.model_path = model_path
         self.device = device
         self.dtype = dtype
+        #: non-component entries of model_index.json (e.g. Wan2.2's boundary_ratio)
+        self.settings = settings or {}
         self.defaults = self.select_defaults()
 
     def __getattr__(self, name: str) -> Any:

@@ -60,6 +60,15 @@ TINY_FAMILIES: dict[str, Callable] = {
     "flux-schnell": lambda: flux_pipeline("schnell"),
 }
 
+
+def _register_wan() -> None:
+    from diffgen.testing.tiny_wan import WAN_FAMILIES
+
+    TINY_FAMILIES.update(WAN_FAMILIES)
+
+
+_register_wan()
+
 # family -> function(pipeline, path) run after save_pretrained (components saved as the hub stores them)
 _AFTER_SAVE: dict[str, Callable] = {}
 
@@ -94,6 +103,24 @@ def write_tiny_checkpoint(family: str, path: str | os.PathLike, shard_size: str 
     path = Path(path)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     pipe.save_pretrained(path, safe_serialization=True, **kwargs)
+    _use_hub_class_names(path)
     if family in _AFTER_SAVE:
         _AFTER_SAVE[family](pipe, path)
     return path
+
+
+def _use_hub_class_names(path: Path) -> None:
+    """Name components as the hub repositories do.
+
+    Without torchvision, transformers 5 builds ``CLIPImageProcessor`` as its PIL backend and records
+    that class name; the real repositories say ``CLIPImageProcessor`` (which loads the same backend).
+    """
+    import json
+
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    renamed = {"CLIPImageProcessorPil": "CLIPImageProcessor"}
+    for value in index.values():
+        if isinstance(value, list) and len(value) == 2 and value[1] in renamed:
+            value[1] = renamed[value[1]]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

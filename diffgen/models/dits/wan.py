@@ -97,10 +97,14 @@ class WanConditionEmbedder(nn.Module):
 
     def forward(self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None):
         """``timestep`` (B,) or (B, S) -> temb (B, 1|S, dim) and modulation (B, 1|S, 6, dim)."""
-        batch = timestep.shape[0]
-        freqs = sinusoidal_embedding(timestep.flatten(), self.freq_dim).unflatten(0, (batch, -1))
+        freqs = sinusoidal_embedding(timestep.flatten(), self.freq_dim)
+        if timestep.ndim == 2:
+            freqs = freqs.unflatten(0, timestep.shape)
         temb = self.time_embedder(freqs.to(self.time_embedder.linear_1.weight.dtype)).to(text.dtype)
-        modulation = self.time_proj(nn.functional.silu(temb)).unflatten(-1, (6, -1))
+        modulation = self.time_proj(nn.functional.silu(temb))
+        if timestep.ndim == 1:  # unsqueeze only now: a 3-D matmul rounds differently from the reference's 2-D one
+            temb, modulation = temb.unsqueeze(1), modulation.unsqueeze(1)
+        modulation = modulation.unflatten(-1, (6, -1))
         text = self.text_embedder(text)
         if image is not None:
             image = self.image_embedder(image)

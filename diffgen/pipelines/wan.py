@@ -1,0 +1,288 @@
+"""Wan 2.1 / 2.2 video pipelines: text-to-video, image-to-video and Wan2.2's two-expert and TI2V models.
+
+| model_index ``_class_name`` | checkpoints                                                                 |
+|-----------------------------|-----------------------------------------------------------------------------|
+| WanPipeline                 | Wan2.1 T2V 1.3B/14B; Wan2.2 T2V A14B (transformer_2); TI2V-5B (+ image)     |
+| WanImageToVideoPipeline     | Wan2.1 I2V 14B 480P/720P (CLIP image tokens); Wan2.2 I2V A14B               |
+
+Like diffusers: latents and the scheduler run in float32, the DiT in the model dtype; CFG runs the
+DiT twice (cond, uncond). Wan2.2 A14B switches from ``transformer`` (high noise) to
+``transformer_2`` (low noise) at ``boundary_ratio * num_train_timesteps``, each with its own
+guidance scale. TI2V-5B (``expand_timesteps``) gives every latent token its own timestep, so an
+input image can be pinned as the clean first latent frame (timestep 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import os
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffgen.configs import wan as presets
+from diffgen.configs.models import ModelDefaults
+from diffgen.engine.request import GenerationRequest
+from diffgen.errors import InvalidRequestError
+from diffgen.models.dits.wan import WanTransformer
+from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.stages import draw_noise
+
+#: Decoded frames larger than this (pixels per frame) are decoded in overlapping spatial tiles.
+VAE_TILING_MIN_PIXELS = 1280 * 720
+
+
+def clean_prompt(text: str) -> str:
+    """The Wan reference's text normalisation: fix mojibake (with ftfy, if installed), unescape HTML, squeeze spaces."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(ftfy.fix_text(text))
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """PIL image -> (1, 3, H, W) float32 in [-1, 1], resized with Lanczos as diffusers' VideoProcessor does."""
+    image = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(image).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def size_for_aspect(image: Image.Image, area: int, multiple: int) -> tuple[int, int]:
+    """(height, width) of about ``area`` pixels with the image's aspect ratio, multiples of ``multiple``."""
+    aspect = image.height / image.width
+    height = round(math.sqrt(area * aspect)) // multiple * multiple
+    width = round(math.sqrt(area / aspect)) // multiple * multiple
+    return max(height, multiple), max(width, multiple)
+
+
+@register_pipeline
+class WanPipeline(ComposedPipeline):
+    pipeline_class_names = ("WanPipeline",)
+    required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
+    optional_components = ("transformer_2",)
+    native_models = {"WanTransformer3DModel": WanTransformer}
+    output_kind = "video"
+    #: diffusers' WanPipeline pins the scheduler's first step index; its image-to-video pipeline does not.
+    pins_begin_index = True
+
+    def __init__(self, components: dict[str, Any], model_path: str, device: torch.device, dtype: torch.dtype,
+                 settings: dict[str, Any] | None = None):
+        super().__init__(components, model_path, device, dtype, settings)
+        # TI2V-5B is a WanPipeline in its model_index.json yet also takes an optional first frame.
+        self.accepts_images = self.requires_image or self.expand_timesteps
+
+    # -- model facts ---------------------------------------------------------------------------
+    requires_image = False
+
+    @property
+    def expand_timesteps(self) -> bool:
+        return bool(self.settings.get("expand_timesteps"))
+
+    @property
+    def boundary_ratio(self) -> float | None:
+        ratio = self.settings.get("boundary_ratio")
+        return None if ratio is None or self.components.get("transformer_2") is None else float(ratio)
+
+    @property
+    def vae_scale_spatial(self) -> int:
+        return self.vae.config.get("scale_factor_spatial") or 8
+
+    @property
+    def vae_scale_temporal(self) -> int:
+        return self.vae.config.get("scale_factor_temporal") or 4
+
+    def select_defaults(self) -> ModelDefaults:
+        if self.expand_timesteps:
+            return presets.WAN22_TI2V_5B
+        if self.boundary_ratio is not None:
+            return presets.WAN22_T2V_A14B
+        return presets.WAN21_T2V
+
+    # -- request -------------------------------------------------------------------------------
+    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
+        d = self.defaults
+        if self.requires_image and not request.images:
+            raise InvalidRequestError("--image-path", f"{d.name} makes a video from an image: give the first frame "
+                                      "with --image-path (images= in the Python API)")
+        if len(request.images) > 1:
+            raise InvalidRequestError("--image-path", f"{d.name} takes one input image, {len(request.images)} given")
+        if request.images and self.accepts_images and not (request.height or request.width):
+            # No size asked: keep the image's aspect ratio at the model's default area.
+            height, width = size_for_aspect(request.images[0], d.height * d.width, d.resolution_multiple)
+            request = dataclasses.replace(request, height=height, width=width)
+        r = super().resolve_request(request)
+        if r.negative_prompt is None and d.negative_prompt is not None:
+            r.negative_prompt = [d.negative_prompt] * len(r.prompt)
+        if self.boundary_ratio is None:
+            if r.guidance_scale_2 is not None:
+                raise InvalidRequestError("guidance_scale_2", f"{d.name} has one transformer; guidance_scale_2 "
+                                          "applies only to two-transformer models (Wan2.2 A14B)")
+        elif r.guidance_scale_2 is None:
+            r.guidance_scale_2 = d.guidance_scale_2 if request.guidance_scale is None else r.guidance_scale
+        return r
+
+    # -- text ----------------------------------------------------------------------------------
+    def _encode(self, prompts: list[str], max_length: int, repeat: int) -> torch.Tensor:
+        tokens = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=max_length,
+                                truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+        mask = tokens.attention_mask.to(self.device)
+        embeds = self.text_encoder(tokens.input_ids.to(self.device), mask).last_hidden_state
+        embeds = embeds.masked_fill(~mask.bool()[..., None], 0.0)  # the reference zeroes padded positions
+        return embeds.to(self.dtype).repeat_interleave(repeat, dim=0)
+
+    def encode_text(self, state: PipelineState) -> None:
+        r = state.request
+        state.cond = {"encoder_hidden_states": self._encode(r.prompt, r.max_sequence_length,
+                                                            r.num_outputs_per_prompt)}
+        # CFG follows the first guidance scale, as in diffusers (also for the low-noise stage).
+        if r.guidance_scale > 1:
+            state.uncond = {"encoder_hidden_states": self._encode(r.negative_prompt or [""] * len(r.prompt),
+                                                                  r.max_sequence_length, r.num_outputs_per_prompt)}
+
+    # -- image ---------------------------------------------------------------------------------
+    def encode_images(self, state: PipelineState) -> None:
+        """CLIP tokens of the input image for Wan2.1 I2V (Wan2.2 conditions on latents only)."""
+        r = state.request
+        if not r.images or self.components.get("image_encoder") is None:
+            return
+        if self.transformer.config.image_dim is None:
+            return
+        pixels = self.image_processor(images=r.images[0], return_tensors="pt").pixel_values
+        hidden = self.image_encoder(pixel_values=pixels.to(self.device, self.image_encoder.dtype),
+                                    output_hidden_states=True).hidden_states[-2]
+        image_tokens = hidden.to(self.dtype).repeat(r.batch_size, 1, 1)
+        for kwargs in (state.cond, state.uncond):
+            if kwargs is not None:
+                kwargs["encoder_hidden_states_image"] = image_tokens
+
+    # -- latents -------------------------------------------------------------------------------
+    def _latent_stats(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE latent mean and 1/std (B, z, 1, 1, 1), rounded as the reference computes them."""
+        z_dim = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(device, dtype)
+        inv_std = (1.0 / torch.tensor(self.vae.config.latents_std)).view(1, z_dim, 1, 1, 1).to(device, dtype)
+        return mean, inv_std
+
+    def _encode_first_frame(self, image: Image.Image, frames: int, height: int, width: int,
+                            batch: int) -> torch.Tensor:
+        """Normalised VAE latents of the first frame followed by ``frames - 1`` black frames."""
+        pixels = image_to_tensor(image, height, width).to(self.device).unsqueeze(2)
+        if frames > 1:
+            pixels = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
+        latent = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+        latent = latent.repeat(batch, 1, 1, 1, 1).to(torch.float32)
+        mean, inv_std = self._latent_stats(torch.float32, latent.device)
+        return (latent - mean) * inv_std
+
+    def prepare_latents(self, state: PipelineState) -> None:
+        r = state.request
+        latent_frames = (r.num_frames - 1) // self.vae_scale_temporal + 1
+        grid_h, grid_w = r.height // self.vae_scale_spatial, r.width // self.vae_scale_spatial
+        shape = (r.batch_size, self.vae.config.z_dim, latent_frames, grid_h, grid_w)
+        state.latents = draw_noise(shape, state.seed, torch.float32, self.device)
+        if not r.images:
+            if self.expand_timesteps:  # every token at the same timestep
+                state.extras["frame_mask"] = torch.ones(1, 1, latent_frames, grid_h, grid_w, device=self.device)
+            return
+        if self.expand_timesteps:
+            # TI2V: the first latent frame is the clean image; its tokens get timestep 0.
+            state.extras["condition"] = self._encode_first_frame(r.images[0], 1, r.height, r.width, r.batch_size)
+            mask = torch.ones(1, 1, latent_frames, grid_h, grid_w, device=self.device)
+            mask[:, :, 0] = 0
+            state.extras["frame_mask"] = mask
+        else:
+            # I2V: 4 mask channels (1 on the first latent frame: its 4 pixel frames are known) + image latents,
+            # concatenated to the noise on the channel axis at every step.
+            condition = self._encode_first_frame(r.images[0], r.num_frames, r.height, r.width, r.batch_size)
+            mask = torch.zeros(r.batch_size, self.vae_scale_temporal, latent_frames, grid_h, grid_w,
+                               device=condition.device)
+            mask[:, :, 0] = 1
+            state.extras["condition"] = torch.cat([mask, condition], dim=1)
+
+    def prepare_timesteps(self, state: PipelineState) -> None:
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh: schedulers keep a step index
+        scheduler.set_timesteps(state.request.num_inference_steps, device=self.device)
+        if self.pins_begin_index:
+            scheduler.set_begin_index(0)
+        state.scheduler, state.timesteps = scheduler, scheduler.timesteps
+
+    # -- denoising -----------------------------------------------------------------------------
+    def _stage(self, state: PipelineState, t: torch.Tensor) -> tuple[torch.nn.Module, float]:
+        """The transformer and guidance scale for timestep ``t`` (Wan2.2 A14B: high- then low-noise expert)."""
+        r = state.request
+        if self.boundary_ratio is None:
+            return self.transformer, r.guidance_scale
+        boundary = self.boundary_ratio * state.scheduler.config.num_train_timesteps
+        return (self.transformer, r.guidance_scale) if t >= boundary else (self.transformer_2, r.guidance_scale_2)
+
+    def _model_input(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor):
+        condition, mask = state.extras.get("condition"), state.extras.get("frame_mask")
+        batch = latents.shape[0]
+        if mask is not None:  # TI2V: per-token timesteps (0 on a given first frame); tokens are 2x2 patches
+            if condition is not None:
+                latents = (1 - mask) * condition + mask * latents
+            timestep = (mask[0, 0, :, ::2, ::2] * t).flatten().unsqueeze(0).expand(batch, -1)
+        else:
+            if condition is not None:
+                latents = torch.cat([latents, condition], dim=1)
+            timestep = t.expand(batch)
+        return latents.to(self.dtype), timestep
+
+    def predict_noise(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        model, guidance = self._stage(state, t)
+        x, timestep = self._model_input(state, latents, t)
+        pred = model(x, timestep, **state.cond)
+        if state.uncond is not None:
+            uncond = model(x, timestep, **state.uncond)
+            pred = uncond + guidance * (pred - uncond)
+        return pred
+
+    # -- decoding ------------------------------------------------------------------------------
+    def _use_tiling(self, height: int, width: int) -> bool:
+        forced = os.environ.get("DIFFGEN_VAE_TILING", "auto").lower()
+        if forced in ("1", "true", "on"):
+            return True
+        if forced in ("0", "false", "off"):
+            return False
+        return height * width > VAE_TILING_MIN_PIXELS
+
+    def decode(self, state: PipelineState) -> None:
+        r = state.request
+        latents = state.latents
+        if state.extras.get("condition") is not None and state.extras.get("frame_mask") is not None:
+            mask = state.extras["frame_mask"]
+            latents = (1 - mask) * state.extras["condition"] + mask * latents
+            state.latents = latents
+        latents = latents.to(self.device, self.vae.dtype)
+        mean, inv_std = self._latent_stats(latents.dtype, latents.device)
+        latents = latents / inv_std + mean
+        decode = self.vae.tiled_decode if self._use_tiling(r.height, r.width) else self.vae.decode
+        # One video at a time (VAE slicing): peak memory of one output whatever the batch.
+        videos = [decode(sample, return_dict=False)[0] for sample in latents.split(1)]
+        video = torch.cat(videos)  # (B, 3, F, H, W) in [-1, 1]
+        state.pixels = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()
+
+
+@register_pipeline
+class WanImageToVideoPipeline(WanPipeline):
+    pipeline_class_names = ("WanImageToVideoPipeline",)
+    optional_components = ("transformer_2", "image_encoder", "image_processor")
+    pins_begin_index = False
+    requires_image = True
+
+    def select_defaults(self) -> ModelDefaults:
+        if self.expand_timesteps:
+            return presets.WAN22_TI2V_5B
+        if self.boundary_ratio is not None:
+            return presets.WAN22_I2V_A14B
+        return presets.WAN21_I2V_720P if "720P" in self.model_path.upper() else presets.WAN21_I2V_480P
