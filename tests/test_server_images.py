@@ -1,0 +1,164 @@
+"""`diffgen serve` with an image model, driven by the official openai client over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+from server_utils import ServerProcess, wait_until
+
+SIZE = "64x64"
+STEPS = {"num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_flux, tmp_path_factory):
+    # Fault injection is on for this module only: prompts with [[fault:...]] markers make the worker fail.
+    process = ServerProcess(tiny_flux, tmp_path_factory.mktemp("serve-images") / "out", "--max-batch-size", "4",
+                            env={"DIFFGEN_FAULT_INJECT": "1"}).start()
+    yield process
+    assert process.stop(), process.log()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_flux):
+    from diffgen import Engine
+
+    return Engine.from_pretrained(tiny_flux, device="cpu")
+
+
+def _decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_b64_images_equal_the_engine_for_the_same_seed(server, engine):
+    client = server.client()
+    response = client.images.generate(prompt="a red fox", n=2, size=SIZE, extra_body={**STEPS, "seed": 5})
+    assert response.output_format == "png" and response.size == SIZE and len(response.data) == 2
+    expected = engine.generate("a red fox", height=64, width=64, seed=5, num_outputs_per_prompt=2, **STEPS)
+    for item, image in zip(response.data, expected.images, strict=True):
+        got = _decode(item.b64_json)
+        assert got.text["seed"] == "5"
+        assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(image))
+    # Two outputs of one request are different pictures (one generator, prompt-major noise).
+    assert response.data[0].b64_json != response.data[1].b64_json
+
+
+def test_url_images_download_and_match_b64(server):
+    client = server.client()
+    by_url = client.images.generate(prompt="a lighthouse", n=2, size=SIZE, response_format="url",
+                                    extra_body={**STEPS, "seed": 11})
+    by_b64 = client.images.generate(prompt="a lighthouse", n=2, size=SIZE, extra_body={**STEPS, "seed": 11})
+    for url_item, b64_item in zip(by_url.data, by_b64.data, strict=True):
+        assert url_item.b64_json is None and url_item.url.startswith(server.url + "/v1/images/img_")
+        download = httpx.get(url_item.url, timeout=30)
+        assert download.status_code == 200 and download.headers["content-type"] == "image/png"
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(download.content)).convert("RGB")),
+                              np.asarray(_decode(b64_item.b64_json).convert("RGB")))
+
+
+def test_jpeg_and_webp_outputs(server):
+    client = server.client()
+    for fmt in ("jpeg", "webp"):
+        response = client.images.generate(prompt="a cat", size="48x32", output_format=fmt, output_compression=80,
+                                          extra_body=STEPS)
+        image = _decode(response.data[0].b64_json)
+        assert image.format == fmt.upper() and image.size == (48, 32) and response.output_format == fmt
+
+
+def test_request_id_header_and_body(server):
+    raw = server.client().images.with_raw_response.generate(prompt="a cat", size=SIZE, extra_body=STEPS)
+    request_id = raw.headers["x-request-id"]
+    assert request_id.startswith("req_") and raw.http_response.json()["id"] == request_id
+
+
+def test_edit_on_a_model_that_cannot_edit_is_a_400_envelope(server):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client().images.edit(image=("in.png", buffer.getvalue(), "image/png"), prompt="make it red")
+    error = caught.value.body
+    assert caught.value.status_code == 400 and error["code"] == "model_cannot_edit" and error["param"] == "image"
+    assert "cannot edit" in error["message"]
+
+
+def test_videos_on_an_image_model_is_a_400(server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client().videos.create(prompt="a cat walking")
+    assert caught.value.body["code"] == "unsupported_model" and "/v1/images/generations" in caught.value.message
+
+
+def test_sixteen_concurrent_requests_all_complete_once(server):
+    client = server.client(max_retries=0, timeout=300)
+
+    def one(seed: int):
+        raw = client.images.with_raw_response.generate(prompt=f"image {seed}", size=SIZE,
+                                                       extra_body={**STEPS, "seed": seed})
+        return raw.headers["x-request-id"], raw.parse()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(100, 116)))
+    request_ids = {request_id for request_id, _ in results}
+    assert len(request_ids) == 16
+    for seed, (_, response) in zip(range(100, 116), results, strict=True):
+        image = _decode(response.data[0].b64_json)
+        assert image.text["seed"] == str(seed) and image.text["prompt"] == f"image {seed}"
+    assert len({response.data[0].b64_json for _, response in results}) == 16
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'diffgen_jobs_total{status="completed"}' in metrics
+
+
+def test_a_failing_request_fails_alone(server):
+    client = server.client(max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.images.generate(prompt="boom [[fault:raise]]", size=SIZE, extra_body=STEPS)
+    assert caught.value.status_code == 500 and "injected fault" in caught.value.body["message"]
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.images.generate(prompt="big [[fault:oom]]", size=SIZE, extra_body=STEPS)
+    assert caught.value.status_code == 503 and caught.value.body["code"] == "out_of_memory"
+    assert "out of memory" in caught.value.body["message"]
+    after = client.images.generate(prompt="fine", size=SIZE, extra_body=STEPS)
+    assert _decode(after.data[0].b64_json).size == (64, 64)
+
+
+def test_a_dead_worker_fails_its_request_and_is_restarted(server):
+    client = server.client(max_retries=0)
+    before = httpx.get(f"{server.url}/health").json()
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.images.generate(prompt="die [[fault:exit]]", size=SIZE, extra_body=STEPS)
+    assert caught.value.status_code == 503 and caught.value.body["code"] == "worker_died"
+    assert "worker process died" in caught.value.body["message"]
+    health = server.wait_ready()
+    assert health["worker_pids"] != before["worker_pids"] and health["worker_restarts"] == before["worker_restarts"] + 1
+    after = client.images.generate(prompt="alive again", size=SIZE, extra_body=STEPS)
+    assert len(after.data) == 1
+
+
+def test_models_health_and_metrics(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [server.model_path]
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["output_kind"] == "image"
+    text = httpx.get(f"{server.url}/metrics").text
+    for family in ("diffgen_queue_depth", "diffgen_jobs_total", "diffgen_step_seconds_bucket",
+                   "diffgen_stage_seconds_count", "diffgen_http_requests_total"):
+        assert family in text
+    assert 'stage="denoising"' in text
+
+
+def test_sigterm_finishes_in_flight_requests(tiny_flux, tmp_path):
+    process = ServerProcess(tiny_flux, tmp_path / "out").start()
+    client = process.client(max_retries=0, timeout=120)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(client.images.generate, prompt=f"p{i}", size=SIZE,
+                               extra_body={"num_inference_steps": 8}) for i in range(2)]
+        wait_until(lambda: httpx.get(f"{process.url}/health").json()["running"] > 0, what="a running job")
+        assert process.stop(), process.log()
+        for future in futures:
+            assert len(future.result().data) == 1
