@@ -81,12 +81,30 @@ def dit_forward_inputs(cfg: dict, device: torch.device, dtype: torch.dtype) -> d
                 img_ids=img_ids.to(device), txt_ids=torch.zeros(cfg["text_len"], 3, device=device))
 
 
+def profile_forward(variants: dict) -> None:
+    """Top kernels by device time for one forward of each variant (explains A/B gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    for name, fn in variants.items():
+        with torch.inference_mode(), profile(activities=activities) as prof:
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        print(f"\n## top kernels: {name}")
+        print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=70))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--json", help="write results here")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one forward of each")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both with their blocks compiled (diffusers: compile_repeated_blocks)")
     args = parser.parse_args()
     cfg = TINY if args.tiny else REAL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,6 +127,9 @@ def main() -> None:
                 f"(rel diff diffgen vs diffusers {rel:.2e})",
                 [(k, f"{v['median'] * 1000:.1f}", f"{v['min'] * 1000:.1f}..{v['max'] * 1000:.1f}")
                  for k, v in forward.items()], ("impl", "median ms", "range ms"))
+
+    if args.profile:
+        profile_forward({"diffusers": lambda: reference(**inputs), "diffgen": lambda: native(**inputs)})
 
     if not args.skip_pipeline:
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -139,6 +160,26 @@ def main() -> None:
                     [(k, f"{v['median']:.3f}", f"{v['min']:.3f}..{v['max']:.3f}") for k, v in e2e.items()],
                     ("impl", "median s", "range s"))
         print_table("diffgen stages (one run)", [(k, f"{v * 1000:.1f}") for k, v in stage.items()], ("stage", "ms"))
+    if args.compile:
+        from diffgen.engine.optimize import compile_repeated_blocks
+
+        with torch.device("meta"):
+            from diffgen.models.dits.flux import FluxConfig, FluxTransformer
+
+            compiled_native = FluxTransformer(FluxConfig(**cfg["dit"]))
+        compiled_native.load_state_dict(reference.state_dict(), assign=True)
+        compile_repeated_blocks(compiled_native.eval())
+        compiled_reference = reference  # compiled in place: keep this part last
+        compiled_reference.compile_repeated_blocks(fullgraph=True)
+        with torch.inference_mode():
+            compiled = ab_medians({"diffusers compiled": lambda: compiled_reference(**inputs),
+                                   "diffgen compiled": lambda: compiled_native(**inputs)}, device,
+                                  warmup=3, repeats=args.repeats)
+        results["dit_forward_compiled"] = compiled
+        print_table("FLUX.1-dev DiT forward, blocks compiled",
+                    [(k, f"{v['median'] * 1000:.1f}", f"{v['min'] * 1000:.1f}..{v['max'] * 1000:.1f}")
+                     for k, v in compiled.items()], ("impl", "median ms", "range ms"))
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -27,14 +27,21 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_path: str, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, revision: str | None = None,
-                        attention_backend: str | None = None) -> Engine:
-        """``model_path``: a hub id (``org/name``) or a local diffusers pipeline folder."""
+                        attention_backend: str | None = None, compile: bool = False) -> Engine:
+        """``model_path``: a hub id (``org/name``) or a local diffusers pipeline folder.
+
+        ``compile``: torch.compile each DiT block (slower first request per shape, faster steps).
+        """
+        from diffgen.engine.optimize import apply_compile
         from diffgen.layers.attention import set_attention_backend
         from diffgen.loader.components import load_pipeline
 
         if attention_backend:
             set_attention_backend(attention_backend)
-        return cls(load_pipeline(model_path, device=device, dtype=dtype, revision=revision))
+        pipeline = load_pipeline(model_path, device=device, dtype=dtype, revision=revision)
+        if compile:
+            apply_compile(pipeline.components)
+        return cls(pipeline)
 
     @property
     def defaults(self):

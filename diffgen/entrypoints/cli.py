@@ -11,7 +11,7 @@ from typing import Any
 from diffgen.errors import DiffgenError
 
 # Options shared by every command that loads a model (generate, serve).
-MODEL_OPTIONS = ("model_path", "device", "dtype", "revision", "attention_backend")
+MODEL_OPTIONS = ("model_path", "device", "dtype", "revision", "attention_backend", "compile")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: bfloat16 on GPU, float32 on CPU)")
     group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                        help="SDPA kernel family (default auto: cuDNN on CUDA)")
+    group.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile each DiT block (first request per shape compiles; later steps faster)")
     parser.add_argument("--config", help="YAML or JSON file of option values; flags on the command line win")
 
 
@@ -123,7 +125,8 @@ def run_generate(options: dict[str, Any]) -> int:
 
     engine = Engine.from_pretrained(options["model_path"], device=options.get("device"),
                                     dtype=options.get("dtype"), revision=options.get("revision"),
-                                    attention_backend=options.get("attention_backend"))
+                                    attention_backend=options.get("attention_backend"),
+                                    compile=bool(options.get("compile")))
     bars: list[tqdm] = []
 
     def progress(step: int, total: int) -> None:
