@@ -2,7 +2,7 @@
 
 Saved with the component layout and class names of the hub repositories: Qwen/Qwen-Image has
 scheduler, text_encoder (Qwen2_5_VLForConditionalGeneration), tokenizer (Qwen2Tokenizer),
-transformer, vae; Qwen/Qwen-Image-Edit adds processor (Qwen2VLProcessor).
+transformer, vae; Qwen/Qwen-Image-Edit (and -2509, -2511) add processor (Qwen2VLProcessor).
 
 transformers' ``Qwen2VLProcessor`` cannot be constructed without torchvision (its video processor
 needs it), so the in-memory edit pipeline holds :class:`ImageOnlyQwen2VLProcessor`, and the saved
@@ -104,14 +104,14 @@ def _text_encoder(tokenizer):
     return _seeded(lambda: Qwen2_5_VLForConditionalGeneration(config))
 
 
-def _components() -> dict:
+def _components(zero_cond_t: bool = False) -> dict:
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
     tokenizer = qwen2_tokenizer()
     z = LATENT_CHANNELS
     transformer = _seeded(lambda: QwenImageTransformer2DModel(
         patch_size=2, in_channels=4 * z, out_channels=z, num_layers=2, attention_head_dim=16, num_attention_heads=3,
-        joint_attention_dim=16, axes_dims_rope=(8, 4, 4)))
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t))
     # Non-trivial latent statistics so the (de)normalisation is exercised.
     vae = _seeded(lambda: AutoencoderKLQwenImage(
         base_dim=8, z_dim=z, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True],
@@ -136,6 +136,16 @@ def qwen_image_edit_pipeline():
     return QwenImageEditPipeline(processor=processor, **components)
 
 
+def qwen_image_edit_plus_pipeline(zero_cond_t: bool = False):
+    """Edit-2509 (several input images); ``zero_cond_t`` as in Edit-2511."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    components = _components(zero_cond_t)
+    processor = image_only_processor_class()(image_processor=qwen2_vl_image_processor(),
+                                             tokenizer=components["tokenizer"])
+    return QwenImageEditPlusPipeline(processor=processor, **components)
+
+
 def save_processor_as_hub(pipe, path: Path) -> None:
     """Rewrite ``processor/`` as the hub repository holds it and record it as transformers' Qwen2VLProcessor."""
     folder = path / "processor"
@@ -154,5 +164,10 @@ def save_processor_as_hub(pipe, path: Path) -> None:
 
 
 # family -> builder of the reference pipeline, and family -> fix-up after ``save_pretrained``.
-QWEN_FAMILIES = {"qwen-image": qwen_image_pipeline, "qwen-image-edit": qwen_image_edit_pipeline}
-QWEN_AFTER_SAVE = {"qwen-image-edit": save_processor_as_hub}
+QWEN_FAMILIES = {
+    "qwen-image": qwen_image_pipeline,  # Qwen/Qwen-Image
+    "qwen-image-edit": qwen_image_edit_pipeline,  # Qwen/Qwen-Image-Edit
+    "qwen-image-edit-2509": qwen_image_edit_plus_pipeline,  # Qwen/Qwen-Image-Edit-2509
+    "qwen-image-edit-2511": lambda: qwen_image_edit_plus_pipeline(zero_cond_t=True),  # Qwen/Qwen-Image-Edit-2511
+}
+QWEN_AFTER_SAVE = {family: save_processor_as_hub for family in QWEN_FAMILIES if family != "qwen-image"}

@@ -1,0 +1,202 @@
+"""Qwen-Image and Qwen-Image-Edit parity with diffusers on tiny checkpoints (float32, CPU, same seed).
+
+Edit runs are the slow part: the reference always VAE-encodes the input at ~1024x1024 pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffgen import Engine
+from diffgen.engine.request import GenerationRequest
+from diffgen.entrypoints.cli import main
+from diffgen.errors import InvalidRequestError
+
+PROMPT = "A curious raccoon"
+EDIT_PROMPT = "Convert 2D style to 3D style"
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def _reference(pipe, seed: int, **kwargs):
+    """Final packed latents and [0, 1] pixels of one diffusers call."""
+    final = {}
+
+    def keep_latents(_pipe, _step, _t, tensors):
+        final["latents"] = tensors["latents"]
+        return {}
+
+    pixels = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+                  callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"], **kwargs).images
+    return final["latents"], pixels
+
+
+def _assert_same(result, ref_latents, ref_pixels):
+    assert result.latents.shape == ref_latents.shape
+    torch.testing.assert_close(result.latents, ref_latents, atol=1e-5, rtol=0)
+    assert np.abs(result.pixels.numpy() - ref_pixels).max() <= 1e-4
+
+
+def _load(path, reference_cls, **kwargs):
+    reference = reference_cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+    reference.set_progress_bar_config(disable=True)
+    return reference, Engine.from_pretrained(path, device="cpu", dtype="float32")
+
+
+def _processor(path):
+    """transformers' Qwen2VLProcessor needs torchvision; the reference gets the same processor without video."""
+    from pathlib import Path
+
+    from diffgen.testing.tiny_qwen import image_only_processor
+
+    return image_only_processor(Path(path) / "processor")
+
+
+@pytest.fixture(scope="module")
+def text_to_image(tiny_checkpoint):
+    from diffusers import QwenImagePipeline
+
+    return _load(tiny_checkpoint("qwen-image"), QwenImagePipeline)
+
+
+@pytest.fixture(scope="module")
+def edit(tiny_checkpoint):
+    from diffusers import QwenImageEditPipeline
+
+    path = tiny_checkpoint("qwen-image-edit")
+    return _load(path, QwenImageEditPipeline, processor=_processor(path))
+
+
+# -- the DiT -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("zero_cond_t", [False, True])
+def test_dit_forward_matches_diffusers(zero_cond_t):
+    from diffusers import QwenImageTransformer2DModel
+
+    from diffgen.models.dits.qwen_image import QwenImageConfig, QwenImageTransformer
+
+    torch.manual_seed(0)
+    reference = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=24, axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t).eval()
+    config = QwenImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in reference.config.items()
+                                if k in QwenImageConfig.__dataclass_fields__})
+    ours = QwenImageTransformer(config).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)  # identical parameter names
+
+    shapes = [(1, 5, 7), (1, 4, 6)]  # odd and even grids: the centred positions differ
+    tokens = sum(f * h * w for f, h, w in shapes)
+    x, text, t = torch.randn(2, tokens, 64), torch.randn(2, 9, 24), torch.tensor([0.7, 0.3])
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        for text_mask in (None, mask):
+            expected = reference(hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=text_mask,
+                                 timestep=t, img_shapes=[shapes] * 2, return_dict=False)[0]
+            torch.testing.assert_close(ours(x, t, text, shapes, text_mask), expected, atol=1e-5, rtol=0)
+
+
+# -- text to image -------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt,kwargs", [
+    (PROMPT, dict(height=64, width=64)),
+    (PROMPT, dict(height=48, width=80, negative_prompt="blurry, low quality", true_cfg_scale=4.0,
+                  num_images_per_prompt=2)),
+    # prompts of different lengths: padded embeddings and a text mask; truncation at max_sequence_length
+    ([PROMPT, "a lighthouse at dusk over a stormy sea"],
+     dict(height=32, width=48, negative_prompt=["", "blurry"], true_cfg_scale=2.5, max_sequence_length=24)),
+])
+def test_text_to_image_matches_diffusers(text_to_image, prompt, kwargs):
+    reference, engine = text_to_image
+    kwargs = dict(num_inference_steps=3, **kwargs)
+    ref_latents, ref_pixels = _reference(reference, 7, prompt=prompt, **kwargs)
+    outputs = kwargs.pop("num_images_per_prompt", 1)
+    result = engine.generate(prompt, seed=7, num_outputs_per_prompt=outputs, return_tensors=True, **kwargs)
+    _assert_same(result, ref_latents, ref_pixels)
+    assert all(image.size == (kwargs["width"], kwargs["height"]) for image in result.images)
+
+
+def test_text_to_image_rejects_input_images(text_to_image):
+    _, engine = text_to_image
+    with pytest.raises(InvalidRequestError, match="image: Qwen-Image does not take input images"):
+        engine.generate(PROMPT, images=[_image(32, 32)], height=32, width=32, num_inference_steps=1)
+
+
+# -- edit ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [
+    dict(height=48, width=64),  # input 3:2, output 4:3
+    dict(height=64, width=48, negative_prompt="blurry", true_cfg_scale=4.0),  # output 3:4
+])
+def test_edit_matches_diffusers(edit, kwargs):
+    reference, engine = edit
+    image = _image(96, 64)
+    kwargs = dict(num_inference_steps=2, **kwargs)
+    ref_latents, ref_pixels = _reference(reference, 3, image=image, prompt=EDIT_PROMPT, **kwargs)
+    result = engine.generate(EDIT_PROMPT, images=[image], seed=3, return_tensors=True, **kwargs)
+    _assert_same(result, ref_latents, ref_pixels)
+    assert result.images[0].size == (kwargs["width"], kwargs["height"])
+
+
+@pytest.mark.parametrize("size,expected", [((96, 64), (1248, 832)), ((64, 96), (832, 1248)), ((50, 50), (1024, 1024))])
+def test_edit_output_size_follows_the_input_aspect_ratio(edit, size, expected):
+    _, engine = edit
+    request = engine.pipeline.resolve_request(GenerationRequest.build(EDIT_PROMPT, images=[_image(*size)]))
+    assert (request.width, request.height) == expected
+    request = engine.pipeline.resolve_request(
+        GenerationRequest.build(EDIT_PROMPT, images=[_image(*size)], width=64, height=32))
+    assert (request.width, request.height) == (64, 32)
+
+
+def test_edit_needs_exactly_one_image(edit):
+    _, engine = edit
+    with pytest.raises(InvalidRequestError, match="image: Qwen-Image-Edit edits an input image") as error:
+        engine.generate(EDIT_PROMPT, height=32, width=32, num_inference_steps=1)
+    assert error.value.field == "image"
+    with pytest.raises(InvalidRequestError, match="at most 1 input image"):
+        engine.generate(EDIT_PROMPT, images=[_image(32, 32), _image(32, 32)], height=32, width=32)
+
+
+# -- edit with several images (Qwen-Image-Edit-2509) ----------------------------------------------
+def test_edit_plus_with_two_images_matches_diffusers(tiny_checkpoint):
+    from diffusers import QwenImageEditPlusPipeline
+
+    path = tiny_checkpoint("qwen-image-edit-2509")
+    reference, engine = _load(path, QwenImageEditPlusPipeline, processor=_processor(path))
+    images = [_image(64, 64, seed=1), _image(48, 96, seed=2)]
+    kwargs = dict(height=32, width=48, num_inference_steps=2, negative_prompt=" ", true_cfg_scale=3.0)
+    ref_latents, ref_pixels = _reference(reference, 5, image=images, prompt=EDIT_PROMPT, **kwargs)
+    result = engine.generate(EDIT_PROMPT, images=images, seed=5, return_tensors=True, **kwargs)
+    _assert_same(result, ref_latents, ref_pixels)
+
+
+# -- command line --------------------------------------------------------------------------------
+def test_cli_text_to_image_writes_the_picture(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    code = main(["generate", "--model-path", tiny_checkpoint("qwen-image"), "--prompt", PROMPT, "--width", "80",
+                 "--height", "48", "--num-inference-steps", "2", "--negative-prompt", " ", "--true-cfg-scale", "4",
+                 "--seed", "1", "--save-output", "--output-path", str(out)])
+    assert code == 0
+    (file,) = out.glob("*.png")
+    assert Image.open(file).size == (80, 48)
+
+
+def test_cli_edit_without_an_image_is_a_one_line_error(edit, tiny_checkpoint, capsys):
+    code = main(["generate", "--model-path", tiny_checkpoint("qwen-image-edit"), "--prompt", EDIT_PROMPT,
+                 "--num-inference-steps", "1"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "\n" not in error and error.startswith("error: image:") and "--image-path" in error
+
+
+def test_cli_edit_with_a_file_that_is_not_an_image(tiny_checkpoint, tmp_path, capsys):
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("hello")
+    code = main(["generate", "--model-path", tiny_checkpoint("qwen-image-edit"), "--prompt", EDIT_PROMPT,
+                 "--image-path", str(not_an_image)])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "\n" not in error and error.startswith("error: --image-path:") and "not a readable image" in error
