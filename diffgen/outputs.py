@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from diffgen.engine.request import GenerationResult
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
-VIDEO_FORMATS = ("mp4",)
-_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "mp4": "mp4"}
+VIDEO_FORMATS = ("mp4", "gif", "webp", "png-frames")
+_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "mp4": "mp4", "gif": "gif", "png-frames": ""}
 
 
 def to_uint8(pixels: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -67,18 +67,53 @@ def encode_image(image: Image.Image, output_format: str, metadata: dict[str, str
     return buffer.getvalue()
 
 
-def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
-    """Write (F, H, W, 3) uint8 frames as H.264 MP4 with the ffmpeg that imageio-ffmpeg ships."""
+def write_mp4(frames: np.ndarray, path: Path, fps: int, metadata: dict[str, str] | None = None) -> None:
+    """Write (F, H, W, 3) uint8 frames as H.264 MP4 with the ffmpeg that imageio-ffmpeg ships.
+
+    ``metadata`` goes into the container's comment tag as JSON (``ffprobe -show_format`` shows it).
+    """
     import imageio_ffmpeg
 
     height, width = frames.shape[1:3]
+    params = ["-loglevel", "error"]
+    if metadata:
+        params += ["-metadata", f"comment={json.dumps(metadata)}"]
     writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec="libx264",
                                          pix_fmt_out="yuv420p", quality=8, macro_block_size=1,
-                                         output_params=["-loglevel", "error"])
+                                         output_params=params)
     writer.send(None)
     for frame in frames:
         writer.send(np.ascontiguousarray(frame))
     writer.close()
+
+
+def write_animation(frames: np.ndarray, path: Path, fps: int, output_format: str) -> None:
+    """Animated GIF (256 colours) or lossy WebP, looping, with Pillow."""
+    images = [Image.fromarray(frame) for frame in frames]
+    options = {"quality": 90} if output_format == "webp" else {"optimize": False, "disposal": 2}
+    images[0].save(path, format=output_format.upper(), save_all=True, append_images=images[1:],
+                   duration=max(1, round(1000 / fps)), loop=0, **options)
+
+
+def write_png_frames(frames: np.ndarray, folder: Path, metadata: dict[str, str] | None = None) -> None:
+    """One PNG per frame, ``frame_00000.png`` ..., in ``folder`` (the first frame carries the metadata)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, frame in enumerate(frames):
+        data = encode_image(Image.fromarray(frame), "png", metadata if index == 0 else None)
+        (folder / f"frame_{index:05d}.png").write_bytes(data)
+
+
+def write_video(frames: np.ndarray, path: Path, fps: int, output_format: str,
+                metadata: dict[str, str] | None = None) -> None:
+    """(F, H, W, 3) uint8 frames as ``output_format``: mp4, gif, webp or png-frames (a folder)."""
+    if output_format == "mp4":
+        write_mp4(frames, path, fps, metadata)
+    elif output_format in ("gif", "webp"):
+        write_animation(frames, path, fps, output_format)
+    elif output_format == "png-frames":
+        write_png_frames(frames, path, metadata)
+    else:
+        raise InvalidRequestError("output_format", f"{output_format!r}; allowed: {', '.join(VIDEO_FORMATS)}")
 
 
 def safe_stem(text: str, limit: int = 60) -> str:
@@ -100,9 +135,12 @@ def save_result(result: GenerationResult, output_dir: Path, file_name: str | Non
     paths = []
     for i in range(count):
         suffix = f"_{i}" if count > 1 else ""
-        path = output_dir / f"{stem}{suffix}.{_EXTENSIONS[fmt]}"
+        extension = f".{_EXTENSIONS[fmt]}" if _EXTENSIONS[fmt] else ""  # png-frames: a folder per output
+        path = output_dir / f"{stem}{suffix}{extension}"
         if result.is_video:
-            write_mp4(result.frames[i], path, result.fps or 16)
+            metadata = {**generation_metadata(result, i), "num_frames": str(len(result.frames[i])),
+                        "fps": str(result.fps or 16)}
+            write_video(result.frames[i], path, result.fps or 16, fmt, metadata)
         else:
             path.write_bytes(encode_image(result.images[i], fmt, generation_metadata(result, i)))
         paths.append(path)
