@@ -119,6 +119,7 @@ class Scheduler:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._stopping = False
+        self._cancelled_by_shutdown: set[str] = set()
         self._seconds_per_job = 1.0  # running average, for the Retry-After hint
         self._describe_metrics()
 
@@ -175,6 +176,7 @@ class Scheduler:
             self._waiting.clear()
             for worker in self._workers:
                 for job_id in worker.batch:
+                    self._cancelled_by_shutdown.add(job_id)
                     worker.inbox.put(("cancel", job_id))
         for job in leftovers:
             self._finish(job, error=JobError("shutdown", "the server shut down before this job started"))
@@ -342,6 +344,8 @@ class Scheduler:
                 worker.batch.pop(job.id, None)
             if kind == "done":
                 self._finish(job, output=message[2])
+            elif message[2] == "cancelled" and job.id in self._cancelled_by_shutdown:
+                self._finish(job, error=JobError("shutdown", "the server shut down while this job was running"))
             else:
                 self._finish(job, error=JobError(message[2], message[3], message[4]))
         elif kind == "batch_done":

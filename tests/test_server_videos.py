@@ -1,0 +1,159 @@
+"""Video jobs over HTTP with the official openai client: create, poll, download, list, delete (cancel),
+and what survives a restart of the server."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import httpx
+import openai
+import pytest
+from server_utils import ServerProcess, wait_until
+
+from diffgen.testing import TINY_FAMILIES
+
+pytestmark = [
+    pytest.mark.skipif("wan-t2v" not in TINY_FAMILIES, reason="needs the tiny Wan T2V checkpoint (wan-t2v)"),
+    pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"),
+]
+SMALL = {"num_frames": 5, "num_inference_steps": 2, "seed": 3}
+LONG = {"num_frames": 5, "num_inference_steps": 200, "seed": 4}  # long enough to be caught running
+
+
+@pytest.fixture(scope="module")
+def wan(tiny_checkpoint):
+    return tiny_checkpoint("wan-t2v")
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve-videos") / "out"
+
+
+@pytest.fixture(scope="module")
+def server(wan, output_dir):
+    process = ServerProcess(wan, output_dir, "--shutdown-timeout", "1").start()
+    yield process
+    process.stop()
+
+
+def _create(client, **extra):
+    return client.videos.create(prompt="a boat on a lake", size="32x32", extra_body={**SMALL, **extra})
+
+
+def _wait(client, video_id: str, statuses=("completed", "failed"), timeout: float = 120.0):
+    return wait_until(lambda: (v := client.videos.retrieve(video_id)).status in statuses and v,
+                      timeout=timeout, what=f"video {video_id} in {statuses}")
+
+
+def _mp4_frames(data: bytes) -> int:
+    import imageio.v3 as iio
+
+    return len(iio.imread(io.BytesIO(data), extension=".mp4", plugin="pyav")) if _has_pyav() else \
+        _ffmpeg_frames(data)
+
+
+def _has_pyav() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _ffmpeg_frames(data: bytes) -> int:
+    import tempfile
+
+    import imageio_ffmpeg
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as file:
+        file.write(data)
+        file.flush()
+        reader = imageio_ffmpeg.read_frames(file.name)
+        meta = next(reader)
+        frames = sum(1 for _ in reader)
+    assert tuple(meta["size"]) == (32, 32)
+    return frames
+
+
+def test_create_poll_download(server):
+    client = server.client()
+    raw = client.videos.with_raw_response.create(prompt="a boat on a lake", size="32x32", extra_body=SMALL)
+    video = raw.parse()
+    assert raw.headers["x-request-id"] == video.id and video.id.startswith("video_")
+    assert video.object == "video" and video.status in ("queued", "in_progress") and video.size == "32x32"
+    assert video.prompt == "a boat on a lake" and video.model == server.model_path
+    seen = []
+    done = wait_until(lambda: (seen.append(v := client.videos.retrieve(video.id)) or v.status == "completed") and v,
+                      timeout=120, what="completed video")
+    assert done.progress == 100 and done.completed_at is not None and done.error is None
+    progress = [v.progress for v in seen]
+    assert progress == sorted(progress)  # never goes backwards
+    content = client.videos.download_content(video.id).content
+    assert content[4:8] == b"ftyp" and _mp4_frames(content) == 5
+
+
+def test_seconds_become_frames(server):
+    client = server.client()
+    video = client.videos.create(prompt="waves", size="32x32", seconds="1",
+                                 extra_body={"fps": 4, "num_inference_steps": 1})
+    assert video.seconds == "1"
+    assert _wait(client, video.id).status == "completed"
+    assert _mp4_frames(client.videos.download_content(video.id).content) == 5  # 1 s x 4 fps -> 4k+1 = 5
+
+
+def test_list_pages(server):
+    client = server.client()
+    ids = [_create(client).id for _ in range(2)]
+    for video_id in ids:
+        _wait(client, video_id)
+    newest = client.videos.list(limit=1)
+    assert newest.data[0].id == ids[-1] and newest.has_more
+    raw = httpx.get(f"{server.url}/v1/videos", params={"limit": 2, "order": "asc"}).json()
+    assert raw["object"] == "list" and raw["first_id"] == raw["data"][0]["id"]
+    every = [v.id for v in client.videos.list(order="asc", limit=1)]  # auto-paginates through `after`
+    assert every[-2:] == ids and len(every) == len(set(every))
+
+
+def test_delete_cancels_a_running_job(server):
+    client = server.client()
+    video = _create(client, **LONG)
+    wait_until(lambda: client.videos.retrieve(video.id).status == "in_progress", timeout=120, what="running")
+    deleted = client.videos.delete(video.id)
+    assert deleted.deleted and deleted.id == video.id and deleted.object == "video.deleted"
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(video.id)
+    # The worker is freed: the next job runs and completes; the cancelled one is counted.
+    assert _wait(client, _create(client).id).status == "completed"
+    assert 'diffgen_jobs_total{status="cancelled"} 1' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_images_on_a_video_model_is_a_400(server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client().images.generate(prompt="a cat", size="32x32")
+    assert caught.value.body["code"] == "unsupported_model" and "/v1/videos" in caught.value.message
+
+
+def test_jobs_and_content_survive_a_restart(server, wan, output_dir):
+    client = server.client()
+    finished = _create(client)
+    _wait(client, finished.id)
+    before = client.videos.download_content(finished.id).content
+    running = _create(client, **LONG)
+    wait_until(lambda: client.videos.retrieve(running.id).status == "in_progress", timeout=120, what="running")
+    assert server.stop()  # SIGTERM; --shutdown-timeout 1 cancels the long job
+
+    again = ServerProcess(wan, output_dir).start()
+    try:
+        client = again.client()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            kept = client.videos.retrieve(finished.id)
+            assert kept.status == "completed" and client.videos.download_content(finished.id).content == before
+            failed = client.videos.retrieve(running.id)
+        assert failed.status == "failed" and failed.error.code in ("shutdown", "server_restarted")
+        assert "shut down" in failed.error.message or "restarted" in failed.error.message
+        assert finished.id in [v.id for v in client.videos.list(limit=100)]
+    finally:
+        assert again.stop(), again.log()
