@@ -96,6 +96,39 @@ def profile_forward(variants: dict) -> None:
         print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=70))
 
 
+def native_model(cfg: dict, reference, fp8: bool = False, compile: bool = False):
+    """A diffgen FluxTransformer over the reference's weight tensors, optionally fp8 and/or compiled."""
+    from diffgen.engine.optimize import compile_repeated_blocks
+    from diffgen.layers.linear import quantize_linears_fp8
+    from diffgen.models.dits.flux import FluxConfig, FluxTransformer
+
+    with torch.device("meta"):
+        model = FluxTransformer(FluxConfig(**cfg["dit"]))
+    model.load_state_dict(reference.state_dict(), assign=True)
+    model.eval()
+    if fp8:
+        quantize_linears_fp8(model)
+    if compile:
+        compile_repeated_blocks(model)
+    return model
+
+
+def timed_table(title: str, variants: dict, device: torch.device, repeats: int, warmup: int = 2,
+                unit: str = "ms") -> dict:
+    with torch.inference_mode():
+        timings = ab_medians(variants, device, warmup=warmup, repeats=repeats)
+    scale = 1000 if unit == "ms" else 1
+    print_table(title, [(k, f"{v['median'] * scale:.1f}" if unit == "ms" else f"{v['median']:.3f}",
+                         f"{v['min'] * scale:.1f}..{v['max'] * scale:.1f}" if unit == "ms"
+                         else f"{v['min']:.3f}..{v['max']:.3f}") for k, v in timings.items()],
+                ("impl", f"median {unit}", f"range {unit}"))
+    return timings
+
+
+def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
@@ -104,37 +137,45 @@ def main() -> None:
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one forward of each")
     parser.add_argument("--compile", action="store_true",
-                        help="also time both with their blocks compiled (diffusers: compile_repeated_blocks)")
+                        help="also time compiled blocks (diffusers: compile_repeated_blocks, timed last)")
+    parser.add_argument("--fp8", action="store_true", help="also time diffgen with --quantize fp8")
     args = parser.parse_args()
     cfg = TINY if args.tiny else REAL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = True
     reference, native, clip, t5, vae = build_models(cfg, device, dtype)
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                      "torch": torch.__version__}
-
+    size = f"{cfg['height']}x{cfg['width']}"
     inputs = dit_forward_inputs(cfg, device, dtype)
+    variants = {"diffusers": lambda: reference(**inputs).sample, "diffgen": lambda: native(**inputs)}
+    if args.fp8:
+        native_fp8 = native_model(cfg, reference, fp8=True)
+        variants["diffgen fp8"] = lambda: native_fp8(**inputs)
     with torch.inference_mode():
-        ref_out = reference(**inputs).sample
-        nat_out = native(**inputs)
-        rel = ((nat_out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
-        forward = ab_medians({"diffusers": lambda: reference(**inputs), "diffgen": lambda: native(**inputs)},
-                             device, repeats=args.repeats)
-    results["dit_forward"] = forward
-    results["dit_forward_rel_diff"] = rel
-    print_table(f"FLUX.1-dev DiT forward {cfg['height']}x{cfg['width']}, {cfg['text_len']} text tokens "
-                f"(rel diff diffgen vs diffusers {rel:.2e})",
-                [(k, f"{v['median'] * 1000:.1f}", f"{v['min'] * 1000:.1f}..{v['max'] * 1000:.1f}")
-                 for k, v in forward.items()], ("impl", "median ms", "range ms"))
-
+        expected = variants["diffusers"]()
+        results["rel_diff_vs_diffusers"] = {k: relative_diff(fn(), expected) for k, fn in variants.items()}
+    print_table("relative difference of one forward vs diffusers",
+                [(k, f"{v:.2e}") for k, v in results["rel_diff_vs_diffusers"].items()], ("impl", "rel diff"))
+    results["dit_forward"] = timed_table(f"FLUX.1-dev DiT forward {size}, {cfg['text_len']} text tokens, eager",
+                                         variants, device, args.repeats)
     if args.profile:
-        profile_forward({"diffusers": lambda: reference(**inputs), "diffgen": lambda: native(**inputs)})
+        profile_forward({"diffusers": variants["diffusers"], "diffgen": variants["diffgen"]})
+
+    compiled = {}
+    if args.compile:
+        compiled["diffgen compiled"] = native_model(cfg, reference, compile=True)
+        if args.fp8:
+            compiled["diffgen compiled fp8"] = native_model(cfg, reference, fp8=True, compile=True)
+        results["dit_forward_compiled"] = timed_table(
+            f"FLUX.1-dev DiT forward {size}, compiled blocks",
+            {k: (lambda m=m: m(**inputs)) for k, m in compiled.items()}, device, args.repeats, warmup=3)
 
     if not args.skip_pipeline:
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers import FluxPipeline as DiffusersFlux
 
+        from diffgen.engine.request import GenerationRequest
         from diffgen.pipelines.flux import FluxPipeline
         from diffgen.testing.tokenizers import clip_tokenizer, t5_tokenizer
 
@@ -143,43 +184,27 @@ def main() -> None:
                       text_encoder_2=t5, tokenizer_2=t5_tokenizer())
         theirs = DiffusersFlux(transformer=reference, **shared)
         theirs.set_progress_bar_config(disable=True)
-        ours = FluxPipeline(dict(transformer=native, **shared), "random-flux-dev", device, dtype)
         call = dict(prompt="a photo of a raccoon", height=cfg["height"], width=cfg["width"],
                     num_inference_steps=cfg["steps"], guidance_scale=3.5, max_sequence_length=cfg["text_len"])
-        from diffgen.engine.request import GenerationRequest
-
         request = GenerationRequest.build(seed=0, **call)
-        run_theirs = lambda: theirs(generator=torch.Generator("cpu").manual_seed(0), output_type="pil", **call)
-        run_ours = lambda: ours.run(request)
-        e2e = ab_medians({"diffusers": run_theirs, "diffgen": run_ours}, device, warmup=1,
-                         repeats=max(2, args.repeats // 2))
-        stage = ours.run(request).timings
-        results["pipeline"] = e2e
-        results["diffgen_stages"] = stage
-        print_table(f"FLUX.1-dev pipeline end to end, {cfg['height']}x{cfg['width']}, {cfg['steps']} steps",
-                    [(k, f"{v['median']:.3f}", f"{v['min']:.3f}..{v['max']:.3f}") for k, v in e2e.items()],
-                    ("impl", "median s", "range s"))
-        print_table("diffgen stages (one run)", [(k, f"{v * 1000:.1f}") for k, v in stage.items()], ("stage", "ms"))
-    if args.compile:
-        from diffgen.engine.optimize import compile_repeated_blocks
+        pipelines = {"diffgen": FluxPipeline(dict(transformer=native, **shared), "random", device, dtype)}
+        for name, model in compiled.items():
+            pipelines[name] = FluxPipeline(dict(transformer=model, **shared), "random", device, dtype)
+        e2e = {"diffusers": lambda: theirs(generator=torch.Generator("cpu").manual_seed(0), **call)}
+        e2e.update({name: (lambda p=p: p.run(request)) for name, p in pipelines.items()})
+        results["pipeline"] = timed_table(f"FLUX.1-dev pipeline end to end, {size}, {cfg['steps']} steps",
+                                          e2e, device, max(2, args.repeats // 2), warmup=1, unit="s")
+        for name, pipe in pipelines.items():
+            stages = pipe.run(request).timings
+            results[f"stages {name}"] = stages
+            print_table(f"{name} stages (one run)", [(k, f"{v * 1000:.1f}") for k, v in stages.items()],
+                        ("stage", "ms"))
 
-        with torch.device("meta"):
-            from diffgen.models.dits.flux import FluxConfig, FluxTransformer
-
-            compiled_native = FluxTransformer(FluxConfig(**cfg["dit"]))
-        compiled_native.load_state_dict(reference.state_dict(), assign=True)
-        compile_repeated_blocks(compiled_native.eval())
-        compiled_reference = reference  # compiled in place: keep this part last
-        compiled_reference.compile_repeated_blocks(fullgraph=True)
-        with torch.inference_mode():
-            compiled = ab_medians({"diffusers compiled": lambda: compiled_reference(**inputs),
-                                   "diffgen compiled": lambda: compiled_native(**inputs)}, device,
-                                  warmup=3, repeats=args.repeats)
-        results["dit_forward_compiled"] = compiled
-        print_table("FLUX.1-dev DiT forward, blocks compiled",
-                    [(k, f"{v['median'] * 1000:.1f}", f"{v['min'] * 1000:.1f}..{v['max'] * 1000:.1f}")
-                     for k, v in compiled.items()], ("impl", "median ms", "range ms"))
-
+    if args.compile:  # diffusers compiles in place, so it is timed after everything that uses `reference`
+        reference.compile_repeated_blocks(fullgraph=True)
+        results["dit_forward_compiled_diffusers"] = timed_table(
+            f"FLUX.1-dev DiT forward {size}, diffusers compile_repeated_blocks",
+            {"diffusers compiled": lambda: reference(**inputs)}, device, args.repeats, warmup=3)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

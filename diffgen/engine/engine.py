@@ -27,18 +27,23 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_path: str, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, revision: str | None = None,
-                        attention_backend: str | None = None, compile: bool = False) -> Engine:
+                        attention_backend: str | None = None, compile: bool = False,
+                        quantize: str | None = None) -> Engine:
         """``model_path``: a hub id (``org/name``) or a local diffusers pipeline folder.
 
         ``compile``: torch.compile each DiT block (slower first request per shape, faster steps).
+        ``quantize``: "fp8" stores the DiT's large linears in float8 with per-channel scales (fp8
+        tensor-core matmuls on Hopper/Ada; changes the numbers slightly, so no longer bit-equal to diffusers).
         """
-        from diffgen.engine.optimize import apply_compile
+        from diffgen.engine.optimize import apply_compile, apply_quantization
         from diffgen.layers.attention import set_attention_backend
         from diffgen.loader.components import load_pipeline
 
         if attention_backend:
             set_attention_backend(attention_backend)
         pipeline = load_pipeline(model_path, device=device, dtype=dtype, revision=revision)
+        if quantize:
+            apply_quantization(pipeline.components, quantize)
         if compile:
             apply_compile(pipeline.components)
         return cls(pipeline)

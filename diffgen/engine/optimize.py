@@ -23,6 +23,20 @@ def compile_repeated_blocks(model: nn.Module) -> int:
     return count
 
 
+QUANTIZATIONS = ("fp8",)
+
+
+def apply_quantization(components: dict, method: str) -> int:
+    """Quantize the DiT(s) of a pipeline; returns the number of linears replaced."""
+    from diffgen.errors import DiffgenError
+    from diffgen.layers.linear import quantize_linears_fp8
+
+    if method not in QUANTIZATIONS:
+        raise DiffgenError(f"--quantize {method!r} is not supported; choose one of {', '.join(QUANTIZATIONS)}")
+    return sum(quantize_linears_fp8(components[name]) for name in DIT_COMPONENTS
+               if isinstance(components.get(name), nn.Module))
+
+
 def apply_compile(components: dict) -> int:
     if not hasattr(torch, "compile"):
         return 0

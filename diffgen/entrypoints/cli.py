@@ -11,7 +11,7 @@ from typing import Any
 from diffgen.errors import DiffgenError
 
 # Options shared by every command that loads a model (generate, serve).
-MODEL_OPTIONS = ("model_path", "device", "dtype", "revision", "attention_backend", "compile")
+MODEL_OPTIONS = ("model_path", "device", "dtype", "revision", "attention_backend", "compile", "quantize")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +26,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="SDPA kernel family (default auto: cuDNN on CUDA)")
     group.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile each DiT block (first request per shape compiles; later steps faster)")
+    group.add_argument("--quantize", choices=("fp8",),
+                       help="fp8: float8 DiT linears (Hopper/Ada tensor cores); numbers differ slightly from bf16")
     parser.add_argument("--config", help="YAML or JSON file of option values; flags on the command line win")
 
 
@@ -126,7 +128,7 @@ def run_generate(options: dict[str, Any]) -> int:
     engine = Engine.from_pretrained(options["model_path"], device=options.get("device"),
                                     dtype=options.get("dtype"), revision=options.get("revision"),
                                     attention_backend=options.get("attention_backend"),
-                                    compile=bool(options.get("compile")))
+                                    compile=bool(options.get("compile")), quantize=options.get("quantize"))
     bars: list[tqdm] = []
 
     def progress(step: int, total: int) -> None:

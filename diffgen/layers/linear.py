@@ -1,0 +1,77 @@
+"""The quantizable linear: float8 (e4m3) weights with one scale per output channel.
+
+On Hopper/Ada GPUs activations are quantized per token on the fly and the product runs on the fp8
+tensor cores (``torch._scaled_mm``, row-wise scales, bf16 output). Elsewhere the weight is
+dequantized for an ordinary matmul, so the same model runs (slowly) on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+# Linears fed by the conditioning vector (AdaLN modulation) or embedding a scalar: quantizing them
+# saves nothing (one row of activations) and their errors scale every token, so they stay bf16.
+_KEEP_PRECISE = ("norm", "mod", "embed", "time")
+
+
+def _fp8_matmul_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, k) -> fp8 values and float32 (rows, 1) scales with x ~= values * scales."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class FP8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> FP8Linear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device)
+        weight, scale = quantize_rows(linear.weight.detach())
+        module.weight.copy_(weight)
+        module.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if _fp8_matmul_supported(x.device):
+            values, scale = quantize_rows(rows)
+            out = torch._scaled_mm(values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.t(),
+                                   bias=self.bias, out_dtype=x.dtype, use_fast_accum=True)
+        else:
+            weight = (self.weight.float() * self.weight_scale).to(x.dtype)
+            out = F.linear(rows, weight, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_linears_fp8(model: nn.Module) -> int:
+    """Swap the large linears inside the DiT's block lists for FP8Linear; returns how many."""
+    count = 0
+    for blocks in model.children():
+        if not isinstance(blocks, nn.ModuleList):
+            continue
+        for block in blocks:
+            for name, module in list(block.named_modules()):
+                if not isinstance(module, nn.Linear) or any(tag in name for tag in _KEEP_PRECISE):
+                    continue
+                if module.in_features % 16 or module.out_features % 16:
+                    continue  # fp8 tensor cores need multiples of 16
+                parent_name, _, attr = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, attr, FP8Linear.from_linear(module))
+                count += 1
+    return count
