@@ -123,7 +123,14 @@ def test_text_to_image_matches_diffusers(text_to_image, prompt, kwargs):
 def test_text_to_image_rejects_input_images(text_to_image):
     _, engine = text_to_image
     with pytest.raises(InvalidRequestError, match="image: Qwen-Image does not take input images"):
-        engine.generate(PROMPT, images=[_image(32, 32)], height=32, width=32, num_inference_steps=1)
+        engine.generate(PROMPT, images=[_image(32, 32)], height=32, width=32, num_inference_steps=2)
+
+
+def test_one_step_is_refused_clearly(text_to_image):
+    # Qwen-Image's scheduler stretches sigmas to shift_terminal: one step would divide by zero (NaN picture).
+    _, engine = text_to_image
+    with pytest.raises(InvalidRequestError, match="num_inference_steps: 1 step is not supported"):
+        engine.generate(PROMPT, height=32, width=32, num_inference_steps=1)
 
 
 # -- edit ----------------------------------------------------------------------------------------

@@ -73,6 +73,14 @@ class QwenImagePipeline(ComposedPipeline):
     def select_defaults(self) -> ModelDefaults:
         return QWEN_IMAGE
 
+    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
+        request = super().resolve_request(request)
+        if request.num_inference_steps < 2 and self.scheduler.config.get("shift_terminal"):
+            # The stretch to the terminal sigma divides by (1 - last sigma), which is 0 for one step.
+            raise InvalidRequestError("num_inference_steps", f"1 step is not supported by {self.defaults.name}'s "
+                                      "scheduler (shift_terminal); use at least 2")
+        return request
+
     # -- text ----------------------------------------------------------------------------------
     def text_encoder_inputs(self, prompts: list[str], state: PipelineState) -> dict[str, torch.Tensor]:
         texts = [self.prompt_template.format(p) for p in prompts]
