@@ -1,0 +1,239 @@
+"""Wan 2.1 / 2.2: parity with the diffusers pipelines on tiny checkpoints, the CLI, outputs and bad input.
+
+The reference pipelines load from the same saved tiny folders. Their weights are copied once after
+loading: safetensors leaves them at unaligned addresses, where CPU matmuls round differently in the
+last bit (~1e-7); aligned like ours, diffusers and diffgen agree exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffgen.engine.engine import Engine
+from diffgen.entrypoints.cli import main
+from diffgen.testing import write_tiny_checkpoint
+
+PROMPT = "A curious raccoon"
+NEGATIVE = "blurry, low quality"
+LATENT_TOL = 1e-5
+PIXEL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan")
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cache[family] = str(write_tiny_checkpoint(family, root / family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def input_image() -> Image.Image:
+    rng = np.random.RandomState(0)
+    return Image.fromarray(rng.randint(0, 255, (40, 56, 3), dtype=np.uint8))
+
+
+@pytest.fixture(autouse=True)
+def _reference_without_ftfy(monkeypatch):
+    """diffusers' image-to-video prompt cleaning calls ftfy even when it is not installed; without ftfy
+    its text-to-video pipeline (and diffgen) skip that step, so the reference is made to skip it too."""
+    import diffusers.pipelines.wan.pipeline_wan_i2v as i2v
+
+    if not hasattr(i2v, "ftfy"):
+        monkeypatch.setattr(i2v, "ftfy", type("NoFtfy", (), {"fix_text": staticmethod(lambda text: text)}),
+                            raising=False)
+
+
+def reference(path: str, pipeline_class: str | None = None):
+    import diffusers
+
+    name = pipeline_class or json.loads(open(f"{path}/model_index.json").read())["_class_name"]
+    pipe = getattr(diffusers, name).from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in [*component.parameters(), *component.buffers()]:
+                tensor.data = tensor.data.clone()  # aligned copies (see the module docstring)
+    return pipe
+
+
+def run_both(path: str, seed: int = 3, pipeline_class: str | None = None, image=None, vae_tiles=None, **kwargs):
+    """(diffusers latents, diffusers frames, diffgen result) for the same request."""
+    ref = reference(path, pipeline_class)
+    if vae_tiles:
+        ref.vae.enable_tiling(**vae_tiles)
+    call = dict(kwargs, prompt=PROMPT, image=image) if image is not None else dict(kwargs, prompt=PROMPT)
+    frames = ref(**call, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").frames
+    latents = ref(**call, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").frames
+    params = dict(kwargs)
+    params["num_outputs_per_prompt"] = params.pop("num_videos_per_prompt", 1)
+    if image is not None:
+        params["images"] = [image]
+    engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
+    for name, value in (vae_tiles or {}).items():  # tile sizes only: diffgen itself decides to tile
+        setattr(engine.pipeline.vae, name, value)
+    result = engine.generate(PROMPT, seed=seed, return_tensors=True, **params)
+    return latents, frames, result
+
+
+def assert_parity(latents, frames, result) -> None:
+    assert result.latents.shape == latents.shape
+    assert (result.latents - latents).abs().max().item() <= LATENT_TOL
+    pixels = result.pixels.numpy()
+    assert pixels.shape == frames.shape
+    assert np.abs(pixels - frames).max() <= PIXEL_TOL
+    assert len(result.frames) == frames.shape[0] and result.frames[0].dtype == np.uint8
+    assert result.frames[0].shape == frames.shape[1:]
+
+
+# -- DiT -------------------------------------------------------------------------------------------
+def test_dit_forward_matches_diffusers(tmp_path):
+    """Wan2.1 I2V-shaped config (image branch) and Wan2.2 TI2V per-token timesteps."""
+    from diffusers import WanTransformer3DModel
+
+    from diffgen.loader.weights import load_native_model
+    from diffgen.models.dits.wan import WanTransformer
+
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
+                                cross_attn_norm=True, image_dim=20, added_kv_proj_dim=24, rope_max_seq_len=32).eval()
+    ref.save_pretrained(tmp_path)
+    ours = load_native_model(WanTransformer, tmp_path, torch.float32, "cpu")
+    for tensor in [*ref.parameters(), *ref.buffers()]:
+        tensor.data = tensor.data.clone()
+    x = torch.randn(2, 16, 3, 8, 6)
+    text = torch.randn(2, 512, 32)  # diffusers assumes 512 text tokens when image tokens are present
+    image = torch.randn(2, 9, 20)
+    with torch.no_grad():
+        for timestep in (torch.tensor([999, 500]), torch.rand(2, 3 * 4 * 3) * 1000):
+            expected = ref(x, timestep, text, encoder_hidden_states_image=image, return_dict=False)[0]
+            assert (ours(x, timestep, text, image) - expected).abs().max().item() <= 1e-6
+
+
+# -- pipelines ---------------------------------------------------------------------------------------
+def test_t2v_matches_diffusers_non_square(checkpoints):
+    assert_parity(*run_both(checkpoints("wan-t2v"), negative_prompt=NEGATIVE, height=48, width=80, num_frames=9,
+                            num_inference_steps=3, guidance_scale=5.0, max_sequence_length=32))
+
+
+def test_t2v_two_outputs_and_tiled_decode_match_diffusers(checkpoints, monkeypatch):
+    """Several outputs per prompt (noise drawn at once) and the tiled VAE decode, with small tiles."""
+    path = checkpoints("wan-t2v")
+    monkeypatch.setenv("DIFFGEN_VAE_TILING", "1")
+    tiles = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=16,
+                 tile_sample_stride_width=16)
+    latents, frames, result = run_both(path, vae_tiles=tiles, negative_prompt=NEGATIVE, height=48, width=64,
+                                       num_frames=5, num_inference_steps=2, guidance_scale=4.0,
+                                       max_sequence_length=16, num_videos_per_prompt=2)
+    assert_parity(latents, frames, result)
+    assert not np.array_equal(result.frames[0], result.frames[1])
+
+
+def test_i2v_matches_diffusers(checkpoints, input_image):
+    # max_sequence_length 512: diffusers' Wan attention assumes 512 text tokens when CLIP tokens are present
+    assert_parity(*run_both(checkpoints("wan-i2v"), image=input_image, negative_prompt=NEGATIVE, height=48,
+                            width=80, num_frames=5, num_inference_steps=3, guidance_scale=5.0,
+                            max_sequence_length=512))
+
+
+@pytest.mark.parametrize("family", ["wan22-a14b", "wan22-i2v-a14b"])
+def test_wan22_two_experts_match_diffusers(checkpoints, input_image, family):
+    path = checkpoints(family)
+    engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
+    calls = {"transformer": 0, "transformer_2": 0}
+    for name in calls:
+        engine.pipeline.components[name].register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    image = input_image if "i2v" in family else None
+    kwargs = dict(negative_prompt=NEGATIVE, height=32, width=48, num_frames=5, num_inference_steps=4,
+                  guidance_scale=5.0, guidance_scale_2=2.0, max_sequence_length=16)
+    params = dict(kwargs, images=[image]) if image is not None else kwargs
+    engine.generate(PROMPT, seed=1, **params)
+    assert calls["transformer"] > 0 and calls["transformer_2"] > 0  # both experts ran (cond + uncond each)
+    assert_parity(*run_both(path, image=image, **kwargs))
+
+
+def test_ti2v_text_only_matches_diffusers(checkpoints):
+    assert_parity(*run_both(checkpoints("wan22-ti2v"), negative_prompt=NEGATIVE, height=64, width=96, num_frames=9,
+                            num_inference_steps=3, guidance_scale=5.0, max_sequence_length=16))
+
+
+def test_ti2v_with_image_matches_diffusers_i2v(checkpoints, input_image):
+    """TI2V-5B's model_index says WanPipeline; diffusers runs its image mode through WanImageToVideoPipeline."""
+    assert_parity(*run_both(checkpoints("wan22-ti2v"), pipeline_class="WanImageToVideoPipeline", image=input_image,
+                            negative_prompt=NEGATIVE, height=64, width=96, num_frames=5, num_inference_steps=3,
+                            guidance_scale=5.0, max_sequence_length=16))
+
+
+def test_default_negative_prompt_and_image_aspect(checkpoints, input_image):
+    engine = Engine.from_pretrained(checkpoints("wan-i2v"), device="cpu", dtype="float32")
+    result = engine.generate(PROMPT, images=[input_image], num_inference_steps=1, num_frames=1, seed=0,
+                             max_sequence_length=16)
+    request = result.request
+    assert request.negative_prompt == [engine.defaults.negative_prompt]
+    # no size asked: the image's 40x56 aspect at the default 480x832 area, multiples of 16
+    assert (request.height, request.width) == (528, 736)
+    assert result.frames[0].shape == (1, 528, 736, 3)
+
+
+# -- CLI, outputs, errors ------------------------------------------------------------------------------
+def test_cli_writes_mp4_that_decodes(checkpoints, tmp_path, capsys):
+    import imageio_ffmpeg
+
+    code = main(["generate", "--model-path", checkpoints("wan-t2v"), "--prompt", PROMPT, "--height", "32",
+                 "--width", "64", "--num-frames", "13", "--fps", "8", "--num-inference-steps", "2", "--seed", "5",
+                 "--output-path", str(tmp_path), "--output-file-name", "raccoon", "--save-output"])
+    assert code == 0
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "raccoon.mp4"))
+    meta = next(reader)
+    frames = [np.frombuffer(frame, np.uint8) for frame in reader]
+    assert meta["size"] == (64, 32) and meta["fps"] == 8
+    assert len(frames) == 13 and frames[0].size == 32 * 64 * 3
+    assert "saved" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("output_format", ["gif", "webp", "png-frames"])
+def test_other_video_formats(checkpoints, tmp_path, output_format):
+    engine = Engine.from_pretrained(checkpoints("wan-t2v"), device="cpu", dtype="float32")
+    result = engine.generate(PROMPT, height=32, width=48, num_frames=5, num_inference_steps=1, seed=0,
+                             max_sequence_length=16)
+    [path] = result.save(tmp_path, "clip", output_format)
+    if output_format == "png-frames":
+        frames = sorted(path.iterdir())
+        assert len(frames) == 5 and Image.open(frames[0]).size == (48, 32)
+        assert Image.open(frames[0]).text["prompt"] == PROMPT
+    else:
+        animation = Image.open(path)
+        assert animation.n_frames == 5 and animation.size == (48, 32)
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--num-frames", "10"], "num_frames"),
+    ([], "--image-path"),
+    (["--image-path", "/no/such/cat.jpg"], "--image-path"),
+    (["--image-path", __file__], "--image-path"),
+])
+def test_bad_input_is_a_clear_error(checkpoints, capsys, args, flag):
+    family = "wan-t2v" if "--num-frames" in args else "wan-i2v"
+    code = main(["generate", "--model-path", checkpoints(family), "--prompt", PROMPT, "--num-inference-steps", "1",
+                 *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and flag in err
+    assert "Traceback" not in err
+
+
+def test_guidance_scale_2_needs_two_experts(checkpoints, capsys):
+    code = main(["generate", "--model-path", checkpoints("wan-t2v"), "--prompt", PROMPT, "--guidance-scale-2", "3"])
+    assert code == 2 and "guidance_scale_2" in capsys.readouterr().err
