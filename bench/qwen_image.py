@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-reference", action="store_true", help="time diffgen only")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--compile", action="store_true", help="diffgen with its blocks compiled (--compile)")
+    parser.add_argument("--fp8", action="store_true", help="diffgen with FP8 block linears (--quantize fp8)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
 
@@ -116,15 +118,30 @@ def main() -> None:
     state.extras["image_shapes"] = inputs["image_shapes"]
 
     variants = {"diffgen": lambda: native_step(pipe, state, inputs)}
+    with torch.inference_mode():
+        if not args.no_reference:
+            reference = build_reference(cfg, native)  # before any swap below: it shares the bf16 weights
+            variants["diffusers"] = lambda: reference_step(reference, inputs)
+    optimized = []
+    if args.fp8:
+        from diffgen.layers.linear import quantize_linears_fp8
+
+        quantize_linears_fp8(native)
+        optimized.append("fp8")
+    if args.compile:
+        from diffgen.engine.optimize import compile_repeated_blocks
+
+        compile_repeated_blocks(native)
+        optimized.append("compile")
+    name = "diffgen" + "".join(f"+{o}" for o in optimized)
+    variants = {name: variants.pop("diffgen"), **variants}
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                      "torch": torch.__version__, "config": {k: v for k, v in cfg.items()}}
     title = (f"Qwen-Image DiT, one step with true CFG (2 forwards), {cfg['height']}x{cfg['width']}, "
              f"{cfg['text_len']} text tokens, {dtype}".replace("torch.", ""))
     with torch.inference_mode():
         if not args.no_reference:
-            reference = build_reference(cfg, native)
-            variants["diffusers"] = lambda: reference_step(reference, inputs)
-            ours, theirs = variants["diffgen"]().float(), variants["diffusers"]().float()
+            ours, theirs = variants[name]().float(), variants["diffusers"]().float()
             results["rel_diff"] = ((ours - theirs).norm() / theirs.norm()).item()
             title += f" (rel diff diffgen vs diffusers {results['rel_diff']:.2e})"
         timings = ab_medians(variants, device, warmup=2, repeats=args.repeats)
