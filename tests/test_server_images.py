@@ -88,6 +88,7 @@ def test_edit_on_a_model_that_cannot_edit_is_a_400_envelope(server):
     assert "cannot edit" in error["message"]
 
 
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 def test_videos_on_an_image_model_is_a_400(server):
     with pytest.raises(openai.BadRequestError) as caught:
         server.client().videos.create(prompt="a cat walking")

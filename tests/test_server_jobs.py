@@ -112,3 +112,13 @@ def test_mask_compositing_keeps_the_original_outside_the_mask():
     # A result of another size: the original and the mask are scaled to it.
     big = np.asarray(composite_with_mask(Image.new("RGB", (16, 8), (1, 2, 3)), original, mask))
     assert big.shape == (8, 16, 3) and (big[:, :8] == (1, 2, 3)).all() and (big[:, 8:] == (10, 20, 30)).all()
+
+
+def test_serve_reads_the_same_config_file_as_generate(tmp_path):
+    from diffgen.entrypoints.cli import build_parser, merge_config
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("model-path: some/model\ndtype: float32\nmax_queue: 5\nmax-batch-size: 2\nport: 31000\n")
+    options = merge_config(build_parser().parse_args(["serve", "--config", str(config), "--port", "32000"]))
+    assert options["model_path"] == "some/model" and options["dtype"] == "float32"
+    assert options["max_queue"] == 5 and options["max_batch_size"] == 2 and options["port"] == 32000

@@ -127,13 +127,11 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
 def _load(worker_id: int, options: dict[str, Any]):
     from diffgen.engine.engine import Engine
 
-    device = options.get("device")
+    engine_options = {k: v for k, v in options.get("engine_options", {}).items() if v is not None}
     # One worker per GPU: worker i takes cuda:i when the user asked for plain "cuda".
-    if device == "cuda" and options.get("num_workers", 1) > 1:
-        device = f"cuda:{worker_id}"
-    return Engine.from_pretrained(options["model_path"], device=device, dtype=options.get("dtype"),
-                                  revision=options.get("revision"),
-                                  attention_backend=options.get("attention_backend"))
+    if engine_options.get("device") == "cuda" and options.get("num_workers", 1) > 1:
+        engine_options["device"] = f"cuda:{worker_id}"
+    return Engine.from_pretrained(options["model_path"], **engine_options)
 
 
 def _run_one(engine, job_id: str, request, cancelled: set[str], outbox, faults: bool) -> None:

@@ -42,6 +42,7 @@ def run_serve(options: dict[str, Any]) -> int:
     """Start the server and block until it is stopped (SIGINT / SIGTERM)."""
     import uvicorn
 
+    from diffgen.entrypoints.cli import MODEL_OPTIONS
     from diffgen.entrypoints.http import ServerConfig, create_app
 
     values = {**SERVE_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
@@ -53,10 +54,10 @@ def run_serve(options: dict[str, Any]) -> int:
     if float(values["shutdown_timeout"]) < 0:
         raise DiffgenError("--shutdown-timeout must not be negative")
     api_key = values.get("api_key") or os.environ.get(API_KEY_ENV) or None
+    engine_options = {k: values[k] for k in MODEL_OPTIONS if k != "model_path" and values.get(k) is not None}
     config = ServerConfig(
-        model_path=values["model_path"], device=values.get("device"), dtype=values.get("dtype"),
-        revision=values.get("revision"), attention_backend=values.get("attention_backend"),
-        output_dir=values["output_dir"], max_queue=values["max_queue"], max_batch_size=values["max_batch_size"],
+        model_path=values["model_path"], engine_options=engine_options, output_dir=values["output_dir"],
+        max_queue=values["max_queue"], max_batch_size=values["max_batch_size"],
         api_key=api_key, shutdown_timeout=float(values["shutdown_timeout"]),
         served_model_name=values.get("served_model_name"))
     logging.getLogger("diffgen").setLevel(values["log_level"].upper())

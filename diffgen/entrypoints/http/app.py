@@ -15,7 +15,7 @@ import logging
 import re
 import types
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,9 @@ _JOB_ERROR_STATUS = {"invalid_request": 400, "cancelled": 409, "out_of_memory": 
 @dataclass
 class ServerConfig:
     model_path: str
-    device: str | None = None
-    dtype: str | None = None
-    revision: str | None = None
-    attention_backend: str | None = None
+    #: the other model options of ``diffgen generate`` (device, dtype, revision, attention_backend,
+    #: compile, quantize, ...), passed as they are to Engine.from_pretrained in the worker.
+    engine_options: dict[str, Any] = field(default_factory=dict)
     output_dir: str = "outputs/server"
     max_queue: int = 64
     max_batch_size: int = 4
@@ -57,7 +56,7 @@ class ServerConfig:
     served_model_name: str | None = None
 
     def model_options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("model_path", "device", "dtype", "revision", "attention_backend")}
+        return {"model_path": self.model_path, "engine_options": dict(self.engine_options)}
 
 
 class ServerState:
