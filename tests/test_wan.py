@@ -16,7 +16,6 @@ from PIL import Image
 
 from diffgen.engine.engine import Engine
 from diffgen.entrypoints.cli import main
-from diffgen.testing import write_tiny_checkpoint
 
 PROMPT = "A curious raccoon"
 NEGATIVE = "blurry, low quality"
@@ -25,16 +24,9 @@ PIXEL_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan")
-    cache: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in cache:
-            cache[family] = str(write_tiny_checkpoint(family, root / family))
-        return cache[family]
-
-    return get
+def checkpoints(tiny_checkpoint):
+    """family -> folder of its tiny checkpoint, shared with the other test files (conftest.py)."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
