@@ -113,6 +113,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--compile", action="store_true", help="also time diffgen with its blocks compiled")
+    parser.add_argument("--fp8", action="store_true", help="also time diffgen --quantize fp8 (with --compile if given)")
     args = parser.parse_args()
 
     from diffgen.layers.attention import set_attention_backend
@@ -151,9 +153,32 @@ def main() -> int:
         reference = build_reference_dit(cfg, native, device)
         variants["diffusers DiT"] = cfg_step(lambda *inputs: reference(*inputs, return_dict=False)[0])
         with torch.inference_mode():
+            ours, theirs = native(latents, timestep, text[:1]), reference(latents, timestep, text[:1])[0]
+            relative = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
             difference = (variants["diffgen DiT"]() - variants["diffusers DiT"]()).abs().max().item()
-        results["dit_max_abs_diff_vs_diffusers"] = {"value": difference}
-        print(f"diffgen vs diffusers DiT output: max abs diff {difference:.3g} ({dtype})")
+        results["dit_max_abs_diff_vs_diffusers"] = {"value": difference, "one_forward_relative": relative}
+        print(f"diffgen vs diffusers DiT: one forward relative diff {relative:.2e}; CFG step max abs diff "
+              f"{difference:.3g} ({dtype})")
+    if args.compile or args.fp8:
+        from diffgen.engine.optimize import compile_repeated_blocks
+        from diffgen.layers.linear import quantize_linears_fp8
+        from diffgen.models.dits.wan import WanConfig, WanTransformer
+
+        with torch.device("meta"):
+            tuned = WanTransformer(WanConfig(**cfg["dit"]))
+        tuned.load_state_dict(native.state_dict(), assign=True)  # the same tensors
+        tuned.eval()
+        if args.fp8:
+            quantize_linears_fp8(tuned)
+        if args.compile:
+            compile_repeated_blocks(tuned)
+        label = "diffgen DiT" + (" compiled" if args.compile else "") + (" fp8" if args.fp8 else "")
+        variants[label] = cfg_step(tuned)
+        with torch.inference_mode():
+            relative = ((tuned(latents, timestep, text[:1]).float() - native(latents, timestep, text[:1]).float())
+                        .norm() / native(latents, timestep, text[:1]).float().norm()).item()
+        results[f"{label} relative diff vs bf16 eager"] = {"value": relative}
+        print(f"{label}: one forward relative diff vs bf16 eager {relative:.2e}")
     dit_stats = ab_medians(variants, device, warmup=args.warmup, repeats=args.repeats)
     for name, stats in dit_stats.items():
         memory = peak_memory(variants[name], device)
