@@ -18,7 +18,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"),
 ]
 SMALL = {"num_frames": 5, "num_inference_steps": 2, "seed": 3}
-LONG = {"num_frames": 5, "num_inference_steps": 200, "seed": 4}  # long enough to be caught running
+# 200 steps of >= 50 ms each (the worker's test-only slow marker): >= 10 s of denoising, so the job
+# is surely still running when it is deleted or when the 1 s shutdown grace runs out.
+LONG = {"num_inference_steps": 200, "seed": 4, "prompt": "a slow boat [[fault:slow]]"}
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +35,13 @@ def output_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(wan, output_dir):
-    process = ServerProcess(wan, output_dir, "--shutdown-timeout", "1").start()
+    process = ServerProcess(wan, output_dir, "--shutdown-timeout", "1", env={"DIFFGEN_FAULT_INJECT": "1"}).start()
     yield process
     process.stop()
 
 
-def _create(client, **extra):
-    return client.videos.create(prompt="a boat on a lake", size="32x32", extra_body={**SMALL, **extra})
+def _create(client, prompt: str = "a boat on a lake", **extra):
+    return client.videos.create(prompt=prompt, size="32x32", extra_body={**SMALL, **extra})
 
 
 def _wait(client, video_id: str, statuses=("completed", "failed"), timeout: float = 120.0):

@@ -17,8 +17,9 @@ thread runs the pipeline and checks the cancel set between denoising steps. A fa
 
 Fault injection for tests (documented in docs/server.md): when the environment variable
 ``DIFFGEN_FAULT_INJECT=1`` is set, a prompt containing ``[[fault:raise]]`` makes the pipeline call
-raise, ``[[fault:oom]]`` raise ``torch.cuda.OutOfMemoryError`` and ``[[fault:exit]]`` kill the
-worker process. Without the variable these markers are ordinary text.
+raise, ``[[fault:oom]]`` raise ``torch.cuda.OutOfMemoryError``, ``[[fault:exit]]`` kill the
+worker process and ``[[fault:slow]]`` add 50 ms to every denoising step (so tests can catch a job
+running). Without the variable these markers are ordinary text.
 """
 
 from __future__ import annotations
@@ -145,7 +146,11 @@ def _run_one(engine, job_id: str, request, cancelled: set[str], outbox, faults: 
     outbox.put(("started", job_id))
     last = [time.perf_counter()]
 
+    slow = faults and "[[fault:slow]]" in " ".join(request.prompt)
+
     def progress(step: int, total: int) -> None:
+        if slow:
+            time.sleep(0.05)
         now = time.perf_counter()
         outbox.put(("progress", job_id, step, total, now - last[0]))
         last[0] = now
