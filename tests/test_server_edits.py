@@ -63,3 +63,23 @@ def test_edit_matches_the_engine_and_the_mask_keeps_the_rest(server, edit_model)
     assert np.array_equal(got[:, :32], np.asarray(expected)[:, :32])  # the model's edit, from our image
     assert np.array_equal(got[:, 32:], np.asarray(source)[:, 32:])  # the original outside the mask
     assert not np.array_equal(got[:, :32], np.asarray(source)[:, :32])
+
+
+@pytest.mark.parametrize("name,data,files,param", [
+    ("zero images", {"prompt": "x"}, {}, "image"),
+    ("non-image upload", {"prompt": "x"}, {"image": ("a.png", b"not a picture", "image/png")}, "image"),
+    ("mask of another size", {"prompt": "x"},
+     {"image": ("a.png", None, "image/png"), "mask": ("m.png", "small-mask", "image/png")}, "mask"),
+])
+def test_bad_edit_inputs_get_an_envelope_naming_the_field(server, name, data, files, param):
+    import httpx
+
+    source = _png(_source())
+    small_mask = _png(Image.new("RGBA", (32, 32), (0, 0, 0, 0)))
+    files = {key: (fname, source if body is None else small_mask if body == "small-mask" else body, kind)
+             for key, (fname, body, kind) in files.items()}
+    response = httpx.post(f"{server.url}/v1/images/edits", data=data, files=files or None, timeout=60)
+    assert response.status_code == 400, (name, response.text)
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"], error
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
