@@ -110,6 +110,9 @@ def main() -> int:
     parser.add_argument("--compare-diffusers", action="store_true", help="also time diffusers' DiT (same tensors)")
     parser.add_argument("--vae-tiled", action="store_true", help="also time the tiled VAE decode")
     parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument("--skip-dit", action="store_true")
+    parser.add_argument("--vae-variants", action="store_true",
+                        help="also time the VAE decode with cuDNN autotuning and in float32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -131,62 +134,63 @@ def main() -> int:
         return f"{stats['median'] * 1000:.1f} ms [{stats['min'] * 1000:.1f}..{stats['max'] * 1000:.1f}]"
 
     # -- part 1: the DiT, one denoising step with CFG ---------------------------------------------
-    native = build_native_dit(cfg, device, dtype)
     g = torch.Generator(device).manual_seed(0)
-    latents = torch.randn(latent_shape(cfg), device=device, dtype=dtype, generator=g)
-    text = torch.randn(2, cfg["text_len"], cfg["dit"]["text_dim"], device=device, dtype=dtype, generator=g)
-    timestep = torch.tensor([999], device=device)
-    tokens = latents.shape[2] * (latents.shape[3] // 2) * (latents.shape[4] // 2)
+    if not args.skip_dit:
+        native = build_native_dit(cfg, device, dtype)
+        latents = torch.randn(latent_shape(cfg), device=device, dtype=dtype, generator=g)
+        text = torch.randn(2, cfg["text_len"], cfg["dit"]["text_dim"], device=device, dtype=dtype, generator=g)
+        timestep = torch.tensor([999], device=device)
+        tokens = latents.shape[2] * (latents.shape[3] // 2) * (latents.shape[4] // 2)
 
-    def cfg_step(forward):
-        def run():
+        def cfg_step(forward):
+            def run():
+                with torch.inference_mode():
+                    if args.cfg == "batched":
+                        return forward(latents.expand(2, -1, -1, -1, -1), timestep.expand(2), text)
+                    cond = forward(latents, timestep, text[:1])
+                    uncond = forward(latents, timestep, text[1:])
+                    return uncond + 5.0 * (cond - uncond)
+            return run
+
+        variants = {"diffgen DiT": cfg_step(native)}
+        if args.compare_diffusers:
+            reference = build_reference_dit(cfg, native, device)
+            variants["diffusers DiT"] = cfg_step(lambda *inputs: reference(*inputs, return_dict=False)[0])
             with torch.inference_mode():
-                if args.cfg == "batched":
-                    return forward(latents.expand(2, -1, -1, -1, -1), timestep.expand(2), text)
-                cond = forward(latents, timestep, text[:1])
-                uncond = forward(latents, timestep, text[1:])
-                return uncond + 5.0 * (cond - uncond)
-        return run
+                ours, theirs = native(latents, timestep, text[:1]), reference(latents, timestep, text[:1])[0]
+                relative = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
+                difference = (variants["diffgen DiT"]() - variants["diffusers DiT"]()).abs().max().item()
+            results["dit_max_abs_diff_vs_diffusers"] = {"value": difference, "one_forward_relative": relative}
+            print(f"diffgen vs diffusers DiT: one forward relative diff {relative:.2e}; CFG step max abs diff "
+                  f"{difference:.3g} ({dtype})")
+        if args.compile or args.fp8:
+            from diffgen.engine.optimize import compile_repeated_blocks
+            from diffgen.layers.linear import quantize_linears_fp8
+            from diffgen.models.dits.wan import WanConfig, WanTransformer
 
-    variants = {"diffgen DiT": cfg_step(native)}
-    if args.compare_diffusers:
-        reference = build_reference_dit(cfg, native, device)
-        variants["diffusers DiT"] = cfg_step(lambda *inputs: reference(*inputs, return_dict=False)[0])
-        with torch.inference_mode():
-            ours, theirs = native(latents, timestep, text[:1]), reference(latents, timestep, text[:1])[0]
-            relative = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
-            difference = (variants["diffgen DiT"]() - variants["diffusers DiT"]()).abs().max().item()
-        results["dit_max_abs_diff_vs_diffusers"] = {"value": difference, "one_forward_relative": relative}
-        print(f"diffgen vs diffusers DiT: one forward relative diff {relative:.2e}; CFG step max abs diff "
-              f"{difference:.3g} ({dtype})")
-    if args.compile or args.fp8:
-        from diffgen.engine.optimize import compile_repeated_blocks
-        from diffgen.layers.linear import quantize_linears_fp8
-        from diffgen.models.dits.wan import WanConfig, WanTransformer
-
-        with torch.device("meta"):
-            tuned = WanTransformer(WanConfig(**cfg["dit"]))
-        tuned.load_state_dict(native.state_dict(), assign=True)  # the same tensors
-        tuned.eval()
-        if args.fp8:
-            quantize_linears_fp8(tuned)
-        if args.compile:
-            compile_repeated_blocks(tuned)
-        label = "diffgen DiT" + (" compiled" if args.compile else "") + (" fp8" if args.fp8 else "")
-        variants[label] = cfg_step(tuned)
-        with torch.inference_mode():
-            relative = ((tuned(latents, timestep, text[:1]).float() - native(latents, timestep, text[:1]).float())
-                        .norm() / native(latents, timestep, text[:1]).float().norm()).item()
-        results[f"{label} relative diff vs bf16 eager"] = {"value": relative}
-        print(f"{label}: one forward relative diff vs bf16 eager {relative:.2e}")
-    dit_stats = ab_medians(variants, device, warmup=args.warmup, repeats=args.repeats)
-    for name, stats in dit_stats.items():
-        memory = peak_memory(variants[name], device)
-        results[name] = {**stats, "peak_gib": memory, "tokens": tokens, "cfg": args.cfg}
-        rows.append((name, f"CFG step ({args.cfg}, 2 x {tokens} tokens)", fmt(stats), f"{memory:.1f}"))
-    del native, variants
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+            with torch.device("meta"):
+                tuned = WanTransformer(WanConfig(**cfg["dit"]))
+            tuned.load_state_dict(native.state_dict(), assign=True)  # the same tensors
+            tuned.eval()
+            if args.fp8:
+                quantize_linears_fp8(tuned)
+            if args.compile:
+                compile_repeated_blocks(tuned)
+            label = "diffgen DiT" + (" compiled" if args.compile else "") + (" fp8" if args.fp8 else "")
+            variants[label] = cfg_step(tuned)
+            with torch.inference_mode():
+                relative = ((tuned(latents, timestep, text[:1]).float() - native(latents, timestep, text[:1]).float())
+                            .norm() / native(latents, timestep, text[:1]).float().norm()).item()
+            results[f"{label} relative diff vs bf16 eager"] = {"value": relative}
+            print(f"{label}: one forward relative diff vs bf16 eager {relative:.2e}")
+        dit_stats = ab_medians(variants, device, warmup=args.warmup, repeats=args.repeats)
+        for name, stats in dit_stats.items():
+            memory = peak_memory(variants[name], device)
+            results[name] = {**stats, "peak_gib": memory, "tokens": tokens, "cfg": args.cfg}
+            rows.append((name, f"CFG step ({args.cfg}, 2 x {tokens} tokens)", fmt(stats), f"{memory:.1f}"))
+        del native, variants
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- part 2: the VAE decode ----------------------------------------------------------------
     if not args.skip_vae:
@@ -202,6 +206,24 @@ def main() -> int:
         vae_variants = {"VAE decode": decode(False)}
         if args.vae_tiled:
             vae_variants["VAE decode (tiled)"] = decode(True)
+        if args.vae_variants:
+            def autotuned():
+                torch.backends.cudnn.benchmark = True
+                try:
+                    return decode(False)()
+                finally:
+                    torch.backends.cudnn.benchmark = False
+
+            vae32 = build_vae(cfg, device, torch.float32)
+            vae32.load_state_dict(vae.state_dict())
+            z32 = z.float()
+
+            def decode_fp32():
+                with torch.inference_mode():
+                    return vae32.decode(z32, return_dict=False)[0]
+
+            vae_variants["VAE decode (cudnn.benchmark)"] = autotuned
+            vae_variants["VAE decode (float32)"] = decode_fp32
         vae_stats = ab_medians(vae_variants, device, warmup=args.warmup, repeats=args.repeats)
         for name, stats in vae_stats.items():
             memory = peak_memory(vae_variants[name], device)
