@@ -106,3 +106,28 @@ def test_errors_for_bad_paths_classes_and_dtypes(tiny_flux, tmp_path):
         load_pipeline(str(other))
     with pytest.raises(ModelLoadError, match="--dtype 'float99' is not supported"):
         load_pipeline(tiny_flux, device="cpu", dtype="float99")
+
+
+@pytest.mark.parametrize("error,message", [
+    ("gated", "is gated: accept its licence"),
+    ("no_index", r"is not a diffusers pipeline repository \(it has no model_index.json\)"),
+    ("missing", "no such repository on the hub"),
+])
+def test_hub_errors_say_what_to_do(monkeypatch, error, message):
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
+
+    def response(code: int) -> httpx.Response:
+        return httpx.Response(code, request=httpx.Request("GET", "https://hub.invalid/x"))
+
+    raised = {"gated": GatedRepoError("gated", response=response(403)),
+              "no_index": RemoteEntryNotFoundError("404", response=response(404)),
+              "missing": RepositoryNotFoundError("404", response=response(404))}[error]
+
+    def fake_download(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(ModelLoadError, match=message):
+        load_pipeline("some-org/some-model", device="cpu")

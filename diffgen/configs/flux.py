@@ -8,4 +8,4 @@ FLUX_DEV = ModelDefaults(
 
 FLUX_SCHNELL = ModelDefaults(
     name="FLUX.1-schnell", num_inference_steps=4, guidance_scale=0.0, height=1024, width=1024,
-    resolution_multiple=16, max_sequence_length=256, max_sequence_length_limit=256)
+    resolution_multiple=16, max_sequence_length=256, max_sequence_length_limit=512)

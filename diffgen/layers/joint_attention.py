@@ -17,17 +17,22 @@ from diffgen.layers.rope import apply_rope
 class JointAttention(nn.Module):
     """Self-attention with per-head RMSNorm on q/k; with ``joint=True`` it also owns the text projections.
 
+    ``norm_round_before_scale``: the q/k norms round as diffusers' RMSNorm does (Qwen-Image) rather
+    than as torch.nn.RMSNorm (FLUX); see :class:`RMSNorm`.
+
     The joint sequence is [text, image]; ``rope`` holds cos/sin tables for that whole sequence.
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, joint: bool, eps: float = 1e-6):
+    def __init__(self, dim: int, heads: int, head_dim: int, joint: bool, eps: float = 1e-6,
+                 norm_round_before_scale: bool = False):
         super().__init__()
         self.heads, self.head_dim, self.joint = heads, head_dim, joint
+        norm = lambda: RMSNorm(head_dim, eps, round_before_scale=norm_round_before_scale)
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
-        self.norm_q, self.norm_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        self.norm_q, self.norm_k = norm(), norm()
         if joint:
             self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
-            self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+            self.norm_added_q, self.norm_added_k = norm(), norm()
             self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
             self.to_add_out = nn.Linear(dim, dim)
 

@@ -22,22 +22,25 @@ class FP32LayerNorm(nn.LayerNorm):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as the references do), with an optional learned scale."""
+    """RMSNorm accumulated in float32, with an optional learned scale.
 
-    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True):
+    The references round differently in half precision: ``torch.nn.RMSNorm`` (FLUX, Wan) scales and
+    then rounds once; diffusers' own RMSNorm (Qwen-Image) rounds the normalised value to the weight's
+    dtype and then scales. ``round_before_scale=True`` follows the latter, so bf16 runs match too.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True,
+                 round_before_scale: bool = False):
         super().__init__()
         self.eps = eps
+        self.round_before_scale = round_before_scale
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None or self.weight.dtype == x.dtype:
-            # One fused kernel on CUDA; it accumulates in float32 like the references.
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            if self.weight.dtype in (torch.float16, torch.bfloat16):
-                return (x32.to(self.weight.dtype)) * self.weight
-            return (x32 * self.weight).to(dtype)
-        return x32.to(dtype)
+        shape, weight = (x.shape[-1],), self.weight
+        half_weight = weight is not None and weight.dtype in (torch.float16, torch.bfloat16)
+        if weight is None or (weight.dtype == x.dtype and not (self.round_before_scale and half_weight)):
+            return F.rms_norm(x, shape, weight, self.eps)  # one fused kernel on CUDA
+        if half_weight:
+            return F.rms_norm(x, shape, None, self.eps).to(weight.dtype) * weight
+        return F.rms_norm(x.float(), shape, weight.float(), self.eps).to(x.dtype)

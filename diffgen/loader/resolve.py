@@ -48,7 +48,14 @@ def resolve_model_path(model_path: str | os.PathLike, components: list[str] | No
 
 def _download(repo_id: str, components: list[str] | None, revision: str | None) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         index_file = hf_hub_download(repo_id, "model_index.json", revision=revision)
@@ -57,8 +64,18 @@ def _download(repo_id: str, components: list[str] | None, revision: str | None) 
         patterns = ["model_index.json"] + [f"{name}/*" for name in wanted]
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                       ignore_patterns=_IGNORED_WEIGHTS))
+    except GatedRepoError as e:  # a RepositoryNotFoundError too: must come first
+        raise ModelLoadError(
+            f"--model-path {repo_id!r} is gated: accept its licence on the hub, then log in "
+            "(`hf auth login` or HF_TOKEN)") from e
     except RepositoryNotFoundError as e:
-        raise ModelLoadError(f"--model-path {repo_id!r}: no such repository on the hub (or it is gated)") from e
+        raise ModelLoadError(f"--model-path {repo_id!r}: no such repository on the hub (or no access to it)") from e
+    except RevisionNotFoundError as e:
+        raise ModelLoadError(f"--revision {revision!r}: no such revision of {repo_id!r}") from e
+    except RemoteEntryNotFoundError as e:
+        raise ModelLoadError(
+            f"--model-path {repo_id!r} is not a diffusers pipeline repository (it has no model_index.json); "
+            "many models publish one under a '-Diffusers' name") from e
     except LocalEntryNotFoundError as e:
         raise ModelLoadError(
             f"--model-path {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached "

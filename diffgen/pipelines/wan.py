@@ -111,10 +111,10 @@ class WanPipeline(ComposedPipeline):
     def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
         d = self.defaults
         if self.requires_image and not request.images:
-            raise InvalidRequestError("--image-path", f"{d.name} makes a video from an image: give the first frame "
+            raise InvalidRequestError("image", f"{d.name} makes a video from an image: give the first frame "
                                       "with --image-path (images= in the Python API)")
         if len(request.images) > 1:
-            raise InvalidRequestError("--image-path", f"{d.name} takes one input image, {len(request.images)} given")
+            raise InvalidRequestError("image", f"{d.name} takes one input image, {len(request.images)} given")
         if request.images and self.accepts_images and not (request.height or request.width):
             # No size asked: keep the image's aspect ratio at the model's default area.
             height, width = size_for_aspect(request.images[0], d.height * d.width, d.resolution_multiple)
@@ -170,7 +170,9 @@ class WanPipeline(ComposedPipeline):
         """VAE latent mean and 1/std (B, z, 1, 1, 1), rounded as the reference computes them."""
         z_dim = self.vae.config.z_dim
         mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(device, dtype)
-        inv_std = (1.0 / torch.tensor(self.vae.config.latents_std)).view(1, z_dim, 1, 1, 1).to(device, dtype)
+        # The reciprocal is taken after the cast, in ``dtype``: in bf16 that rounds 6 of Wan2.1's 16 channels
+        # differently from a float32 reciprocal.
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(device, dtype)
         return mean, inv_std
 
     def _encode_first_frame(self, image: Image.Image, frames: int, height: int, width: int,
@@ -215,15 +217,17 @@ class WanPipeline(ComposedPipeline):
         if self.pins_begin_index:
             scheduler.set_begin_index(0)
         state.scheduler, state.timesteps = scheduler, scheduler.timesteps
+        state.extras["timestep_values"] = scheduler.timesteps.tolist()  # host copies: no GPU sync per step
 
     # -- denoising -----------------------------------------------------------------------------
-    def _stage(self, state: PipelineState, t: torch.Tensor) -> tuple[torch.nn.Module, float]:
-        """The transformer and guidance scale for timestep ``t`` (Wan2.2 A14B: high- then low-noise expert)."""
+    def _stage(self, state: PipelineState, step: int) -> tuple[torch.nn.Module, float]:
+        """The transformer and guidance scale for step ``step`` (Wan2.2 A14B: high- then low-noise expert)."""
         r = state.request
         if self.boundary_ratio is None:
             return self.transformer, r.guidance_scale
         boundary = self.boundary_ratio * state.scheduler.config.num_train_timesteps
-        return (self.transformer, r.guidance_scale) if t >= boundary else (self.transformer_2, r.guidance_scale_2)
+        high_noise = state.extras["timestep_values"][step] >= boundary
+        return (self.transformer, r.guidance_scale) if high_noise else (self.transformer_2, r.guidance_scale_2)
 
     def _model_input(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor):
         condition, mask = state.extras.get("condition"), state.extras.get("frame_mask")
@@ -239,7 +243,7 @@ class WanPipeline(ComposedPipeline):
         return latents.to(self.dtype), timestep
 
     def predict_noise(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        model, guidance = self._stage(state, t)
+        model, guidance = self._stage(state, step)
         x, timestep = self._model_input(state, latents, t)
         pred = model(x, timestep, **state.cond)
         if state.uncond is not None:

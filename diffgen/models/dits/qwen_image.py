@@ -70,7 +70,7 @@ class QwenImageBlock(nn.Module):
         # diffusers stores these as Sequential(SiLU, Linear): hence the ".1." in their weight names.
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.img_norm1 = layer_norm_no_affine(dim, eps)
-        self.attn = JointAttention(dim, heads, head_dim, joint=True, eps=eps)
+        self.attn = JointAttention(dim, heads, head_dim, joint=True, eps=eps, norm_round_before_scale=True)
         self.img_norm2 = layer_norm_no_affine(dim, eps)
         self.img_mlp = FeedForward(dim)
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -129,9 +129,10 @@ class QwenImageTransformer(nn.Module):
             raise ValueError(f"axes_dims_rope {config.axes_dims_rope} must sum to the head dim "
                              f"{config.attention_head_dim}")
         self.config = config
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
         self.time_text_embed = QwenImageTimestepEmbedding(dim)
-        self.txt_norm = RMSNorm(config.joint_attention_dim, eps=1e-6)
+        self.txt_norm = RMSNorm(config.joint_attention_dim, eps=1e-6, round_before_scale=True)
         self.img_in = nn.Linear(config.in_channels, dim)
         self.txt_in = nn.Linear(config.joint_attention_dim, dim)
         self.transformer_blocks = nn.ModuleList(QwenImageBlock(dim, heads, head_dim) for _ in range(config.num_layers))
@@ -140,11 +141,21 @@ class QwenImageTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, config.patch_size**2 * out_channels)
 
     def rope(self, image_shapes: list[ImageShape], text_len: int, device: torch.device):
-        """cos/sin tables for the joint [text, image] sequence; float32 angles as the reference builds them."""
-        image_pos, text_pos = qwen_rope_positions(image_shapes, text_len)
-        cos, sin = multi_axis_rope(torch.cat([text_pos, image_pos]), self.config.axes_dims_rope,
-                                   self.config.rope_theta, dtype=torch.float32)
-        return cos.to(device), sin.to(device)
+        """cos/sin tables for the joint [text, image] sequence; float32 angles as the reference builds them.
+
+        Built on the CPU (the reference's rounding) once per shape and kept on ``device``: every step of a
+        request reuses them instead of copying them to the GPU again.
+        """
+        key = (tuple(tuple(shape) for shape in image_shapes), text_len, str(device))
+        tables = self._rope_cache.get(key)
+        if tables is None:
+            image_pos, text_pos = qwen_rope_positions(image_shapes, text_len)
+            cos, sin = multi_axis_rope(torch.cat([text_pos, image_pos]), self.config.axes_dims_rope,
+                                       self.config.rope_theta, dtype=torch.float32)
+            if len(self._rope_cache) >= 8:  # a few request shapes at a time; keep memory bounded
+                self._rope_cache.clear()
+            tables = self._rope_cache[key] = (cos.to(device), sin.to(device))
+        return tables
 
     def forward(
         self,

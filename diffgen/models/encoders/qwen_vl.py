@@ -8,6 +8,7 @@ Qwen2-VL image processor) and :class:`QwenVLProcessor` does what the edit pipeli
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,25 @@ IMAGE_TOKEN = "<|image_pad|>"
 
 
 def load_qwen2_vl_processor_parts(folder: Path):
-    """(tokenizer, image processor) from a ``Qwen2VLProcessor`` folder, without torchvision."""
+    """(tokenizer, image processor) from a ``Qwen2VLProcessor`` folder; torchvision is optional.
+
+    With torchvision installed, the image processor is the one transformers' own ``Qwen2VLProcessor``
+    would pick (its torchvision backend, which resizes slightly differently from PIL), so the vision
+    tokens match the reference pipeline's on the same machine; without it, the PIL backend.
+    """
     from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if not (folder / "preprocessor_config.json").is_file():
         raise ModelLoadError(f"{folder} has no preprocessor_config.json (a Qwen2VLProcessor folder is expected)")
-    return AutoTokenizer.from_pretrained(folder), Qwen2VLImageProcessorPil.from_pretrained(folder)
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+    else:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder), image_processor
 
 
 class QwenVLProcessor:
