@@ -13,12 +13,15 @@ so a batched result is identical to the same request run alone; the batch is the
 
 Failures: a request that fails in the worker fails alone. If a worker process dies, the jobs it held
 fail with a clear message and the worker is restarted (the model is loaded again); jobs still waiting
-in the queue run on the new worker.
+in the queue run on the new worker. Restarts are limited to ``max_restarts`` within ``restart_window``
+seconds; when no worker is left alive or restartable (that limit reached, or a restarted worker fails to
+load the model), the waiting jobs fail with code ``worker_died`` and new submissions are refused.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import math
 import multiprocessing as mp
@@ -104,14 +107,17 @@ class Scheduler:
     """Queue, batching, cancellation and worker supervision. Thread-safe."""
 
     def __init__(self, options: dict[str, Any], max_queue: int = 64, max_batch_size: int = 4,
-                 num_workers: int = 1, max_restarts: int = 5, metrics: Metrics | None = None):
+                 num_workers: int = 1, max_restarts: int = 5, restart_window: float = 600.0,
+                 metrics: Metrics | None = None):
         self.options = dict(options, num_workers=num_workers)
         self.max_queue = max_queue
         self.max_batch_size = max_batch_size
         self.max_restarts = max_restarts
+        self.restart_window = restart_window
         self.metrics = metrics or Metrics()
         self.model_info: ModelInfo | None = None
-        self.restarts = 0
+        self.restarts = 0  # over the server's lifetime, for /health
+        self._restart_times: deque[float] = deque()  # recent restarts, for the limit
         self._num_workers = num_workers
         self._workers: list[_Worker] = []
         self._waiting: deque[Job] = deque()
@@ -146,6 +152,12 @@ class Scheduler:
             return not self._stopping and any(w.ready for w in self._workers)
 
     @property
+    def failed(self) -> bool:
+        """No worker is alive, loading or being restarted, and none will be: only a server restart helps."""
+        with self._lock:
+            return not self._stopping and bool(self._workers) and all(w.gone for w in self._workers)
+
+    @property
     def load_error(self) -> str | None:
         with self._lock:
             errors = [w.load_error for w in self._workers if w.load_error]
@@ -163,9 +175,11 @@ class Scheduler:
         with self._lock:
             return sum(len(w.batch) for w in self._workers)
 
-    def shutdown(self, timeout: float = 30.0) -> None:
+    def shutdown(self, timeout: float = 30.0, grace: float = 5.0) -> None:
         """Stop accepting; let queued and running jobs finish for up to ``timeout`` seconds, then
-        cancel what is left, fail it with a clear reason and stop the workers."""
+        cancel what is left, fail it with a clear reason and stop the workers. Cancelled jobs and the
+        workers get ``grace`` seconds in all to stop before the workers are killed, so this returns
+        within about ``timeout + grace`` seconds."""
         deadline = time.monotonic() + timeout
         with self._lock:
             self._stopping = True
@@ -180,16 +194,16 @@ class Scheduler:
                     worker.inbox.put(("cancel", job_id))
         for job in leftovers:
             self._finish(job, error=JobError("shutdown", "the server shut down before this job started"))
+        grace_end = time.monotonic() + grace
         with self._lock:  # cancelled jobs stop at the next denoising step
-            grace = time.monotonic() + 10
-            while any(w.batch for w in self._workers if not w.gone) and time.monotonic() < grace:
+            while any(w.batch for w in self._workers if not w.gone) and time.monotonic() < grace_end:
                 self._changed.wait(timeout=0.2)
             workers = list(self._workers)
         for worker in workers:
             if worker.process.is_alive():
                 worker.inbox.put(("stop",))
         for worker in workers:
-            worker.process.join(timeout=10)
+            worker.process.join(timeout=max(1.0, grace_end - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(timeout=5)
@@ -245,10 +259,13 @@ class Scheduler:
             self._changed.notify_all()
         status = "completed" if error is None else error.code
         self.metrics.inc("diffgen_jobs_total", status=status)
-        if error is None:
-            job.future.set_result(output)
-        else:
-            job.future.set_exception(error)
+        # The future may have been cancelled by its awaiter (asyncio.wrap_future cancels it when the
+        # HTTP task is cancelled); setting it then raises InvalidStateError, and nobody wants the outcome.
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            if error is None:
+                job.future.set_result(output)
+            else:
+                job.future.set_exception(error)
 
     # -- threads -------------------------------------------------------------------------------
     def _dispatch_loop(self) -> None:
@@ -319,6 +336,7 @@ class Scheduler:
                 worker.load_error = f"the model failed to load: {message[1]}"
                 worker.gone = True
                 self._changed.notify_all()
+            self._fail_waiting_without_workers()
             return True
         elif kind in ("started", "progress", "done", "failed"):
             job = worker.batch.get(message[1])
@@ -362,23 +380,46 @@ class Scheduler:
             lost = list(worker.batch.values())
             worker.batch.clear()
             worker.batch_id = None
-            restart = not self._stopping and worker.load_error is None and self.restarts < self.max_restarts
+            restart = not self._stopping and worker.load_error is None and self._may_restart()
+            if not restart and not self._stopping and worker.load_error is None:
+                worker.load_error = (
+                    f"the worker process died (exit code {code}) and was already restarted {self.max_restarts} "
+                    f"time(s) within {self.restart_window:g} s; it is not restarted again (restart the server)")
+            if restart:  # replaced under the lock: no moment without a live or loading worker
+                self.restarts += 1
+                self._restart_times.append(time.monotonic())
+                self._start_worker(worker.index)
             self._changed.notify_all()
         if lost or was_ready:
             logger.error("worker %d exited (code %s) holding %d job(s)", worker.index, code, len(lost))
+        then = "the server restarts it" if restart else "it is not restarted"
         for job in lost:
             self._finish(job, error=JobError(
-                "worker_died", f"the worker process died (exit code {code}) while running this request; "
-                "the server restarts it"))
+                "worker_died", f"the worker process died (exit code {code}) while running this request; {then}"))
         if restart:
             self.metrics.inc("diffgen_worker_restarts_total")
-            with self._lock:
-                self.restarts += 1
-                if not self._stopping:
-                    self._start_worker(worker.index)
-        elif not self._stopping and worker.load_error is None:
-            with self._lock:
-                worker.load_error = f"the worker process died (exit code {code}) and was restarted too often"
+        else:
+            self._fail_waiting_without_workers()
+
+    def _may_restart(self) -> bool:
+        """Whether another restart fits in the limit: ``max_restarts`` within ``restart_window`` seconds
+        (a worker that crashes in a loop gives up; one crash a day does not add up over weeks)."""
+        now = time.monotonic()
+        while self._restart_times and now - self._restart_times[0] > self.restart_window:
+            self._restart_times.popleft()
+        return len(self._restart_times) < self.max_restarts
+
+    def _fail_waiting_without_workers(self) -> None:
+        """With no worker alive, loading or about to be restarted, nothing will run the waiting jobs:
+        fail them now instead of leaving their requests hanging. (During shutdown, shutdown does it.)"""
+        with self._lock:
+            if self._stopping or any(not w.gone for w in self._workers):
+                return
+            reason = self.load_error or "no worker process is left"
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for job in waiting:
+            self._finish(job, error=JobError("worker_died", f"no worker can run this request: {reason}"))
 
     def _describe_metrics(self) -> None:
         m = self.metrics
