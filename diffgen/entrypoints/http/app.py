@@ -12,7 +12,9 @@ import dataclasses
 import hmac
 import importlib
 import logging
+import os
 import re
+import time
 import types
 import uuid
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from diffgen.engine.request import GenerationRequest
 from diffgen.engine.scheduler import JobError, NotReadyError, QueueFullError, Scheduler
 from diffgen.engine.worker import ModelInfo, WorkerOutput
 from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs
-from diffgen.entrypoints.http.schemas import APIError
+from diffgen.entrypoints.http.schemas import MAX_BODY_BYTES, APIError
 from diffgen.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,15 @@ _PUBLIC_PATHS = re.compile(r"^/v1/images/img_[0-9a-f]{32}/content$")
 # HTTP status for each way a job can fail.
 _JOB_ERROR_STATUS = {"invalid_request": 400, "cancelled": 409, "out_of_memory": 503, "worker_died": 503,
                      "shutdown": 503, "generation_error": 500}
+# Job failures that the same request would meet again. The openai client retries 409 and 5xx twice by
+# default (each retry a full run on the GPU) unless the response says `x-should-retry: false`.
+_NOT_RETRYABLE = {"invalid_request", "cancelled", "out_of_memory", "worker_died", "generation_error"}
+# Test-only: how many times a dying worker is restarted within RESTART_WINDOW_S (see docs/server.md).
+MAX_RESTARTS_ENV = "DIFFGEN_MAX_WORKER_RESTARTS"
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
+# After --shutdown-timeout: seconds for cancelled jobs to stop and the worker to exit before it is killed.
+SHUTDOWN_GRACE_S = 5.0
 
 
 @dataclass
@@ -54,6 +65,8 @@ class ServerConfig:
     api_key: str | None = None
     shutdown_timeout: float = 30.0
     served_model_name: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES  # whole multipart request
+    image_ttl: float = 3600.0  # seconds an image made for response_format=url stays downloadable
 
     def model_options(self) -> dict[str, Any]:
         return {"model_path": self.model_path, "engine_options": dict(self.engine_options)}
@@ -67,21 +80,30 @@ class ServerState:
         self.metrics = Metrics()
         self.metrics.describe("diffgen_http_requests_total", "counter", "HTTP requests by route and status")
         self.scheduler = Scheduler(config.model_options(), max_queue=config.max_queue,
-                                   max_batch_size=config.max_batch_size, metrics=self.metrics)
+                                   max_batch_size=config.max_batch_size, metrics=self.metrics,
+                                   max_restarts=int(os.environ.get(MAX_RESTARTS_ENV, MAX_RESTARTS)),
+                                   restart_window=RESTART_WINDOW_S)
         self.store = JobStore(config.output_dir)
         self.videos = VideoJobs(self.store, self.scheduler, self.metrics)
-        self.images = ImageFiles(config.output_dir)
+        self.images = ImageFiles(config.output_dir, ttl=config.image_ttl)
         self.model_id = config.served_model_name or config.model_path
         self._pipeline_class: Any = None
+        #: time.monotonic() of the SIGTERM / Ctrl-C (set by `diffgen serve`); --shutdown-timeout counts from it
+        self.shutdown_started: float | None = None
 
     def start(self) -> None:
         recovered = self.store.recover()
         if recovered:
             logger.warning("marked %d unfinished video job(s) of a previous run as failed", recovered)
+        self.images.sweep()
         self.scheduler.start()
 
     def stop(self) -> None:
-        self.scheduler.shutdown(self.config.shutdown_timeout)
+        # uvicorn has already spent part of --shutdown-timeout on open requests: the scheduler gets the
+        # rest, so that the whole shutdown takes about --shutdown-timeout + SHUTDOWN_GRACE_S.
+        started = self.shutdown_started or time.monotonic()
+        remaining = max(0.0, started + self.config.shutdown_timeout - time.monotonic())
+        self.scheduler.shutdown(remaining, grace=SHUTDOWN_GRACE_S)
         self.videos.close()  # waits for MP4s of jobs that finished
         self.store.close()
         logger.warning("diffgen serve stopped")
@@ -95,9 +117,8 @@ class ServerState:
     def require_ready(self) -> ModelInfo:
         info = self.scheduler.model_info
         if info is None or not self.scheduler.ready:
-            reason = self.scheduler.load_error or "the model is still loading"
-            raise APIError(503, f"not ready: {reason}; retry later", code="model_not_ready", type="server_error",
-                           headers={"Retry-After": "5"})
+            raise submission_error(NotReadyError(self.scheduler.load_error or "the model is still loading"),
+                                   final=self.scheduler.failed)
         return info
 
     def check_model(self, model: str | None) -> None:
@@ -122,28 +143,65 @@ class ServerState:
             logger.debug("pre-check skipped", exc_info=True)
             return dataclasses.replace(request)
 
-    async def run(self, request: GenerationRequest, job_id: str) -> WorkerOutput:
-        """Queue ``request`` and wait for its result; failures become API errors."""
+    async def run(self, request: GenerationRequest, job_id: str, http_request: Request | None = None) -> WorkerOutput:
+        """Queue ``request`` and wait for its result; failures become API errors. When the client of
+        ``http_request`` (whose body must have been read) disconnects meanwhile, the job is cancelled, so
+        that an abandoned request does not hold the GPU."""
         job = self.submit(request, job_id)
+        # asyncio.wait does not cancel ``waiter`` (and so job.future) when this task is cancelled: the
+        # scheduler alone finishes the job.
+        waiter = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_disconnected(http_request)) if http_request is not None else None
         try:
-            return await asyncio.wrap_future(job.future)
+            await asyncio.wait({waiter, gone} if gone else {waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                logger.info("the client of %s disconnected: cancelling its job", job_id)
+                self.scheduler.cancel(job.id)  # the job then ends as cancelled (a 409 sent to nobody)
+            return await waiter
         except JobError as e:
             status = _JOB_ERROR_STATUS.get(e.code, 500)
-            raise APIError(status, e.message, param=e.param, code=e.code,
+            headers = {"x-should-retry": "false"} if e.code in _NOT_RETRYABLE else {}
+            raise APIError(status, e.message, param=e.param, code=e.code, headers=headers,
                            type="invalid_request_error" if status < 500 else "server_error") from None
-        except asyncio.CancelledError:  # the client went away: free the worker
+        except asyncio.CancelledError:  # the serving task was cancelled (shutdown): free the worker
             self.scheduler.cancel(job.id)
             raise
+        finally:
+            if gone is not None:
+                gone.cancel()
 
     def submit(self, request: GenerationRequest, job_id: str, **kwargs: Any):
         try:
             return self.scheduler.submit(request, job_id=job_id, **kwargs)
-        except QueueFullError as e:
-            raise APIError(429, f"The server is busy: {e}.", code="queue_full", type="rate_limit_error",
-                           headers={"Retry-After": str(e.retry_after)}) from None
-        except NotReadyError as e:
-            raise APIError(503, f"not ready: {e}; retry later", code="model_not_ready", type="server_error",
-                           headers={"Retry-After": "5"}) from None
+        except (QueueFullError, NotReadyError) as e:
+            raise submission_error(e, final=self.scheduler.failed) from None
+
+    async def create_video(self, *args: Any) -> dict[str, Any]:
+        """VideoJobs.create off the event loop (SQLite), with refusals answered as by ``submit``."""
+        try:
+            return await asyncio.to_thread(self.videos.create, *args)
+        except (QueueFullError, NotReadyError) as e:
+            raise submission_error(e, final=self.scheduler.failed) from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has disconnected. Once the body is read, the next ASGI message is
+    http.disconnect. (Not Request.is_disconnected: under BaseHTTPMiddleware it never sees it.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def submission_error(error: QueueFullError | NotReadyError, final: bool = False) -> APIError:
+    """The API error for a submission the scheduler refused: 429 (retry later) or 503 (not ready);
+    ``final``: no worker will ever be ready (load failure, restart limit): retrying is pointless."""
+    if isinstance(error, QueueFullError):
+        return APIError(429, f"The server is busy: {error}.", code="queue_full", type="rate_limit_error",
+                        headers={"Retry-After": str(error.retry_after)})
+    if final:
+        return APIError(503, f"unavailable: {error}", code="model_not_ready", type="server_error",
+                        headers={"x-should-retry": "false"})
+    return APIError(503, f"not ready: {error}; retry later", code="model_not_ready", type="server_error",
+                    headers={"Retry-After": "5"})
 
 
 def error_response(error: APIError, request_id: str | None = None) -> JSONResponse:
@@ -177,7 +235,10 @@ def create_app(config: ServerConfig) -> FastAPI:
                 401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
                 code="invalid_api_key", type="authentication_error"))
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as error:  # answered here, not by Starlette's outermost handler, so that
+                response = internal_error(request, error)  # it is counted and carries x-request-id
         response.headers.setdefault("x-request-id", request.state.request_id)
         route = request.scope.get("route")
         state.metrics.inc("diffgen_http_requests_total", route=getattr(route, "path", "unmatched"),
@@ -201,9 +262,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception):
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"internal server error: {type(error).__name__}", type="server_error",
-                                       code="internal_error"))
+        return internal_error(request, error)  # a fallback: request_frame answers route errors
 
     @app.get("/health")
     async def health():
@@ -222,6 +281,12 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app.include_router(router)
     return app
+
+
+def internal_error(request: Request, error: Exception) -> JSONResponse:
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+    return error_response(APIError(500, f"internal server error: {type(error).__name__}", type="server_error",
+                                   code="internal_error"), getattr(request.state, "request_id", None))
 
 
 def _authorized(request: Request, api_key: str) -> bool:

@@ -195,10 +195,10 @@ class VideoJobs:
         from diffgen.outputs import write_mp4
 
         self._progress.pop(video_id, None)
+        path = self.store.video_path(video_id)
+        part = path.with_name(f"{video_id}.part.mp4")
         try:
             output = future.result()
-            path = self.store.video_path(video_id)
-            part = path.with_name(f"{video_id}.part.mp4")
             write_mp4(output.frames[0], part, output.fps or 16)
             os.replace(part, path)
             if not self.store.finish(video_id, "completed", file=path.name):
@@ -207,6 +207,7 @@ class VideoJobs:
             self.store.finish(video_id, "failed", error={"code": e.code, "message": e.message})
         except Exception as e:
             logger.exception("video %s: cannot write the MP4", video_id)
+            part.unlink(missing_ok=True)  # a half-written file must not wait for the next restart
             self.store.finish(video_id, "failed", error={"code": "encoding_error",
                                                           "message": f"cannot write the MP4: {e}"})
 
@@ -225,15 +226,28 @@ class VideoJobs:
 
 
 class ImageFiles:
-    """Images kept for ``response_format=url``, served at /v1/images/{id}/content."""
+    """Images kept for ``response_format=url``, served at /v1/images/{id}/content for ``ttl`` seconds
+    after they are made; older ones are answered 404 and deleted by ``sweep``, which ``save`` runs at
+    most once every SWEEP_INTERVAL_S seconds."""
 
-    def __init__(self, output_dir: str | os.PathLike):
+    SWEEP_INTERVAL_S = 60.0
+
+    def __init__(self, output_dir: str | os.PathLike, ttl: float = 3600.0):
         self.dir = Path(output_dir) / "images"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.ttl = ttl
+        self._last_sweep = float("-inf")
+        self._lock = threading.Lock()
 
     def save(self, data: bytes, output_format: str) -> str:
         image_id = f"img_{uuid.uuid4().hex}"
         (self.dir / f"{image_id}.{_IMAGE_EXTENSIONS[output_format]}").write_bytes(data)
+        with self._lock:
+            due = time.monotonic() - self._last_sweep >= min(self.SWEEP_INTERVAL_S, self.ttl)
+            if due:
+                self._last_sweep = time.monotonic()
+        if due:
+            self.sweep()
         return image_id
 
     def find(self, image_id: str) -> tuple[Path, str] | None:
@@ -242,5 +256,20 @@ class ImageFiles:
         for fmt, ext in _IMAGE_EXTENSIONS.items():
             path = self.dir / f"{image_id}.{ext}"
             if path.is_file():
-                return path, IMAGE_MEDIA_TYPES[fmt]
+                return None if self._expired(path, time.time()) else (path, IMAGE_MEDIA_TYPES[fmt])
         return None
+
+    def sweep(self) -> int:
+        """Delete the expired images; returns how many."""
+        now, removed = time.time(), 0
+        for path in self.dir.glob("img_*"):
+            if self._expired(path, now):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def _expired(self, path: Path, now: float) -> bool:
+        try:
+            return now - path.stat().st_mtime > self.ttl
+        except FileNotFoundError:  # swept meanwhile
+            return True

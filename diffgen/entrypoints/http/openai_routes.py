@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import re
 import time
 from typing import Any
 
@@ -98,7 +99,7 @@ async def create_image(request: Request):
     state.check_model(body.model)
     _require_kind(state.require_ready(), "image", state.model_id)
     generation = state.resolve(generation)
-    output = await state.run(generation, request.state.request_id)
+    output = await state.run(generation, request.state.request_id, request)
     return await _images_response(request, body, generation, output)
 
 
@@ -108,7 +109,7 @@ async def edit_image(request: Request):
     if not _is_multipart(request):
         raise invalid(None, "this endpoint takes multipart/form-data (image files and fields)",
                       code="invalid_content_type")
-    form = await read_form(request, {"image", "mask"})
+    form = await read_form(request, {"image", "mask"}, state.config.max_body_bytes)
     body: ImageEditBody = validate(ImageEditBody, form.fields, strict=False)
     _check_image_options(body)
     height, width = parse_size(body.size)
@@ -132,20 +133,26 @@ async def edit_image(request: Request):
                       "use /v1/images/generations or serve an edit model such as Qwen-Image-Edit.",
                       code="model_cannot_edit")
     generation = state.resolve(generation)
-    output = await state.run(generation, request.state.request_id)
-    if mask is not None:
-        output.images = [composite_with_mask(result, images[0], mask) for result in output.images]
+    output = await state.run(generation, request.state.request_id, request)
+    if mask is not None:  # pixel work off the event loop
+        output.images = await asyncio.to_thread(
+            lambda: [composite_with_mask(result, images[0], mask) for result in output.images])
     return await _images_response(request, body, generation, output)
 
 
 async def _read_image(upload, param: str) -> Image.Image:
     data = await read_upload(upload, param)
-    image = _open_image(data, param)
-    return image.convert("RGB")
+    # Decoding a large image takes a while: not on the event loop.
+    return await asyncio.to_thread(lambda: _open_image(data, param).convert("RGB"))
 
 
 async def _read_mask(upload, size: tuple[int, int]) -> Image.Image:
-    mask = _open_image(await read_upload(upload, "mask"), "mask")
+    data = await read_upload(upload, "mask")
+    return await asyncio.to_thread(_check_mask, data, size)
+
+
+def _check_mask(data: bytes, size: tuple[int, int]) -> Image.Image:
+    mask = _open_image(data, "mask")
     if "A" not in mask.getbands() and "transparency" not in mask.info:
         raise invalid("mask", "the mask must be a PNG with an alpha channel; transparent pixels mark the area "
                       "to edit")
@@ -230,7 +237,7 @@ async def create_video(request: Request):
     state = _state(request)
     reference = None
     if _is_multipart(request):
-        form = await read_form(request, {"input_reference"})
+        form = await read_form(request, {"input_reference"}, state.config.max_body_bytes)
         body: VideoBody = validate(VideoBody, form.fields, strict=False)
         uploads = form.files.get("input_reference", [])
         if len(uploads) > 1:
@@ -258,8 +265,8 @@ async def create_video(request: Request):
     generation = state.resolve(generation)
     fps = generation.fps or 16
     shown_seconds = body.seconds if isinstance(body.seconds, str) else f"{generation.num_frames / fps:.3g}"
-    record = await asyncio.to_thread(
-        state.videos.create, generation, state.model_id, str(shown_seconds),
+    record = await state.create_video(
+        generation, state.model_id, str(shown_seconds),
         f"{generation.width}x{generation.height}",
         {"num_frames": generation.num_frames, "fps": fps, "seed": generation.seed,
          "num_inference_steps": generation.num_inference_steps})
@@ -308,7 +315,8 @@ async def list_videos(request: Request):
     if unknown:
         raise invalid(unknown[0], f"Unknown parameter: '{unknown[0]}'.", code="unknown_parameter")
     limit_text = query.get("limit", "20")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+    # Not str.isdigit(): it accepts "²", which int() refuses.
+    if not re.fullmatch(r"[0-9]{1,3}", limit_text) or not 1 <= int(limit_text) <= 100:
         raise invalid("limit", f"limit {limit_text!r} must be an integer between 1 and 100")
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):

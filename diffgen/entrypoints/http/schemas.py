@@ -14,6 +14,7 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.types import Message
 
 from diffgen.engine.request import MAX_PROMPT_CHARS, MAX_SEED
 
@@ -126,13 +127,27 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_form(request: Request, file_fields: set[str]) -> Form:
-    """Parse multipart/form-data (or urlencoded); ``file_fields``: names that may carry files."""
+async def read_form(request: Request, file_fields: set[str], max_bytes: int = MAX_BODY_BYTES) -> Form:
+    """Parse multipart/form-data (or urlencoded); ``file_fields``: names that may carry files; a body
+    over ``max_bytes`` is a 413."""
+    too_large = APIError(413, f"the request body is larger than {max_bytes / 2**20:g} MiB", code="too_large")
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB", code="too_large")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise too_large
+    # Content-Length may be absent (chunked) or lie: count the bytes as they arrive, before the
+    # multipart parser spools them to disk.
+    received = 0
+
+    async def counting_receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > max_bytes:
+            raise too_large
+        return message
+
     try:
-        form = await request.form(max_files=MAX_FILES, max_fields=100)
+        form = await Request(request.scope, counting_receive).form(max_files=MAX_FILES, max_fields=100)
     except APIError:
         raise
     except Exception as e:  # python-multipart / starlette parse errors
