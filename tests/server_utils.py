@@ -92,3 +92,13 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1, what: st
             return value
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached within {timeout} s")
+
+
+def metric(url: str, sample: str) -> float:
+    """The value of one Prometheus sample of the server at ``url``, e.g.
+    ``diffgen_jobs_total{status="cancelled"}``; 0 when it has not been counted yet."""
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 
 import httpx
 import openai
 import pytest
 from PIL import Image
-from server_utils import ServerProcess
+from server_utils import ServerProcess, metric
 
 KEY = "sk-test-diffgen"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -18,7 +17,7 @@ GOOD = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2}
 
 @pytest.fixture(scope="module")
 def server(tiny_flux, tmp_path_factory):
-    process = ServerProcess(tiny_flux, tmp_path_factory.mktemp("serve-errors") / "out",
+    process = ServerProcess(tiny_flux, tmp_path_factory.mktemp("serve-errors") / "out", "--max-upload-mb", "1",
                             env={"DIFFGEN_API_KEY": KEY}).start()
     yield process
     assert process.stop(), process.log()
@@ -125,11 +124,18 @@ CORPUS = [
     ("video form frames word", "POST", V, {"data": {"prompt": "a cat", "num_frames": "many"}}, 400),
     ("video missing prompt form", "POST", V, {"data": {"seconds": "4"}}, 400),
     ("video unknown id", "GET", "/v1/videos/video_00000000000000000000000000000000", {}, 404),
-    ("video malformed id", "GET", "/v1/videos/../../etc/passwd", {}, 404),
+    # (not "/v1/videos/../../etc/passwd": httpx normalises that to /etc/passwd before sending it)
+    ("video id bad hex", "GET", "/v1/videos/video_zz", {}, 404),
+    ("video id not hex", "GET", "/v1/videos/video_" + "g" * 32, {}, 404),
+    ("video id traversal", "GET", "/v1/videos/..%2F..%2Fetc%2Fpasswd", {}, 404),
+    ("video content bad id", "GET", "/v1/videos/video_" + "g" * 32 + "/content", {}, 404),
+    ("video delete bad id", "DELETE", "/v1/videos/video_zz", {}, 404),
     ("video content unknown", "GET", "/v1/videos/video_00000000000000000000000000000000/content", {}, 404),
     ("video delete unknown", "DELETE", "/v1/videos/nope", {}, 404),
     ("video list limit zero", "GET", "/v1/videos?limit=0", {}, 400),
     ("video list limit word", "GET", "/v1/videos?limit=ten", {}, 400),
+    ("video list limit superscript", "GET", "/v1/videos?limit=%C2%B2", {}, 400),  # "²".isdigit() is True
+    ("video list limit long", "GET", "/v1/videos?limit=0000000001", {}, 400),
     ("video list order", "GET", "/v1/videos?order=up", {}, 400),
     ("video list after unknown", "GET", "/v1/videos?after=video_0", {}, 400),
     ("video list unknown param", "GET", "/v1/videos?page=2", {}, 400),
@@ -198,8 +204,33 @@ def test_api_key_with_the_openai_client(server):
 
 
 def test_errors_are_counted_in_metrics(server):
-    text = httpx.get(server.url + "/metrics").text
-    assert 'route="/v1/images/generations",status="400"' in text
-    lines = [line for line in text.splitlines() if line.startswith("diffgen_http_requests_total")]
-    assert any('status="401"' in line for line in lines)
-    json.dumps(lines)  # plain text, one sample per line
+    bad = 'diffgen_http_requests_total{method="POST",route="/v1/images/generations",status="400"}'
+    unauthorized = 'diffgen_http_requests_total{method="GET",route="unmatched",status="401"}'
+    before = metric(server.url, bad), metric(server.url, unauthorized)
+    assert httpx.post(server.url + G, headers=AUTH, json=_gen(n=11)).status_code == 400
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert (metric(server.url, bad), metric(server.url, unauthorized)) == (before[0] + 1, before[1] + 1)
+
+
+def _multipart(size: int, boundary: str = "diffgenboundary"):
+    """A multipart body with one file of ``size`` bytes, in 64 KiB chunks (sent chunked: no length)."""
+    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n--{boundary}\r\n"
+           'Content-Disposition: form-data; name="image"; filename="a.png"\r\n'
+           "Content-Type: image/png\r\n\r\n").encode()
+    for start in range(0, size, 2**16):
+        yield b"\0" * min(2**16, size - start)
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
+def test_multipart_body_limit(server, chunked):
+    # The server runs with --max-upload-mb 1.
+    body = _multipart(3 * 2**20)
+    headers = {**AUTH, "content-type": "multipart/form-data; boundary=diffgenboundary"}
+    response = httpx.post(server.url + E, headers=headers, content=body if chunked else b"".join(body), timeout=60)
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "too_large" and "1 MiB" in response.json()["error"]["message"]
+    assert response.headers["x-request-id"].startswith("req_")
+    # A body under the limit is parsed (and refused for what it is: not an image).
+    small = b"".join(_multipart(1000))
+    assert httpx.post(server.url + E, headers=headers, content=small).json()["error"]["code"] == "invalid_image"

@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from server_utils import ServerProcess, wait_until
+from server_utils import ServerProcess, metric, wait_until
 
 SIZE = "64x64"
 STEPS = {"num_inference_steps": 2}
@@ -153,12 +153,33 @@ def test_models_health_and_metrics(server):
     assert 'stage="denoising"' in text
 
 
+def test_a_failed_generation_is_not_retried_by_the_openai_client(server):
+    client = server.client()  # default retries: twice on 5xx, unless the server says not to
+    before = metric(server.url, 'diffgen_jobs_total{status="generation_error"}')
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.images.generate(prompt="boom again [[fault:raise]]", size=SIZE, extra_body=STEPS)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert metric(server.url, 'diffgen_jobs_total{status="generation_error"}') == before + 1  # ran once
+
+
+def test_a_disconnected_client_cancels_its_job(server):
+    before = metric(server.url, 'diffgen_jobs_total{status="cancelled"}')
+    # >= 10 s of denoising (the slow marker); the client gives up long before.
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/images/generations", timeout=2,
+                   json={"prompt": "abandoned [[fault:slow]]", "size": SIZE, "num_inference_steps": 200})
+    wait_until(lambda: metric(server.url, 'diffgen_jobs_total{status="cancelled"}') == before + 1,
+               timeout=60, what="the abandoned job cancelled")
+    wait_until(lambda: httpx.get(f"{server.url}/health").json()["running"] == 0, timeout=30, what="worker free")
+
+
 def test_sigterm_finishes_in_flight_requests(tiny_flux, tmp_path):
-    process = ServerProcess(tiny_flux, tmp_path / "out").start()
+    # The slow marker (>= 50 ms per step, so >= 2 s per job) keeps a job running when SIGTERM comes.
+    process = ServerProcess(tiny_flux, tmp_path / "out", env={"DIFFGEN_FAULT_INJECT": "1"}).start()
     client = process.client(max_retries=0, timeout=120)
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(client.images.generate, prompt=f"p{i}", size=SIZE,
-                               extra_body={"num_inference_steps": 8}) for i in range(2)]
+        futures = [pool.submit(client.images.generate, prompt=f"p{i} [[fault:slow]]", size=SIZE,
+                               extra_body={"num_inference_steps": 40}) for i in range(2)]
         wait_until(lambda: httpx.get(f"{process.url}/health").json()["running"] > 0, what="a running job")
         assert process.stop(), process.log()
         for future in futures:

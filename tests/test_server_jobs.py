@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from diffgen.engine.request import GenerationRequest
 from diffgen.engine.scheduler import JobError, NotReadyError, QueueFullError, Scheduler
-from diffgen.entrypoints.http.jobs import JobStore, video_object
+from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs, video_object
 from diffgen.entrypoints.http.openai_routes import composite_with_mask
 
 
@@ -122,3 +126,107 @@ def test_serve_reads_the_same_config_file_as_generate(tmp_path):
     options = merge_config(build_parser().parse_args(["serve", "--config", str(config), "--port", "32000"]))
     assert options["model_path"] == "some/model" and options["dtype"] == "float32"
     assert options["max_queue"] == 5 and options["max_batch_size"] == 2 and options["port"] == 32000
+
+
+class _FakeWorker:
+    """Stands in for a worker process: ready and idle until the test says it died."""
+
+    def __init__(self, exitcode: int = 17):
+        self.index, self.ready, self.gone, self.batch_id, self.load_error = 0, True, False, None, None
+        self.batch: dict = {}
+        self.process = type("Process", (), {"exitcode": exitcode, "pid": 1})()
+
+
+def test_waiting_jobs_fail_when_the_worker_dies_and_is_not_restarted():
+    scheduler = Scheduler({"model_path": "unused"}, max_restarts=0)
+    worker = _FakeWorker()
+    scheduler._workers.append(worker)
+    jobs = [scheduler.submit(GenerationRequest.build(f"p{i}")) for i in range(2)]  # no dispatcher: they wait
+    scheduler._on_worker_exit(worker)
+    for job in jobs:
+        with pytest.raises(JobError) as failed:
+            job.future.result(timeout=5)  # bounded: before the fix this hung
+        assert failed.value.code == "worker_died" and "not restarted" in failed.value.message
+    assert scheduler.queue_depth() == 0 and scheduler.restarts == 0
+    with pytest.raises(NotReadyError, match="not restarted"):  # new requests fail at once
+        scheduler.submit(GenerationRequest.build("later"))
+
+
+def test_waiting_jobs_fail_when_a_restarted_worker_cannot_load():
+    scheduler = Scheduler({"model_path": "unused"})
+    worker = _FakeWorker()
+    scheduler._workers.append(worker)
+    job = scheduler.submit(GenerationRequest.build("p"))
+    worker.ready = False  # as a restarted worker that is loading the model
+    assert scheduler._handle(worker, ("load_failed", "OSError: the weights are gone"))
+    with pytest.raises(JobError) as failed:
+        job.future.result(timeout=5)
+    assert failed.value.code == "worker_died" and "the weights are gone" in failed.value.message
+
+
+def test_restarts_are_limited_within_a_time_window():
+    scheduler = Scheduler({"model_path": "unused"}, max_restarts=2, restart_window=600)
+    now = time.monotonic()
+    scheduler._restart_times.extend([now - 3600, now - 1800, now - 10])  # two of them long ago
+    assert scheduler._may_restart() and len(scheduler._restart_times) == 1
+    scheduler._restart_times.append(now - 5)
+    assert not scheduler._may_restart()  # two within the window
+
+
+def test_finishing_a_job_whose_awaiter_cancelled_its_future_is_harmless():
+    scheduler = Scheduler({"model_path": "unused"})
+    scheduler._workers.append(_FakeWorker())
+    job = scheduler.submit(GenerationRequest.build("p"))
+    assert job.future.cancel()  # what asyncio.wrap_future does when the awaiting task is cancelled
+    assert scheduler.cancel(job.id)  # used to raise InvalidStateError
+    assert scheduler.queue_depth() == 0
+
+
+def test_url_images_expire_after_their_ttl(tmp_path):
+    images = ImageFiles(tmp_path, ttl=60)
+    old, new = images.save(b"old", "png"), images.save(b"new", "jpeg")
+    old_path = images.find(old)[0]
+    an_hour_ago = time.time() - 3600
+    os.utime(old_path, (an_hour_ago, an_hour_ago))
+    assert images.find(old) is None  # expired: answered 404 even before a sweep
+    assert images.find(new)[1] == "image/jpeg"
+    assert images.sweep() == 1 and not old_path.exists() and images.find(new) is not None
+
+
+def test_a_failed_mp4_write_leaves_no_part_file(tmp_path, monkeypatch):
+    import diffgen.outputs
+    from diffgen.engine.metrics import Metrics
+    from diffgen.engine.worker import WorkerOutput
+
+    def broken_write(frames, path, fps):
+        path.write_bytes(b"half an mp4")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(diffgen.outputs, "write_mp4", broken_write)
+    store = JobStore(tmp_path)
+    store.create(_record(_id(1)))
+    videos = VideoJobs(store, scheduler=None, metrics=Metrics())
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(WorkerOutput(seed=0, frames=[np.zeros((1, 8, 8, 3), np.uint8)]))
+    videos._finalize(_id(1), future)
+    videos.close()
+    assert not list(store.videos_dir.glob("*.mp4"))
+    assert video_object(store.get(_id(1)))["error"]["code"] == "encoding_error"
+
+
+def test_unexpected_errors_get_the_envelope_a_request_id_and_a_count(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from diffgen.entrypoints.http import ServerConfig, create_app
+
+    app = create_app(ServerConfig(model_path="unused", output_dir=str(tmp_path)))  # no lifespan: no worker
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    client = TestClient(app)
+    response = client.get("/boom")
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert response.headers["x-request-id"].startswith("req_")
+    assert 'diffgen_http_requests_total{method="GET",route="/boom",status="500"} 1' in client.get("/metrics").text

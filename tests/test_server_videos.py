@@ -159,3 +159,33 @@ def test_jobs_and_content_survive_a_restart(server, wan, output_dir):
         assert finished.id in [v.id for v in client.videos.list(limit=100)]
     finally:
         assert again.stop(), again.log()
+
+
+def test_full_queue_is_a_429_and_a_worker_that_cannot_restart_fails_the_queue(wan, tmp_path):
+    # --max-queue 2: two jobs may wait behind the running one. A restart limit of 0 (a test-only
+    # variable) makes the first worker death final.
+    process = ServerProcess(wan, tmp_path / "out", "--max-queue", "2", "--max-batch-size", "1",
+                            env={"DIFFGEN_FAULT_INJECT": "1", "DIFFGEN_MAX_WORKER_RESTARTS": "0"}).start()
+    try:
+        client = process.client(max_retries=0)
+        slow = _create(client, **LONG)
+        wait_until(lambda: client.videos.retrieve(slow.id).status == "in_progress", timeout=120, what="running")
+        dies = _create(client, prompt="a sinking boat [[fault:exit]]")  # waits, then kills the worker
+        waits = _create(client)  # waits behind it
+        refused = httpx.post(f"{process.url}/v1/videos", json={"prompt": "one too many", "size": "32x32", **SMALL})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["retry-after"]) >= 1
+        assert refused.headers["x-request-id"].startswith("req_")
+
+        client.videos.delete(slow.id)  # frees the worker: the fatal job runs next
+        assert _wait(client, dies.id).error.code == "worker_died"
+        failed = _wait(client, waits.id)  # used to stay queued forever
+        assert failed.status == "failed" and failed.error.code == "worker_died"
+        assert "not restarted" in failed.error.message
+        health = httpx.get(f"{process.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        late = httpx.post(f"{process.url}/v1/videos", json={"prompt": "too late", "size": "32x32", **SMALL})
+        assert late.status_code == 503 and "not restarted" in late.json()["error"]["message"]
+        assert late.headers["x-should-retry"] == "false"  # final: the openai client does not retry
+    finally:
+        assert process.stop(), process.log()
