@@ -111,6 +111,7 @@ def main() -> int:
     parser.add_argument("--vae-tiled", action="store_true", help="also time the tiled VAE decode")
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--skip-dit", action="store_true")
+    parser.add_argument("--vae-compile", action="store_true", help="also time the VAE with its decoder compiled")
     parser.add_argument("--vae-variants", action="store_true",
                         help="also time the VAE decode with cuDNN autotuning and in float32")
     parser.add_argument("--warmup", type=int, default=2)
@@ -224,6 +225,21 @@ def main() -> int:
 
             vae_variants["VAE decode (cudnn.benchmark)"] = autotuned
             vae_variants["VAE decode (float32)"] = decode_fp32
+        if args.vae_compile:
+            compiled_vae = build_vae(cfg, device, dtype)
+            compiled_vae.load_state_dict(vae.state_dict())
+            compiled_vae.decoder.compile()
+
+            def decode_compiled():
+                with torch.inference_mode():
+                    return compiled_vae.decode(z, return_dict=False)[0]
+
+            with torch.inference_mode():
+                reference_frames = decode(False)()
+                relative = ((decode_compiled().float() - reference_frames.float()).norm()
+                            / reference_frames.float().norm()).item()
+            print(f"compiled VAE decoder: relative diff vs eager {relative:.2e}")
+            vae_variants["VAE decode (compiled decoder)"] = decode_compiled
         vae_stats = ab_medians(vae_variants, device, warmup=args.warmup, repeats=args.repeats)
         for name, stats in vae_stats.items():
             memory = peak_memory(vae_variants[name], device)
