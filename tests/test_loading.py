@@ -131,3 +131,30 @@ def test_hub_errors_say_what_to_do(monkeypatch, error, message):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     with pytest.raises(ModelLoadError, match=message):
         load_pipeline("some-org/some-model", device="cpu")
+
+
+@pytest.mark.parametrize("family,params", [
+    ("wan-t2v", dict(height=32, width=32, num_frames=5)),
+    ("qwen-image-edit", dict(height=32, width=32)),
+    ("flux", dict(height=32, width=32)),
+])
+def test_vae_dtype_overrides_the_vae_only(tiny_checkpoint, family, params):
+    from PIL import Image
+
+    engine = Engine.from_pretrained(tiny_checkpoint(family), device="cpu", dtype="bfloat16", vae_dtype="float32")
+    pipe = engine.pipeline
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
+    # Everything else keeps --dtype (Wan's DiT keeps its few float32 modules, as diffusers does).
+    assert torch.bfloat16 in {p.dtype for p in pipe.transformer.parameters()}
+    plain = Engine.from_pretrained(tiny_checkpoint(family), device="cpu", dtype="bfloat16").pipeline
+    assert ({n: p.dtype for n, p in pipe.transformer.named_parameters()}
+            == {n: p.dtype for n, p in plain.transformer.named_parameters()})
+    if pipe.accepts_images:
+        params["images"] = [Image.new("RGB", (48, 32), (200, 30, 30))]
+    result = engine.generate("a fox", num_inference_steps=2, seed=0, return_tensors=True, **params)
+    assert torch.isfinite(result.pixels).all()
+
+
+def test_bad_vae_dtype_names_its_flag(tiny_flux):
+    with pytest.raises(ModelLoadError, match="--vae-dtype 'fp99' is not supported"):
+        load_pipeline(tiny_flux, device="cpu", vae_dtype="fp99")

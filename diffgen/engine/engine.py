@@ -28,12 +28,13 @@ class Engine:
     def from_pretrained(cls, model_path: str, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, revision: str | None = None,
                         attention_backend: str | None = None, compile: bool = False,
-                        quantize: str | None = None) -> Engine:
+                        quantize: str | None = None, vae_dtype: str | torch.dtype | None = None) -> Engine:
         """``model_path``: a hub id (``org/name``) or a local diffusers pipeline folder.
 
         ``compile``: torch.compile each DiT block (slower first request per shape, faster steps).
         ``quantize``: "fp8" stores the DiT's large linears in float8 with per-channel scales (fp8
         tensor-core matmuls on Hopper/Ada; changes the numbers slightly, so no longer bit-equal to diffusers).
+        ``vae_dtype``: the VAE's dtype when it should differ from ``dtype`` (Wan's model cards decode in float32).
         """
         from diffgen.engine.optimize import apply_compile, apply_quantization
         from diffgen.layers.attention import set_attention_backend
@@ -41,7 +42,7 @@ class Engine:
 
         if attention_backend:
             set_attention_backend(attention_backend)
-        pipeline = load_pipeline(model_path, device=device, dtype=dtype, revision=revision)
+        pipeline = load_pipeline(model_path, device=device, dtype=dtype, revision=revision, vae_dtype=vae_dtype)
         if quantize:
             apply_quantization(pipeline.components, quantize)
         if compile:

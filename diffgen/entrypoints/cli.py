@@ -11,7 +11,7 @@ from typing import Any
 from diffgen.errors import DiffgenError
 
 # Options shared by every command that loads a model (generate, serve).
-MODEL_OPTIONS = ("model_path", "device", "dtype", "revision", "attention_backend", "compile", "quantize")
+MODEL_OPTIONS = ("model_path", "device", "dtype", "revision", "attention_backend", "compile", "quantize", "vae_dtype")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--revision", help="hub revision (branch, tag or commit)")
     group.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     group.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: bfloat16 on GPU, float32 on CPU)")
+    group.add_argument("--vae-dtype", help="the VAE's dtype if it should differ from --dtype (e.g. float32 decoding)")
     group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                        help="SDPA kernel family (default auto: cuDNN on CUDA)")
     group.add_argument("--compile", action="store_true", default=None,
@@ -125,10 +126,8 @@ def run_generate(options: dict[str, Any]) -> int:
 
     GenerationRequest.build(prompts, **params)  # reject bad input before loading a model
 
-    engine = Engine.from_pretrained(options["model_path"], device=options.get("device"),
-                                    dtype=options.get("dtype"), revision=options.get("revision"),
-                                    attention_backend=options.get("attention_backend"),
-                                    compile=bool(options.get("compile")), quantize=options.get("quantize"))
+    engine_options = {k: options[k] for k in MODEL_OPTIONS if k != "model_path" and options.get(k) is not None}
+    engine = Engine.from_pretrained(options["model_path"], **engine_options)
     bars: list[tqdm] = []
 
     def progress(step: int, total: int) -> None:

@@ -19,14 +19,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def parse_dtype(name: str | torch.dtype | None, device: torch.device, flag: str = "--dtype") -> torch.dtype:
     """A dtype from its name; None means bfloat16 on GPUs and float32 on CPU."""
     if isinstance(name, torch.dtype):
         return name
     if name is None or name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ModelLoadError(f"--dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}, auto")
+        raise ModelLoadError(f"{flag} {name!r} is not supported; choose one of {', '.join(DTYPES)}, auto")
     return DTYPES[name]
 
 
@@ -45,12 +45,17 @@ def parse_device(name: str | torch.device | None) -> torch.device:
 
 
 def load_pipeline(model_path: str, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None, revision: str | None = None):
-    """Resolve ``model_path``, pick the registered pipeline for its model_index.json, load it."""
+                  dtype: str | torch.dtype | None = None, revision: str | None = None,
+                  vae_dtype: str | torch.dtype | None = None):
+    """Resolve ``model_path``, pick the registered pipeline for its model_index.json, load it.
+
+    ``vae_dtype`` overrides ``dtype`` for the VAE only (e.g. float32 decoding under a bf16 model).
+    """
     from diffgen.pipelines.base import pipeline_for
 
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
+    component_dtype = {"vae": parse_dtype(vae_dtype, device, flag="--vae-dtype")} if vae_dtype else {}
     local = Path(model_path).expanduser()
     if local.exists():
         folder = resolve_model_path(local)
@@ -80,7 +85,8 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
             components[name] = None
             continue
         library, class_name = entry
-        components[name] = load_component(folder / name, library, class_name, pipeline_cls, dtype, device)
+        components[name] = load_component(folder / name, library, class_name, pipeline_cls,
+                                          component_dtype.get(name, dtype), device)
     # Pipeline-level settings of model_index.json (Wan: boundary_ratio, expand_timesteps).
     settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
     return pipeline_cls(components, str(model_path), device, dtype, settings=settings)

@@ -218,7 +218,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         tokens, shapes = [], []
         for image in vae_images:
             pixels = image_to_tensor(image).unsqueeze(2).to(self.device, dtype)  # (1, 3, 1, H, W)
-            latents = self.vae.encode(pixels).latent_dist.mode()
+            latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().to(dtype)
             mean, std = self._latent_stats(latents)
             latents = ((latents - mean) / std)[:, :, 0]
             tokens.append(pack_latents(latents).expand(state.request.batch_size, -1, -1))
