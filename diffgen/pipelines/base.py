@@ -135,6 +135,10 @@ class ComposedPipeline:
             raise InvalidRequestError("num_frames", f"{d.name} makes images, not videos")
         return r
 
+    def new_scheduler(self):
+        """A fresh copy of the checkpoint's scheduler: schedulers keep a step index, so one per request."""
+        return type(self.scheduler).from_config(self.scheduler.config)
+
     # -- running -------------------------------------------------------------------------------
     def run(self, request: GenerationRequest, progress: ProgressFn | None = None,
             is_cancelled: Callable[[], bool] | None = None) -> GenerationResult:

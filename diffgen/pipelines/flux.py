@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from diffgen.configs.flux import FLUX_DEV, FLUX_SCHNELL
 from diffgen.configs.models import ModelDefaults
 from diffgen.models.dits.flux import FluxTransformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
-from diffgen.pipelines.latents import pack_latents, unpack_latents
-from diffgen.pipelines.latents import resolution_shift_mu as flux_shift_mu
+from diffgen.pipelines.latents import pack_latents, set_shifted_flow_timesteps, unpack_latents
 from diffgen.pipelines.stages import draw_noise
 
 
@@ -76,12 +74,8 @@ class FluxPipeline(ComposedPipeline):
         state.extras["latent_grid"] = (grid_h, grid_w)
 
     def prepare_timesteps(self, state: PipelineState) -> None:
-        steps = state.request.num_inference_steps
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh: schedulers keep a step index
-        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
-        mu = flux_shift_mu(state.latents.shape[1], scheduler.config)
-        scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self.device)
-        scheduler.set_begin_index(0)
+        scheduler = self.new_scheduler()
+        set_shifted_flow_timesteps(scheduler, state.request.num_inference_steps, state.latents.shape[1], self.device)
         state.scheduler, state.timesteps = scheduler, scheduler.timesteps
 
     # -- denoising -------------------------------------------------------------------------------

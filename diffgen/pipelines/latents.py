@@ -1,8 +1,10 @@
-"""Latent helpers shared by the 2x2-packed flow-matching image pipelines (FLUX, Qwen-Image)."""
+"""Pixel and latent helpers shared by the pipelines (FLUX, Qwen-Image, Wan)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
 
 def resolution_shift_mu(image_seq_len: int, config) -> float:
@@ -15,6 +17,35 @@ def resolution_shift_mu(image_seq_len: int, config) -> float:
     slope = (max_shift - base_shift) / (max_len - base_len)
     intercept = base_shift - slope * base_len  # this evaluation order rounds exactly as diffusers does
     return image_seq_len * slope + intercept
+
+
+def set_shifted_flow_timesteps(scheduler, steps: int, image_seq_len: int, device: torch.device) -> None:
+    """FLUX / Qwen-Image schedule: sigmas 1 -> 1/steps, shifted by :func:`resolution_shift_mu`."""
+    sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+    mu = resolution_shift_mu(image_seq_len, scheduler.config)
+    scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+    scheduler.set_begin_index(0)
+
+
+def vae_latent_stats(vae, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Wan-style VAE's per-channel latent mean and std, shaped (1, z, 1, 1, 1), cast to ``dtype``.
+
+    Callers that need 1/std take the reciprocal of this cast value, as the references do (in bf16 a
+    float32 reciprocal rounds differently).
+    """
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(device, dtype)
+    return mean, std
+
+
+def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL image -> (1, 3, H, W) float32 in [-1, 1]; ``size`` (height, width) resizes with Lanczos first."""
+    image = image.convert("RGB")
+    if size is not None:
+        image = image.resize((size[1], size[0]), resample=Image.LANCZOS)
+    array = np.asarray(image).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

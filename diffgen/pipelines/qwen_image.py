@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -23,7 +22,13 @@ from diffgen.errors import InvalidRequestError
 from diffgen.models.dits.qwen_image import QwenImageTransformer
 from diffgen.models.encoders.qwen_vl import QwenVLProcessor, encode_qwen_vl_prompts
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
-from diffgen.pipelines.latents import pack_latents, resolution_shift_mu, unpack_latents
+from diffgen.pipelines.latents import (
+    image_to_tensor,
+    pack_latents,
+    set_shifted_flow_timesteps,
+    unpack_latents,
+    vae_latent_stats,
+)
 from diffgen.pipelines.stages import draw_noise
 
 _SYSTEM_EDIT = ("Describe the key features of the input image (color, shape, size, texture, objects, background), "
@@ -49,12 +54,6 @@ def area_fit_size(width: int, height: int, area: int) -> tuple[int, int]:
     fit_width = math.sqrt(area * ratio)
     fit_height = fit_width / ratio
     return round(fit_width / 32) * 32, round(fit_height / 32) * 32
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]."""
-    array = np.array(image).astype(np.float32) / 255.0
-    return 2.0 * torch.from_numpy(array).permute(2, 0, 1)[None] - 1.0
 
 
 @register_pipeline
@@ -121,11 +120,8 @@ class QwenImagePipeline(ComposedPipeline):
                                         *state.extras.get("condition_shapes", [])]
 
     def prepare_timesteps(self, state: PipelineState) -> None:
-        steps = state.request.num_inference_steps
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh: schedulers keep a step index
-        mu = resolution_shift_mu(state.latents.shape[1], scheduler.config)
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=self.device)
-        scheduler.set_begin_index(0)
+        scheduler = self.new_scheduler()
+        set_shifted_flow_timesteps(scheduler, state.request.num_inference_steps, state.latents.shape[1], self.device)
         state.scheduler, state.timesteps = scheduler, scheduler.timesteps
 
     # -- denoising -------------------------------------------------------------------------------
@@ -144,17 +140,10 @@ class QwenImagePipeline(ComposedPipeline):
         return pred
 
     # -- decoding --------------------------------------------------------------------------------
-    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.vae.config
-        shape = (1, config.z_dim, 1, 1, 1)
-        mean = torch.tensor(config.latents_mean).view(shape).to(like.device, like.dtype)
-        std = torch.tensor(config.latents_std).view(shape).to(like.device, like.dtype)
-        return mean, std
-
     def decode(self, state: PipelineState) -> None:
         grid_h, grid_w = state.extras["latent_grid"]
         latents = unpack_latents(state.latents, grid_h, grid_w).unsqueeze(2).to(self.vae.dtype)  # (B, C, 1, H, W)
-        mean, std = self._latent_stats(latents)
+        mean, std = vae_latent_stats(self.vae, latents.dtype, latents.device)
         latents = latents / (1.0 / std) + mean  # the reference divides by the reciprocal; same rounding
         image = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
         state.pixels = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
@@ -219,7 +208,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         for image in vae_images:
             pixels = image_to_tensor(image).unsqueeze(2).to(self.device, dtype)  # (1, 3, 1, H, W)
             latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().to(dtype)
-            mean, std = self._latent_stats(latents)
+            mean, std = vae_latent_stats(self.vae, latents.dtype, latents.device)
             latents = ((latents - mean) / std)[:, :, 0]
             tokens.append(pack_latents(latents).expand(state.request.batch_size, -1, -1))
             shapes.append((1, image.height // scale // 2, image.width // scale // 2))

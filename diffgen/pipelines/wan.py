@@ -21,7 +21,6 @@ import os
 import re
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -31,6 +30,7 @@ from diffgen.engine.request import GenerationRequest
 from diffgen.errors import InvalidRequestError
 from diffgen.models.dits.wan import WanTransformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.latents import image_to_tensor, vae_latent_stats
 from diffgen.pipelines.stages import draw_noise
 
 #: Decoded frames larger than this (pixels per frame) are decoded in overlapping spatial tiles.
@@ -47,13 +47,6 @@ def clean_prompt(text: str) -> str:
         pass
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
-
-
-def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) float32 in [-1, 1], resized with Lanczos as diffusers' VideoProcessor does."""
-    image = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
-    array = np.asarray(image).astype(np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
 def size_for_aspect(image: Image.Image, area: int, multiple: int) -> tuple[int, int]:
@@ -167,18 +160,14 @@ class WanPipeline(ComposedPipeline):
 
     # -- latents -------------------------------------------------------------------------------
     def _latent_stats(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAE latent mean and 1/std (B, z, 1, 1, 1), rounded as the reference computes them."""
-        z_dim = self.vae.config.z_dim
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(device, dtype)
-        # The reciprocal is taken after the cast, in ``dtype``: in bf16 that rounds 6 of Wan2.1's 16 channels
-        # differently from a float32 reciprocal.
-        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(device, dtype)
-        return mean, inv_std
+        """VAE latent mean and 1/std (1, z, 1, 1, 1), the reciprocal taken in ``dtype`` as the reference does."""
+        mean, std = vae_latent_stats(self.vae, dtype, device)
+        return mean, 1.0 / std
 
     def _encode_first_frame(self, image: Image.Image, frames: int, height: int, width: int,
                             batch: int) -> torch.Tensor:
         """Normalised VAE latents of the first frame followed by ``frames - 1`` black frames."""
-        pixels = image_to_tensor(image, height, width).to(self.device).unsqueeze(2)
+        pixels = image_to_tensor(image, (height, width)).to(self.device).unsqueeze(2)
         if frames > 1:
             pixels = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
         latent = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
@@ -212,7 +201,7 @@ class WanPipeline(ComposedPipeline):
             state.extras["condition"] = torch.cat([mask, condition], dim=1)
 
     def prepare_timesteps(self, state: PipelineState) -> None:
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh: schedulers keep a step index
+        scheduler = self.new_scheduler()
         scheduler.set_timesteps(state.request.num_inference_steps, device=self.device)
         if self.pins_begin_index:
             scheduler.set_begin_index(0)
