@@ -34,3 +34,14 @@ WAN22_I2V_A14B = ModelDefaults(name="Wan2.2-I2V-A14B", num_inference_steps=40, g
 
 WAN22_TI2V_5B = ModelDefaults(name="Wan2.2-TI2V-5B", num_inference_steps=50, guidance_scale=5.0, height=704,
                               width=1280, num_frames=121, fps=24, **{**_COMMON, "resolution_multiple": 32})
+
+# FastWan (FastVideo): Wan DiTs distilled with DMD to 3 steps at fixed timesteps, no CFG. The flow shift
+# of their scheduler configs (8 and 5) does not enter the DMD loop: its sigmas are timestep / 1000.
+FASTWAN_DMD_TIMESTEPS = (1000, 757, 522)
+
+_FASTWAN = dict(_COMMON, negative_prompt=None, num_inference_steps=len(FASTWAN_DMD_TIMESTEPS), guidance_scale=1.0)
+
+FASTWAN21_T2V = ModelDefaults(name="FastWan2.1-T2V-1.3B", height=448, width=832, num_frames=61, fps=16, **_FASTWAN)
+
+FASTWAN22_TI2V_5B = ModelDefaults(name="FastWan2.2-TI2V-5B", height=704, width=1280, num_frames=121, fps=24,
+                                  **{**_FASTWAN, "resolution_multiple": 32})

@@ -43,6 +43,13 @@ class PipelineState:
     pixels: torch.Tensor | None = None  # float [0, 1]: (N, H, W, 3) images or (N, F, H, W, 3) videos
     extras: dict[str, Any] = field(default_factory=dict)  # model-specific values between stages
     timings: dict[str, float] = field(default_factory=dict)
+    _generator: torch.Generator | None = None
+
+    def noise_generator(self) -> torch.Generator:
+        """The request's CPU generator, seeded once: every noise draw of the request continues it."""
+        if self._generator is None:
+            self._generator = torch.Generator("cpu").manual_seed(self.seed)
+        return self._generator
 
     def check_cancelled(self) -> None:
         if self.is_cancelled is not None and self.is_cancelled():

@@ -180,7 +180,7 @@ class WanPipeline(ComposedPipeline):
         latent_frames = (r.num_frames - 1) // self.vae_scale_temporal + 1
         grid_h, grid_w = r.height // self.vae_scale_spatial, r.width // self.vae_scale_spatial
         shape = (r.batch_size, self.vae.config.z_dim, latent_frames, grid_h, grid_w)
-        state.latents = draw_noise(shape, state.seed, torch.float32, self.device)
+        state.latents = draw_noise(shape, state.noise_generator(), torch.float32, self.device)
         if not r.images:
             if self.expand_timesteps:  # every token at the same timestep
                 state.extras["frame_mask"] = torch.ones(1, 1, latent_frames, grid_h, grid_w, device=self.device)

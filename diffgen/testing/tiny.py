@@ -61,16 +61,18 @@ TINY_FAMILIES: dict[str, Callable] = {
 }
 
 
+# family -> function(pipeline, path) run after save_pretrained (components saved as the hub stores them)
+_AFTER_SAVE: dict[str, Callable] = {}
+
+
 def _register_wan() -> None:
-    from diffgen.testing.tiny_wan import WAN_FAMILIES
+    from diffgen.testing.tiny_wan import WAN_AFTER_SAVE, WAN_FAMILIES
 
     TINY_FAMILIES.update(WAN_FAMILIES)
+    _AFTER_SAVE.update(WAN_AFTER_SAVE)
 
 
 _register_wan()
-
-# family -> function(pipeline, path) run after save_pretrained (components saved as the hub stores them)
-_AFTER_SAVE: dict[str, Callable] = {}
 
 
 def _register_qwen() -> None:

@@ -7,11 +7,19 @@
 | wan22-a14b     | Wan2.2-T2V-A14B                | WanPipeline             | transformer_2, boundary 0.875  |
 | wan22-i2v-a14b | Wan2.2-I2V-A14B                | WanImageToVideoPipeline | transformer_2, boundary 0.9    |
 | wan22-ti2v     | Wan2.2-TI2V-5B                 | WanPipeline             | expand_timesteps, 48-ch VAE 16x|
+| fastwan-t2v    | FastVideo/FastWan2.1-T2V-1.3B  | WanDMDPipeline          | + VSA gate weights (unused)    |
+| fastwan22-ti2v | FastVideo/FastWan2.2-TI2V-5B-FullAttn | WanDMDPipeline   | expand_timesteps, 48-ch VAE 16x|
 
-Schedulers are the real UniPC flow configs (flow_shift 3 / 5 / 12 as in the repositories).
+Schedulers are the real UniPC flow configs (flow_shift 3 / 5 / 12 as in the repositories; FastWan 8 / 5).
+The FastWan folders are Wan folders saved by diffusers whose model_index.json names FastVideo's
+``WanDMDPipeline``; FastWan2.1's DiT also stores the ``to_gate_compress`` projections of Video Sparse
+Attention in each self-attention.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -132,10 +140,49 @@ def wan22_ti2v():
                        expand_timesteps=True)
 
 
+def fastwan21_t2v():
+    from diffusers import WanPipeline
+
+    return WanPipeline(tokenizer=tok.t5_tokenizer(), text_encoder=umt5_encoder(), vae=wan21_vae(),
+                       scheduler=unipc_scheduler(8.0), transformer=wan_transformer(offset=4))
+
+
+def fastwan22_ti2v():
+    from diffusers import WanPipeline
+
+    return WanPipeline(tokenizer=tok.t5_tokenizer(), text_encoder=umt5_encoder(), vae=wan22_vae(),
+                       scheduler=unipc_scheduler(5.0), transformer=wan_transformer(48, 48, offset=5),
+                       expand_timesteps=True)
+
+
+def save_as_fastvideo(pipe, path: Path) -> None:
+    """Name FastVideo's pipeline class in model_index.json; add VSA gate weights to a Wan2.1-sized DiT."""
+    from safetensors.torch import load_file, save_file
+
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["_class_name"] = "WanDMDPipeline"
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if pipe.transformer.config.in_channels != 16:
+        return  # FastWan2.2-TI2V-5B-FullAttn: full attention only
+    weights_file = path / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    generator = torch.Generator().manual_seed(SEED)
+    dim = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    for i in range(pipe.transformer.config.num_layers):
+        weights[f"blocks.{i}.attn1.to_gate_compress.weight"] = torch.randn(dim, dim, generator=generator) * 0.02
+        weights[f"blocks.{i}.attn1.to_gate_compress.bias"] = torch.zeros(dim)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+
+
 WAN_FAMILIES = {
     "wan-t2v": wan21_t2v,
     "wan-i2v": wan21_i2v,
     "wan22-a14b": wan22_t2v_a14b,
     "wan22-i2v-a14b": wan22_i2v_a14b,
     "wan22-ti2v": wan22_ti2v,
+    "fastwan-t2v": fastwan21_t2v,
+    "fastwan22-ti2v": fastwan22_ti2v,
 }
+
+WAN_AFTER_SAVE = {"fastwan-t2v": save_as_fastvideo, "fastwan22-ti2v": save_as_fastvideo}

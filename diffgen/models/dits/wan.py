@@ -181,7 +181,9 @@ class WanBlock(nn.Module):
 class WanTransformer(nn.Module):
     config_class = WanConfig
     keep_in_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
-    ignored_checkpoint_keys = ("norm_added_q",)  # present in some conversions, unused by the reference
+    # norm_added_q: present in some conversions, unused by the reference. to_gate_compress: the gate of
+    # Video Sparse Attention's compressed branch (FastWan2.1), unused with full attention.
+    ignored_checkpoint_keys = ("norm_added_q", "to_gate_compress")
 
     def __init__(self, config: WanConfig):
         super().__init__()

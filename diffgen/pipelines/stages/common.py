@@ -14,9 +14,14 @@ if TYPE_CHECKING:
     from diffgen.pipelines.base import ComposedPipeline, PipelineState
 
 
-def draw_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Gaussian noise exactly as diffusers draws it with ``torch.Generator("cpu").manual_seed(seed)``."""
-    generator = torch.Generator("cpu").manual_seed(seed)
+def draw_noise(shape: tuple[int, ...], seed: int | torch.Generator, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """Gaussian noise exactly as diffusers draws it with ``torch.Generator("cpu").manual_seed(seed)``.
+
+    Given a generator instead of a seed, it draws the next noise of that generator (samplers that
+    re-noise between steps draw from the request's one generator, as the references do).
+    """
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator("cpu").manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
 
