@@ -43,25 +43,32 @@ class MLPEmbedder(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class _ProjectedGELU(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int, approximate: str):
+class _ProjectedActivation(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int, approximate: str, activation: str):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out)
-        self.approximate = approximate
+        self.approximate, self.activation = approximate, activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "silu":
+            return F.silu(self.proj(x))
         return F.gelu(self.proj(x), approximate=self.approximate)
 
 
 class FeedForward(nn.Module):
-    """Linear -> GELU -> Linear, stored as ``net.0.proj`` / ``net.2`` like diffusers' FeedForward."""
+    """Linear -> GELU (or SiLU) -> Linear, stored as ``net.0.proj`` / ``net.2`` like diffusers' FeedForward.
+
+    ``activation="silu"`` is diffusers' "linear-silu" (HunyuanVideo's token refiner).
+    """
 
     def __init__(self, dim: int, hidden_dim: int | None = None, dim_out: int | None = None,
-                 approximate: str = "tanh"):
+                 approximate: str = "tanh", activation: str = "gelu"):
         super().__init__()
+        if activation not in ("gelu", "silu"):
+            raise ValueError(f"unknown feed-forward activation {activation!r}")
         hidden_dim = hidden_dim or 4 * dim
         self.net = nn.ModuleList([
-            _ProjectedGELU(dim, hidden_dim, approximate),
+            _ProjectedActivation(dim, hidden_dim, approximate, activation),
             nn.Identity(),  # diffusers keeps a Dropout here; the index keeps weight names aligned
             nn.Linear(hidden_dim, dim_out or dim),
         ])

@@ -44,7 +44,8 @@ class JointAttention(nn.Module):
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
         """Image tokens ``x`` (B, N, D), text tokens ``context`` (B, T, D).
 
-        ``context_mask`` (B, T) bool marks the text tokens to attend to (image tokens always are).
+        ``context_mask`` (B, T) bool marks the text tokens to attend to (image tokens always are); in
+        single-stream use (``joint=False``, ``x`` = [text, image]) it covers the text at the head of ``x``.
         Returns the image output, or (image output, text output) when ``context`` is given.
         """
         q, k, v = self._project(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
@@ -53,9 +54,9 @@ class JointAttention(nn.Module):
             cq, ck, cv = self._project(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
                                        self.norm_added_q, self.norm_added_k)
             q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
-            if context_mask is not None:
-                image_mask = context_mask.new_ones(x.shape[0], x.shape[1])
-                mask = torch.cat([context_mask, image_mask], dim=1)
+        if context_mask is not None:
+            image_mask = context_mask.new_ones(x.shape[0], q.shape[1] - context_mask.shape[1])
+            mask = torch.cat([context_mask, image_mask], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, mask=mask).flatten(2).to(q.dtype)
         if context is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image
@@ -37,6 +39,19 @@ def vae_latent_stats(vae, dtype: torch.dtype, device: torch.device) -> tuple[tor
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, dtype)
     std = torch.tensor(vae.config.latents_std).view(shape).to(device, dtype)
     return mean, std
+
+
+def vae_tiling_wanted(height: int, width: int, min_pixels: int) -> bool:
+    """Decode in spatial tiles when a frame has more than ``min_pixels`` pixels.
+
+    ``DIFFGEN_VAE_TILING=1`` forces tiling, ``=0`` disables it (default ``auto``).
+    """
+    forced = os.environ.get("DIFFGEN_VAE_TILING", "auto").lower()
+    if forced in ("1", "true", "on"):
+        return True
+    if forced in ("0", "false", "off"):
+        return False
+    return height * width > min_pixels
 
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:

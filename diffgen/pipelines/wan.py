@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
-import os
 import re
 from typing import Any
 
@@ -30,7 +29,7 @@ from diffgen.engine.request import GenerationRequest
 from diffgen.errors import InvalidRequestError
 from diffgen.models.dits.wan import WanTransformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
-from diffgen.pipelines.latents import image_to_tensor, vae_latent_stats
+from diffgen.pipelines.latents import image_to_tensor, vae_latent_stats, vae_tiling_wanted
 from diffgen.pipelines.stages import draw_noise
 
 #: Decoded frames larger than this (pixels per frame) are decoded in overlapping spatial tiles.
@@ -241,14 +240,6 @@ class WanPipeline(ComposedPipeline):
         return pred
 
     # -- decoding ------------------------------------------------------------------------------
-    def _use_tiling(self, height: int, width: int) -> bool:
-        forced = os.environ.get("DIFFGEN_VAE_TILING", "auto").lower()
-        if forced in ("1", "true", "on"):
-            return True
-        if forced in ("0", "false", "off"):
-            return False
-        return height * width > VAE_TILING_MIN_PIXELS
-
     def decode(self, state: PipelineState) -> None:
         r = state.request
         latents = state.latents
@@ -259,7 +250,8 @@ class WanPipeline(ComposedPipeline):
         latents = latents.to(self.device, self.vae.dtype)
         mean, inv_std = self._latent_stats(latents.dtype, latents.device)
         latents = latents / inv_std + mean
-        decode = self.vae.tiled_decode if self._use_tiling(r.height, r.width) else self.vae.decode
+        tiled = vae_tiling_wanted(r.height, r.width, VAE_TILING_MIN_PIXELS)
+        decode = self.vae.tiled_decode if tiled else self.vae.decode
         # One video at a time (VAE slicing): peak memory of one output whatever the batch.
         videos = [decode(sample, return_dict=False)[0] for sample in latents.split(1)]
         video = torch.cat(videos)  # (B, 3, F, H, W) in [-1, 1]

@@ -75,6 +75,15 @@ def _register_wan() -> None:
 _register_wan()
 
 
+def _register_hunyuan() -> None:
+    from diffgen.testing.tiny_hunyuan import HUNYUAN_FAMILIES
+
+    TINY_FAMILIES.update(HUNYUAN_FAMILIES)
+
+
+_register_hunyuan()
+
+
 def _register_qwen() -> None:
     from diffgen.testing.tiny_qwen import QWEN_AFTER_SAVE, QWEN_FAMILIES
 

@@ -29,3 +29,24 @@ def t5_tokenizer(max_length: int = 512):
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [(c, -5.0) for c in PRINTABLE] + [("▁" + c, -4.0) for c in PRINTABLE]
     return T5Tokenizer(vocab=vocab, extra_ids=0, additional_special_tokens=[], model_max_length=max_length)
+
+
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def llama_tokenizer(max_length: int = 4096):
+    """Llama BPE without merges (one token per printable character, byte fallback), with Llama-3's chat tokens."""
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for ch in ["▁", *PRINTABLE, *LLAMA3_SPECIAL_TOKENS]:
+        vocab.setdefault(ch, len(vocab))
+    # padding_side "right" as the HunyuanVideo repositories save it (the reference crops the template from the left)
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], pad_token="<pad>", model_max_length=max_length,
+                               padding_side="right")
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL_TOKENS]})
+    return tokenizer
