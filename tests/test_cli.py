@@ -58,12 +58,14 @@ def test_config_file_values_and_flags_override(tiny_flux, tmp_path, suffix):
 @pytest.mark.parametrize("args,message", [
     (["--height", "65"], "height: 65 is not a multiple of 16"),
     (["--width", "100"], "width: 100 is not a multiple of 16"),
-    (["--num-inference-steps", "0"], "num_inference_steps: 0 is out of range"),
+    (["--num-inference-steps", "0"], "--num-inference-steps: 0 is out of range; allowed 1..1000"),
     (["--prompt", "  "], "prompt: must be a non-empty string"),
-    (["--seed", "-1"], "seed: -1 is out of range"),
-    (["--num-outputs-per-prompt", "0"], "num_outputs_per_prompt: 0 is out of range"),
-    (["--output-format", "bmp", "--save-output"], "output_format: 'bmp'"),
-    (["--dtype", "float99"], "--dtype 'float99' is not supported"),
+    (["--seed", "-1"], "--seed: -1 is out of range"),
+    (["--num-outputs-per-prompt", "0"], "--num-outputs-per-prompt: 0 is out of range; allowed 1..10"),
+    (["--output-format", "bmp", "--save-output"], "--output-format: 'bmp' is not allowed; one of png, jpeg"),
+    (["--dtype", "float99"], "--dtype: 'float99' is not allowed; one of auto, bfloat16"),
+    (["--guidance-scale", "101"], "--guidance-scale: 101.0 is out of range; allowed 0..100"),
+    (["--num-frames", "5"], "num_frames: FLUX.1-dev makes images, not videos"),
 ])
 def test_bad_input_is_one_clear_line(tiny_flux, tmp_path, capsys, args, message):
     base = ["generate", "--model-path", tiny_flux, "--num-inference-steps", "1", "--height", "32", "--width", "32",

@@ -151,9 +151,9 @@ def test_edit_matches_diffusers(edit, kwargs):
 @pytest.mark.parametrize("size,expected", [((96, 64), (1248, 832)), ((64, 96), (832, 1248)), ((50, 50), (1024, 1024))])
 def test_edit_output_size_follows_the_input_aspect_ratio(edit, size, expected):
     _, engine = edit
-    request = engine.pipeline.resolve_request(GenerationRequest.build(EDIT_PROMPT, images=[_image(*size)]))
+    request = engine.resolve(GenerationRequest.build(EDIT_PROMPT, images=[_image(*size)]))
     assert (request.width, request.height) == expected
-    request = engine.pipeline.resolve_request(
+    request = engine.resolve(
         GenerationRequest.build(EDIT_PROMPT, images=[_image(*size)], width=64, height=32))
     assert (request.width, request.height) == (64, 32)
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from diffgen.engine.request import GenerationRequest, GenerationResult
+from diffgen.engine.spec import ModelSpec, resolve
 from diffgen.pipelines.base import ComposedPipeline, ProgressFn
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,16 @@ class Engine:
         return cls(pipeline)
 
     @property
+    def spec(self) -> ModelSpec:
+        return self.pipeline.spec
+
+    @property
     def defaults(self):
-        return self.pipeline.defaults
+        return self.spec.defaults
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` checked against the model's spec, with its defaults filled in."""
+        return resolve(request, self.spec)
 
     @property
     def model_path(self) -> str:
@@ -69,4 +78,4 @@ class Engine:
 
     def run(self, request: GenerationRequest, progress: ProgressFn | None = None,
             is_cancelled=None) -> GenerationResult:
-        return self.pipeline.run(request, progress=progress, is_cancelled=is_cancelled)
+        return self.pipeline.run(self.resolve(request), progress=progress, is_cancelled=is_cancelled)

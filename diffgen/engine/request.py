@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from diffgen.errors import InvalidRequestError
+from diffgen.options import MAX_OUTPUTS, MAX_PROMPT_CHARS, MAX_SEED, check_value  # noqa: F401 (re-exported)
 
-MAX_PROMPT_CHARS = 20_000
-MAX_OUTPUTS = 16
-MAX_SEED = 2**63 - 1
+_CHECKED = ("height", "width", "num_inference_steps", "seed", "guidance_scale", "guidance_scale_2", "true_cfg_scale",
+            "num_frames", "fps", "max_sequence_length")
 
 
 @dataclass
@@ -62,6 +62,7 @@ class GenerationRequest:
         return request
 
     def check(self) -> None:
+        """What needs no model knowledge; the bounds are the options' (diffgen.options)."""
         if not self.prompt:
             raise InvalidRequestError("prompt", "at least one prompt is required")
         for text in self.prompt:
@@ -77,37 +78,15 @@ class GenerationRequest:
                 if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
                     raise InvalidRequestError("negative_prompt",
                                               f"must be a string of at most {MAX_PROMPT_CHARS} characters")
-        _check_int("num_outputs_per_prompt", self.num_outputs_per_prompt, 1, MAX_OUTPUTS)
-        for name in ("height", "width"):
+        check_value("num_outputs_per_prompt", self.num_outputs_per_prompt)
+        for name in _CHECKED:
             value = getattr(self, name)
             if value is not None:
-                _check_int(name, value, 16, 8192)
-        if self.num_inference_steps is not None:
-            _check_int("num_inference_steps", self.num_inference_steps, 1, 1000)
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0, MAX_SEED)
-        for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not 0 <= value <= 100):
-                raise InvalidRequestError(name, f"{value!r} is not a number between 0 and 100")
-        if self.num_frames is not None:
-            _check_int("num_frames", self.num_frames, 1, 1025)
-        if self.fps is not None:
-            _check_int("fps", self.fps, 1, 120)
-        if self.max_sequence_length is not None:
-            _check_int("max_sequence_length", self.max_sequence_length, 1, 4096)
+                check_value(name, value)
 
     @property
     def batch_size(self) -> int:
         return len(self.prompt) * self.num_outputs_per_prompt
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(name, f"{value!r} is not an integer")
-    if not low <= value <= high:
-        raise InvalidRequestError(name, f"{value} is out of range; allowed {low}..{high}")
 
 
 @dataclass

@@ -51,7 +51,7 @@ class ModelInfo:
     output_kind: str  # "image" or "video"
     accepts_images: bool
     defaults: Any  # configs.models.ModelDefaults
-    pipeline_class: str  # "module:QualName", for validating requests without the weights
+    spec: Any  # engine.spec.ModelSpec
     device: str
 
 
@@ -86,11 +86,10 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
         outbox.put(("load_failed", f"{type(e).__name__}: {e}"))
         return
     pipeline = engine.pipeline
-    cls = type(pipeline)
     outbox.put(("ready", ModelInfo(
         model_path=pipeline.model_path, name=pipeline.defaults.name, output_kind=pipeline.output_kind,
-        accepts_images=pipeline.accepts_images, defaults=pipeline.defaults,
-        pipeline_class=f"{cls.__module__}:{cls.__qualname__}", device=str(pipeline.device))))
+        accepts_images=pipeline.accepts_images, defaults=pipeline.defaults, spec=pipeline.spec,
+        device=str(pipeline.device))))
 
     batches: queue.Queue = queue.Queue()
     cancelled: set[str] = set()

@@ -9,53 +9,7 @@ import sys
 from typing import Any
 
 from diffgen.errors import DiffgenError
-
-# Options shared by every command that loads a model (generate, serve).
-MODEL_OPTIONS = ("model_path", "device", "dtype", "revision", "attention_backend", "compile", "quantize", "vae_dtype")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffgen.layers.attention import ATTENTION_BACKENDS
-
-    group = parser.add_argument_group("model")
-    group.add_argument("--model-path", help="hub id (org/name) or local diffusers pipeline folder")
-    group.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    group.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    group.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: bfloat16 on GPU, float32 on CPU)")
-    group.add_argument("--vae-dtype", help="the VAE's dtype if it should differ from --dtype (e.g. float32 decoding)")
-    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
-                       help="SDPA kernel family (default auto: cuDNN on CUDA)")
-    group.add_argument("--compile", action="store_true", default=None,
-                       help="torch.compile each DiT block (first request per shape compiles; later steps faster)")
-    group.add_argument("--quantize", choices=("fp8",),
-                       help="fp8: float8 DiT linears (Hopper/Ada tensor cores); numbers differ slightly from bf16")
-    parser.add_argument("--config", help="YAML or JSON file of option values; flags on the command line win")
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--prompt", help="text prompt")
-    group.add_argument("--prompt-file", help="file with one prompt per line")
-    group.add_argument("--negative-prompt", help="negative prompt (CFG models; FLUX needs --true-cfg-scale > 1)")
-    group.add_argument("--height", type=int, help="output height in pixels (default: model's)")
-    group.add_argument("--width", type=int, help="output width in pixels (default: model's)")
-    group.add_argument("--num-inference-steps", type=int, help="denoising steps (default: model's)")
-    group.add_argument("--guidance-scale", type=float, help="guidance scale (default: model's)")
-    group.add_argument("--guidance-scale-2", type=float,
-                       help="guidance of the low-noise transformer of two-transformer models (Wan2.2 A14B)")
-    group.add_argument("--true-cfg-scale", type=float, help="true classifier-free guidance scale")
-    group.add_argument("--seed", type=int, help="seed; same seed, same picture as diffusers (default: random)")
-    group.add_argument("--num-outputs-per-prompt", type=int, help="outputs per prompt (default 1)")
-    group.add_argument("--num-frames", type=int, help="video frames (video models)")
-    group.add_argument("--fps", type=int, help="video frames per second (video models)")
-    group.add_argument("--image-path", action="append", help="input image file or http(s) URL (repeatable)")
-    group.add_argument("--max-sequence-length", type=int, help="text tokens for the DiT (default: model's)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--save-output", action="store_true", default=None, help="write the outputs to files")
-    out.add_argument("--output-path", help="folder for outputs (default ./outputs)")
-    out.add_argument("--output-file-name", help="file name stem (index suffix added for several outputs)")
-    out.add_argument("--output-format",
-                     help="png, jpeg, webp for images; mp4 (default), gif, webp, png-frames for videos")
+from diffgen.options import SAMPLING, add_arguments, engine_option_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     gen = sub.add_parser("generate", help="generate images or videos from the command line",
+                         usage="%(prog)s --model-path PATH (--prompt TEXT | --prompt-file FILE) [options]",
                          argument_default=None)
-    add_model_arguments(gen)
-    add_sampling_arguments(gen)
+    add_arguments(gen, "generate")
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint in diffusers format (offline)")
     from diffgen.testing.tiny import TINY_FAMILIES
@@ -84,18 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def merge_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Config-file values, overridden by every flag given on the command line."""
+    """Config-file values, overridden by every flag given on the command line; both checked against
+    the options' types, bounds and choices (diffgen.options)."""
     from diffgen.inputs import read_config_file
+    from diffgen.options import merge_config as merge
 
-    values = read_config_file(args.config) if getattr(args, "config", None) else {}
-    known = set(vars(args))
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise DiffgenError(f"--config: unknown option(s) {', '.join(unknown)}")
-    for key, value in vars(args).items():
-        if value is not None:
-            values[key] = value
-    return values
+    config = read_config_file(args.config) if getattr(args, "config", None) else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "version")}
+    return merge(args.command, flags, config)
+
+
+def engine_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of Engine.from_pretrained among ``options`` (model_path apart)."""
+    return {k: options[k] for k in engine_option_names() if options.get(k) is not None}
+
+
+def require_model_path(options: dict[str, Any]) -> str:
+    if not options.get("model_path"):
+        raise DiffgenError("--model-path is required (a hub id like black-forest-labs/FLUX.1-dev or a folder)")
+    return options["model_path"]
 
 
 def run_generate(options: dict[str, Any]) -> int:
@@ -104,8 +65,7 @@ def run_generate(options: dict[str, Any]) -> int:
     from diffgen.engine.engine import Engine
     from diffgen.inputs import load_image, read_prompt_file
 
-    if not options.get("model_path"):
-        raise DiffgenError("--model-path is required (a hub id like black-forest-labs/FLUX.1-dev or a folder)")
+    model_path = require_model_path(options)
     if options.get("prompt") and options.get("prompt_file"):
         raise DiffgenError("--prompt and --prompt-file: give one, not both")
     if options.get("prompt_file"):
@@ -115,19 +75,15 @@ def run_generate(options: dict[str, Any]) -> int:
     else:
         raise DiffgenError("--prompt is required (or --prompt-file)")
     images = [load_image(p, "--image-path") for p in options.get("image_path") or []]
-    params = {k: options[k] for k in ("negative_prompt", "height", "width", "num_inference_steps",
-                                      "guidance_scale", "guidance_scale_2", "true_cfg_scale", "seed", "num_frames",
-                                      "fps", "max_sequence_length") if options.get(k) is not None}
-    outputs = options.get("num_outputs_per_prompt")
-    params["num_outputs_per_prompt"] = 1 if outputs is None else outputs
+    params = {o.name: options[o.name] for o in SAMPLING.options
+              if o.name not in ("prompt", "prompt_file", "image_path") and options.get(o.name) is not None}
     if images:
         params["images"] = images
     from diffgen.engine.request import GenerationRequest
 
     GenerationRequest.build(prompts, **params)  # reject bad input before loading a model
 
-    engine_options = {k: options[k] for k in MODEL_OPTIONS if k != "model_path" and options.get(k) is not None}
-    engine = Engine.from_pretrained(options["model_path"], **engine_options)
+    engine = Engine.from_pretrained(model_path, **engine_options(options))
     bars: list[tqdm] = []
 
     def progress(step: int, total: int) -> None:
@@ -165,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "generate":
-            return run_generate(merge_config(args))
+            options = merge_config(args)
+            if options.get("log_level"):
+                logging.getLogger("diffgen").setLevel(options["log_level"].upper())
+            return run_generate(options)
         if args.command == "tiny-checkpoint":
             from diffgen.testing import write_tiny_checkpoint
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from diffgen.errors import ModelLoadError
-from diffgen.loader.resolve import read_model_index, resolve_model_path
+from diffgen.loader.resolve import CheckpointInfo, read_model_index, resolve_model_path
 from diffgen.loader.weights import load_native_model
 
 logger = logging.getLogger(__name__)
@@ -87,9 +87,56 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
         library, class_name = entry
         components[name] = load_component(folder / name, library, class_name, pipeline_cls,
                                           component_dtype.get(name, dtype), device)
+    checkpoint = CheckpointInfo.from_folder(folder, str(model_path))
     # Pipeline-level settings of model_index.json (Wan: boundary_ratio, expand_timesteps).
-    settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
-    return pipeline_cls(components, str(model_path), device, dtype, settings=settings)
+    return pipeline_cls(components, str(model_path), device, dtype, settings=checkpoint.settings,
+                        spec=pipeline_cls.describe(checkpoint))
+
+
+def read_model_spec(model_path: str, revision: str | None = None):
+    """The ModelSpec of a checkpoint from its JSON files, without loading (or downloading) weights.
+
+    Raises ModelLoadError for a path that is neither a pipeline folder nor a reachable hub id, or an
+    unsupported pipeline class: what a front end checks before it starts workers.
+    """
+    from diffgen.pipelines.base import pipeline_for
+
+    local = Path(model_path).expanduser()
+    if local.exists() or not _looks_like_hub_id(str(model_path)):
+        folder = resolve_model_path(local)  # raises the precise error for a missing / bad folder
+        checkpoint = CheckpointInfo.from_folder(folder, str(model_path))
+    else:
+        checkpoint = _hub_checkpoint(str(model_path), revision)
+    return pipeline_for(checkpoint.index.get("_class_name", "?"), Path(str(model_path))).describe(checkpoint)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    from diffgen.loader.resolve import _HUB_ID
+
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
+def _hub_checkpoint(repo_id: str, revision: str | None) -> CheckpointInfo:
+    """model_index.json and, on demand, component configs from the hub (small JSON files only)."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index_file = Path(hf_hub_download(repo_id, "model_index.json", revision=revision))
+    except Exception:
+        resolve_model_path(repo_id, components=[], revision=revision)  # raises the precise error
+        raise
+
+    def read(component: str) -> dict:
+        for name in ("config.json", "scheduler_config.json"):
+            try:
+                return json.loads(Path(hf_hub_download(repo_id, f"{component}/{name}", revision=revision)).read_text())
+            except Exception:  # noqa: S112 (a component without this file: try the next name)
+                continue
+        return {}
+
+    return CheckpointInfo(repo_id, read_model_index(index_file.parent), read)
 
 
 def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dtype: torch.dtype,

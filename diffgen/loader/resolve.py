@@ -86,3 +86,50 @@ def _download(repo_id: str, components: list[str] | None, revision: str | None) 
 
 def _component_names(index: dict) -> list[str]:
     return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+
+
+class CheckpointInfo:
+    """What a pipeline class may read to describe a checkpoint (``describe``): model_index.json's
+    settings and the components' JSON configs, from a folder or from already loaded components."""
+
+    def __init__(self, model_path: str, index: dict, read_config):
+        self.model_path = model_path
+        self.index = index
+        self._read_config = read_config
+
+    @property
+    def settings(self) -> dict:
+        """Non-component entries of model_index.json (e.g. Wan2.2's boundary_ratio)."""
+        return {k: v for k, v in self.index.items() if not k.startswith("_") and not isinstance(v, list)}
+
+    def has(self, component: str) -> bool:
+        entry = self.index.get(component)
+        return isinstance(entry, list) and entry[0] is not None
+
+    def config(self, component: str) -> dict:
+        """The component's config as a dict; {} when the component is absent."""
+        return dict(self._read_config(component) or {}) if self.has(component) else {}
+
+    @classmethod
+    def from_folder(cls, folder: Path, model_path: str | None = None) -> CheckpointInfo:
+        def read(component: str) -> dict:
+            for name in ("config.json", "scheduler_config.json"):
+                file = folder / component / name
+                if file.is_file():
+                    return json.loads(file.read_text())
+            return {}
+
+        return cls(model_path or str(folder), read_model_index(folder), read)
+
+    @classmethod
+    def from_components(cls, model_path: str, components: dict, settings: dict) -> CheckpointInfo:
+        import dataclasses
+
+        def read(component: str) -> dict:
+            config = getattr(components.get(component), "config", None)
+            if config is None:
+                return {}
+            return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+        index = {**settings, **{name: ["?", "?"] for name, value in components.items() if value is not None}}
+        return cls(model_path, index, read)

@@ -3,12 +3,12 @@
 A pipeline object holds only loaded components and model defaults; everything about one request
 (prompts, noise, latents, timesteps, progress, cancel flag) lives in :class:`PipelineState`.
 Adding a model = a defaults entry (configs), a DiT file (models/dits) and a pipeline definition
-registered here under the ``_class_name`` of its ``model_index.json``.
+registered here under the ``_class_name`` of its ``model_index.json``, whose ``describe`` publishes
+the model's :class:`~diffgen.engine.spec.ModelSpec` from the checkpoint's JSON files.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +19,9 @@ import torch
 
 from diffgen.configs.models import ModelDefaults
 from diffgen.engine.request import GenerationRequest, GenerationResult
-from diffgen.errors import CancelledError, InvalidRequestError, ModelLoadError
+from diffgen.engine.spec import ModelSpec
+from diffgen.errors import CancelledError, ModelLoadError
+from diffgen.loader.resolve import CheckpointInfo
 
 ProgressFn = Callable[[int, int], None]
 
@@ -80,18 +82,17 @@ class ComposedPipeline:
     component_loaders: ClassVar[dict[str, Callable[..., Any]]] = {}
     #: "image" or "video"
     output_kind: ClassVar[str] = "image"
-    #: whether the pipeline takes input images (edit / image-to-video).
-    accepts_images: ClassVar[bool] = False
 
     def __init__(self, components: dict[str, Any], model_path: str, device: torch.device, dtype: torch.dtype,
-                 settings: dict[str, Any] | None = None):
+                 settings: dict[str, Any] | None = None, spec: ModelSpec | None = None):
         self.components = components
         self.model_path = model_path
         self.device = device
         self.dtype = dtype
         #: non-component entries of model_index.json (e.g. Wan2.2's boundary_ratio)
         self.settings = settings or {}
-        self.defaults = self.select_defaults()
+        #: the loader passes the spec it read from the checkpoint's files; built pipelines derive it
+        self.spec = spec or self.describe(CheckpointInfo.from_components(model_path, components, self.settings))
 
     def __getattr__(self, name: str) -> Any:
         components = self.__dict__.get("components", {})
@@ -99,8 +100,18 @@ class ComposedPipeline:
             return components[name]
         raise AttributeError(name)
 
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self.spec.defaults
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.spec.accepts_images
+
     # -- definition points for subclasses ------------------------------------------------------
-    def select_defaults(self) -> ModelDefaults:
+    @classmethod
+    def describe(cls, checkpoint: CheckpointInfo) -> ModelSpec:
+        """The model's spec, from the checkpoint's JSON files only (the front end has no weights)."""
         raise NotImplementedError
 
     def stages(self) -> list[PipelineStage]:
@@ -109,38 +120,6 @@ class ComposedPipeline:
         image_stage = [S.ImageEncodingStage()] if self.accepts_images else []
         return [S.InputValidationStage(), S.TextEncodingStage(), *image_stage, S.LatentsStage(),
                 S.TimestepsStage(), S.DenoisingStage(), S.DecodingStage()]
-
-    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
-        """Fill model defaults and check what depends on the model; returns a new request."""
-        d = self.defaults
-        r = dataclasses.replace(
-            request,
-            height=request.height or d.height,
-            width=request.width or d.width,
-            num_inference_steps=request.num_inference_steps or d.num_inference_steps,
-            guidance_scale=d.guidance_scale if request.guidance_scale is None else request.guidance_scale,
-            true_cfg_scale=d.true_cfg_scale if request.true_cfg_scale is None else request.true_cfg_scale,
-            max_sequence_length=request.max_sequence_length or d.max_sequence_length,
-        )
-        for name in ("height", "width"):
-            if getattr(r, name) % d.resolution_multiple:
-                raise InvalidRequestError(
-                    name, f"{getattr(r, name)} is not a multiple of {d.resolution_multiple} (required by {d.name})")
-        if r.max_sequence_length > d.max_sequence_length_limit:
-            raise InvalidRequestError("max_sequence_length",
-                                      f"{r.max_sequence_length} exceeds {d.max_sequence_length_limit} for {d.name}")
-        if r.images and not self.accepts_images:
-            raise InvalidRequestError("image", f"{d.name} does not take input images")
-        if self.output_kind == "video":
-            r.num_frames = r.num_frames or d.num_frames
-            r.fps = r.fps or d.fps
-            if d.frame_multiple and (r.num_frames - 1) % d.frame_multiple:
-                raise InvalidRequestError(
-                    "num_frames", f"{r.num_frames} is not {d.frame_multiple}k+1 (the VAE's temporal stride); "
-                    f"try {((r.num_frames - 1) // d.frame_multiple) * d.frame_multiple + 1}")
-        elif r.num_frames is not None:
-            raise InvalidRequestError("num_frames", f"{d.name} makes images, not videos")
-        return r
 
     def new_scheduler(self):
         """A fresh copy of the checkpoint's scheduler: schedulers keep a step index, so one per request."""

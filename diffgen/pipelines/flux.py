@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffgen.configs.flux import FLUX_DEV, FLUX_SCHNELL
-from diffgen.configs.models import ModelDefaults
+from diffgen.engine.spec import ModelSpec
 from diffgen.models.dits.flux import FluxTransformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
 from diffgen.pipelines.latents import pack_latents, set_shifted_flow_timesteps, unpack_latents
@@ -31,8 +31,11 @@ class FluxPipeline(ComposedPipeline):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def select_defaults(self) -> ModelDefaults:
-        return FLUX_DEV if self.transformer.config.guidance_embeds else FLUX_SCHNELL
+    @classmethod
+    def describe(cls, checkpoint) -> ModelSpec:
+        if checkpoint.config("transformer").get("guidance_embeds"):
+            return ModelSpec(FLUX_DEV, "image", "T2I", guidance_fields=("guidance_scale", "true_cfg_scale"))
+        return ModelSpec(FLUX_SCHNELL, "image", "T2I", guidance_fields=("true_cfg_scale",))
 
     # -- text ----------------------------------------------------------------------------------
     def _encode(self, prompts: list[str], max_length: int, repeat: int) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from diffgen.configs import hunyuan_video as presets
-from diffgen.configs.models import ModelDefaults
+from diffgen.engine.spec import ModelSpec
 from diffgen.models.dits.hunyuan_video import HunyuanVideoTransformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
 from diffgen.pipelines.latents import vae_tiling_wanted
@@ -37,8 +37,9 @@ class HunyuanVideoPipeline(ComposedPipeline):
     native_models = {"HunyuanVideoTransformer3DModel": HunyuanVideoTransformer}
     output_kind = "video"
 
-    def select_defaults(self) -> ModelDefaults:
-        return presets.HUNYUAN_VIDEO
+    @classmethod
+    def describe(cls, checkpoint) -> ModelSpec:
+        return ModelSpec(presets.HUNYUAN_VIDEO, "video", "T2V", guidance_fields=("guidance_scale", "true_cfg_scale"))
 
     @property
     def vae_scale_spatial(self) -> int:

@@ -9,16 +9,11 @@ prediction to the norm of the conditional one.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import torch
 from PIL import Image
 
-from diffgen.configs.models import ModelDefaults
 from diffgen.configs.qwen_image import QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
-from diffgen.engine.request import GenerationRequest
-from diffgen.errors import InvalidRequestError
+from diffgen.engine.spec import ModelSpec, area_fit_size
 from diffgen.models.dits.qwen_image import QwenImageTransformer
 from diffgen.models.encoders.qwen_vl import QwenVLProcessor, encode_qwen_vl_prompts
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
@@ -46,14 +41,13 @@ EDIT_PLUS_IMAGE_PREFIX = "Picture {}: <|vision_start|><|image_pad|><|vision_end|
 TOKENIZER_MAX_LENGTH = 1024
 VAE_IMAGE_AREA = 1024 * 1024  # edit inputs are VAE-encoded at about this many pixels, keeping their aspect ratio
 CONDITION_IMAGE_AREA = 384 * 384  # Edit-2509: what its vision tower sees of each input
+# The Qwen2-VL image processor refuses images more elongated than this (long side / short side).
+VISION_MAX_ASPECT = 200
 
 
-def area_fit_size(width: int, height: int, area: int) -> tuple[int, int]:
-    """(width, height) of about ``area`` pixels with the given aspect ratio, multiples of 32."""
-    ratio = width / height
-    fit_width = math.sqrt(area * ratio)
-    fit_height = fit_width / ratio
-    return round(fit_width / 32) * 32, round(fit_height / 32) * 32
+def min_steps(checkpoint) -> int:
+    # The stretch to the terminal sigma (shift_terminal) divides by (1 - last sigma), which is 0 for one step.
+    return 2 if checkpoint.config("scheduler").get("shift_terminal") else 1
 
 
 @register_pipeline
@@ -69,16 +63,10 @@ class QwenImagePipeline(ComposedPipeline):
     def vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.config.temperal_downsample)
 
-    def select_defaults(self) -> ModelDefaults:
-        return QWEN_IMAGE
-
-    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
-        request = super().resolve_request(request)
-        if request.num_inference_steps < 2 and self.scheduler.config.get("shift_terminal"):
-            # The stretch to the terminal sigma divides by (1 - last sigma), which is 0 for one step.
-            raise InvalidRequestError("num_inference_steps", f"1 step is not supported by {self.defaults.name}'s "
-                                      "scheduler (shift_terminal); use at least 2")
-        return request
+    @classmethod
+    def describe(cls, checkpoint) -> ModelSpec:
+        return ModelSpec(QWEN_IMAGE, "image", "T2I", min_steps=min_steps(checkpoint),
+                         guidance_fields=("true_cfg_scale",))
 
     # -- text ----------------------------------------------------------------------------------
     def text_encoder_inputs(self, prompts: list[str], state: PipelineState) -> dict[str, torch.Tensor]:
@@ -160,28 +148,13 @@ class QwenImageEditPipeline(QwenImagePipeline):
     prompt_template = EDIT_TEMPLATE
     template_tokens = 64
     truncate_prompt = False
-    max_input_images = 1
 
-    def select_defaults(self) -> ModelDefaults:
-        return QWEN_IMAGE_EDIT
-
-    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
-        name = self.defaults.name
-        if not request.images:
-            raise InvalidRequestError("image", f"{name} edits an input image; give one (--image-path or images=[...])")
-        if len(request.images) > self.max_input_images:
-            raise InvalidRequestError(
-                "image", f"{name} takes at most {self.max_input_images} input image(s), got {len(request.images)}"
-                + (" (Qwen-Image-Edit-2509 takes several)" if self.max_input_images == 1 else ""))
-        # Without an explicit size the output keeps the reference image's aspect ratio at ~1024x1024 pixels.
-        width, height = area_fit_size(*self.size_reference(request.images).size, VAE_IMAGE_AREA)
-        multiple = self.defaults.resolution_multiple
-        request = dataclasses.replace(request, height=request.height or height // multiple * multiple,
-                                      width=request.width or width // multiple * multiple)
-        return super().resolve_request(request)
-
-    def size_reference(self, images: list[Image.Image]) -> Image.Image:
-        return images[0]
+    @classmethod
+    def describe(cls, checkpoint) -> ModelSpec:
+        # Without an explicit size the output keeps the input's aspect ratio at ~1024x1024 pixels.
+        return ModelSpec(QWEN_IMAGE_EDIT, "image", "I2I", min_images=1, max_images=1, min_steps=min_steps(checkpoint),
+                         guidance_fields=("true_cfg_scale",), size_from_image="first", size_rule="area_fit",
+                         image_area=VAE_IMAGE_AREA, vision_area=VAE_IMAGE_AREA, max_input_aspect=VISION_MAX_ASPECT)
 
     def edit_inputs(self, state: PipelineState) -> tuple[list[Image.Image], list[Image.Image]]:
         """(images for the vision tower, images for the VAE), resized once per request."""
@@ -226,13 +199,14 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
 
     pipeline_class_names = ("QwenImageEditPlusPipeline",)
     prompt_template = EDIT_PLUS_TEMPLATE
-    max_input_images = 4
 
-    def select_defaults(self) -> ModelDefaults:
-        return QWEN_IMAGE_EDIT_PLUS
-
-    def size_reference(self, images: list[Image.Image]) -> Image.Image:
-        return images[-1]
+    @classmethod
+    def describe(cls, checkpoint) -> ModelSpec:
+        # The output size follows the last input; the vision tower sees each input at ~384x384 pixels.
+        return ModelSpec(QWEN_IMAGE_EDIT_PLUS, "image", "I2I", min_images=1, max_images=4,
+                         min_steps=min_steps(checkpoint), guidance_fields=("true_cfg_scale",),
+                         size_from_image="last", size_rule="area_fit", image_area=VAE_IMAGE_AREA,
+                         vision_area=CONDITION_IMAGE_AREA, max_input_aspect=VISION_MAX_ASPECT)
 
     def edit_inputs(self, state: PipelineState) -> tuple[list[Image.Image], list[Image.Image]]:
         if "vision_images" not in state.extras:

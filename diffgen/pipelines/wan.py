@@ -14,19 +14,14 @@ input image can be pinned as the clean first latent frame (timestep 0).
 
 from __future__ import annotations
 
-import dataclasses
 import html
-import math
 import re
-from typing import Any
 
 import torch
 from PIL import Image
 
 from diffgen.configs import wan as presets
-from diffgen.configs.models import ModelDefaults
-from diffgen.engine.request import GenerationRequest
-from diffgen.errors import InvalidRequestError
+from diffgen.engine.spec import ModelSpec
 from diffgen.models.dits.wan import WanTransformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
 from diffgen.pipelines.latents import image_to_tensor, vae_latent_stats, vae_tiling_wanted
@@ -48,14 +43,6 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def size_for_aspect(image: Image.Image, area: int, multiple: int) -> tuple[int, int]:
-    """(height, width) of about ``area`` pixels with the image's aspect ratio, multiples of ``multiple``."""
-    aspect = image.height / image.width
-    height = round(math.sqrt(area * aspect)) // multiple * multiple
-    width = round(math.sqrt(area / aspect)) // multiple * multiple
-    return max(height, multiple), max(width, multiple)
-
-
 @register_pipeline
 class WanPipeline(ComposedPipeline):
     pipeline_class_names = ("WanPipeline",)
@@ -66,14 +53,28 @@ class WanPipeline(ComposedPipeline):
     #: diffusers' WanPipeline pins the scheduler's first step index; its image-to-video pipeline does not.
     pins_begin_index = True
 
-    def __init__(self, components: dict[str, Any], model_path: str, device: torch.device, dtype: torch.dtype,
-                 settings: dict[str, Any] | None = None):
-        super().__init__(components, model_path, device, dtype, settings)
-        # TI2V-5B is a WanPipeline in its model_index.json yet also takes an optional first frame.
-        self.accepts_images = self.requires_image or self.expand_timesteps
-
     # -- model facts ---------------------------------------------------------------------------
     requires_image = False
+
+    @classmethod
+    def describe(cls, checkpoint) -> ModelSpec:
+        settings = checkpoint.settings
+        two_experts = settings.get("boundary_ratio") is not None and checkpoint.has("transformer_2")
+        if settings.get("expand_timesteps"):
+            # TI2V-5B is a WanPipeline in its model_index.json yet also takes an optional first frame.
+            defaults, task = presets.WAN22_TI2V_5B, "TI2V"
+        elif not cls.requires_image:
+            defaults, task = (presets.WAN22_T2V_A14B if two_experts else presets.WAN21_T2V), "T2V"
+        elif two_experts:
+            defaults, task = presets.WAN22_I2V_A14B, "I2V"
+        else:
+            is_720p = "720P" in checkpoint.model_path.upper()
+            defaults, task = (presets.WAN21_I2V_720P if is_720p else presets.WAN21_I2V_480P), "I2V"
+        guidance = ("guidance_scale", "guidance_scale_2") if two_experts else ("guidance_scale",)
+        # With an input image and no size asked, the image's aspect ratio is kept at the default area.
+        return ModelSpec(defaults, "video", task, min_images=int(cls.requires_image),
+                         max_images=int(task in ("I2V", "TI2V")), guidance_fields=guidance,
+                         size_from_image="first", size_rule="default_area")
 
     @property
     def expand_timesteps(self) -> bool:
@@ -91,36 +92,6 @@ class WanPipeline(ComposedPipeline):
     @property
     def vae_scale_temporal(self) -> int:
         return self.vae.config.get("scale_factor_temporal") or 4
-
-    def select_defaults(self) -> ModelDefaults:
-        if self.expand_timesteps:
-            return presets.WAN22_TI2V_5B
-        if self.boundary_ratio is not None:
-            return presets.WAN22_T2V_A14B
-        return presets.WAN21_T2V
-
-    # -- request -------------------------------------------------------------------------------
-    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
-        d = self.defaults
-        if self.requires_image and not request.images:
-            raise InvalidRequestError("image", f"{d.name} makes a video from an image: give the first frame "
-                                      "with --image-path (images= in the Python API)")
-        if len(request.images) > 1:
-            raise InvalidRequestError("image", f"{d.name} takes one input image, {len(request.images)} given")
-        if request.images and self.accepts_images and not (request.height or request.width):
-            # No size asked: keep the image's aspect ratio at the model's default area.
-            height, width = size_for_aspect(request.images[0], d.height * d.width, d.resolution_multiple)
-            request = dataclasses.replace(request, height=height, width=width)
-        r = super().resolve_request(request)
-        if r.negative_prompt is None and d.negative_prompt is not None:
-            r.negative_prompt = [d.negative_prompt] * len(r.prompt)
-        if self.boundary_ratio is None:
-            if r.guidance_scale_2 is not None:
-                raise InvalidRequestError("guidance_scale_2", f"{d.name} has one transformer; guidance_scale_2 "
-                                          "applies only to two-transformer models (Wan2.2 A14B)")
-        elif r.guidance_scale_2 is None:
-            r.guidance_scale_2 = d.guidance_scale_2 if request.guidance_scale is None else r.guidance_scale
-        return r
 
     # -- text ----------------------------------------------------------------------------------
     def _encode(self, prompts: list[str], max_length: int, repeat: int) -> torch.Tensor:
@@ -264,10 +235,3 @@ class WanImageToVideoPipeline(WanPipeline):
     optional_components = ("transformer_2", "image_encoder", "image_processor")
     pins_begin_index = False
     requires_image = True
-
-    def select_defaults(self) -> ModelDefaults:
-        if self.expand_timesteps:
-            return presets.WAN22_TI2V_5B
-        if self.boundary_ratio is not None:
-            return presets.WAN22_I2V_A14B
-        return presets.WAN21_I2V_720P if "720P" in self.model_path.upper() else presets.WAN21_I2V_480P

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
-import importlib
 import logging
 import os
 import re
 import time
-import types
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from diffgen.engine.metrics import Metrics
 from diffgen.engine.request import GenerationRequest
 from diffgen.engine.scheduler import JobError, NotReadyError, QueueFullError, Scheduler
+from diffgen.engine.spec import resolve
 from diffgen.engine.worker import ModelInfo, WorkerOutput
 from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs
 from diffgen.entrypoints.http.schemas import MAX_BODY_BYTES, APIError
@@ -87,7 +85,6 @@ class ServerState:
         self.videos = VideoJobs(self.store, self.scheduler, self.metrics)
         self.images = ImageFiles(config.output_dir, ttl=config.image_ttl)
         self.model_id = config.served_model_name or config.model_path
-        self._pipeline_class: Any = None
         #: time.monotonic() of the SIGTERM / Ctrl-C (set by `diffgen serve`); --shutdown-timeout counts from it
         self.shutdown_started: float | None = None
 
@@ -130,18 +127,10 @@ class ServerState:
         """The request with the model's defaults filled in and checked as the pipeline will check it,
         without the weights: bad input is refused here and never reaches the GPU."""
         info = self.require_ready()
-        if self._pipeline_class is None:
-            module, _, name = info.pipeline_class.partition(":")
-            self._pipeline_class = getattr(importlib.import_module(module), name)
-        stand_in = types.SimpleNamespace(defaults=info.defaults, output_kind=info.output_kind,
-                                         accepts_images=info.accepts_images)
         try:
-            return self._pipeline_class.resolve_request(stand_in, request)
+            return resolve(request, info.spec)
         except InvalidRequestError as e:
             raise APIError(400, str(e), param=e.field, code="invalid_value") from None
-        except Exception:  # a pipeline whose check needs its weights: the worker checks it instead
-            logger.debug("pre-check skipped", exc_info=True)
-            return dataclasses.replace(request)
 
     async def run(self, request: GenerationRequest, job_id: str, http_request: Request | None = None) -> WorkerOutput:
         """Queue ``request`` and wait for its result; failures become API errors. When the client of

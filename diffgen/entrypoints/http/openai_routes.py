@@ -17,7 +17,6 @@ from diffgen.engine.request import GenerationRequest
 from diffgen.engine.worker import ModelInfo, WorkerOutput
 from diffgen.entrypoints.http.jobs import is_video_id, video_object
 from diffgen.entrypoints.http.schemas import (
-    MAX_FRAMES,
     MAX_VIDEO_SECONDS,
     APIError,
     ImageEditBody,
@@ -31,6 +30,7 @@ from diffgen.entrypoints.http.schemas import (
     validate,
 )
 from diffgen.errors import InvalidRequestError
+from diffgen.options import MAX_FRAMES, http_options
 
 router = APIRouter()
 
@@ -55,8 +55,8 @@ def _build(prompt: str, **params: Any) -> GenerationRequest:
 
 
 def _sampling(body) -> dict[str, Any]:
-    return {"negative_prompt": body.negative_prompt, "num_inference_steps": body.num_inference_steps,
-            "guidance_scale": body.guidance_scale, "true_cfg_scale": body.true_cfg_scale, "seed": body.seed}
+    """The sampling options every generation route takes (diffgen.options, ``http="all"``)."""
+    return {o.name: getattr(body, o.name) for o in http_options("image")}
 
 
 def _require_kind(info: ModelInfo, kind: str, model_id: str) -> None:
@@ -260,8 +260,8 @@ async def create_video(request: Request):
         raise invalid("input_reference", f"The model '{state.model_id}' takes no input image (text-to-video only).",
                       code="unsupported_input")
     if seconds is not None and body.num_frames is None:
-        generation.num_frames = _frames_for(seconds, body.fps or info.defaults.fps or 16,
-                                            info.defaults.frame_multiple)
+        generation.num_frames = _frames_for(seconds, body.fps or info.spec.defaults.fps or 16,
+                                            info.spec.frame_multiple)
     generation = state.resolve(generation)
     fps = generation.fps or 16
     shown_seconds = body.seconds if isinstance(body.seconds, str) else f"{generation.num_frames / fps:.3g}"

@@ -12,20 +12,17 @@ import re
 from typing import Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
-from diffgen.engine.request import MAX_PROMPT_CHARS, MAX_SEED
+from diffgen.options import MAX_PROMPT_CHARS, MAX_SIDE, http_field, http_options, option
 
 MAX_JSON_BYTES = 1 * 2**20
 MAX_UPLOAD_BYTES = 50 * 2**20  # per file
-MAX_BODY_BYTES = 200 * 2**20  # whole request
+MAX_BODY_BYTES = int(option("max_upload_mb").default * 2**20)  # whole request
 MAX_FILES = 16
-MAX_SIDE = 4096  # pixels, per side of an output
-MAX_STEPS = 200
 MAX_VIDEO_SECONDS = 60.0
-MAX_FRAMES = 1025
 
 
 class APIError(Exception):
@@ -52,20 +49,16 @@ class _Body(BaseModel):
 Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
 
 
-class _Extensions(_Body):
-    """diffgen's sampling fields, accepted by every generation route."""
-
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(None, ge=0, le=100)
-    true_cfg_scale: float | None = Field(None, ge=0, le=100)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+def _extensions(route: str) -> type[_Body]:
+    """diffgen's sampling fields settable on ``route`` (options with ``http`` set), with their bounds."""
+    fields = {o.name: (o.type | None, http_field(o.name)) for o in http_options(route)}
+    return create_model(f"_{route.title()}Extensions", __base__=_Body, **fields)
 
 
-class ImageGenerationBody(_Extensions):
+class ImageGenerationBody(_extensions("image")):
     prompt: str = Prompt
     model: str | None = Field(None, max_length=512)
-    n: int = Field(1, ge=1, le=10)
+    n: int = http_field("num_outputs_per_prompt", 1)
     size: str | None = Field("auto", max_length=32)
     response_format: Literal["b64_json", "url"] | None = None
     output_format: Literal["png", "jpeg", "webp"] | None = None
@@ -85,13 +78,12 @@ class ImageEditBody(ImageGenerationBody):
     input_fidelity: Literal["high", "low"] | None = None
 
 
-class VideoBody(_Extensions):
+class VideoBody(_extensions("video")):
     prompt: str = Prompt
     model: str | None = Field(None, max_length=512)
+    n: int = http_field("num_outputs_per_prompt", 1)
     seconds: str | float | None = None
     size: str | None = Field(None, max_length=32)
-    num_frames: int | None = Field(None, ge=1, le=MAX_FRAMES)
-    fps: int | None = Field(None, ge=1, le=120)
     user: str | None = Field(None, max_length=512)
 
 

@@ -29,7 +29,9 @@ class InputValidationStage:
     name = "input_validation"
 
     def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
-        state.request = pipe.resolve_request(state.request)
+        from diffgen.engine.spec import resolve
+
+        state.request = resolve(state.request, pipe.spec)  # a no-op for a request the Engine resolved
 
 
 class TextEncodingStage:
