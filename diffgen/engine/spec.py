@@ -30,6 +30,10 @@ class ModelSpec:
     min_images: int = 0  # input images a request must give ...
     max_images: int = 0  # ... and may give
     min_steps: int = 1
+    #: step-distilled models: the timesteps they were distilled for (num_inference_steps must match)
+    distilled_timesteps: tuple[int, ...] | None = None
+    #: guidance-free distilled models refuse a guidance_scale above this (None: any)
+    max_guidance_scale: float | None = None
     #: the guidance fields the model uses; a request setting guidance_scale_2 for a model that does
     #: not use it is refused (the others are accepted and unused, as in diffusers)
     guidance_fields: tuple[str, ...] = ("guidance_scale",)
@@ -99,6 +103,14 @@ def resolve(request: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
     for index, image in enumerate(images):
         _check_input_image(index, image.size, spec)
 
+    steps = spec.distilled_timesteps
+    if steps and request.num_inference_steps not in (None, len(steps)):
+        raise InvalidRequestError("num_inference_steps", f"{request.num_inference_steps} given; {name} is "
+                                  f"distilled for {len(steps)} steps at timesteps {list(steps)}")
+    if spec.max_guidance_scale is not None and (request.guidance_scale or 0) > spec.max_guidance_scale:
+        raise InvalidRequestError("guidance_scale", f"{request.guidance_scale} given; {name} is distilled to "
+                                  f"sample without classifier-free guidance (use {spec.max_guidance_scale:g} or "
+                                  "leave it unset)")
     height, width = request.height, request.width
     if images and spec.size_from_image and height is None and width is None:
         reference = images[-1] if spec.size_from_image == "last" else images[0]

@@ -14,12 +14,12 @@ replaces the default timesteps.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from diffgen.configs import wan as presets
-from diffgen.configs.models import ModelDefaults
-from diffgen.engine.request import GenerationRequest
-from diffgen.errors import InvalidRequestError
+from diffgen.engine.spec import ModelSpec
 from diffgen.pipelines.base import PipelineState, register_pipeline
 from diffgen.pipelines.stages import draw_noise
 from diffgen.pipelines.wan import WanPipeline
@@ -51,27 +51,27 @@ class DMDSampler:
         return ((1 - sigma_next) * clean + sigma_next * noise,)
 
 
+def dmd_timesteps(settings: dict, scheduler_config) -> list[int]:
+    """The distilled timesteps: a ``dmd_denoising_steps`` list of model_index.json or the scheduler config."""
+    steps = settings.get("dmd_denoising_steps") or scheduler_config.get("dmd_denoising_steps")
+    return [int(t) for t in (steps or presets.FASTWAN_DMD_TIMESTEPS)]
+
+
 @register_pipeline
 class WanDMDPipeline(WanPipeline):
     pipeline_class_names = ("WanDMDPipeline",)
 
-    def select_defaults(self) -> ModelDefaults:
-        return presets.FASTWAN22_TI2V_5B if self.expand_timesteps else presets.FASTWAN21_T2V
+    @classmethod
+    def describe(cls, checkpoint) -> ModelSpec:
+        wan = super().describe(checkpoint)  # T2V, or TI2V with an optional first frame
+        defaults = presets.FASTWAN22_TI2V_5B if checkpoint.settings.get("expand_timesteps") else presets.FASTWAN21_T2V
+        steps = tuple(dmd_timesteps(checkpoint.settings, checkpoint.config("scheduler")))
+        return dataclasses.replace(wan, defaults=dataclasses.replace(defaults, num_inference_steps=len(steps)),
+                                   distilled_timesteps=steps, max_guidance_scale=1.0)
 
     @property
     def dmd_timesteps(self) -> list[int]:
-        steps = self.settings.get("dmd_denoising_steps") or self.scheduler.config.get("dmd_denoising_steps")
-        return [int(t) for t in (steps or presets.FASTWAN_DMD_TIMESTEPS)]
-
-    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
-        steps, name = self.dmd_timesteps, self.defaults.name
-        if request.num_inference_steps not in (None, len(steps)):
-            raise InvalidRequestError("num_inference_steps", f"{request.num_inference_steps} given; {name} is "
-                                      f"distilled for {len(steps)} steps at timesteps {steps}")
-        if request.guidance_scale is not None and request.guidance_scale > 1:
-            raise InvalidRequestError("guidance_scale", f"{request.guidance_scale} given; {name} is distilled to "
-                                      "sample without classifier-free guidance (use 1 or leave it unset)")
-        return super().resolve_request(request)
+        return dmd_timesteps(self.settings, self.scheduler.config)
 
     def prepare_timesteps(self, state: PipelineState) -> None:
         num_train = self.scheduler.config.get("num_train_timesteps", 1000)

@@ -144,7 +144,6 @@ class QwenImageEditPipeline(QwenImagePipeline):
     pipeline_class_names = ("QwenImageEditPipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer")
     component_loaders = {"Qwen2VLProcessor": QwenVLProcessor.from_folder}
-    accepts_images = True
     prompt_template = EDIT_TEMPLATE
     template_tokens = 64
     truncate_prompt = False
