@@ -10,19 +10,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffgen.engine.engine import Engine
 from diffgen.entrypoints.cli import main
+from diffgen.errors import InvalidRequestError
 
 PROMPT = "A curious raccoon"
 TOL = 1e-4
 TEXT_TOKENS = 600
 
 
-def reference(path: str):
+@pytest.fixture(scope="module")
+def input_image() -> Image.Image:
+    return Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 56, 3), dtype=np.uint8))
+
+
+def reference(path: str, pipeline_class: str = "HunyuanVideoPipeline"):
     import diffusers
 
-    pipe = diffusers.HunyuanVideoPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(path, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
@@ -82,6 +89,40 @@ def test_true_cfg_with_negative_prompt_matches_diffusers(tiny_checkpoint):
     result = Engine.from_pretrained(path, device="cpu", dtype="float32").generate(
         PROMPT, seed=1, return_tensors=True, **kwargs)
     assert (result.latents - latents).abs().max().item() <= TOL
+
+
+def test_i2v_matches_diffusers(tiny_checkpoint, input_image):
+    """Token replace: Llava reads prompt + image, the image latent is the clean first frame."""
+    path = tiny_checkpoint("hunyuan-i2v")
+    ref = reference(path, "HunyuanVideoImageToVideoPipeline")
+    kwargs = dict(height=48, width=80, num_frames=9, num_inference_steps=3, guidance_scale=6.0, max_sequence_length=700)
+    call = dict(kwargs, image=input_image, prompt=PROMPT)
+    frames = ref(**call, generator=torch.Generator("cpu").manual_seed(0), output_type="np").frames
+    latents = ref(**call, generator=torch.Generator("cpu").manual_seed(0), output_type="latent").frames
+    engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
+    result = engine.generate(PROMPT, images=[input_image], seed=0, return_tensors=True, **kwargs)
+    assert result.latents.shape == latents.shape == (1, 4, 3, 6, 10)
+    assert (result.latents - latents).abs().max().item() <= TOL
+    assert np.abs(result.pixels.numpy() - frames).max() <= TOL
+
+
+def test_i2v_two_outputs(tiny_checkpoint, input_image):
+    """diffusers' I2V pipeline cannot make several videos per prompt (its image latents keep batch 1)."""
+    engine = Engine.from_pretrained(tiny_checkpoint("hunyuan-i2v"), device="cpu", dtype="float32")
+    result = engine.generate(PROMPT, images=[input_image], seed=0, num_outputs_per_prompt=2, height=32, width=48,
+                             num_frames=5, num_inference_steps=2, max_sequence_length=700, return_tensors=True)
+    assert result.latents.shape[0] == 2 and len(result.frames) == 2
+    assert torch.equal(result.latents[0, :, 0], result.latents[1, :, 0])  # the same image as first frame
+    assert not np.array_equal(result.frames[0], result.frames[1])
+
+
+def test_i2v_needs_one_image(tiny_checkpoint, capsys, input_image):
+    code = main(["generate", "--model-path", tiny_checkpoint("hunyuan-i2v"), "--prompt", PROMPT])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "--image-path" in err and "\n" not in err
+    engine = Engine.from_pretrained(tiny_checkpoint("hunyuan-i2v"), device="cpu")
+    with pytest.raises(InvalidRequestError, match="at most 1 input image"):
+        engine.generate(PROMPT, images=[input_image, input_image])
 
 
 def test_defaults(tiny_checkpoint):

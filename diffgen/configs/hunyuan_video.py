@@ -25,3 +25,11 @@ HUNYUAN_VIDEO = ModelDefaults(
     name="HunyuanVideo", num_inference_steps=50, guidance_scale=6.0, true_cfg_scale=1.0, height=720, width=1280,
     num_frames=129, fps=24, frame_multiple=4, resolution_multiple=16, max_sequence_length=256,
     max_sequence_length_limit=1024)
+
+# Image-to-video (token replace): the diffusers pipeline's defaults; the first frame is the input image.
+HUNYUAN_VIDEO_I2V = ModelDefaults(
+    name="HunyuanVideo-I2V", num_inference_steps=50, guidance_scale=1.0, true_cfg_scale=1.0, height=720, width=1280,
+    num_frames=129, fps=24, frame_multiple=4, resolution_multiple=16, max_sequence_length=256,
+    max_sequence_length_limit=1024)
+#: image tokens kept: every 4th of the 576 (token replace), as the reference chooses
+I2V_IMAGE_TOKEN_STRIDE = 4

@@ -1,12 +1,14 @@
 """Tiny random HunyuanVideo pipelines in the component layout of hunyuanvideo-community/HunyuanVideo.
 
-| family  | mirrors                              | pipeline class       | notes                                  |
-|---------|--------------------------------------|----------------------|----------------------------------------|
-| hunyuan | hunyuanvideo-community/HunyuanVideo  | HunyuanVideoPipeline | Llama text tower + CLIP-L, 4-ch VAE 8x |
+| family      | mirrors (hunyuanvideo-community/...) | pipeline class                   | notes                  |
+|-------------|--------------------------------------|----------------------------------|------------------------|
+| hunyuan     | HunyuanVideo                         | HunyuanVideoPipeline             | Llama text tower       |
+| hunyuan-i2v | HunyuanVideo-I2V                     | HunyuanVideoImageToVideoPipeline | Llava, token replace   |
 
 Components: text_encoder (LlamaModel) + tokenizer (Llama, with the Llama-3 chat tokens), text_encoder_2
 (CLIPTextModel) + tokenizer_2, transformer (patch 2, guidance embedding), vae (4x temporal, 8x spatial),
-scheduler (flow matching, shift 7 as the real one).
+scheduler (flow matching, shift 7 as the real one). The I2V text encoder is a Llava model whose vision
+tower gives 576 image tokens (48-px images in 2-px patches), as many as the real template reserves.
 """
 
 from __future__ import annotations
@@ -50,13 +52,34 @@ def hunyuan_vae():
         temporal_compression_ratio=4, mid_block_add_attention=True))
 
 
-def hunyuan_transformer(in_channels: int = 4):
+def hunyuan_transformer(image_condition_type: str | None = None):
     from diffusers import HunyuanVideoTransformer3DModel
 
     return _seeded(lambda: HunyuanVideoTransformer3DModel(
-        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
         num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 4, 4)), offset=1)
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 4, 4),
+        image_condition_type=image_condition_type), offset=1)
+
+
+def llava_text_encoder(image_token_index: int):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(vocab_size=400, hidden_size=16, intermediate_size=37, num_attention_heads=4,
+                       num_key_value_heads=4, num_hidden_layers=3, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                       max_position_embeddings=2048)
+    vision = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=48, patch_size=2, projection_dim=8)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
+                         projector_hidden_act="gelu", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", pad_token_id=3)
+    return _seeded(lambda: LlavaForConditionalGeneration(config), offset=2)
+
+
+def clip_image_processor():
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
 
 
 def hunyuan_t2v():
@@ -68,4 +91,15 @@ def hunyuan_t2v():
         text_encoder_2=clip_text_encoder(), tokenizer_2=tok.clip_tokenizer())
 
 
-HUNYUAN_FAMILIES = {"hunyuan": hunyuan_t2v}
+def hunyuan_i2v():
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoImageToVideoPipeline
+
+    tokenizer = tok.llama_tokenizer(llava=True)
+    return HunyuanVideoImageToVideoPipeline(
+        text_encoder=llava_text_encoder(tokenizer.convert_tokens_to_ids("<image>")), tokenizer=tokenizer,
+        transformer=hunyuan_transformer("token_replace"), vae=hunyuan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip_text_encoder(),
+        tokenizer_2=tok.clip_tokenizer(), image_processor=clip_image_processor())
+
+
+HUNYUAN_FAMILIES = {"hunyuan": hunyuan_t2v, "hunyuan-i2v": hunyuan_i2v}

@@ -34,8 +34,12 @@ def t5_tokenizer(max_length: int = 512):
 LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
-def llama_tokenizer(max_length: int = 4096):
-    """Llama BPE without merges (one token per printable character, byte fallback), with Llama-3's chat tokens."""
+def llama_tokenizer(max_length: int = 4096, llava: bool = False):
+    """Llama BPE without merges (one token per printable character, byte fallback), with Llama-3's chat tokens.
+
+    ``llava``: also a BOS token and ``<image>``, and "system" and a blank line as single tokens, so that
+    ``<image>`` sits at index 5 of the HunyuanVideo-I2V template as with the real tokenizer.
+    """
     from tokenizers import AddedToken
     from transformers import LlamaTokenizer
 
@@ -46,7 +50,10 @@ def llama_tokenizer(max_length: int = 4096):
         vocab.setdefault(ch, len(vocab))
     # padding_side "right" as the HunyuanVideo repositories save it (the reference crops the template from the left)
     tokenizer = LlamaTokenizer(vocab=vocab, merges=[], pad_token="<pad>", model_max_length=max_length,
-                               padding_side="right")
+                               padding_side="right", add_bos_token=llava)
+    specials = [*LLAMA3_SPECIAL_TOKENS, "<image>"] if llava else LLAMA3_SPECIAL_TOKENS
     tokenizer.add_special_tokens({"additional_special_tokens": [
-        AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL_TOKENS]})
+        AddedToken(t, special=True, normalized=False) for t in specials]})
+    if llava:
+        tokenizer.add_tokens([AddedToken(word, normalized=False) for word in ("system", "\n\n")])
     return tokenizer

@@ -10,6 +10,9 @@ The reference orders the joint sequence [video, text] and rotates video tokens o
 not depend on the order of its tokens, so the shared joint attention is used as it is, with text
 first like the other MMDiTs, and text rows of the RoPE table set to the identity rotation
 (cos 1, sin 0: exact in any dtype). Only the order of the softmax sums differs (~1e-7 in float32).
+
+Image-to-video ("token_replace", HunyuanVideo-I2V): the first latent frame holds the clean image; its
+tokens are modulated with the embedding of timestep 0 instead of the step's (:class:`FirstFrame`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,34 @@ def hunyuan_rope(grid: tuple[int, int, int], axes_dims: tuple[int, ...], theta: 
                                                                              sin])
 
 
+@dataclass
+class FirstFrame:
+    """Token replace: tokens [start, start + count) take their own modulation vectors (one per chunk)."""
+
+    start: int
+    count: int
+    vectors: tuple[torch.Tensor, ...]
+
+
+def modulate_tokens(x, shift, scale, first: FirstFrame | None = None, shift_index: int = 0, scale_index: int = 1):
+    """AdaLN modulation; with ``first``, its span uses that set's vectors (diffusers' token-replace norms)."""
+    if first is None:
+        return modulate(x, shift, scale)
+    a, b = first.start, first.start + first.count
+    return torch.cat([modulate(x[:, :a], shift, scale),
+                      modulate(x[:, a:b], first.vectors[shift_index], first.vectors[scale_index]),
+                      modulate(x[:, b:], shift, scale)], dim=1)
+
+
+def gate_tokens(y: torch.Tensor, gate: torch.Tensor, first: FirstFrame | None = None, gate_index: int = 2):
+    """``y * gate`` per token; with ``first``, its span uses that set's gate."""
+    if first is None:
+        return y * gate.unsqueeze(1)
+    a, b = first.start, first.start + first.count
+    return torch.cat([y[:, :a] * gate.unsqueeze(1), y[:, a:b] * first.vectors[gate_index].unsqueeze(1),
+                      y[:, b:] * gate.unsqueeze(1)], dim=1)
+
+
 class TimestepTextEmbedding(nn.Module):
     """Timestep (+ embedded guidance) + pooled text -> conditioning vector (diffusers' names)."""
 
@@ -76,7 +107,7 @@ class TimestepTextEmbedding(nn.Module):
 
     def forward(self, timestep: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None):
         emb = self.timestep_embedder(sinusoidal_embedding(timestep, 256).to(pooled.dtype))
-        if self.guidance_embedder is not None:
+        if guidance is not None:  # the token-replace embedding (I2V) has none
             emb = emb + self.guidance_embedder(sinusoidal_embedding(guidance, 256).to(pooled.dtype))
         return emb + self.text_embedder(pooled)
 
@@ -151,14 +182,16 @@ class DoubleStreamBlock(nn.Module):
         self.norm2_context = layer_norm_no_affine(dim)
         self.ff_context = FeedForward(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, context, context_mask, temb, rope):
+    def forward(self, x, context, context_mask, temb, rope, first_frame_temb=None, first_frame_tokens=0):
         shift, scale, gate, shift_ff, scale_ff, gate_ff = self.norm1(temb)
         c_shift, c_scale, c_gate, c_shift_ff, c_scale_ff, c_gate_ff = self.norm1_context(temb)
-        attn_x, attn_c = self.attn(modulate(self.norm1.norm(x), shift, scale), rope,
+        first = None if first_frame_temb is None else FirstFrame(0, first_frame_tokens, self.norm1(first_frame_temb))
+        attn_x, attn_c = self.attn(modulate_tokens(self.norm1.norm(x), shift, scale, first), rope,
                                    context=modulate(self.norm1_context.norm(context), c_shift, c_scale),
                                    context_mask=context_mask)
-        x = x + attn_x * gate.unsqueeze(1)
-        x = x + gate_ff.unsqueeze(1) * self.ff(modulate(self.norm2(x), shift_ff, scale_ff))
+        x = x + gate_tokens(attn_x, gate, first)
+        h = modulate_tokens(self.norm2(x), shift_ff, scale_ff, first, shift_index=3, scale_index=4)
+        x = x + gate_tokens(self.ff(h), gate_ff, first, gate_index=5)
         context = context + attn_c * c_gate.unsqueeze(1)
         context = context + c_gate_ff.unsqueeze(1) * self.ff_context(
             modulate(self.norm2_context(context), c_shift_ff, c_scale_ff))
@@ -176,12 +209,15 @@ class SingleStreamBlock(nn.Module):
         self.attn = JointAttention(dim, heads, head_dim, joint=False, norm_round_before_scale=True)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
-    def forward(self, x, context_mask, temb, rope):
+    def forward(self, x, context_mask, temb, rope, first_frame_temb=None, first_frame_tokens=0):
         shift, scale, gate = self.norm(temb)
-        h = modulate(self.norm.norm(x), shift, scale)
+        text_len = context_mask.shape[1]
+        first = (None if first_frame_temb is None
+                 else FirstFrame(text_len, first_frame_tokens, self.norm(first_frame_temb)))
+        h = modulate_tokens(self.norm.norm(x), shift, scale, first)
         mlp = nn.functional.gelu(self.proj_mlp(h), approximate="tanh")
         out = self.proj_out(torch.cat([self.attn(h, rope, context_mask=context_mask), mlp], dim=2))
-        return x + gate.unsqueeze(1) * out
+        return x + gate_tokens(out, gate, first)
 
 
 class PatchEmbed(nn.Module):
@@ -198,8 +234,6 @@ class HunyuanVideoTransformer(nn.Module):
 
     def __init__(self, config: HunyuanVideoConfig):
         super().__init__()
-        if config.image_condition_type == "token_replace":
-            raise ValueError("HunyuanVideo with image_condition_type 'token_replace' is not supported yet")
         self.config = config
         dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
         patch = (config.patch_size_t, config.patch_size, config.patch_size)
@@ -229,17 +263,20 @@ class HunyuanVideoTransformer(nn.Module):
         grid = (frames // p_t, height // p, width // p)
 
         temb = self.time_text_embed(timestep, pooled_projections, guidance)
+        first_frame_temb, first_frame_tokens = None, grid[1] * grid[2]
+        if self.config.image_condition_type == "token_replace":  # the clean first frame sits at timestep 0
+            first_frame_temb = self.time_text_embed(torch.zeros_like(timestep), pooled_projections)
         x = self.x_embedder(hidden_states)
         text_mask = encoder_attention_mask.bool()
         context = self.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)
         rope = hunyuan_rope(grid, self.config.rope_axes_dim, self.config.rope_theta, context.shape[1], x.device)
 
         for block in self.transformer_blocks:
-            x, context = block(x, context, text_mask, temb, rope)
+            x, context = block(x, context, text_mask, temb, rope, first_frame_temb, first_frame_tokens)
         text_len = context.shape[1]
         joint = torch.cat([context, x], dim=1)
         for block in self.single_transformer_blocks:
-            joint = block(joint, text_mask, temb, rope)
+            joint = block(joint, text_mask, temb, rope, first_frame_temb, first_frame_tokens)
         x = joint[:, text_len:]
 
         scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first
