@@ -101,6 +101,11 @@ MAX_OUTPUTS = 10  # outputs per prompt (OpenAI's ``n`` allows at most 10)
 MAX_FRAMES = 1025
 MAX_GUIDANCE = 100.0
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+CACHE_METHODS = ("none", "first-block", "teacache")
+MAX_CACHE_THRESHOLD = 2.0
+OFFLOAD_MODES = ("none", "model", "layerwise")
+LORA_MODES = ("merged", "dynamic")
+MAX_LORA_SCALE = 10.0
 DTYPE_CHOICES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 
 MODEL = OptionGroup("model", "model", ("generate", "serve"), engine=True, options=(
@@ -118,6 +123,33 @@ PERFORMANCE = OptionGroup("performance", "performance", ("generate", "serve"), e
     Option("compile", bool, "torch.compile each DiT block (first request per shape compiles; later steps faster)"),
     Option("quantize", str, "fp8: float8 DiT linears (Hopper/Ada tensor cores); numbers differ slightly from bf16",
            choices=("fp8",)),
+))
+
+STEP_CACHE = OptionGroup("step_cache", "step cache", ("generate", "serve"), engine=True, options=(
+    Option("cache", str, "skip most DiT blocks on steps that change little: first-block (any model) or teacache "
+           "(FLUX, Wan2.1); default none. The engine's default; requests may choose their own",
+           choices=CACHE_METHODS, http="all"),
+    Option("cache_threshold", float, "higher skips more; 0 never skips (default: the method's published value for "
+           "the model)", low=0.0, high=MAX_CACHE_THRESHOLD, http="all"),
+))
+
+MEMORY = OptionGroup("memory", "memory", ("generate", "serve"), engine=True, options=(
+    Option("offload", str, "model: components wait in CPU memory until they run; layerwise: also stream the DiT's "
+           "blocks from pinned CPU memory a few at a time (GPUs smaller than the model); default none",
+           choices=OFFLOAD_MODES),
+))
+
+LORA = OptionGroup("lora", "LoRA", ("generate", "serve"), engine=True, options=(
+    Option("lora_path", str, "LoRA safetensors file, optionally with a scale: style.safetensors:0.7 (repeatable)",
+           repeat=True, metavar="PATH[:SCALE]"),
+    Option("lora_mode", str, "merged (default): added into the weights; dynamic: applied in the forward, and each "
+           "request may choose LoRAs and scales (the loras field)", choices=LORA_MODES),
+))
+
+#: per-request only (HTTP bodies, Python API): no flag, no Engine argument
+REQUEST = OptionGroup("request", "request", (), options=(
+    Option("loras", dict, "LoRA name -> scale for this request ({} for none; needs --lora-mode dynamic)",
+           http="all"),
 ))
 
 SERVER = OptionGroup("server", "server", ("serve",), options=(
@@ -172,7 +204,8 @@ OUTPUT = OptionGroup("output", "output", ("generate",), options=(
            "for videos", choices=("png", "jpeg", "jpg", "webp", "mp4", "gif", "png-frames")),
 ))
 
-GROUPS: dict[str, OptionGroup] = {g.name: g for g in (MODEL, PERFORMANCE, SERVER, LOGGING, SAMPLING, OUTPUT)}
+GROUPS: dict[str, OptionGroup] = {g.name: g for g in (MODEL, PERFORMANCE, STEP_CACHE, MEMORY, LORA, REQUEST, SERVER,
+                                                      LOGGING, SAMPLING, OUTPUT)}
 
 
 def all_options() -> dict[str, Option]:
@@ -271,5 +304,6 @@ def http_field(name: str, default: Any = None, **overrides: Any) -> Any:
 
 
 def http_options(route: str) -> list[Option]:
-    """The sampling options settable in the body of ``route`` ("image" or "video")."""
-    return [o for o in SAMPLING.options if o.http == "all" or (o.http == "video" and route == "video")]
+    """The options settable in the body of ``route`` ("image" or "video")."""
+    return [o for g in GROUPS.values() for o in g.options
+            if o.http == "all" or (o.http == "video" and route == "video")]

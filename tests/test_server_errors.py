@@ -57,6 +57,11 @@ CORPUS = [
     ("negative prompt huge", "POST", G, {"json": _gen(negative_prompt="x" * 20_001)}, 400),
     ("negative prompt number", "POST", G, {"json": _gen(negative_prompt=3)}, 400),
     # -- n
+    # -- step cache and LoRA fields
+    ("unknown cache method", "POST", G, {"json": _gen(cache="second-block")}, 400),
+    ("cache threshold negative", "POST", G, {"json": _gen(cache="first-block", cache_threshold=-1)}, 400),
+    ("loras not a map", "POST", G, {"json": _gen(loras=["style"])}, 400),
+    ("lora not loaded", "POST", G, {"json": _gen(loras={"style": 1.0})}, 400),
     ("n zero", "POST", G, {"json": _gen(n=0)}, 400),
     ("n eleven", "POST", G, {"json": _gen(n=11)}, 400),
     ("n string", "POST", G, {"json": _gen(n="2")}, 400),
@@ -234,3 +239,11 @@ def test_multipart_body_limit(server, chunked):
     # A body under the limit is parsed (and refused for what it is: not an image).
     small = b"".join(_multipart(1000))
     assert httpx.post(server.url + E, headers=headers, content=small).json()["error"]["code"] == "invalid_image"
+
+
+def test_cache_fields_are_served(server):
+    """A request choosing its own step cache runs (the field reaches the worker's pipeline)."""
+    response = httpx.post(server.url + G, headers=AUTH, timeout=120,
+                          json=_gen(cache="first-block", cache_threshold=2.0, num_inference_steps=3))
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 1

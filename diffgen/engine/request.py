@@ -15,7 +15,7 @@ from diffgen.errors import InvalidRequestError
 from diffgen.options import MAX_OUTPUTS, MAX_PROMPT_CHARS, MAX_SEED, check_value  # noqa: F401 (re-exported)
 
 _CHECKED = ("height", "width", "num_inference_steps", "seed", "guidance_scale", "guidance_scale_2", "true_cfg_scale",
-            "num_frames", "fps", "max_sequence_length")
+            "num_frames", "fps", "max_sequence_length", "cache", "cache_threshold")
 
 
 @dataclass
@@ -43,6 +43,9 @@ class GenerationRequest:
     images: list[Image.Image] = field(default_factory=list)
     max_sequence_length: int | None = None
     return_tensors: bool = False
+    cache: str | None = None  # step cache method ("none" turns the engine's default off); None: the default
+    cache_threshold: float | None = None
+    loras: dict[str, float] | None = None  # LoRA name -> scale for this request (dynamic LoRA mode); None: defaults
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
@@ -83,10 +86,26 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None:
                 check_value(name, value)
+        if self.loras is not None:
+            from diffgen.engine.lora import check_lora_scale
+
+            if not isinstance(self.loras, dict) or not all(isinstance(k, str) for k in self.loras):
+                raise InvalidRequestError("loras", "must map LoRA names to scales, e.g. {\"style\": 0.8}")
+            for scale in self.loras.values():
+                check_lora_scale(scale, "loras")
 
     @property
     def batch_size(self) -> int:
         return len(self.prompt) * self.num_outputs_per_prompt
+
+
+#: entries of ``timings`` that count DiT forwards instead of measuring seconds
+TIMING_COUNTS = ("cache_forwards_computed", "cache_forwards_reused")
+
+
+def stage_seconds(timings: dict[str, float]) -> dict[str, float]:
+    """The entries of ``timings`` that are durations (seconds), without the step-cache counts."""
+    return {k: v for k, v in timings.items() if k not in TIMING_COUNTS}
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffgen.engine.metrics import Metrics
-from diffgen.engine.request import GenerationRequest
+from diffgen.engine.request import GenerationRequest, stage_seconds
 from diffgen.engine.worker import ModelInfo, WorkerOutput, worker_main
 
 logger = logging.getLogger(__name__)
@@ -350,7 +350,7 @@ class Scheduler:
                 self.metrics.observe("diffgen_step_seconds", message[4])
             elif kind == "done":
                 output: WorkerOutput = message[2]
-                for stage, seconds in output.timings.items():
+                for stage, seconds in stage_seconds(output.timings).items():
                     self.metrics.observe("diffgen_stage_seconds", seconds, stage=stage)
                 elapsed = time.monotonic() - (job.started_at or job.submitted_at)
                 self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed

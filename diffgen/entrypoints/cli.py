@@ -103,9 +103,15 @@ def run_generate(options: dict[str, Any]) -> int:
     else:
         print("outputs not saved (pass --save-output to write them)")
     print(f"seed {result.seed}")
-    for stage, seconds in result.timings.items():
-        print(f"  {stage:<18} {seconds * 1000:10.1f} ms")
-    print(f"  {'total':<18} {sum(result.timings.values()) * 1000:10.1f} ms")
+    from diffgen.engine.request import stage_seconds
+
+    seconds = stage_seconds(result.timings)
+    for stage, value in seconds.items():
+        print(f"  {stage:<18} {value * 1000:10.1f} ms")
+    print(f"  {'total':<18} {sum(seconds.values()) * 1000:10.1f} ms")
+    if "cache_forwards_reused" in result.timings:
+        print(f"  step cache: {int(result.timings['cache_forwards_computed'])} DiT forwards computed, "
+              f"{int(result.timings['cache_forwards_reused'])} reused")
     return 0
 
 

@@ -9,19 +9,24 @@ the model's :class:`~diffgen.engine.spec.ModelSpec` from the checkpoint's JSON f
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from diffgen.configs.models import ModelDefaults
 from diffgen.engine.request import GenerationRequest, GenerationResult
 from diffgen.engine.spec import ModelSpec
-from diffgen.errors import CancelledError, ModelLoadError
+from diffgen.errors import CancelledError, InvalidRequestError, ModelLoadError
 from diffgen.loader.resolve import CheckpointInfo
+
+if TYPE_CHECKING:
+    from diffgen.engine.lora import LoRAManager
+    from diffgen.engine.step_cache import StepCacheConfig, StepCacheSession
 
 ProgressFn = Callable[[int, int], None]
 
@@ -82,6 +87,10 @@ class ComposedPipeline:
     component_loaders: ClassVar[dict[str, Callable[..., Any]]] = {}
     #: "image" or "video"
     output_kind: ClassVar[str] = "image"
+    #: the step cache of requests that do not choose one (Engine ``cache=``); None: off
+    step_cache: StepCacheConfig | None = None
+    #: LoRAs loaded into the DiT (Engine.load_lora); None: none ever loaded
+    loras: LoRAManager | None = None
 
     def __init__(self, components: dict[str, Any], model_path: str, device: torch.device, dtype: torch.dtype,
                  settings: dict[str, Any] | None = None, spec: ModelSpec | None = None):
@@ -121,6 +130,27 @@ class ComposedPipeline:
         return [S.InputValidationStage(), S.TextEncodingStage(), *image_stage, S.LatentsStage(),
                 S.TimestepsStage(), S.DenoisingStage(), S.DecodingStage()]
 
+    def check_features(self, request: GenerationRequest) -> None:
+        """What depends on the loaded weights rather than the spec: the request's step cache (TeaCache needs
+        coefficients for this model) and its LoRAs (loaded ones, dynamic mode)."""
+        self.resolve_step_cache(request)
+        if request.loras is not None and self.loras is None:
+            raise InvalidRequestError("loras", "no LoRA is loaded")
+        if self.loras is not None:
+            self.loras.check_request(request.loras)
+
+    def resolve_step_cache(self, request: GenerationRequest) -> StepCacheConfig | None:
+        from diffgen.engine.step_cache import resolve_step_cache
+
+        return resolve_step_cache(self.step_cache, request.cache, request.cache_threshold, self.defaults.name,
+                                  self.transformer.config.inner_dim)
+
+    def step_cache_session(self, request: GenerationRequest, total_steps: int) -> StepCacheSession | None:
+        from diffgen.engine.step_cache import StepCacheSession
+
+        config = self.resolve_step_cache(request)
+        return None if config is None else StepCacheSession(config, total_steps)
+
     def new_scheduler(self):
         """A fresh copy of the checkpoint's scheduler: schedulers keep a step index, so one per request."""
         return type(self.scheduler).from_config(self.scheduler.config)
@@ -131,7 +161,8 @@ class ComposedPipeline:
         seed = request.seed if request.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         state = PipelineState(request=request, device=self.device, dtype=self.dtype, seed=seed,
                               progress=progress, is_cancelled=is_cancelled)
-        with torch.inference_mode():
+        loras = self.loras.activated(request.loras) if self.loras is not None else contextlib.nullcontext()
+        with torch.inference_mode(), loras:
             for stage in self.stages():
                 state.check_cancelled()
                 start = time.perf_counter()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.joint_attention import JointAttention
 from diffgen.layers.modulation import AdaLayerNorm, modulate
@@ -141,12 +142,12 @@ class FluxTransformer(nn.Module):
         rope = multi_axis_rope(torch.cat([txt_ids, img_ids], 0), self.config.axes_dims_rope, self.config.rope_theta)
         rope = tuple(t.to(x.device) for t in rope)
 
-        for block in self.transformer_blocks:
-            x, context = block(x, context, temb, rope)
         text_len = context.shape[1]
-        joint = torch.cat([context, x], dim=1)
-        for block in self.single_transformer_blocks:
-            joint = block(joint, temb, rope)
+        (joint,) = run_blocks(self, (x, context), [
+            BlockSegment(self.transformer_blocks, lambda block, h: block(*h, temb, rope)),
+            BlockSegment(self.single_transformer_blocks, lambda block, h: (block(h[0], temb, rope),),
+                         enter=lambda h: (torch.cat([h[1], h[0]], dim=1),)),  # one [text, image] sequence
+        ], conditioning=temb)
         x = joint[:, text_len:]
 
         scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.joint_attention import JointAttention
 from diffgen.layers.modulation import AdaLayerNorm, modulate
@@ -184,8 +185,9 @@ class QwenImageTransformer(nn.Module):
         context_mask = encoder_hidden_states_mask.bool() if encoder_hidden_states_mask is not None else None
         rope = self.rope(image_shapes, context.shape[1], x.device)
 
-        for block in self.transformer_blocks:
-            x, context = block(x, context, context_mask, temb, rope, is_condition)
+        x, context = run_blocks(self, (x, context), [
+            BlockSegment(self.transformer_blocks, lambda block, h: block(*h, context_mask, temb, rope, is_condition)),
+        ], conditioning=temb)
 
         if is_condition is not None:
             temb = temb.chunk(2, dim=0)[0]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from diffgen.layers.attention import attention
+from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.modulation import modulate
 from diffgen.layers.norm import FP32LayerNorm, RMSNorm
@@ -218,8 +219,9 @@ class WanTransformer(nn.Module):
         temb, modulation, text, image = self.condition_embedder(
             timestep, encoder_hidden_states, encoder_hidden_states_image)
 
-        for block in self.blocks:
-            x = block(x, text, image, modulation, rope)
+        (x,) = run_blocks(self, (x,), [
+            BlockSegment(self.blocks, lambda block, h: (block(h[0], text, image, modulation, rope),)),
+        ], conditioning=modulation)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(dim=2)
         x = modulate(self.norm_out(x.float()), shift, scale).type_as(x)

@@ -32,6 +32,7 @@ class InputValidationStage:
         from diffgen.engine.spec import resolve
 
         state.request = resolve(state.request, pipe.spec)  # a no-op for a request the Engine resolved
+        pipe.check_features(state.request)
 
 
 class TextEncodingStage:
@@ -68,15 +69,26 @@ class DenoisingStage:
     name = "denoising"
 
     def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
+        from diffgen.layers.block_loop import active_block_hook
+
         latents = state.latents
         total = len(state.timesteps)
-        for i, t in enumerate(state.timesteps):
-            state.check_cancelled()
-            noise_pred = pipe.predict_noise(state, latents, t, i)
-            latents = state.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if state.progress is not None:
-                state.progress(i + 1, total)
+        step_cache = pipe.step_cache_session(state.request, total)
+        token = active_block_hook.set(step_cache)  # this request's cache state, nobody else's
+        try:
+            for i, t in enumerate(state.timesteps):
+                state.check_cancelled()
+                if step_cache is not None:
+                    step_cache.begin_step(i)
+                noise_pred = pipe.predict_noise(state, latents, t, i)
+                latents = state.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if state.progress is not None:
+                    state.progress(i + 1, total)
+        finally:
+            active_block_hook.reset(token)
         state.latents = latents
+        if step_cache is not None:
+            state.timings.update(step_cache.timings())
 
 
 class DecodingStage:
