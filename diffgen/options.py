@@ -127,7 +127,7 @@ PERFORMANCE = OptionGroup("performance", "performance", ("generate", "serve"), e
 
 STEP_CACHE = OptionGroup("step_cache", "step cache", ("generate", "serve"), engine=True, options=(
     Option("cache", str, "skip most DiT blocks on steps that change little: first-block (any model) or teacache "
-           "(FLUX, Wan2.1); default none. The engine's default; requests may choose their own",
+           "(FLUX, HunyuanVideo, Wan2.1); default none. The engine's default; requests may choose their own",
            choices=CACHE_METHODS, http="all"),
     Option("cache_threshold", float, "higher skips more; 0 never skips (default: the method's published value for "
            "the model)", low=0.0, high=MAX_CACHE_THRESHOLD, http="all"),

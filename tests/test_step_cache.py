@@ -22,6 +22,7 @@ SAMPLING = {
                     negative_prompt="bad"),
     "wan22-a14b": dict(height=32, width=32, num_frames=5, num_inference_steps=6, max_sequence_length=16,
                     negative_prompt="bad"),
+    "hunyuan": dict(height=32, width=32, num_frames=5, num_inference_steps=6, max_sequence_length=16),
 }
 
 
@@ -192,18 +193,22 @@ def test_forced_reuse_schedule_flux_joined_streams(engines):
     assert torch.equal(ours, expected)
 
 
-def test_teacache_flux_equals_hand_written_teacache(engines):
-    """TeaCache4FLUX's rule (accumulate the rescaled relative L1 change of the first block's modulated
-    input; reuse while under the threshold; first and last step computed), written as hooks."""
-    family, threshold = "flux", 0.6
-    coefficients = (4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01)
+@pytest.mark.parametrize("family", ["flux", "hunyuan"])
+def test_teacache_equals_hand_written_teacache(engines, family):
+    """TeaCache4FLUX's / 4HunyuanVideo's rule (accumulate the rescaled relative L1 change of the first block's
+    modulated input; reuse while under the threshold; first and last step computed), written as hooks."""
+    threshold, coefficients = {
+        "flux": (0.6, (4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01)),
+        "hunyuan": (0.15, (7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02)),
+    }[family]
     engine = engines(family)
     steps = SAMPLING[family]["num_inference_steps"]
     blocks = _flat_blocks(engine.pipeline.transformer)
     memory = {"previous": None, "accumulated": 0.0}
 
     def decide(step, branch, args):
-        x, _, temb, _ = args
+        # FLUX blocks take (x, context, temb, ...), HunyuanVideo's (x, context, mask, temb, ...)
+        x, temb = args[0], args[2 if family == "flux" else 3]
         shift, scale = blocks[0].norm1(temb)[:2]
         signal = modulate(blocks[0].norm1.norm(x), shift, scale)
         previous, memory["previous"] = memory["previous"], signal
@@ -222,7 +227,7 @@ def test_teacache_flux_equals_hand_written_teacache(engines):
         expected, _ = _latents(engine, family)
     finally:
         hooks.remove()
-    ours, timings = _latents(engine, family, cache="teacache", cache_threshold=threshold)
+    ours, timings = _latents(engine, family, cache="teacache")  # the published default threshold
     assert timings["cache_forwards_reused"] > 0
     assert torch.equal(ours, expected)
 
@@ -264,7 +269,7 @@ def test_bad_cache_options_are_refused(engines):
     engine = engines("qwen-image")
     with pytest.raises(InvalidRequestError, match="cache_threshold"):
         engine.generate(PROMPT, cache="first-block", cache_threshold=-1)
-    with pytest.raises(InvalidRequestError, match="'second-block' is not a cache method"):
+    with pytest.raises(InvalidRequestError, match="'second-block' is not allowed; one of none, first-block, teacache"):
         engine.generate(PROMPT, cache="second-block")
     with pytest.raises(InvalidRequestError, match="no published coefficients for Qwen-Image"):
         engine.generate(PROMPT, cache="teacache", **SAMPLING["qwen-image"])

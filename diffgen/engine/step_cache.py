@@ -9,7 +9,7 @@ the last computed step:
 - ``teacache`` (TeaCache): before any block, accumulate the relative L1 change of a timestep-modulated
   input, rescaled by a polynomial fitted per model and published with the method; while the sum
   stays under ``threshold`` skip every block, else compute and reset the sum. Only models with
-  published coefficients (FLUX.1, Wan2.1 T2V 1.3B/14B and I2V 14B) accept it.
+  published coefficients (FLUX.1, HunyuanVideo, Wan2.1 T2V 1.3B/14B and I2V 14B) accept it.
 
 A :class:`StepCacheSession` belongs to one request. It keeps one state per (DiT, guidance branch):
 the conditional and unconditional passes never share residuals, and Wan2.2's second expert starts
@@ -89,17 +89,24 @@ _WAN_I2V_720P = TeaCacheProfile(
     (8.10705460e+03, 2.13393892e+03, -3.72934672e+02, 1.66203073e+01, -4.17769401e-02), 0.3, 5)
 
 
+# TeaCache4HunyuanVideo: 0.1 -> ~1.6x, 0.15 (its default) -> ~2.1x.
+_HUNYUAN_VIDEO = TeaCacheProfile(
+    (7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02), 0.15, 1)
+
+
 def teacache_profile(model_name: str, inner_dim: int) -> TeaCacheProfile | None:
     """Published coefficients for a model (``ModelDefaults.name`` and the DiT width), or None."""
     if model_name.startswith("FLUX.1"):
         return _FLUX
+    if model_name == "HunyuanVideo":
+        return _HUNYUAN_VIDEO
     if model_name in ("Wan2.1-T2V", "Wan2.2-T2V-A14B"):  # TeaCache4Wan2.2 reuses the Wan2.1-14B fit
         return {1536: _WAN_T2V_1_3B, 5120: _WAN_T2V_14B}.get(inner_dim)
     return {"Wan2.1-I2V-480P": _WAN_I2V_480P, "Wan2.1-I2V-720P": _WAN_I2V_720P}.get(model_name)
 
 
 def _flux_signal(runner: BlockRunner, hidden: Hidden, conditioning: torch.Tensor) -> torch.Tensor:
-    """TeaCache4FLUX's input: the first double block's AdaLN-modulated image tokens."""
+    """TeaCache4FLUX's (and 4HunyuanVideo's) input: the first double block's AdaLN-modulated image tokens."""
     from diffgen.layers.modulation import modulate
 
     norm = runner.block(0).norm1
@@ -110,6 +117,7 @@ def _flux_signal(runner: BlockRunner, hidden: Hidden, conditioning: torch.Tensor
 #: DiT class name -> the tensor TeaCache watches (Wan: the timestep modulation table, "e0")
 _TEACACHE_SIGNALS: dict[str, Callable[[BlockRunner, Hidden, torch.Tensor], torch.Tensor]] = {
     "FluxTransformer": _flux_signal,
+    "HunyuanVideoTransformer": _flux_signal,
     "WanTransformer": lambda runner, hidden, conditioning: conditioning,
 }
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from diffgen.layers.attention import attention
+from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.joint_attention import JointAttention
 from diffgen.layers.modulation import AdaLayerNorm, modulate
@@ -271,12 +272,13 @@ class HunyuanVideoTransformer(nn.Module):
         context = self.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)
         rope = hunyuan_rope(grid, self.config.rope_axes_dim, self.config.rope_theta, context.shape[1], x.device)
 
-        for block in self.transformer_blocks:
-            x, context = block(x, context, text_mask, temb, rope, first_frame_temb, first_frame_tokens)
         text_len = context.shape[1]
-        joint = torch.cat([context, x], dim=1)
-        for block in self.single_transformer_blocks:
-            joint = block(joint, text_mask, temb, rope, first_frame_temb, first_frame_tokens)
+        extra = (text_mask, temb, rope, first_frame_temb, first_frame_tokens)
+        (joint,) = run_blocks(self, (x, context), [
+            BlockSegment(self.transformer_blocks, lambda block, h: block(*h, *extra)),
+            BlockSegment(self.single_transformer_blocks, lambda block, h: (block(h[0], *extra),),
+                         enter=lambda h: (torch.cat([h[1], h[0]], dim=1),)),  # one [text, video] sequence
+        ], conditioning=temb)
         x = joint[:, text_len:]
 
         scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first
