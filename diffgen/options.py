@@ -199,9 +199,12 @@ SAMPLING = OptionGroup("sampling", "sampling", ("generate",), options=(
 OUTPUT = OptionGroup("output", "output", ("generate",), options=(
     Option("save_output", bool, "write the outputs to files"),
     Option("output_path", str, "folder for outputs (default ./outputs)"),
-    Option("output_file_name", str, "file name stem (index suffix added for several outputs)"),
+    Option("output_file_name", str, "file name stem (default <prompt>-seed<seed>-out<i>; -out<i> added for "
+           "several outputs)"),
     Option("output_format", str, "png (default), jpeg, webp for images; mp4 (default), gif, webp, png-frames "
            "for videos", choices=("png", "jpeg", "jpg", "webp", "mp4", "gif", "png-frames")),
+    Option("overwrite", bool, "replace existing files (default: a taken generated name gets -2, -3...; a taken "
+           "--output-file-name is refused)"),
 ))
 
 GROUPS: dict[str, OptionGroup] = {g.name: g for g in (MODEL, PERFORMANCE, STEP_CACHE, MEMORY, LORA, REQUEST, SERVER,

@@ -38,7 +38,7 @@ class ServerProcess:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "diffgen.entrypoints.cli", "serve", "--model-path", self.model_path,
                    "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--output-dir", str(self.output_dir), "--log-level", "warning", *self.extra]
+                   "--output-dir", str(self.output_dir), "--log-level", "info", *self.extra]
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         self.wait_ready()

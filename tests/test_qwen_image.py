@@ -5,6 +5,9 @@ Edit runs are the slow part: the reference always VAE-encodes the input at ~1024
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -188,7 +191,33 @@ def test_cli_text_to_image_writes_the_picture(tiny_checkpoint, tmp_path):
                  "--seed", "1", "--save-output", "--output-path", str(out)])
     assert code == 0
     (file,) = out.glob("*.png")
-    assert Image.open(file).size == (80, 48)
+    image = Image.open(file)
+    assert image.size == (80, 48)
+    parameters = json.loads(image.text["parameters"])  # what ran: true CFG at 4.0, typed values
+    assert parameters["true_cfg_scale"] == 4.0 and parameters["negative_prompt"] == " "
+    assert parameters["num_inference_steps"] == 2 and parameters["seed"] == 1 and parameters["height"] == 48
+
+
+def test_edit_loads_a_processor_saved_by_transformers_5(tiny_checkpoint, tmp_path):
+    """transformers 5 saves a processor as one processor_config.json with the image processor nested;
+    the hub repositories ship preprocessor_config.json. Both load, to the same processor."""
+    import shutil
+
+    from diffgen.models.encoders.qwen_vl import QwenVLProcessor
+    from diffgen.testing.tiny_qwen import save_processor_as_transformers5
+
+    hub_layout = Path(tiny_checkpoint("qwen-image-edit"))
+    new_layout = tmp_path / "edit"
+    shutil.copytree(hub_layout, new_layout)
+    save_processor_as_transformers5(new_layout)
+    assert sorted(p.name for p in (new_layout / "processor").iterdir()) == [
+        "processor_config.json", "tokenizer.json", "tokenizer_config.json"]
+    text, images = ["<|vision_start|><|image_pad|><|vision_end|>a cat"], [_image(90, 60)]
+    expected = QwenVLProcessor.from_folder(hub_layout / "processor")(text, images)
+    got = Engine.from_pretrained(str(new_layout), device="cpu").pipeline.processor(text, images)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
 
 
 def test_cli_edit_without_an_image_is_a_one_line_error(edit, tiny_checkpoint, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -45,6 +46,11 @@ def test_b64_images_equal_the_engine_for_the_same_seed(server, engine):
     for item, image in zip(response.data, expected.images, strict=True):
         got = _decode(item.b64_json)
         assert got.text["seed"] == "5"
+        # The CLI's metadata builder: typed values, the model's defaults resolved, the served model name.
+        parameters = json.loads(got.text["parameters"])
+        assert parameters["seed"] == 5 and parameters["num_inference_steps"] == 2 and parameters["width"] == 64
+        assert parameters["guidance_scale"] == 3.5 and parameters["model"] == server.model_path
+        assert parameters == expected.metadata(parameters["output_index"]) | {"model": server.model_path}
         assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(image))
     # Two outputs of one request are different pictures (one generator, prompt-major noise).
     assert response.data[0].b64_json != response.data[1].b64_json
@@ -151,6 +157,9 @@ def test_models_health_and_metrics(server):
                    "diffgen_stage_seconds_count", "diffgen_http_requests_total"):
         assert family in text
     assert 'stage="denoising"' in text
+    # Routine lines are INFO, not WARNING.
+    assert "INFO:diffgen.engine.scheduler:worker 0 ready" in server.log()
+    assert not [line for line in server.log().splitlines() if line.startswith("WARNING") and "ready" in line]
 
 
 def test_a_failed_generation_is_not_retried_by_the_openai_client(server):

@@ -13,6 +13,7 @@ from PIL import Image
 
 from diffgen.errors import InvalidRequestError
 from diffgen.options import MAX_OUTPUTS, MAX_PROMPT_CHARS, MAX_SEED, check_value  # noqa: F401 (re-exported)
+from diffgen.outputs import output_names, save_outputs
 
 _CHECKED = ("height", "width", "num_inference_steps", "seed", "guidance_scale", "guidance_scale_2", "true_cfg_scale",
             "num_frames", "fps", "max_sequence_length", "cache", "cache_threshold")
@@ -108,6 +109,37 @@ def stage_seconds(timings: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in timings.items() if k not in TIMING_COUNTS}
 
 
+# Request fields recorded in every output's metadata, in this order (None values are left out).
+METADATA_FIELDS = ("prompt", "negative_prompt", "seed", "output_index", "num_inference_steps", "guidance_scale",
+                   "guidance_scale_2", "true_cfg_scale", "height", "width", "num_frames", "fps",
+                   "max_sequence_length", "num_input_images", "cache", "cache_threshold", "loras", "model",
+                   "software")
+
+
+def generation_metadata(request: GenerationRequest, *, seed: int, model: str, output_index: int) -> dict[str, Any]:
+    """The one description of how an output was made, with typed values (ints, floats, strings).
+
+    ``request`` is the resolved request (the model's defaults filled in), so every sampling value the
+    pipeline used is recorded: PNG text chunks and the JSON ``parameters`` chunk, the MP4 comment tag,
+    for the CLI, the Python API and the server alike.
+    """
+    from diffgen import __version__
+
+    prompt_index = output_index // request.num_outputs_per_prompt
+    values: dict[str, Any] = {
+        "prompt": request.prompt[prompt_index],
+        "negative_prompt": request.negative_prompt[prompt_index] if request.negative_prompt else None,
+        "seed": seed, "output_index": output_index,
+        **{name: getattr(request, name) for name in (
+            "num_inference_steps", "guidance_scale", "guidance_scale_2", "true_cfg_scale", "height", "width",
+            "num_frames", "fps", "max_sequence_length", "cache", "cache_threshold")},
+        "loras": dict(request.loras) if request.loras else None,
+        "num_input_images": len(request.images) or None,
+        "model": model, "software": f"diffgen {__version__}",
+    }
+    return {name: values[name] for name in METADATA_FIELDS if values[name] is not None}
+
+
 @dataclass
 class GenerationResult:
     """Outputs of one request, in prompt-major order.
@@ -130,9 +162,24 @@ class GenerationResult:
     def is_video(self) -> bool:
         return bool(self.frames)
 
-    def save(self, output_dir: str | Path = "outputs", file_name: str | None = None,
-             output_format: str | None = None) -> list[Path]:
-        """Write every output to ``output_dir``; returns the paths written."""
-        from diffgen.outputs import save_result
+    def metadata(self, output_index: int) -> dict[str, Any]:
+        """How output ``output_index`` was made (see :func:`generation_metadata`)."""
+        return generation_metadata(self.request, seed=self.seed, model=self.model, output_index=output_index)
 
-        return save_result(self, Path(output_dir), file_name, output_format)
+    def file_names(self, file_name: str | None = None) -> list[str]:
+        """The file stems :meth:`save` uses: ``<prompt>-seed<seed>-out<i>``, or ``file_name`` (``-out<i>``)."""
+        return output_names(self.request.prompt, self.request.num_outputs_per_prompt, self.seed, file_name)
+
+    def save(self, output_dir: str | Path = "outputs", file_name: str | None = None,
+             output_format: str | None = None, overwrite: bool = False) -> list[Path]:
+        """Write every output to ``output_dir`` with its metadata; returns the paths written.
+
+        Files are named ``<prompt>-seed<seed>-out<i>.<ext>`` after each output's own prompt (``i``: its
+        index in the request), or ``file_name`` (``<file_name>-out<i>`` for several outputs). An existing
+        file is never replaced unless ``overwrite``: a taken generated name gets a ``-2``, ``-3``...
+        suffix; a taken ``file_name`` is refused.
+        """
+        outputs = self.frames if self.is_video else self.images
+        return save_outputs(outputs, [self.metadata(i) for i in range(len(outputs))], Path(output_dir),
+                            self.file_names(file_name), output_format, "video" if self.is_video else "image",
+                            fps=self.fps, overwrite=overwrite, numbered=file_name is None)

@@ -329,7 +329,7 @@ class Scheduler:
                 self.model_info = self.model_info or message[1]
                 worker.ready = True
                 self._changed.notify_all()
-            logger.warning("worker %d ready: %s on %s", worker.index, message[1].name, message[1].device)
+            logger.info("worker %d ready: %s on %s", worker.index, message[1].name, message[1].device)
         elif kind == "load_failed":
             logger.error("worker %d failed to load the model: %s", worker.index, message[1])
             with self._lock:

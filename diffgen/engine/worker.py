@@ -24,6 +24,7 @@ running). Without the variable these markers are ordinary text.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import multiprocessing as mp
@@ -67,6 +68,7 @@ class WorkerOutput:
     height: int | None = None
     width: int | None = None
     num_inference_steps: int | None = None
+    request: Any = None  # the resolved GenerationRequest (defaults filled in, input images dropped): metadata
 
 
 def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any) -> None:
@@ -161,7 +163,8 @@ def _run_one(engine, job_id: str, request, cancelled: set[str], outbox, faults: 
         r = result.request
         output = WorkerOutput(seed=result.seed, images=result.images, frames=result.frames, fps=result.fps,
                               timings=result.timings, height=r.height, width=r.width,
-                              num_inference_steps=r.num_inference_steps)
+                              num_inference_steps=r.num_inference_steps,
+                              request=dataclasses.replace(r, images=[None] * len(r.images)))
         outbox.put(("done", job_id, output))
         return
     except CancelledError:

@@ -3,17 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from diffgen.errors import DiffgenError
 from diffgen.options import SAMPLING, add_arguments, engine_option_names
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with short errors: one line naming the problem (and the close flag for a misspelt
+    one) and a pointer to --help, instead of the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' to see all options.\n")
+
+    def parse_args(self, args: list[str] | None = None, namespace: argparse.Namespace | None = None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._command_parser(parsed)
+            command.error(unrecognized_message(extras, command))
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The sub-command's parser (``generate``...) when one was named, else this parser."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None):
+                return action.choices[getattr(parsed, action.dest)]
+        return self
+
+
+def unrecognized_message(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """'unrecognized arguments: --steps 4 (--steps: did you mean --num-inference-steps?)'"""
+    flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    hints = []
+    for extra in extras:
+        if not extra.startswith("--"):
+            continue
+        given = extra.split("=", 1)[0]
+        # Flags holding every word given (--steps, --num-steps -> --num-inference-steps), else spelling.
+        words = [word for word in given.lstrip("-").split("-") if word]
+        close = [flag for flag in flags
+                 if words and all(any(part.startswith(word) for part in flag.lstrip("-").split("-")) for word in words)]
+        close = close[:2] or difflib.get_close_matches(given, flags, n=2, cutoff=0.6)
+        if close:
+            hints.append(f"{given}: did you mean {' or '.join(close)}?")
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    return f"{message} ({'; '.join(hints)})" if hints else message
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffgen", description="Inference and serving for diffusion transformers")
+    parser = ArgumentParser(prog="diffgen", description="Inference and serving for diffusion transformers")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
 
@@ -27,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny.add_argument("family", choices=sorted(TINY_FAMILIES))
     tiny.add_argument("path")
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at PATH")
 
     try:
         from diffgen.entrypoints.serve import add_serve_parser
@@ -60,9 +104,8 @@ def require_model_path(options: dict[str, Any]) -> str:
 
 
 def run_generate(options: dict[str, Any]) -> int:
-    from tqdm import tqdm
-
     from diffgen.engine.engine import Engine
+    from diffgen.engine.request import GenerationRequest
     from diffgen.inputs import load_image, read_prompt_file
 
     model_path = require_model_path(options)
@@ -79,25 +122,16 @@ def run_generate(options: dict[str, Any]) -> int:
               if o.name not in ("prompt", "prompt_file", "image_path") and options.get(o.name) is not None}
     if images:
         params["images"] = images
-    from diffgen.engine.request import GenerationRequest
-
-    GenerationRequest.build(prompts, **params)  # reject bad input before loading a model
+    # Reject bad input before loading a model: the request, then the files it would write.
+    request = GenerationRequest.build(prompts, **params)
+    save = any(options.get(k) for k in ("save_output", "output_path", "output_file_name", "output_format"))
+    output_format = check_planned_outputs(options, request) if save else None
 
     engine = Engine.from_pretrained(model_path, **engine_options(options))
-    bars: list[tqdm] = []
-
-    def progress(step: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, desc="denoising", unit="step", file=sys.stderr))
-        bars[0].update(step - bars[0].n)
-
-    result = engine.generate(prompts, progress=progress, **params)
-    for bar in bars:
-        bar.close()
-    save = options.get("save_output") or options.get("output_path") or options.get("output_file_name")
+    result = engine.generate(prompts, progress=DenoisingBar(), **params)
     if save:
-        paths = result.save(options.get("output_path") or "outputs", options.get("output_file_name"),
-                            options.get("output_format"))
+        paths = result.save(options.get("output_path") or "outputs", options.get("output_file_name"), output_format,
+                            overwrite=bool(options.get("overwrite")))
         for path in paths:
             print(f"saved {path}")
     else:
@@ -113,6 +147,37 @@ def run_generate(options: dict[str, Any]) -> int:
         print(f"  step cache: {int(result.timings['cache_forwards_computed'])} DiT forwards computed, "
               f"{int(result.timings['cache_forwards_reused'])} reused")
     return 0
+
+
+def check_planned_outputs(options: dict[str, Any], request) -> str:
+    """The output format, checked against the model's output kind (its ModelSpec, read from the
+    checkpoint's JSON files: no weights loaded); a taken --output-file-name is refused unless --overwrite."""
+    from diffgen.loader.components import read_model_spec
+    from diffgen.outputs import check_output_format, output_names, output_paths, refuse_existing
+
+    kind = read_model_spec(options["model_path"], options.get("revision")).output_kind
+    output_format = check_output_format(options.get("output_format"), kind)
+    if options.get("output_file_name") and not options.get("overwrite"):
+        stems = output_names(request.prompt, request.num_outputs_per_prompt, 0, options["output_file_name"])
+        refuse_existing(output_paths(Path(options.get("output_path") or "outputs"), stems, output_format))
+    return output_format
+
+
+class DenoisingBar:
+    """A tqdm bar over the denoising steps, closed at the last step (before decoding starts)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+        self.bar.update(step - self.bar.n)
+        if step >= total:
+            self.bar.close()
+            self.bar = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny-checkpoint":
             from diffgen.testing import write_tiny_checkpoint
 
-            path = write_tiny_checkpoint(args.family, args.path)
+            path = write_tiny_checkpoint(args.family, args.path, overwrite=args.overwrite)
             print(f"wrote tiny {args.family} checkpoint to {path}")
             return 0
         if args.command == "serve":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from pathlib import Path
@@ -85,8 +86,9 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
             components[name] = None
             continue
         library, class_name = entry
-        components[name] = load_component(folder / name, library, class_name, pipeline_cls,
-                                          component_dtype.get(name, dtype), device)
+        with _no_library_progress_bars():
+            components[name] = load_component(folder / name, library, class_name, pipeline_cls,
+                                              component_dtype.get(name, dtype), device)
     checkpoint = CheckpointInfo.from_folder(folder, str(model_path))
     # Pipeline-level settings of model_index.json (Wan: boundary_ratio, expand_timesteps).
     return pipeline_cls(components, str(model_path), device, dtype, settings=checkpoint.settings,
@@ -137,6 +139,25 @@ def _hub_checkpoint(repo_id: str, revision: str | None) -> CheckpointInfo:
         return {}
 
     return CheckpointInfo(repo_id, read_model_index(index_file.parent), read)
+
+
+@contextlib.contextmanager
+def _no_library_progress_bars():
+    """No "Loading weights" / "Loading checkpoint shards" bars from transformers and diffusers while a
+    component loads (the Python API too, not only the CLI); each library's setting is restored after."""
+    import diffusers
+    import transformers
+
+    libraries = [transformers.utils.logging, diffusers.utils.logging]
+    enabled = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, was_enabled in zip(libraries, enabled, strict=True):
+            if was_enabled:
+                library.enable_progress_bar()
 
 
 def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dtype: torch.dtype,

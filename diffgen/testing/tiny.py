@@ -7,11 +7,13 @@ call writes the same weights), then ``save_pretrained``. Nothing is downloaded.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from diffgen.errors import DiffgenError
 from diffgen.testing import tokenizers as tok
 
 SEED = 0
@@ -105,13 +107,23 @@ def build_tiny_pipeline(family: str):
     return pipe
 
 
-def write_tiny_checkpoint(family: str, path: str | os.PathLike, shard_size: str | None = None) -> Path:
+def write_tiny_checkpoint(family: str, path: str | os.PathLike, shard_size: str | None = None,
+                          overwrite: bool = False) -> Path:
     """Write a tiny random checkpoint of ``family`` to ``path`` in diffusers format; returns the path.
 
-    ``shard_size`` (e.g. "20KB") shards the safetensors of each model component.
+    ``shard_size`` (e.g. "20KB") shards the safetensors of each model component. An existing
+    non-empty ``path`` is refused, unless it is a checkpoint and ``overwrite`` is set.
     """
-    pipe = build_tiny_pipeline(family)
     path = Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        is_checkpoint = (path / "model_index.json").is_file()
+        if not overwrite or not is_checkpoint:
+            what = "a diffusers checkpoint" if is_checkpoint else "and is not a diffusers checkpoint"
+            hint = ("pass --overwrite (Python: overwrite=True) to replace it, or choose another path" if is_checkpoint
+                    else "choose another path (--overwrite replaces only a checkpoint)")
+            raise DiffgenError(f"{path} already exists ({what}); {hint}")
+        shutil.rmtree(path)  # no file of the earlier checkpoint is left behind
+    pipe = build_tiny_pipeline(family)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     pipe.save_pretrained(path, safe_serialization=True, **kwargs)
     _use_hub_class_names(path)

@@ -163,6 +163,19 @@ def save_processor_as_hub(pipe, path: Path) -> None:
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def save_processor_as_transformers5(path: Path) -> None:
+    """Rewrite the ``processor/`` folder of a saved edit checkpoint as transformers 5's
+    ``save_pretrained`` writes it: one ``processor_config.json`` with the image processor nested."""
+    folder = path / "processor"
+    processor = image_only_processor(folder)
+    shutil.rmtree(folder)
+    processor.save_pretrained(folder)
+    config_file = folder / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    config["processor_class"] = "Qwen2VLProcessor"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 # family -> builder of the reference pipeline, and family -> fix-up after ``save_pretrained``.
 QWEN_FAMILIES = {
     "qwen-image": qwen_image_pipeline,  # Qwen/Qwen-Image

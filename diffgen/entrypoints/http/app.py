@@ -103,7 +103,7 @@ class ServerState:
         self.scheduler.shutdown(remaining, grace=SHUTDOWN_GRACE_S)
         self.videos.close()  # waits for MP4s of jobs that finished
         self.store.close()
-        logger.warning("diffgen serve stopped")
+        logger.info("diffgen serve stopped")
 
     def model_names(self) -> set[str]:
         names = {self.model_id, self.config.model_path, Path(self.config.model_path).name}

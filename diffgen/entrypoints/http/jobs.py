@@ -192,6 +192,7 @@ class VideoJobs:
                 self.store.set_progress(job.id, percent)
 
     def _finalize(self, video_id: str, future: concurrent.futures.Future) -> None:
+        from diffgen.engine.request import generation_metadata
         from diffgen.outputs import write_mp4
 
         self._progress.pop(video_id, None)
@@ -199,7 +200,10 @@ class VideoJobs:
         part = path.with_name(f"{video_id}.part.mp4")
         try:
             output = future.result()
-            write_mp4(output.frames[0], part, output.fps or 16)
+            record = self.store.get(video_id)
+            metadata = None if output.request is None or record is None else generation_metadata(
+                output.request, seed=output.seed, model=record["model"], output_index=0)
+            write_mp4(output.frames[0], part, output.fps or 16, metadata)
             os.replace(part, path)
             if not self.store.finish(video_id, "completed", file=path.name):
                 path.unlink(missing_ok=True)  # deleted while it ran

@@ -189,20 +189,19 @@ def composite_with_mask(result: Image.Image, original: Image.Image, mask: Image.
 
 async def _images_response(request: Request, body: ImageGenerationBody, generation: GenerationRequest,
                            output: WorkerOutput) -> JSONResponse:
+    from diffgen.engine.request import generation_metadata
     from diffgen.outputs import encode_image
 
     state = _state(request)
     fmt = body.output_format or "png"
     quality = body.output_compression if fmt != "png" else None
-    metadata = {"prompt": body.prompt, "negative_prompt": body.negative_prompt or "", "seed": str(output.seed),
-                "steps": str(output.num_inference_steps), "guidance_scale": str(generation.guidance_scale),
-                "width": str(output.width), "height": str(output.height), "model": state.model_id,
-                "software": "diffgen"}
 
     def encode_all() -> list[dict[str, Any]]:
         data = []
         for index, image in enumerate(output.images):
-            encoded = encode_image(image, fmt, dict(metadata, output_index=str(index)), quality=quality)
+            metadata = generation_metadata(output.request, seed=output.seed, model=state.model_id,
+                                           output_index=index)
+            encoded = encode_image(image, fmt, metadata, quality=quality)
             if body.response_format == "url":
                 image_id = state.images.save(encoded, fmt)
                 data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/images/{image_id}/content",

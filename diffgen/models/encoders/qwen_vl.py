@@ -9,6 +9,7 @@ Qwen2-VL image processor) and :class:`QwenVLProcessor` does what the edit pipeli
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,18 @@ IMAGE_TOKEN = "<|image_pad|>"
 def load_qwen2_vl_processor_parts(folder: Path):
     """(tokenizer, image processor) from a ``Qwen2VLProcessor`` folder; torchvision is optional.
 
-    With torchvision installed, the image processor is the one transformers' own ``Qwen2VLProcessor``
-    would pick (its torchvision backend, which resizes slightly differently from PIL), so the vision
-    tokens match the reference pipeline's on the same machine; without it, the PIL backend.
+    Both layouts load, as in transformers: the hub's (``preprocessor_config.json`` beside the tokenizer)
+    and transformers 5's ``save_pretrained`` (one ``processor_config.json``, the image processor nested
+    under ``"image_processor"``). With torchvision installed, the image processor is the one
+    transformers' own ``Qwen2VLProcessor`` would pick (its torchvision backend, which resizes slightly
+    differently from PIL), so the vision tokens match the reference pipeline's on the same machine;
+    without it, the PIL backend.
     """
     from transformers import AutoTokenizer
 
-    if not (folder / "preprocessor_config.json").is_file():
-        raise ModelLoadError(f"{folder} has no preprocessor_config.json (a Qwen2VLProcessor folder is expected)")
+    if not (folder / "preprocessor_config.json").is_file() and not _has_nested_image_processor(folder):
+        raise ModelLoadError(f"{folder} has neither preprocessor_config.json nor a processor_config.json with an "
+                             "'image_processor' entry (a Qwen2VLProcessor folder is expected)")
     if importlib.util.find_spec("torchvision") is not None:
         from transformers import AutoImageProcessor
 
@@ -40,6 +45,14 @@ def load_qwen2_vl_processor_parts(folder: Path):
 
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder), image_processor
+
+
+def _has_nested_image_processor(folder: Path) -> bool:
+    config = folder / "processor_config.json"
+    try:
+        return config.is_file() and isinstance(json.loads(config.read_text()).get("image_processor"), dict)
+    except (json.JSONDecodeError, AttributeError):
+        return False
 
 
 class QwenVLProcessor:
