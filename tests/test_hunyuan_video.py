@@ -59,8 +59,9 @@ def test_dit_forward_matches_diffusers(tmp_path):
     mask[0, 6:] = 0
     timestep, guidance = torch.tensor([999.0, 400.0]), torch.tensor([6000.0, 3000.0])
     with torch.no_grad():
-        expected = ref(x, timestep, text, mask, pooled, guidance, return_dict=False)[0]
-        assert (ours(x, timestep, text, mask, pooled, guidance) - expected).abs().max().item() <= 1e-5
+        for text_mask in (mask, torch.ones(2, 10)):  # padded text; none (attention without a mask)
+            expected = ref(x, timestep, text, text_mask, pooled, guidance, return_dict=False)[0]
+            assert (ours(x, timestep, text, text_mask, pooled, guidance) - expected).abs().max().item() <= 1e-5
 
 
 def test_t2v_matches_diffusers_non_square_two_outputs(tiny_checkpoint):

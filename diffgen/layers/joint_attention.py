@@ -41,11 +41,12 @@ class JointAttention(nn.Module):
         return norm_q(q), norm_k(k), v
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None, text_len: int = 0):
         """Image tokens ``x`` (B, N, D), text tokens ``context`` (B, T, D).
 
-        ``context_mask`` (B, T) bool marks the text tokens to attend to (image tokens always are); in
-        single-stream use (``joint=False``, ``x`` = [text, image]) it covers the text at the head of ``x``.
+        ``context_mask`` (B, T) bool marks the text tokens to attend to (image tokens always are).
+        Single-stream use (``joint=False``): ``x`` is [text, image], ``text_len`` says where the image
+        starts, and ``context_mask`` covers those ``text_len`` tokens.
         Returns the image output, or (image output, text output) when ``context`` is given.
         """
         q, k, v = self._project(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
@@ -55,6 +56,8 @@ class JointAttention(nn.Module):
                                        self.norm_added_q, self.norm_added_k)
             q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
         if context_mask is not None:
+            if context is None and context_mask.shape[1] != text_len:
+                raise ValueError(f"context_mask covers {context_mask.shape[1]} text tokens, text_len is {text_len}")
             image_mask = context_mask.new_ones(x.shape[0], q.shape[1] - context_mask.shape[1])
             mask = torch.cat([context_mask, image_mask], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)

@@ -36,6 +36,18 @@ from diffgen.pipelines.stages import draw_noise
 VAE_TILING_MIN_PIXELS = 0
 
 
+def drop_shared_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text tokens without the padding all prompts of the batch end with.
+
+    Padded tokens are masked keys, so dropping them changes no video token; with none left the DiT
+    attends without a mask. Kept as is when the padding is not at the end (a left-padding tokenizer).
+    """
+    valid = int(mask.sum(dim=1).max())
+    if bool(mask[:, valid:].any()):
+        return embeds, mask
+    return embeds[:, :valid], mask[:, :valid]
+
+
 @register_pipeline
 class HunyuanVideoPipeline(ComposedPipeline):
     pipeline_class_names = ("HunyuanVideoPipeline",)
@@ -64,11 +76,11 @@ class HunyuanVideoPipeline(ComposedPipeline):
         mask = tokens.attention_mask.to(self.device)
         hidden = self.text_encoder(input_ids=tokens.input_ids.to(self.device), attention_mask=mask,
                                    output_hidden_states=True).hidden_states[-3]
-        embeds = hidden.to(self.text_encoder.dtype)[:, crop:]
+        embeds, mask = drop_shared_padding(hidden.to(self.text_encoder.dtype)[:, crop:], mask[:, crop:])
         pooled = self._encode_clip(prompts)
         return {
             "encoder_hidden_states": embeds.to(self.dtype).repeat_interleave(repeat, dim=0),
-            "encoder_attention_mask": mask[:, crop:].to(self.dtype).repeat_interleave(repeat, dim=0),
+            "encoder_attention_mask": mask.to(self.dtype).repeat_interleave(repeat, dim=0),
             "pooled_projections": pooled.to(self.dtype).repeat_interleave(repeat, dim=0),
         }
 
@@ -139,6 +151,7 @@ class HunyuanVideoImageToVideoPipeline(HunyuanVideoPipeline):
         r = state.request
         embeds, mask = encode_llava_prompt(self.text_encoder, self.tokenizer, self.image_processor, r.prompt,
                                            r.images[0], r.max_sequence_length, presets.I2V_IMAGE_TOKEN_STRIDE)
+        embeds, mask = drop_shared_padding(embeds, mask)
         pooled = self._encode_clip(r.prompt)
         repeat = r.num_outputs_per_prompt
         state.cond = {
