@@ -64,23 +64,37 @@ def test_seed_changes_output_and_repeats_exactly(pipelines):
     assert not torch.allclose(a, c)
 
 
-def test_native_dit_matches_diffusers_transformer(tiny_flux):
+def _aligned(module: torch.nn.Module) -> torch.nn.Module:
+    """Fresh copies of safetensors' memory-mapped tensors: CPU kernels round differently on unaligned data."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensor.data = tensor.data.clone()
+    return module
+
+
+# float32: the same arithmetic; bfloat16: the same rounding order too (torch.nn.RMSNorm-style q/k norms),
+# so both agree to the last bit but for the attention kernel's reductions.
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+def test_native_dit_matches_diffusers_transformer(tiny_flux, dtype, tolerance):
+    from pathlib import Path
+
     from diffusers import FluxTransformer2DModel
 
     from diffgen.loader.weights import load_native_model
     from diffgen.models.dits.flux import FluxTransformer
 
     folder = f"{tiny_flux}/transformer"
-    reference = FluxTransformer2DModel.from_pretrained(folder).eval()
-    native = load_native_model(FluxTransformer, __import__("pathlib").Path(folder), torch.float32, "cpu")
+    reference = _aligned(FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype).eval())
+    native = load_native_model(FluxTransformer, Path(folder), dtype, "cpu")
     torch.manual_seed(0)
     tokens, text = 24, 7
     inputs = dict(hidden_states=torch.randn(2, tokens, 64), encoder_hidden_states=torch.randn(2, text, 32),
                   pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.3, 0.9]),
                   guidance=torch.tensor([3.5, 1.0]))
+    inputs = {name: value.to(dtype) for name, value in inputs.items()}
     img_ids = torch.stack([torch.zeros(tokens), torch.arange(tokens) // 6, torch.arange(tokens) % 6], -1).float()
     txt_ids = torch.zeros(text, 3)
     with torch.no_grad():
         expected = reference(**inputs, img_ids=img_ids, txt_ids=txt_ids).sample
         got = native(**inputs, img_ids=img_ids, txt_ids=txt_ids)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert got.dtype == dtype
+    assert (got.float() - expected.float()).abs().max().item() <= tolerance

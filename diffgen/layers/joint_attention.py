@@ -65,4 +65,5 @@ class JointAttention(nn.Module):
         if context is None:
             return out
         text_len = context.shape[1]
-        return self.to_out[0](out[:, text_len:]), self.to_add_out(out[:, :text_len])
+        # Contiguous slices, as the reference: a CPU matmul over a strided slice rounds differently in bf16.
+        return self.to_out[0](out[:, text_len:].contiguous()), self.to_add_out(out[:, :text_len].contiguous())

@@ -1,7 +1,10 @@
 """Write tiny random-weight pipelines in the layout of the real diffusers repositories.
 
 Each builder constructs the reference diffusers pipeline from configs in code (seeded, so the same
-call writes the same weights), then ``save_pretrained``. Nothing is downloaded.
+call writes the same weights); every parameter that a config build leaves constant (norm weights,
+biases) is then randomized, so that a wiring mistake on it changes the output; then ``save_pretrained``.
+Nothing is downloaded. Head dims are chosen so that the RoPE axis splits are unequal, as in the real
+models (FLUX and Qwen-Image 16/56/56 of 128 -> 4/6/6 of 16; Wan 44/42/42 of 128 -> 8/4/4 of 16).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from diffgen.errors import DiffgenError
 from diffgen.testing import tokenizers as tok
+from diffgen.testing.randomize import randomize_constant_parameters
 
 SEED = 0
 
@@ -33,7 +37,7 @@ def flux_pipeline(variant: str = "dev"):
     transformer = _seeded(lambda: FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=dev,
-        axes_dims_rope=(4, 4, 8)))
+        axes_dims_rope=(4, 6, 6)))
     text_encoder = _seeded(lambda: CLIPTextModel(CLIPTextConfig(
         vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
@@ -101,9 +105,10 @@ def build_tiny_pipeline(family: str):
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
     pipe = TINY_FAMILIES[family]()
-    for component in pipe.components.values():
+    for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
             component.eval()  # built from configs -> train mode; T5 dropout would make outputs random
+            randomize_constant_parameters(component, seed=name)
     return pipe
 
 

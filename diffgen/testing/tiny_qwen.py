@@ -111,7 +111,7 @@ def _components(zero_cond_t: bool = False) -> dict:
     z = LATENT_CHANNELS
     transformer = _seeded(lambda: QwenImageTransformer2DModel(
         patch_size=2, in_channels=4 * z, out_channels=z, num_layers=2, attention_head_dim=16, num_attention_heads=3,
-        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t))
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t))
     # Non-trivial latent statistics so the (de)normalisation is exercised.
     vae = _seeded(lambda: AutoencoderKLQwenImage(
         base_dim=8, z_dim=z, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True],

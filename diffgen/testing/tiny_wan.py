@@ -74,7 +74,7 @@ def wan22_vae():
 def wan_transformer(in_channels: int = 16, out_channels: int = 16, image_dim: int | None = None, offset: int = 0):
     from diffusers import WanTransformer3DModel
 
-    heads, head_dim = 2, 12
+    heads, head_dim = 2, 16  # RoPE axes 8/4/4 (frames/rows/cols): unequal, as 44/42/42 in the real 128
     # I2V: CLIP tokens (image_dim) are embedded to the model width, which the added k/v projections take.
     added_kv_proj_dim = heads * head_dim if image_dim is not None else None
     return _seeded(lambda: WanTransformer3DModel(
