@@ -45,13 +45,16 @@ def test_flux_matches_diffusers(pipelines, variant, height, width, outputs):
 
 
 def test_flux_true_cfg_and_several_prompts_match_diffusers(pipelines):
+    """Two prompts with two outputs each: outputs (and their embeddings) are ordered prompt-major."""
     reference, engine = pipelines["dev"]
     prompts = [PROMPT, "a red cube on a table"]
     kwargs = dict(height=32, width=48, num_inference_steps=2, guidance_scale=2.0, max_sequence_length=24,
                   true_cfg_scale=3.0)
     negative = ["blurry", "low quality"]
-    ref_latents, ref_pixels = _reference(reference, 5, prompt=prompts, negative_prompt=negative, **kwargs)
-    result = engine.generate(prompts, negative_prompt=negative, seed=5, return_tensors=True, **kwargs)
+    ref_latents, ref_pixels = _reference(reference, 5, prompt=prompts, negative_prompt=negative,
+                                         num_images_per_prompt=2, **kwargs)
+    result = engine.generate(prompts, negative_prompt=negative, seed=5, num_outputs_per_prompt=2,
+                             return_tensors=True, **kwargs)
     torch.testing.assert_close(result.latents, ref_latents, atol=1e-5, rtol=0)
     assert np.abs(result.pixels.numpy() - ref_pixels).max() <= 1e-4
 

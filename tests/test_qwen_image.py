@@ -131,7 +131,7 @@ def test_dit_forward_matches_diffusers(dit_folders, zero_cond_t, dtype, toleranc
     (PROMPT, dict(height=64, width=64)),
     (PROMPT, dict(height=48, width=80, negative_prompt="blurry, low quality", true_cfg_scale=4.0,
                   num_images_per_prompt=2)),
-    # prompts of different lengths: padded embeddings and a text mask; truncation at max_sequence_length
+    # truncation at max_sequence_length: every prompt keeps only system-template tokens, so all embed alike
     ([PROMPT, "a lighthouse at dusk over a stormy sea"],
      dict(height=32, width=48, negative_prompt=["", "blurry"], true_cfg_scale=2.5, max_sequence_length=24)),
 ])
@@ -143,6 +143,25 @@ def test_text_to_image_matches_diffusers(text_to_image, prompt, kwargs):
     result = engine.generate(prompt, seed=7, num_outputs_per_prompt=outputs, return_tensors=True, **kwargs)
     _assert_same(result, ref_latents, ref_pixels)
     assert all(image.size == (kwargs["width"], kwargs["height"]) for image in result.images)
+
+
+def test_prompts_of_different_lengths_with_two_outputs_each_match_diffusers(text_to_image):
+    """Untruncated prompts (and negative prompts) of different lengths, two outputs each.
+
+    The user's tokens reach the DiT, the shorter prompt is padded and masked, and outputs are ordered
+    prompt-major. diffusers 0.42 pairs its prompt-major embeddings with an output-major mask when
+    num_images_per_prompt > 1 (huggingface/diffusers#13581, fix in #14147), so the reference gets each
+    prompt listed twice instead: the same noise (one draw of 4 latents) and correctly paired masks.
+    """
+    reference, engine = text_to_image
+    prompts, negative = [PROMPT, "a lighthouse at dusk over a stormy sea"], ["", "blurry"]
+    kwargs = dict(height=32, width=48, num_inference_steps=3, true_cfg_scale=2.5)
+    twice = [text for text in prompts for _ in range(2)]
+    twice_negative = [text for text in negative for _ in range(2)]
+    ref_latents, ref_pixels = _reference(reference, 7, prompt=twice, negative_prompt=twice_negative, **kwargs)
+    result = engine.generate(prompts, negative_prompt=negative, seed=7, num_outputs_per_prompt=2,
+                             return_tensors=True, **kwargs)
+    _assert_same(result, ref_latents, ref_pixels)
 
 
 def test_text_to_image_rejects_input_images(text_to_image):
@@ -166,7 +185,7 @@ def test_one_step_is_refused_clearly(text_to_image):
 def test_edit_matches_diffusers(edit, kwargs):
     reference, engine = edit
     image = _image(96, 64)
-    kwargs = dict(num_inference_steps=2, **kwargs)
+    kwargs = dict(num_inference_steps=4, **kwargs)  # more than 2 steps: the shift moves the inner sigmas
     ref_latents, ref_pixels = _reference(reference, 3, image=image, prompt=EDIT_PROMPT, **kwargs)
     result = engine.generate(EDIT_PROMPT, images=[image], seed=3, return_tensors=True, **kwargs)
     _assert_same(result, ref_latents, ref_pixels)
@@ -192,14 +211,16 @@ def test_edit_needs_exactly_one_image(edit):
         engine.generate(EDIT_PROMPT, images=[_image(32, 32), _image(32, 32)], height=32, width=32)
 
 
-# -- edit with several images (Qwen-Image-Edit-2509) ----------------------------------------------
-def test_edit_plus_with_two_images_matches_diffusers(tiny_checkpoint):
+# -- edit with several images (Qwen-Image-Edit-2509, and -2511: edit inputs modulated as clean) -------
+@pytest.mark.parametrize("family", ["qwen-image-edit-2509", "qwen-image-edit-2511"])
+def test_edit_plus_with_two_images_matches_diffusers(tiny_checkpoint, family):
     from diffusers import QwenImageEditPlusPipeline
 
-    path = tiny_checkpoint("qwen-image-edit-2509")
+    path = tiny_checkpoint(family)
     reference, engine = _load(path, QwenImageEditPlusPipeline, processor=_processor(path))
+    assert engine.pipeline.transformer.config.zero_cond_t == family.endswith("2511")
     images = [_image(64, 64, seed=1), _image(48, 96, seed=2)]
-    kwargs = dict(height=32, width=48, num_inference_steps=2, negative_prompt=" ", true_cfg_scale=3.0)
+    kwargs = dict(height=32, width=48, num_inference_steps=4, negative_prompt=" ", true_cfg_scale=3.0)
     ref_latents, ref_pixels = _reference(reference, 5, image=images, prompt=EDIT_PROMPT, **kwargs)
     result = engine.generate(EDIT_PROMPT, images=images, seed=5, return_tensors=True, **kwargs)
     _assert_same(result, ref_latents, ref_pixels)

@@ -59,22 +59,23 @@ def reference(path: str, pipeline_class: str | None = None):
     return pipe
 
 
-def run_both(path: str, seed: int = 3, pipeline_class: str | None = None, image=None, vae_tiles=None, **kwargs):
+def run_both(path: str, seed: int = 3, pipeline_class: str | None = None, image=None, vae_tiles=None,
+             prompt: str | list[str] = PROMPT, engine: Engine | None = None, **kwargs):
     """(diffusers latents, diffusers frames, diffgen result) for the same request."""
     ref = reference(path, pipeline_class)
     if vae_tiles:
         ref.vae.enable_tiling(**vae_tiles)
-    call = dict(kwargs, prompt=PROMPT, image=image) if image is not None else dict(kwargs, prompt=PROMPT)
+    call = dict(kwargs, prompt=prompt, image=image) if image is not None else dict(kwargs, prompt=prompt)
     frames = ref(**call, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").frames
     latents = ref(**call, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").frames
     params = dict(kwargs)
     params["num_outputs_per_prompt"] = params.pop("num_videos_per_prompt", 1)
     if image is not None:
         params["images"] = [image]
-    engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
+    engine = engine or Engine.from_pretrained(path, device="cpu", dtype="float32")
     for name, value in (vae_tiles or {}).items():  # tile sizes only: diffgen itself decides to tile
         setattr(engine.pipeline.vae, name, value)
-    result = engine.generate(PROMPT, seed=seed, return_tensors=True, **params)
+    result = engine.generate(prompt, seed=seed, return_tensors=True, **params)
     return latents, frames, result
 
 
@@ -156,21 +157,40 @@ def test_i2v_matches_diffusers(checkpoints, input_image):
                             max_sequence_length=512))
 
 
-@pytest.mark.parametrize("family", ["wan22-a14b", "wan22-i2v-a14b"])
-def test_wan22_two_experts_match_diffusers(checkpoints, input_image, family):
+def test_two_prompts_with_two_outputs_each_match_diffusers(checkpoints):
+    """Outputs ordered prompt-major (p0, p0, p1, p1), as diffusers orders embeddings and noise."""
+    assert_parity(*run_both(checkpoints("wan-t2v"), prompt=[PROMPT, "a red kite over green hills at noon"],
+                            negative_prompt=[NEGATIVE, "static"], height=32, width=32, num_frames=1,
+                            num_inference_steps=2, guidance_scale=4.0, max_sequence_length=16,
+                            num_videos_per_prompt=2))
+
+
+# 8 steps put timesteps next to each expert boundary: wan22-a14b (flow shift 12, boundary 0.875 -> 875) runs
+# ... 923, 878 | 800 ...; wan22-i2v-a14b (shift 5, boundary 0.9 -> 900) runs ... 937 | 893, 833 ...
+@pytest.mark.parametrize("family,guidance", [
+    ("wan22-a14b", dict(guidance_scale=5.0, guidance_scale_2=2.0)),
+    ("wan22-a14b", dict(guidance_scale=4.0)),  # no guidance_scale_2: the low-noise expert uses guidance_scale
+    ("wan22-a14b", dict(guidance_scale=1.0, guidance_scale_2=3.0)),  # CFG off (follows the first scale)
+    ("wan22-i2v-a14b", dict(guidance_scale=5.0, guidance_scale_2=2.0)),
+])
+def test_wan22_two_experts_match_diffusers(checkpoints, input_image, family, guidance):
     path = checkpoints(family)
     engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
-    calls = {"transformer": 0, "transformer_2": 0}
-    for name in calls:
-        engine.pipeline.components[name].register_forward_hook(
-            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    seen: dict[str, list[float]] = {"transformer": [], "transformer_2": []}
+    for name in seen:
+        engine.pipeline.components[name].register_forward_pre_hook(
+            lambda _module, args, name=name: seen[name].append(float(args[1][0])))
     image = input_image if "i2v" in family else None
-    kwargs = dict(negative_prompt=NEGATIVE, height=32, width=48, num_frames=5, num_inference_steps=4,
-                  guidance_scale=5.0, guidance_scale_2=2.0, max_sequence_length=16)
-    params = dict(kwargs, images=[image]) if image is not None else kwargs
-    engine.generate(PROMPT, seed=1, **params)
-    assert calls["transformer"] > 0 and calls["transformer_2"] > 0  # both experts ran (cond + uncond each)
-    assert_parity(*run_both(path, image=image, **kwargs))
+    steps = 8
+    assert_parity(*run_both(path, image=image, engine=engine, negative_prompt=NEGATIVE, height=32, width=48,
+                            num_frames=5, num_inference_steps=steps, max_sequence_length=16, **guidance))
+
+    boundary = json.loads(open(f"{path}/model_index.json").read())["boundary_ratio"] * 1000
+    high, low = sorted(set(seen["transformer"])), sorted(set(seen["transformer_2"]))
+    assert len(high) + len(low) == steps and max(low) < boundary <= min(high)
+    assert min(high) - boundary < 10 or boundary - max(low) < 10  # a timestep right next to the boundary
+    branches = 1 if guidance["guidance_scale"] <= 1 else 2
+    assert len(seen["transformer"]) + len(seen["transformer_2"]) == branches * steps
 
 
 def test_ti2v_text_only_matches_diffusers(checkpoints):
