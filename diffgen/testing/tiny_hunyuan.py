@@ -56,9 +56,9 @@ def hunyuan_transformer(image_condition_type: str | None = None):
     from diffusers import HunyuanVideoTransformer3DModel
 
     return _seeded(lambda: HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
         num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 4, 4),
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),  # unequal, as 16/56/56
         image_condition_type=image_condition_type), offset=1)
 
 
