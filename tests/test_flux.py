@@ -76,7 +76,7 @@ def _aligned(module: torch.nn.Module) -> torch.nn.Module:
 
 # float32: the same arithmetic; bfloat16: the same rounding order too (torch.nn.RMSNorm-style q/k norms),
 # so both agree to the last bit but for the attention kernel's reductions.
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)], ids=["fp32", "bf16"])
 def test_native_dit_matches_diffusers_transformer(tiny_flux, dtype, tolerance):
     from pathlib import Path
 

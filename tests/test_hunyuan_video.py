@@ -43,7 +43,7 @@ def reference(path: str, pipeline_class: str = "HunyuanVideoPipeline"):
 # HunyuanVideo's reference orders [image, text], so the softmax sums its keys in another order (after four
 # blocks <= 0.008 on outputs of magnitude ~2). That noise hides the q/k-norm rounding choice here (changing
 # it moves the mean difference from 0.0007 to 0.0009 only): the bound guards against gross bf16 errors.
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)], ids=["fp32", "bf16"])
 def test_dit_forward_matches_diffusers(tmp_path, dtype, tolerance):
     """Padded text (different lengths per sample), patch 2, guidance embedding, RoPE axes 4/6/6 (as 16/56/56)."""
     from diffusers import HunyuanVideoTransformer3DModel

@@ -97,7 +97,7 @@ def dit_folders(tmp_path_factory):
 
 # float32: the same arithmetic. bfloat16: the same rounding order (the q/k and text RMSNorms round the
 # normalised value to bf16 before scaling, as diffusers' RMSNorm does), so equal to the last bit.
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("zero_cond_t", [False, True])
 def test_dit_forward_matches_diffusers(dit_folders, zero_cond_t, dtype, tolerance):
     from diffusers import QwenImageTransformer2DModel

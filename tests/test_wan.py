@@ -97,7 +97,7 @@ def assert_parity(latents, frames, result) -> None:
 # the K/V projections; after two layers <= 0.016 on outputs of magnitude ~4). diffgen keeps the two apart.
 @pytest.mark.parametrize("dtype,image_branch,tolerance", [
     (torch.float32, False, 1e-6), (torch.float32, True, 1e-6), (torch.bfloat16, False, 0.0),
-    (torch.bfloat16, True, 0.04)])
+    (torch.bfloat16, True, 0.04)], ids=["fp32-t2v", "fp32-i2v", "bf16-t2v", "bf16-i2v"])
 def test_dit_forward_matches_diffusers(tmp_path, dtype, image_branch, tolerance):
     """Wan2.1 T2V and I2V-shaped configs, and Wan2.2 TI2V per-token timesteps.
 
@@ -172,7 +172,7 @@ def test_two_prompts_with_two_outputs_each_match_diffusers(checkpoints):
     ("wan22-a14b", dict(guidance_scale=4.0)),  # no guidance_scale_2: the low-noise expert uses guidance_scale
     ("wan22-a14b", dict(guidance_scale=1.0, guidance_scale_2=3.0)),  # CFG off (follows the first scale)
     ("wan22-i2v-a14b", dict(guidance_scale=5.0, guidance_scale_2=2.0)),
-])
+], ids=["t2v-two-scales", "t2v-scale-2-fallback", "t2v-cfg-off", "i2v-two-scales"])
 def test_wan22_two_experts_match_diffusers(checkpoints, input_image, family, guidance):
     path = checkpoints(family)
     engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
