@@ -165,6 +165,16 @@ SERVER = OptionGroup("server", "server", ("serve",), options=(
            "larger gets HTTP 413", default=200.0, low=0.001),
     Option("image_ttl", float, "seconds an image made for response_format=url stays downloadable before it is "
            "deleted", default=3600.0, low=0.001),
+    Option("public_url", str, "base of the URLs returned for response_format=url, as clients reach the server, "
+           "e.g. https://images.example.com (default: the address the server is bound to; never the client's "
+           "Host header)", metavar="URL"),
+    Option("header_timeout", float, "seconds a client may take to send a request's line and headers; then HTTP 408",
+           default=10.0, low=0.001),
+    Option("body_timeout", float, "seconds a request body may stall without a byte before the connection is closed",
+           default=60.0, low=0.001),
+    Option("keep_alive_timeout", float, "seconds an idle kept-alive connection stays open", default=5.0, low=0.001),
+    Option("max_connections", int, "open connections at most; more are answered HTTP 503 and closed",
+           default=1000, low=1),
 ))
 
 LOGGING = OptionGroup("logging", "logging", ("generate", "serve"), options=(

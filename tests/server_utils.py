@@ -74,6 +74,11 @@ class ServerProcess:
             raise
         return code in (0, -signal.SIGTERM) and "diffgen serve stopped" in self.log()
 
+    def info(self, api_key: str | None = None) -> dict:
+        """/server_info: the details /health leaves out (queue, running jobs, worker PIDs, restarts)."""
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.get(f"{self.url}/server_info", headers=headers, timeout=30).json()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
 

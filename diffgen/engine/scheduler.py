@@ -101,6 +101,7 @@ class _Worker:
         self.load_error: str | None = None
         self.batch: dict[str, Job] = {}  # jobs sent and not yet finished
         self.batch_id: str | None = None
+        self.receiver: threading.Thread | None = None
 
 
 class Scheduler:
@@ -143,8 +144,9 @@ class Scheduler:
         else:
             self._workers.append(worker)
         worker.process.start()
-        threading.Thread(target=self._receive_loop, args=(worker,), name=f"scheduler-recv-{index}",
-                         daemon=True).start()
+        worker.receiver = threading.Thread(target=self._receive_loop, args=(worker,), name=f"scheduler-recv-{index}",
+                                           daemon=True)
+        worker.receiver.start()
 
     @property
     def ready(self) -> bool:
@@ -213,6 +215,20 @@ class Scheduler:
                 w.batch.clear()
         for job in remaining:
             self._finish(job, error=JobError("shutdown", "the server shut down while this job was running"))
+
+    def close(self) -> None:
+        """After ``shutdown``: release the workers' queues now. Their semaphores are otherwise released by
+        finalizers at interpreter exit, which `diffgen serve` skips (uvicorn ends it by re-raising the
+        signal), and the resource tracker then warns about "leaked semaphore objects"."""
+        with self._lock:
+            workers, self._workers = self._workers, []
+        for worker in workers:
+            if worker.receiver is not None:
+                worker.receiver.join(timeout=5)  # it returns once it sees the process gone
+            for channel in (worker.inbox, worker.outbox):
+                channel.close()
+                channel.join_thread()
+        workers.clear()  # the last references: the queues' semaphores are unlinked as they are collected
 
     # -- jobs ----------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, listener: JobListener | None = None,
@@ -390,7 +406,7 @@ class Scheduler:
                 self._restart_times.append(time.monotonic())
                 self._start_worker(worker.index)
             self._changed.notify_all()
-        if lost or was_ready:
+        if lost or (was_ready and not self._stopping):  # a worker told to stop is no news
             logger.error("worker %d exited (code %s) holding %d job(s)", worker.index, code, len(lost))
         then = "the server restarts it" if restart else "it is not restarted"
         for job in lost:

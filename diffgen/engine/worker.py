@@ -54,6 +54,8 @@ class ModelInfo:
     defaults: Any  # configs.models.ModelDefaults
     spec: Any  # engine.spec.ModelSpec
     device: str
+    dit_precision: str = "float32"  # the DiT's dtype, or "fp8" when quantized (for the model card)
+    vae_precision: str = "float32"
 
 
 @dataclass
@@ -88,10 +90,12 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
         outbox.put(("load_failed", f"{type(e).__name__}: {e}"))
         return
     pipeline = engine.pipeline
+    quantized = options.get("engine_options", {}).get("quantize")
     outbox.put(("ready", ModelInfo(
         model_path=pipeline.model_path, name=pipeline.defaults.name, output_kind=pipeline.output_kind,
         accepts_images=pipeline.accepts_images, defaults=pipeline.defaults, spec=pipeline.spec,
-        device=str(pipeline.device))))
+        device=str(pipeline.device), dit_precision=quantized or str(pipeline.dtype).removeprefix("torch."),
+        vae_precision=str(pipeline.vae.dtype).removeprefix("torch."))))
 
     batches: queue.Queue = queue.Queue()
     cancelled: set[str] = set()

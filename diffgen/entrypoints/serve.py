@@ -9,6 +9,8 @@ import os
 import time
 from typing import Any
 
+from diffgen.errors import DiffgenError
+
 API_KEY_ENV = "DIFFGEN_API_KEY"
 
 
@@ -22,12 +24,24 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return serve
 
 
+def check_public_url(url: str) -> str:
+    """``--public-url`` without its trailing slash; an http(s) URL without query or fragment."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise DiffgenError(f"--public-url: {url!r} must be an http:// or https:// URL such as "
+                           "https://images.example.com (a path prefix is allowed; no query or fragment)")
+    return url.rstrip("/")
+
+
 def run_serve(options: dict[str, Any]) -> int:
     """Start the server and block until it is stopped (SIGINT / SIGTERM)."""
     import uvicorn
 
     from diffgen.entrypoints.cli import engine_options, require_model_path
     from diffgen.entrypoints.http import ServerConfig, create_app
+    from diffgen.entrypoints.http.protocol import MAX_HEADER_BYTES, GuardedH11Protocol
     from diffgen.options import defaults
 
     values = {**defaults("server"), "log_level": "info", **{k: v for k, v in options.items() if v is not None}}
@@ -38,7 +52,8 @@ def run_serve(options: dict[str, Any]) -> int:
         max_queue=values["max_queue"], max_batch_size=values["max_batch_size"],
         api_key=api_key, shutdown_timeout=float(values["shutdown_timeout"]),
         served_model_name=values.get("served_model_name"), max_body_bytes=int(float(values["max_upload_mb"]) * 2**20),
-        image_ttl=float(values["image_ttl"]))
+        image_ttl=float(values["image_ttl"]),
+        public_url=check_public_url(values["public_url"]) if values.get("public_url") else None)
     logging.getLogger("diffgen").setLevel(values["log_level"].upper())
     app = create_app(config)
     state = app.state.diffgen
@@ -50,8 +65,13 @@ def run_serve(options: dict[str, Any]) -> int:
             state.shutdown_started = state.shutdown_started or time.monotonic()
             super().handle_exit(sig, frame)
 
+    protocol = GuardedH11Protocol.configured(header_timeout=float(values["header_timeout"]),
+                                             body_timeout=float(values["body_timeout"]),
+                                             max_connections=values["max_connections"])
     server = Server(uvicorn.Config(app, host=values["host"], port=values["port"], log_level=values["log_level"],
-                                   timeout_graceful_shutdown=max(1, int(config.shutdown_timeout))))
+                                   timeout_graceful_shutdown=max(1, int(config.shutdown_timeout)), http=protocol,
+                                   timeout_keep_alive=float(values["keep_alive_timeout"]),
+                                   h11_max_incomplete_event_size=MAX_HEADER_BYTES))
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
         server.run()
     return 0 if server.started else 3  # 3: uvicorn's exit status for a failed startup (port in use, ...)

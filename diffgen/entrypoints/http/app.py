@@ -20,13 +20,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from diffgen.engine.metrics import Metrics
 from diffgen.engine.request import GenerationRequest
 from diffgen.engine.scheduler import JobError, NotReadyError, QueueFullError, Scheduler
-from diffgen.engine.spec import resolve
+from diffgen.engine.spec import ModelSpec, resolve
 from diffgen.engine.worker import ModelInfo, WorkerOutput
 from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs
 from diffgen.entrypoints.http.schemas import MAX_BODY_BYTES, APIError
@@ -36,7 +37,12 @@ logger = logging.getLogger(__name__)
 
 # Image content URLs are capability URLs (a random 128-bit id), fetchable without the API key like
 # the signed URLs of the OpenAI API: a browser or `requests.get(url)` can download them.
-_PUBLIC_PATHS = re.compile(r"^/v1/images/img_[0-9a-f]{32}/content$")
+# Always fullmatch: "$" would also match before a final newline ("/content%0A").
+_PUBLIC_PATHS = re.compile(r"/v1/images/img_[0-9a-f]{32}/content")
+# Paths outside /v1/ that need the API key: they show the model path, worker PIDs, errors.
+_PROTECTED_PATHS = {"/server_info"}
+# No route has a control character or a space in its path: such paths are refused before routing.
+_BAD_PATH = re.compile(r"[\x00-\x20\x7f]")
 # HTTP status for each way a job can fail.
 _JOB_ERROR_STATUS = {"invalid_request": 400, "cancelled": 409, "out_of_memory": 503, "worker_died": 503,
                      "shutdown": 503, "generation_error": 500}
@@ -49,6 +55,8 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
 # After --shutdown-timeout: seconds for cancelled jobs to stop and the worker to exit before it is killed.
 SHUTDOWN_GRACE_S = 5.0
+# The status nginx logs for a client that closed the connection before the answer (never sent).
+CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass
@@ -65,6 +73,9 @@ class ServerConfig:
     served_model_name: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES  # whole multipart request
     image_ttl: float = 3600.0  # seconds an image made for response_format=url stays downloadable
+    #: the base of the URLs of response_format=url images, e.g. https://images.example.com; None: the
+    #: address the server is bound to (never the client's Host header)
+    public_url: str | None = None
 
     def model_options(self) -> dict[str, Any]:
         return {"model_path": self.model_path, "engine_options": dict(self.engine_options)}
@@ -77,6 +88,8 @@ class ServerState:
         self.config = config
         self.metrics = Metrics()
         self.metrics.describe("diffgen_http_requests_total", "counter", "HTTP requests by route and status")
+        self.metrics.describe("diffgen_client_disconnects_total", "counter",
+                              "Requests whose client left before sending the whole body")
         self.scheduler = Scheduler(config.model_options(), max_queue=config.max_queue,
                                    max_batch_size=config.max_batch_size, metrics=self.metrics,
                                    max_restarts=int(os.environ.get(MAX_RESTARTS_ENV, MAX_RESTARTS)),
@@ -85,6 +98,7 @@ class ServerState:
         self.videos = VideoJobs(self.store, self.scheduler, self.metrics)
         self.images = ImageFiles(config.output_dir, ttl=config.image_ttl)
         self.model_id = config.served_model_name or config.model_path
+        self._probe: asyncio.Future | None = None  # the /health_generate generation in flight
         #: time.monotonic() of the SIGTERM / Ctrl-C (set by `diffgen serve`); --shutdown-timeout counts from it
         self.shutdown_started: float | None = None
 
@@ -101,9 +115,26 @@ class ServerState:
         started = self.shutdown_started or time.monotonic()
         remaining = max(0.0, started + self.config.shutdown_timeout - time.monotonic())
         self.scheduler.shutdown(remaining, grace=SHUTDOWN_GRACE_S)
+        self.scheduler.close()
         self.videos.close()  # waits for MP4s of jobs that finished
         self.store.close()
         logger.info("diffgen serve stopped")
+
+    def status(self) -> str:
+        scheduler = self.scheduler
+        return "ok" if scheduler.ready else ("failed" if scheduler.failed or scheduler.load_error else "loading")
+
+    async def probe(self) -> float:
+        """Run a tiny generation (see probe_request) and return its seconds; concurrent callers share one."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._run_probe())
+        return await asyncio.shield(self._probe)
+
+    async def _run_probe(self) -> float:
+        info = self.require_ready()
+        start = time.monotonic()
+        await self.run(self.resolve(probe_request(info.spec)), f"health_{uuid.uuid4().hex}")
+        return time.monotonic() - start
 
     def model_names(self) -> set[str]:
         names = {self.model_id, self.config.model_path, Path(self.config.model_path).name}
@@ -217,15 +248,20 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.middleware("http")
     async def request_frame(request: Request, call_next):
         request.state.request_id = f"req_{uuid.uuid4().hex}"
-        path = request.url.path
-        if config.api_key and path.startswith("/v1/") and not _PUBLIC_PATHS.match(path) \
-                and not _authorized(request, config.api_key):
+        path = request.scope["path"]  # not request.url.path: urlsplit drops tabs and newlines from it
+        if _BAD_PATH.search(path):
+            response = error_response(APIError(404, "Not Found", code="not_found"))
+        elif needs_key(path) and not _authorized(request, config.api_key):
             response = error_response(APIError(
                 401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
                 code="invalid_api_key", type="authentication_error"))
         else:
             try:
                 response = await call_next(request)
+            except ClientDisconnect:  # the client went away (or stalled) before sending its whole body
+                logger.info("client disconnected during %s %s", request.method, path)
+                state.metrics.inc("diffgen_client_disconnects_total")
+                response = Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; for the metrics
             except Exception as error:  # answered here, not by Starlette's outermost handler, so that
                 response = internal_error(request, error)  # it is counted and carries x-request-id
         response.headers.setdefault("x-request-id", request.state.request_id)
@@ -253,16 +289,37 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def unexpected_error(request: Request, error: Exception):
         return internal_error(request, error)  # a fallback: request_frame answers route errors
 
+    def needs_key(path: str) -> bool:
+        return bool(config.api_key) and ((path.startswith("/v1/") and not _PUBLIC_PATHS.fullmatch(path))
+                                         or path in _PROTECTED_PATHS)
+
+    @app.get("/liveness")
+    async def liveness():
+        """200 as soon as the process answers HTTP, model loaded or not."""
+        return {"status": "alive"}
+
     @app.get("/health")
     async def health():
+        """Open to probes, so it says only whether requests can be served; details: /server_info."""
+        return JSONResponse({"status": state.status()}, status_code=200 if state.scheduler.ready else 503)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        """200 only when a tiny generation (see probe_request) succeeds end to end."""
+        seconds = await state.probe()
+        return {"status": "ok", "seconds": round(seconds, 3)}
+
+    @app.get("/server_info")
+    async def server_info():
+        """The details /health leaves out (behind the API key when one is set)."""
         scheduler = state.scheduler
         info = scheduler.model_info
-        body = {"status": "ok" if scheduler.ready else ("failed" if scheduler.load_error else "loading"),
-                "model": state.model_id, "output_kind": info.output_kind if info else None,
-                "queue_depth": scheduler.queue_depth(), "running": scheduler.running_count(),
+        return {"status": state.status(), "model": state.model_id, "model_path": config.model_path,
+                "output_kind": info.output_kind if info else None, "task_type": info.spec.task_type if info else None,
+                "device": info.device if info else None, "queue_depth": scheduler.queue_depth(),
+                "running": scheduler.running_count(), "max_queue": config.max_queue,
                 "worker_pids": scheduler.worker_pids(), "worker_restarts": scheduler.restarts,
                 "error": scheduler.load_error}
-        return JSONResponse(body, status_code=200 if scheduler.ready else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -270,6 +327,19 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app.include_router(router)
     return app
+
+
+def probe_request(spec: ModelSpec) -> GenerationRequest:
+    """A small request that runs every stage of the model: its fewest steps, ~64 px, one frame, gray input
+    images where it needs some."""
+    from PIL import Image
+
+    side = -(-64 // spec.size_multiple) * spec.size_multiple
+    return GenerationRequest.build(
+        "a health check", height=side, width=side, seed=0,
+        num_inference_steps=None if spec.distilled_timesteps else spec.min_steps,
+        num_frames=1 if spec.output_kind == "video" else None,
+        images=[Image.new("RGB", (side, side), (127, 127, 127))] * spec.min_images)
 
 
 def internal_error(request: Request, error: Exception) -> JSONResponse:

@@ -27,8 +27,8 @@ from diffgen.engine.scheduler import Job, JobError, Scheduler
 logger = logging.getLogger(__name__)
 
 ACTIVE = ("queued", "in_progress")
-_VIDEO_ID = re.compile(r"^video_[0-9a-f]{32}$")
-_IMAGE_ID = re.compile(r"^img_[0-9a-f]{32}$")
+_VIDEO_ID = re.compile(r"video_[0-9a-f]{32}")  # always fullmatch: "$" matches before a final newline
+_IMAGE_ID = re.compile(r"img_[0-9a-f]{32}")
 IMAGE_MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
@@ -154,7 +154,7 @@ def video_object(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_video_id(text: str) -> bool:
-    return bool(_VIDEO_ID.match(text))
+    return bool(_VIDEO_ID.fullmatch(text))
 
 
 class VideoJobs:
@@ -255,7 +255,7 @@ class ImageFiles:
         return image_id
 
     def find(self, image_id: str) -> tuple[Path, str] | None:
-        if not _IMAGE_ID.match(image_id):
+        if not _IMAGE_ID.fullmatch(image_id):
             return None
         for fmt, ext in _IMAGE_EXTENSIONS.items():
             path = self.dir / f"{image_id}.{ext}"

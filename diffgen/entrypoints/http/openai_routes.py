@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
+import os
 import re
 import time
 from typing import Any
@@ -12,6 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
+from starlette.datastructures import Headers
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 
 from diffgen.engine.request import GenerationRequest
 from diffgen.engine.worker import ModelInfo, WorkerOutput
@@ -35,6 +40,8 @@ from diffgen.options import MAX_FRAMES, http_options
 router = APIRouter()
 
 MAX_INPUT_SIDE = 8192
+MAX_INPUT_PIXELS = 4096 * 4096  # what an upload may declare; checked from its header, before decoding
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # what the API documents; Pillow would open BMP, TIFF, ICO, EPS...
 POLL_AFTER_MS = "250"  # hint for the openai client's videos.poll
 
 
@@ -76,13 +83,28 @@ def _check_image_options(body: ImageGenerationBody) -> None:
 
 
 # -- models ------------------------------------------------------------------------------------
+def _model_card(state) -> dict[str, Any]:
+    info = state.scheduler.model_info
+    on_gpu = info is not None and info.device.startswith("cuda")
+    return {"id": state.model_id, "object": "model", "created": 0, "owned_by": "diffgen",
+            "output_kind": info.output_kind if info else None, "ready": state.scheduler.ready,
+            "task_type": info.spec.task_type if info else None,
+            "num_gpus": len(state.scheduler.worker_pids()) if on_gpu else 0,
+            "dit_precision": info.dit_precision if info else None,
+            "vae_precision": info.vae_precision if info else None}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request):
+    return {"object": "list", "data": [_model_card(_state(request))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(request: Request, model_id: str):
+    """The openai client's ``models.retrieve``; hub ids carry a slash ("org/name"), hence ``:path``."""
     state = _state(request)
-    info = state.scheduler.model_info
-    return {"object": "list", "data": [{
-        "id": state.model_id, "object": "model", "created": 0, "owned_by": "diffgen",
-        "output_kind": info.output_kind if info else None, "ready": state.scheduler.ready}]}
+    state.check_model(model_id)
+    return _model_card(state)
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -117,14 +139,8 @@ async def edit_image(request: Request):
     if not uploads:
         raise invalid("image", "Missing required parameter: 'image' (one or more image files).",
                       code="missing_required_parameter")
-    images = [await _read_image(upload, "image") for upload in uploads]
-    mask = None
-    if form.files.get("mask"):
-        if len(form.files["mask"]) > 1:
-            raise invalid("mask", "give one mask")
-        mask = await _read_mask(form.files["mask"][0], images[0].size)
-    generation = _build(body.prompt, height=height, width=width, num_outputs_per_prompt=body.n, images=images,
-                        **_sampling(body))
+    if len(form.files.get("mask", [])) > 1:
+        raise invalid("mask", "give one mask")
     state.check_model(body.model)
     info = state.require_ready()
     _require_kind(info, "image", state.model_id)
@@ -132,7 +148,19 @@ async def edit_image(request: Request):
         raise invalid("image", f"The model '{state.model_id}' cannot edit images (it takes no input image); "
                       "use /v1/images/generations or serve an edit model such as Qwen-Image-Edit.",
                       code="model_cannot_edit")
+    # The files' headers only (format, declared size); the model then checks their number, sizes and
+    # aspect ratios (resolve) before a single pixel is decoded.
+    images = [await _probe_upload(upload, "image") for upload in uploads]
+    mask = await _probe_upload(form.files["mask"][0], "mask") if form.files.get("mask") else None
+    if mask is not None:
+        _check_mask(mask, images[0].size)
+    generation = _build(body.prompt, height=height, width=width, num_outputs_per_prompt=body.n, images=images,
+                        **_sampling(body))
     generation = state.resolve(generation)
+    images = await asyncio.to_thread(lambda: [_decode(image, "image").convert("RGB") for image in images])
+    if mask is not None:
+        mask = await asyncio.to_thread(lambda: _decode(mask, "mask").convert("RGBA"))
+    generation = dataclasses.replace(generation, images=images)
     output = await state.run(generation, request.state.request_id, request)
     if mask is not None:  # pixel work off the event loop
         output.images = await asyncio.to_thread(
@@ -142,39 +170,52 @@ async def edit_image(request: Request):
 
 async def _read_image(upload, param: str) -> Image.Image:
     data = await read_upload(upload, param)
-    # Decoding a large image takes a while: not on the event loop.
+    # _open_image reads only the header; decoding (convert) takes a while: not on the event loop.
     return await asyncio.to_thread(lambda: _open_image(data, param).convert("RGB"))
 
 
-async def _read_mask(upload, size: tuple[int, int]) -> Image.Image:
-    data = await read_upload(upload, "mask")
-    return await asyncio.to_thread(_check_mask, data, size)
+async def _probe_upload(upload, param: str) -> Image.Image:
+    data = await read_upload(upload, param)
+    return await asyncio.to_thread(_probe_image, data, param)
 
 
-def _check_mask(data: bytes, size: tuple[int, int]) -> Image.Image:
-    mask = _open_image(data, "mask")
+def _check_mask(mask: Image.Image, size: tuple[int, int]) -> None:
     if "A" not in mask.getbands() and "transparency" not in mask.info:
         raise invalid("mask", "the mask must be a PNG with an alpha channel; transparent pixels mark the area "
                       "to edit")
     if mask.size != size:
         raise invalid("mask", f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; "
                       "they must have the same size")
-    return mask.convert("RGBA")
 
 
 def _open_image(data: bytes, param: str) -> Image.Image:
+    return _decode(_probe_image(data, param), param)
+
+
+def _probe_image(data: bytes, param: str) -> Image.Image:
+    """Open an upload of a documented format and check the size its header declares; nothing is decoded."""
     try:
-        image = Image.open(io.BytesIO(data))
-        if max(image.size) > MAX_INPUT_SIDE:
-            raise invalid(param, f"{param}: {image.size[0]}x{image.size[1]} is too large; at most "
-                          f"{MAX_INPUT_SIDE} pixels per side")
-        image.load()
-    except APIError:
-        raise
-    except Exception:  # PIL raises many kinds (unidentified, truncated, decompression bomb)
-        raise invalid(param, f"{param}: the uploaded file is not a readable image (png, jpeg or webp)",
-                      code="invalid_image") from None
+        image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+    except Exception:  # UnidentifiedImageError (not one of the formats) or a header Pillow cannot parse
+        raise _unreadable(param) from None
+    width, height = image.size
+    if max(width, height) > MAX_INPUT_SIDE or width * height > MAX_INPUT_PIXELS:
+        raise invalid(param, f"{param}: {width}x{height} is too large; at most {MAX_INPUT_SIDE} pixels per side "
+                      f"and {MAX_INPUT_PIXELS // 2**20} megapixels")
     return image
+
+
+def _decode(image: Image.Image, param: str) -> Image.Image:
+    try:
+        image.load()
+    except Exception:  # truncated or corrupt pixel data, decompression bomb
+        raise _unreadable(param) from None
+    return image
+
+
+def _unreadable(param: str) -> APIError:
+    return invalid(param, f"{param}: the uploaded file is not a readable image (png, jpeg or webp)",
+                   code="invalid_image")
 
 
 def composite_with_mask(result: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
@@ -204,7 +245,7 @@ async def _images_response(request: Request, body: ImageGenerationBody, generati
             encoded = encode_image(image, fmt, metadata, quality=quality)
             if body.response_format == "url":
                 image_id = state.images.save(encoded, fmt)
-                data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/images/{image_id}/content",
+                data.append({"url": f"{_public_base(request)}/v1/images/{image_id}/content",
                              "revised_prompt": body.prompt})
             else:
                 data.append({"b64_json": base64.b64encode(encoded).decode("ascii"), "revised_prompt": body.prompt})
@@ -221,13 +262,50 @@ async def _images_response(request: Request, body: ImageGenerationBody, generati
     })
 
 
+def _public_base(request: Request) -> str:
+    """--public-url, else the address of the socket the client reached (never the Host header, which the
+    client chooses)."""
+    configured = _state(request).config.public_url
+    if configured:
+        return configured
+    host, port = request.scope["server"]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class ContentResponse(FileResponse):
+    """A FileResponse that honours valid ``Range`` headers (206) and answers the others 416 in the OpenAI
+    envelope (Starlette answers them in plain text)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        http_range, if_range = headers.get("range"), headers.get("if-range")
+        if http_range is not None and scope["method"] in ("GET", "HEAD"):
+            self.stat_result = await asyncio.to_thread(os.stat, self.path)
+            self.set_stat_headers(self.stat_result)
+            size = self.stat_result.st_size
+            unit = http_range.partition("=")[0].strip().lower()
+            if unit != "bytes":  # another unit: ignored, the whole file (RFC 9110 14.2)
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"range"]}
+            elif if_range is None or self._should_use_range(if_range):
+                try:
+                    self._parse_range_header(http_range, size)
+                except (MalformedRangeHeader, RangeNotSatisfiable):
+                    error = APIError(416, f"Range {http_range[:100]!r} cannot be served: the content has {size} "
+                                     "bytes; give e.g. 'bytes=0-1023' or 'bytes=-1024'.", param="range",
+                                     code="range_not_satisfiable")
+                    response = JSONResponse(error.body(), status_code=416,
+                                            headers={"content-range": f"bytes */{size}"})
+                    return await response(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
+
 @router.get("/v1/images/{image_id}/content")
 async def image_content(request: Request, image_id: str):
     found = _state(request).images.find(image_id)
     if found is None:
         raise APIError(404, f"No image with id '{image_id}'.", param="image_id", code="not_found")
     path, media_type = found
-    return FileResponse(path, media_type=media_type)
+    return ContentResponse(path, media_type=media_type)
 
 
 # -- videos ------------------------------------------------------------------------------------
@@ -323,8 +401,8 @@ async def list_videos(request: Request):
     after = query.get("after")
     try:
         rows, has_more = await asyncio.to_thread(_state(request).store.list, after, int(limit_text), order)
-    except KeyError:
-        raise invalid("after", f"No video with id '{after}'.") from None
+    except KeyError:  # deleted meanwhile (or never existed): the page after it cannot be placed, so it is empty
+        rows, has_more = [], False
     data = [video_object(row) for row in rows]
     return {"object": "list", "data": data, "has_more": has_more,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
@@ -351,4 +429,4 @@ async def video_content(request: Request, video_id: str):
     if not path.is_file():
         raise APIError(404, f"The content of video '{video_id}' is missing from the output directory.",
                        param="video_id", code="not_found")
-    return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
+    return ContentResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from diffgen.options import MAX_PROMPT_CHARS, MAX_SIDE, http_field, http_options, option
@@ -46,17 +47,29 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Control characters (tab and newlines aside) and lone surrogates ("\ud800" is valid JSON) mean nothing in
+# a prompt, and a lone surrogate cannot even be written into the PNG's metadata.
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def _printable(text: str) -> str:
+    if found := _UNPRINTABLE.search(text):
+        raise ValueError(f"contains the control character or lone surrogate {found.group()!r}")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_printable)]
 Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
 
 
 def _extensions(route: str) -> type[_Body]:
     """diffgen's sampling fields settable on ``route`` (options with ``http`` set), with their bounds."""
-    fields = {o.name: (o.type | None, http_field(o.name)) for o in http_options(route)}
+    fields = {o.name: ((Text if o.type is str else o.type) | None, http_field(o.name)) for o in http_options(route)}
     return create_model(f"_{route.title()}Extensions", __base__=_Body, **fields)
 
 
 class ImageGenerationBody(_extensions("image")):
-    prompt: str = Prompt
+    prompt: Text = Prompt
     model: str | None = Field(None, max_length=512)
     n: int = http_field("num_outputs_per_prompt", 1)
     size: str | None = Field("auto", max_length=32)
@@ -79,7 +92,7 @@ class ImageEditBody(ImageGenerationBody):
 
 
 class VideoBody(_extensions("video")):
-    prompt: str = Prompt
+    prompt: Text = Prompt
     model: str | None = Field(None, max_length=512)
     n: int = http_field("num_outputs_per_prompt", 1)
     seconds: str | float | None = None
@@ -95,20 +108,25 @@ class Form:
         self.files = files
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     body = await _read_limited(request, MAX_JSON_BYTES)
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise invalid(None, f"the body is not valid JSON: {e}", code="invalid_json") from e
+        data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:  # "[" x 50000
+        raise invalid(None, "the body is not valid JSON: nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits, NaN
+        raise invalid(None, f"the body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid(None, "the body must be a JSON object", code="invalid_json")
     return data
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if _declared_length(request) > limit:
         raise APIError(413, f"the request body is larger than {limit // 1024} KiB", code="too_large")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -119,12 +137,17 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _declared_length(request: Request) -> int:
+    """Content-Length when it is a plain ASCII number, else 0 (the bytes are counted as they arrive)."""
+    length = request.headers.get("content-length", "")
+    return int(length) if re.fullmatch(r"[0-9]{1,20}", length) else 0
+
+
 async def read_form(request: Request, file_fields: set[str], max_bytes: int = MAX_BODY_BYTES) -> Form:
     """Parse multipart/form-data (or urlencoded); ``file_fields``: names that may carry files; a body
     over ``max_bytes`` is a 413."""
     too_large = APIError(413, f"the request body is larger than {max_bytes / 2**20:g} MiB", code="too_large")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
+    if _declared_length(request) > max_bytes:
         raise too_large
     # Content-Length may be absent (chunked) or lie: count the bytes as they arrive, before the
     # multipart parser spools them to disk.
@@ -140,7 +163,7 @@ async def read_form(request: Request, file_fields: set[str], max_bytes: int = MA
 
     try:
         form = await Request(request.scope, counting_receive).form(max_files=MAX_FILES, max_fields=100)
-    except APIError:
+    except (APIError, ClientDisconnect):
         raise
     except Exception as e:  # python-multipart / starlette parse errors
         raise invalid(None, f"the multipart body cannot be parsed: {e}", code="invalid_multipart") from e
@@ -189,14 +212,15 @@ def validate(model: type[BaseModel], data: dict[str, Any], strict: bool) -> Any:
         raise invalid(param, f"{param}: {error['msg']} (got {shown})") from None
 
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# ASCII digits only (\d takes fullwidth and Arabic-Indic digits), matched in full (``$`` lets "64x64\n" in).
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
 
 def parse_size(size: str | None, param: str = "size") -> tuple[int | None, int | None]:
     """"WxH" -> (height, width); "auto" or None -> (None, None): the model's default."""
     if size is None or size == "auto":
         return None, None
-    match = _SIZE.match(size)
+    match = _SIZE.fullmatch(size)
     if not match:
         raise invalid(param, f"size {size!r} is not of the form WIDTHxHEIGHT (e.g. 1024x1024) or 'auto'")
     width, height = int(match.group(1)), int(match.group(2))
