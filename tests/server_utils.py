@@ -74,6 +74,11 @@ class ServerProcess:
             raise
         return code in (0, -signal.SIGTERM) and "diffgen serve stopped" in self.log()
 
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a power cut would do it: no shutdown code runs."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+
     def info(self, api_key: str | None = None) -> dict:
         """/server_info: the details /health leaves out (queue, running jobs, worker PIDs, restarts)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -83,3 +83,67 @@ def test_bad_edit_inputs_get_an_envelope_naming_the_field(server, name, data, fi
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"], error
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` 16-bit RGBA (8 bytes a pixel) over pixel data that
+    is garbage: only a decoder would find out. Pillow reads the header without decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\x78\x9c" + b"\xff" * 64) + \
+        chunk(b"IEND", b"")
+
+
+def _post_images(server, *images: bytes):
+    import httpx
+
+    files = [("image[]", (f"in{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    return httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "x"}, files=files, timeout=60)
+
+
+def test_the_image_count_is_checked_before_any_image_is_decoded(server):
+    # Qwen-Image-Edit takes one image. Two undecodable ones: refused for their number, not their pixels.
+    response = _post_images(server, _png_declaring(64, 64), _png_declaring(64, 64))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "image" and "at most 1" in error["message"] and error["code"] == "invalid_value"
+
+
+def test_declared_dimensions_are_checked_before_decoding(server):
+    # 8000 x 8000 16-bit RGBA (512 MB decoded) in a file of ~100 bytes: refused from its header.
+    response = _post_images(server, _png_declaring(8000, 8000))
+    assert response.status_code == 400, response.text
+    assert "8000x8000 is too large" in response.json()["error"]["message"]
+    assert _post_images(server, _png_declaring(64, 64)).json()["error"]["code"] == "invalid_image"  # data checked
+
+
+@pytest.mark.parametrize("kind", ["BMP", "TIFF", "ICO", "GIF", "EPS", "PPM"])
+def test_only_png_jpeg_and_webp_uploads_are_read(server, kind):
+    buffer = io.BytesIO()
+    _source().save(buffer, format=kind)
+    response = _post_images(server, buffer.getvalue())
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_image", response.text
+    assert "png, jpeg or webp" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("kind", ["JPEG", "WEBP"])
+def test_jpeg_and_webp_uploads_are_read(server, kind):
+    import httpx
+
+    buffer = io.BytesIO()
+    _source().save(buffer, format=kind)
+    small_mask = _png(Image.new("RGBA", (32, 32), (0, 0, 0, 0)))
+    # Refused for the mask's size against the image's: the image was read (no generation is run).
+    response = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "x"}, timeout=60,
+                          files={"image": ("in", buffer.getvalue(), "image/png"), "mask": ("m.png", small_mask)})
+    assert response.status_code == 400 and "the image is 64x64" in response.json()["error"]["message"], response.text
+
+
+def test_the_model_card_says_image_to_image(server):
+    card = server.client().models.retrieve(server.model_path)
+    assert card.model_extra["task_type"] == "I2I"

@@ -69,6 +69,14 @@ def test_url_images_download_and_match_b64(server):
                               np.asarray(_decode(b64_item.b64_json).convert("RGB")))
 
 
+def test_url_images_name_the_bound_address_not_the_host_header(server):
+    response = httpx.post(f"{server.url}/v1/images/generations", headers={"Host": "evil.example"}, timeout=120,
+                          json={"prompt": "host", "size": SIZE, "response_format": "url", **STEPS})
+    url = response.json()["data"][0]["url"]
+    assert url.startswith(f"{server.url}/v1/images/img_"), url
+    assert httpx.get(url).status_code == 200
+
+
 def test_jpeg_and_webp_outputs(server):
     client = server.client()
     for fmt in ("jpeg", "webp"):

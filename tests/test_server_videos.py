@@ -187,5 +187,8 @@ def test_full_queue_is_a_429_and_a_worker_that_cannot_restart_fails_the_queue(wa
         late = httpx.post(f"{process.url}/v1/videos", json={"prompt": "too late", "size": "32x32", **SMALL})
         assert late.status_code == 503 and "not restarted" in late.json()["error"]["message"]
         assert late.headers["x-should-retry"] == "false"  # final: the openai client does not retry
+        assert httpx.get(f"{process.url}/liveness").status_code == 200  # the process is up...
+        probe = httpx.get(f"{process.url}/health_generate", timeout=60)  # ...but cannot generate
+        assert probe.status_code == 503 and probe.json()["error"]["code"] == "model_not_ready"
     finally:
         assert process.stop(), process.log()
