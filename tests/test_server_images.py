@@ -192,13 +192,15 @@ def test_a_disconnected_client_cancels_its_job(server):
 
 
 def test_sigterm_finishes_in_flight_requests(tiny_flux, tmp_path):
-    # The slow marker (>= 50 ms per step, so >= 2 s per job) keeps a job running when SIGTERM comes.
-    process = ServerProcess(tiny_flux, tmp_path / "out", env={"DIFFGEN_FAULT_INJECT": "1"}).start()
-    client = process.client(max_retries=0, timeout=120)
+    # The slow marker (>= 50 ms per step, so >= 2 s per job) keeps a job running when SIGTERM comes. A
+    # generous --shutdown-timeout: on a loaded 2-core machine the two jobs took over the default 30 s.
+    process = ServerProcess(tiny_flux, tmp_path / "out", "--shutdown-timeout", "300",
+                            env={"DIFFGEN_FAULT_INJECT": "1"}).start()
+    client = process.client(max_retries=0, timeout=400)
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(client.images.generate, prompt=f"p{i} [[fault:slow]]", size=SIZE,
                                extra_body={"num_inference_steps": 40}) for i in range(2)]
         wait_until(lambda: process.info()["running"] > 0, what="a running job")
-        assert process.stop(), process.log()
+        assert process.stop(timeout=360), process.log()
         for future in futures:
             assert len(future.result().data) == 1
