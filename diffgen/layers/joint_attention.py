@@ -10,8 +10,12 @@ import torch
 from torch import nn
 
 from diffgen.layers.attention import attention
+from diffgen.layers.linear import fuse_linears
 from diffgen.layers.norm import RMSNorm
-from diffgen.layers.rope import apply_rope
+from diffgen.layers.rope import norm_and_rope
+
+_IMAGE_PROJECTIONS = ("to_q", "to_k", "to_v")
+_TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
 class JointAttention(nn.Module):
@@ -21,6 +25,7 @@ class JointAttention(nn.Module):
     than as torch.nn.RMSNorm (FLUX); see :class:`RMSNorm`.
 
     The joint sequence is [text, image]; ``rope`` holds cos/sin tables for that whole sequence.
+    After :meth:`fuse_projections` each stream's q/k/v come from one matmul (``to_qkv``, ``add_qkv``).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, joint: bool, eps: float = 1e-6,
@@ -36,9 +41,23 @@ class JointAttention(nn.Module):
             self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
             self.to_add_out = nn.Linear(dim, dim)
 
-    def _project(self, x, to_q, to_k, to_v, norm_q, norm_k):
-        q, k, v = (proj(x).unflatten(-1, (self.heads, self.head_dim)) for proj in (to_q, to_k, to_v))
-        return norm_q(q), norm_k(k), v
+    def fuse_projections(self) -> int:
+        """Concatenate each stream's q/k/v weights into one linear (after loading; names on disk unchanged)."""
+        count = 0
+        for names, fused_name in ((_IMAGE_PROJECTIONS, "to_qkv"), (_TEXT_PROJECTIONS, "add_qkv")):
+            fused = fuse_linears(*(getattr(self, name, None) for name in names))
+            if fused is not None:
+                for name in names:
+                    delattr(self, name)
+                setattr(self, fused_name, fused)
+                count += 1
+        return count
+
+    def _qkv(self, x: torch.Tensor, names: tuple[str, str, str], fused_name: str):
+        fused = getattr(self, fused_name, None)
+        if fused is not None:
+            return fused(x).chunk(3, dim=-1)
+        return tuple(getattr(self, name)(x) for name in names)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None, text_len: int = 0):
@@ -49,21 +68,36 @@ class JointAttention(nn.Module):
         starts, and ``context_mask`` covers those ``text_len`` tokens.
         Returns the image output, or (image output, text output) when ``context`` is given.
         """
-        q, k, v = self._project(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        mask = None
-        if context is not None:
-            cq, ck, cv = self._project(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                                       self.norm_added_q, self.norm_added_k)
-            q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
-        if context_mask is not None:
-            if context is None and context_mask.shape[1] != text_len:
+        q, k, v = self._qkv(x, _IMAGE_PROJECTIONS, "to_qkv")
+        text = None if context is None else self._qkv(context, _TEXT_PROJECTIONS, "add_qkv")
+        return self.attend(q, k, v, rope, text=text, context_mask=context_mask, text_len=text_len)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               context_mask: torch.Tensor | None = None, text_len: int = 0):
+        """Attention over projected q/k/v (B, N, D) and, when given, the text stream's q/k/v (B, T, D)."""
+        heads = lambda t: t.unflatten(-1, (self.heads, self.head_dim))
+        q, k, v = heads(q), heads(k), heads(v)
+        if text is None:
+            if context_mask is not None and context_mask.shape[1] != text_len:
                 raise ValueError(f"context_mask covers {context_mask.shape[1]} text tokens, text_len is {text_len}")
-            image_mask = context_mask.new_ones(x.shape[0], q.shape[1] - context_mask.shape[1])
+            q, k = norm_and_rope(q, self.norm_q, *rope), norm_and_rope(k, self.norm_k, *rope)
+        else:
+            # Each stream has its own q/k norms; rotation is per token, so each takes its slice of the tables.
+            text_len = text[0].shape[1]
+            cq, ck, cv = (heads(t) for t in text)
+            text_rope, image_rope = tuple(t[:text_len] for t in rope), tuple(t[text_len:] for t in rope)
+            q = torch.cat([norm_and_rope(cq, self.norm_added_q, *text_rope),
+                           norm_and_rope(q, self.norm_q, *image_rope)], 1)
+            k = torch.cat([norm_and_rope(ck, self.norm_added_k, *text_rope),
+                           norm_and_rope(k, self.norm_k, *image_rope)], 1)
+            v = torch.cat([cv, v], 1)
+        mask = None
+        if context_mask is not None:
+            image_mask = context_mask.new_ones(q.shape[0], q.shape[1] - context_mask.shape[1])
             mask = torch.cat([context_mask, image_mask], dim=1)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, mask=mask).flatten(2).to(q.dtype)
-        if context is None:
+        if text is None:
             return out
-        text_len = context.shape[1]
         # Contiguous slices, as the reference: a CPU matmul over a strided slice rounds differently in bf16.
         return self.to_out[0](out[:, text_len:].contiguous()), self.to_add_out(out[:, :text_len].contiguous())

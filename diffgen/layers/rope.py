@@ -44,3 +44,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # exact in any dtype
     out = x.float() * cos[None, :, None, :] + rotated.float() * sin[None, :, None, :]
     return out.to(x.dtype)
+
+
+def norm_and_rope(x: torch.Tensor, norm: torch.nn.Module | None, cos: torch.Tensor, sin: torch.Tensor,
+                  norm_over_heads: bool = False) -> torch.Tensor:
+    """``apply_rope(norm(x), cos, sin)`` for (B, S, H, D) q or k; one Triton kernel on CUDA in eager mode.
+
+    ``norm`` is an :class:`~diffgen.layers.norm.RMSNorm` (or None) over each head's D channels, or over
+    all H*D channels of a token with ``norm_over_heads`` (Wan normalises q/k across heads).
+    Unfused (per PyTorch op), this is ~10 passes over q/k in float32; fused it is one read and one write.
+    """
+    from diffgen.layers.fused import rms_norm_rope, use_fused_kernel
+    from diffgen.layers.norm import RMSNorm
+
+    fusable = norm is None or (isinstance(norm, RMSNorm) and (norm.weight is None or norm.weight.dtype == x.dtype
+                                                                or norm.weight.dtype == torch.float32))
+    if fusable and use_fused_kernel(x):
+        weight = None if norm is None else norm.weight
+        round_before_scale = (weight is not None and norm.round_before_scale and weight.dtype == x.dtype
+                              and x.dtype in (torch.float16, torch.bfloat16))
+        return rms_norm_rope(x, weight, None if norm is None else norm.eps, cos, sin, norm_over_heads,
+                             round_before_scale)
+    if norm is not None:
+        x = norm(x.flatten(2)).unflatten(2, x.shape[2:]) if norm_over_heads else norm(x)
+    return apply_rope(x, cos, sin)

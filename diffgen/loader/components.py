@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from diffgen.errors import ModelLoadError
+from diffgen.layers.linear import fuse_projections
 from diffgen.loader.resolve import CheckpointInfo, read_model_index, resolve_model_path
 from diffgen.loader.weights import load_native_model
 
@@ -166,7 +167,9 @@ def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dt
         raise ModelLoadError(f"component folder {folder} is missing")
     native = pipeline_cls.native_models.get(class_name)
     if native is not None:
-        return load_native_model(native, folder, dtype, device)
+        model = load_native_model(native, folder, dtype, device)
+        fuse_projections(model)  # after the strict load: the checkpoint keeps its per-projection names
+        return model
     custom_loader = pipeline_cls.component_loaders.get(class_name)
     if custom_loader is not None:
         return custom_loader(folder, dtype, device)

@@ -14,6 +14,7 @@ from torch import nn
 from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.joint_attention import JointAttention
+from diffgen.layers.linear import fuse_linears
 from diffgen.layers.modulation import AdaLayerNorm, modulate
 from diffgen.layers.norm import layer_norm_no_affine
 from diffgen.layers.rope import multi_axis_rope
@@ -88,17 +89,30 @@ class FluxSingleBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
-        mlp_dim = int(dim * mlp_ratio)
+        self.dim, self.mlp_dim = dim, int(dim * mlp_ratio)
         self.norm = AdaLayerNorm(dim, 3)
-        self.proj_mlp = nn.Linear(dim, mlp_dim)
+        self.proj_mlp = nn.Linear(dim, self.mlp_dim)
         self.attn = JointAttention(dim, heads, head_dim, joint=False)
-        self.proj_out = nn.Linear(dim + mlp_dim, dim)
+        self.proj_out = nn.Linear(dim + self.mlp_dim, dim)
+
+    def fuse_projections(self) -> int:
+        """q, k, v and the MLP input all read ``h``: one (dim -> 3*dim + mlp_dim) matmul after loading."""
+        fused = fuse_linears(*(getattr(self.attn, name, None) for name in ("to_q", "to_k", "to_v")), self.proj_mlp)
+        if fused is None:
+            return 0
+        del self.attn.to_q, self.attn.to_k, self.attn.to_v, self.proj_mlp
+        self.to_qkv_mlp = fused
+        return 1
 
     def forward(self, x, temb, rope):
         shift, scale, gate = self.norm(temb)
         h = modulate(self.norm.norm(x), shift, scale)
-        mlp = nn.functional.gelu(self.proj_mlp(h), approximate="tanh")
-        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=2))
+        if hasattr(self, "to_qkv_mlp"):
+            q, k, v, mlp = self.to_qkv_mlp(h).split([self.dim, self.dim, self.dim, self.mlp_dim], dim=-1)
+            attn = self.attn.attend(q, k, v, rope)
+        else:
+            attn, mlp = self.attn(h, rope), self.proj_mlp(h)
+        out = self.proj_out(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=2))
         x = x + gate.unsqueeze(1) * out
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)

@@ -23,9 +23,10 @@ from torch import nn
 from diffgen.layers.attention import attention
 from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
+from diffgen.layers.linear import fuse_linears
 from diffgen.layers.modulation import modulate
 from diffgen.layers.norm import FP32LayerNorm, RMSNorm
-from diffgen.layers.rope import apply_rope, multi_axis_rope
+from diffgen.layers.rope import multi_axis_rope, norm_and_rope
 
 
 @dataclass
@@ -119,9 +120,9 @@ class WanAttention(nn.Module):
     ``image_context``, attended separately with its own key/value projections and summed.
     """
 
-    def __init__(self, dim: int, heads: int, eps: float, image_kv_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, eps: float, cross: bool, image_kv_dim: int | None = None):
         super().__init__()
-        self.heads = heads
+        self.heads, self.cross = heads, cross
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
@@ -129,18 +130,37 @@ class WanAttention(nn.Module):
             self.add_k_proj, self.add_v_proj = nn.Linear(image_kv_dim, dim), nn.Linear(image_kv_dim, dim)
             self.norm_added_k = RMSNorm(dim, eps)
 
+    def fuse_projections(self) -> int:
+        """One matmul for q/k/v (self-attention) or k/v (cross-attention: q reads other tokens), after loading."""
+        names = ("to_k", "to_v") if self.cross else ("to_q", "to_k", "to_v")
+        fused = fuse_linears(*(getattr(self, name, None) for name in names))
+        if fused is None:
+            return 0
+        for name in names:
+            delattr(self, name)
+        setattr(self, "to_kv" if self.cross else "to_qkv", fused)
+        return 1
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, -1))
+
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None):
+        if hasattr(self, "to_qkv"):
+            return self.to_qkv(x).chunk(3, dim=-1)
+        if hasattr(self, "to_kv"):
+            return (self.to_q(x), *self.to_kv(context).chunk(2, dim=-1))
+        source = x if context is None else context
+        return self.to_q(x), self.to_k(source), self.to_v(source)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 image_context: torch.Tensor | None = None) -> torch.Tensor:
-        source = x if context is None else context
-        q = self._heads(self.norm_q(self.to_q(x)))
-        k = self._heads(self.norm_k(self.to_k(source)))
-        v = self._heads(self.to_v(source))
+        q, k, v = (self._heads(t) for t in self._project(x, context))
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q = norm_and_rope(q, self.norm_q, *rope, norm_over_heads=True)
+            k = norm_and_rope(k, self.norm_k, *rope, norm_over_heads=True)
+        else:
+            q, k = self._heads(self.norm_q(q.flatten(2))), self._heads(self.norm_k(k.flatten(2)))
         out = attention(q, k, v).flatten(2).type_as(q)
         if image_context is not None:
             image_k = self._heads(self.norm_added_k(self.add_k_proj(image_context)))
@@ -156,8 +176,9 @@ class WanBlock(nn.Module):
         super().__init__()
         dim, eps = config.inner_dim, config.eps
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
-        self.attn1 = WanAttention(dim, config.num_attention_heads, eps)
-        self.attn2 = WanAttention(dim, config.num_attention_heads, eps, image_kv_dim=config.added_kv_proj_dim)
+        self.attn1 = WanAttention(dim, config.num_attention_heads, eps, cross=False)
+        self.attn2 = WanAttention(dim, config.num_attention_heads, eps, cross=True,
+                                  image_kv_dim=config.added_kv_proj_dim)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
         self.ffn = FeedForward(dim, hidden_dim=config.ffn_dim, approximate="tanh")
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)

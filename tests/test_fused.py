@@ -1,0 +1,188 @@
+"""Fused paths: concatenated projections and the Triton norm+RoPE kernel equal the plain PyTorch path.
+
+CPU: the fused projections are bit-equal (each output column is the same dot product), the norm+RoPE
+dispatcher falls back to the plain ops, and the Triton kernel itself is checked in Triton's CPU
+interpreter where Triton is installed. GPU: the kernel against the plain path in bf16, several shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffgen.layers.linear import fuse_linears, fuse_projections
+from diffgen.layers.norm import RMSNorm
+from diffgen.layers.rope import apply_rope, norm_and_rope, rope_tables
+
+
+def test_fused_linear_equals_separate_linears():
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(24, n) for n in (24, 24, 40)]
+    fused = fuse_linears(*linears)
+    x = torch.randn(3, 7, 24)
+    parts = fused(x).split([24, 24, 40], dim=-1)
+    for part, linear in zip(parts, linears, strict=True):
+        assert torch.equal(part, linear(x))
+
+
+def test_fuse_linears_leaves_other_linear_types_alone():
+    from diffgen.layers.linear import FP8Linear
+
+    plain = torch.nn.Linear(16, 16)
+    assert fuse_linears(plain, FP8Linear.from_linear(torch.nn.Linear(16, 16))) is None
+    assert fuse_linears(plain, torch.nn.Linear(8, 16)) is None  # different inputs
+    assert fuse_linears(plain, torch.nn.Linear(16, 16, bias=False)) is None
+    assert fuse_linears(plain, None) is None
+
+
+def _flux():
+    from diffgen.models.dits.flux import FluxConfig, FluxTransformer
+
+    config = FluxConfig(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                        axes_dims_rope=(4, 4, 8))
+    tokens, text = 12, 5
+    img_ids = torch.stack([torch.zeros(tokens), torch.arange(tokens) // 4, torch.arange(tokens) % 4], -1)
+    inputs = dict(hidden_states=torch.randn(2, tokens, 64), timestep=torch.tensor([0.3, 0.9]),
+                  encoder_hidden_states=torch.randn(2, text, 32), pooled_projections=torch.randn(2, 32),
+                  img_ids=img_ids, txt_ids=torch.zeros(text, 3), guidance=torch.tensor([3.5, 2.0]))
+    return FluxTransformer(config), inputs, 2 * 2 + 2  # double: image + text qkv; single: qkv+mlp
+
+
+def _wan():
+    from diffgen.models.dits.wan import WanConfig, WanTransformer
+
+    config = WanConfig(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2,
+                       rope_max_seq_len=32)
+    inputs = dict(hidden_states=torch.randn(2, 16, 3, 8, 6), timestep=torch.tensor([999.0, 300.0]),
+                  encoder_hidden_states=torch.randn(2, 9, 32))
+    return WanTransformer(config), inputs, 2 * 2  # self-attention qkv + cross-attention kv per block
+
+
+def _qwen():
+    from diffgen.models.dits.qwen_image import QwenImageConfig, QwenImageTransformer
+
+    config = QwenImageConfig(num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=24,
+                             axes_dims_rope=(8, 4, 4))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    inputs = dict(hidden_states=torch.randn(2, 35, 64), timestep=torch.tensor([0.7, 0.3]),
+                  encoder_hidden_states=torch.randn(2, 9, 24), image_shapes=[(1, 5, 7)],
+                  encoder_hidden_states_mask=mask)
+    return QwenImageTransformer(config), inputs, 2 * 2
+
+
+@pytest.mark.parametrize("build", [_flux, _wan, _qwen], ids=["flux", "wan", "qwen-image"])
+def test_fused_projections_give_the_same_forward(build):
+    torch.manual_seed(0)
+    plain, inputs, expected_fusions = build()
+    plain.eval()
+    fused = copy.deepcopy(plain)
+    names_on_disk = set(plain.state_dict())
+    assert fuse_projections(fused) == expected_fusions
+    assert not any(name.endswith(("to_k.weight", "proj_mlp.weight")) for name in fused.state_dict())
+    assert names_on_disk == set(plain.state_dict())  # the unfused model (what loading checks) is untouched
+    with torch.no_grad():
+        assert torch.equal(fused(**inputs), plain(**inputs))
+
+
+def test_loaded_dit_is_fused_and_strictly_loaded(tiny_flux):
+    from diffgen.loader.components import load_pipeline
+
+    dit = load_pipeline(tiny_flux, device="cpu").transformer
+    assert hasattr(dit.transformer_blocks[0].attn, "to_qkv") and hasattr(dit.single_transformer_blocks[0], "to_qkv_mlp")
+
+
+CASES = [  # (batch, seq, heads, head_dim, norm_over_heads, round_before_scale, affine)
+    (1, 7, 3, 16, False, False, True),
+    (2, 5, 2, 8, True, False, True),  # Wan: norm across heads
+    (1, 6, 2, 16, False, True, True),  # Qwen-Image: round before scale
+    (1, 4, 3, 16, False, False, False),
+    (1, 4, 2, 16, None, False, False),  # rotation only
+]
+
+
+def _plain_and_norm(x, norm_over_heads, round_before_scale, affine):
+    heads, head_dim = x.shape[2:]
+    if norm_over_heads is None:
+        return None
+    norm = RMSNorm(heads * head_dim if norm_over_heads else head_dim, 1e-6, elementwise_affine=affine,
+                   round_before_scale=round_before_scale)
+    if affine:
+        norm.weight.data = torch.randn_like(norm.weight)
+    return norm.to(x.dtype)
+
+
+def _reference(x, norm, cos, sin, norm_over_heads):
+    if norm is not None:
+        x = norm(x.flatten(2)).unflatten(2, x.shape[2:]) if norm_over_heads else norm(x)
+    return apply_rope(x, cos, sin)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_norm_and_rope_on_cpu_is_the_plain_path(case):
+    batch, seq, heads, head_dim, over, rbs, affine = case
+    torch.manual_seed(1)
+    x = torch.randn(batch, seq, heads, head_dim) * 3
+    cos, sin = rope_tables(torch.randn(seq, head_dim // 2))
+    norm = _plain_and_norm(x, over, rbs, affine)
+    got = norm_and_rope(x, norm, cos, sin, norm_over_heads=bool(over))
+    assert torch.equal(got, _reference(x, norm, cos, sin, bool(over)))
+
+
+_INTERPRETER_CHECK = """
+import torch
+from diffgen.layers.fused import rms_norm_rope
+from tests.test_fused import CASES, _plain_and_norm, _reference
+from diffgen.layers.rope import rope_tables
+torch.manual_seed(2)
+worst = 0.0
+for batch, seq, heads, head_dim, over, rbs, affine in CASES:
+    x = torch.randn(batch, seq, 3 * heads, head_dim)[:, :, heads:2 * heads] * 3  # a strided view, as after fused qkv
+    cos, sin = rope_tables(torch.randn(seq, head_dim // 2))
+    norm = _plain_and_norm(x, over, rbs, affine)
+    got = rms_norm_rope(x, None if norm is None else norm.weight, None if norm is None else norm.eps, cos, sin,
+                        bool(over), rbs)
+    worst = max(worst, (got - _reference(x, norm, cos, sin, bool(over))).abs().max().item())
+print(worst)
+"""
+
+
+def test_triton_norm_rope_kernel_in_the_cpu_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed here (it comes with CUDA builds of torch)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5  # float32: only the summation order differs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel runs on CUDA only)")
+@pytest.mark.parametrize("shape", [(1, 4608, 24, 128), (2, 333, 12, 128), (1, 1000, 12, 64)])
+@pytest.mark.parametrize("variant", [(False, False, True), (True, False, True), (False, True, True),
+                                     (None, False, False)], ids=["per-head", "across-heads", "round-first", "rope"])
+def test_triton_norm_rope_matches_plain_path_on_gpu(shape, variant):
+    from diffgen.layers.fused import use_fused_kernel
+
+    over, rbs, affine = variant
+    torch.manual_seed(3)
+    batch, seq, heads, head_dim = shape
+    x = (torch.randn(batch, seq, 3 * heads, head_dim, device="cuda") * 3).bfloat16()[:, :, heads:2 * heads]
+    cos, sin = (t.cuda() for t in rope_tables(torch.randn(seq, head_dim // 2, dtype=torch.float64) * 50))
+    norm = _plain_and_norm(x, over, rbs, affine)
+    norm = norm.cuda() if norm is not None else None
+    assert use_fused_kernel(x)
+    with torch.no_grad():
+        got = norm_and_rope(x, norm, cos, sin, norm_over_heads=bool(over))
+        expected = _reference(x, norm, cos, sin, bool(over))
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    # bf16 rounding of the result; in almost all elements the two agree exactly
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=1e-2)
+    assert (got != expected).float().mean().item() < 0.01
