@@ -41,6 +41,8 @@ class Option:
     #: None: not settable over HTTP; "all": every generation route; "video": the video route only
     http: str | None = None
     metavar: str | None = None
+    #: a bool option that also has a --no-... flag (its default None means "decided at run time")
+    negatable: bool = False
 
     @property
     def flag(self) -> str:
@@ -120,7 +122,9 @@ MODEL = OptionGroup("model", "model", ("generate", "serve"), engine=True, option
 PERFORMANCE = OptionGroup("performance", "performance", ("generate", "serve"), engine=True, options=(
     Option("attention_backend", str, "SDPA kernel family (default auto: cuDNN on CUDA)",
            choices=("auto", "cudnn", "flash", "efficient", "math")),
-    Option("compile", bool, "torch.compile each DiT block (first request per shape compiles; later steps faster)"),
+    Option("compile", bool, "torch.compile each DiT block (default: on for serve on CUDA, warmed up at start-up "
+           "and cached on disk across restarts; off for a one-shot generate, where it costs more than it saves)",
+           negatable=True),
     Option("quantize", str, "fp8: float8 DiT linears (Hopper/Ada tensor cores); numbers differ slightly from bf16",
            choices=("fp8",)),
 ))
@@ -265,7 +269,8 @@ def _argparse_kwargs(opt: Option) -> dict[str, Any]:
     if opt.default is not None and "default" not in help_text:
         help_text += f" (default {_fmt(opt.default) if isinstance(opt.default, float) else opt.default})"
     if opt.type is bool:
-        return {"action": "store_true", "default": None, "help": help_text}
+        action = argparse.BooleanOptionalAction if opt.negatable else "store_true"
+        return {"action": action, "default": None, "help": help_text}
     # Choices are shown in the usage but checked by Option.check (as config-file values are), so
     # that a bad value gets the same one-line error from a flag and from a config file.
     metavar = "{" + ",".join(opt.choices) + "}" if opt.choices is not None else opt.metavar

@@ -28,14 +28,17 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_path: str, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, revision: str | None = None,
-                        attention_backend: str | None = None, compile: bool = False,
+                        attention_backend: str | None = None, compile: bool | None = None,
                         quantize: str | None = None, vae_dtype: str | torch.dtype | None = None,
                         cache: str | None = None, cache_threshold: float | None = None,
                         offload: str | None = None, lora_path: list[str] | None = None,
-                        lora_mode: str | None = None) -> Engine:
+                        lora_mode: str | None = None, serving: bool = False) -> Engine:
         """``model_path``: a hub id (``org/name``) or a local diffusers pipeline folder.
 
         ``compile``: torch.compile each DiT block (slower first request per shape, faster steps).
+        None (the default) decides by use: compiled on CUDA when ``serving``, eager otherwise.
+        ``serving``: the engine will answer many requests: with compilation on, it warms up at the
+        model's default size before returning, so no request waits for the compiler.
         ``quantize``: "fp8" stores the DiT's large linears in float8 with per-channel scales (fp8
         tensor-core matmuls on Hopper/Ada; changes the numbers slightly, so no longer bit-equal to diffusers).
         ``vae_dtype``: the VAE's dtype when it should differ from ``dtype`` (Wan's model cards decode in float32).
@@ -46,7 +49,7 @@ class Engine:
         ``lora_path``: LoRA files to load, each ``path`` or ``path:scale``; ``lora_mode``: "merged" (default:
         added into the weights) or "dynamic" (applied in the forward; requests may pick their own LoRAs).
         """
-        from diffgen.engine.optimize import apply_compile, apply_quantization
+        from diffgen.engine.optimize import apply_compile, apply_quantization, resolve_compile
         from diffgen.layers.attention import set_attention_backend
         from diffgen.loader.components import load_pipeline
 
@@ -73,7 +76,9 @@ class Engine:
             from diffgen.engine.offload import apply_offload
 
             pipeline.offloaders = apply_offload(pipeline, offload)
-        if compile:
+        # Offloaded models move between devices as they run: compile them only when asked.
+        compiled = resolve_compile(compile, pipeline.device, serving and offload in (None, "none"))
+        if compiled:
             apply_compile(pipeline.components)
         engine = cls(pipeline)
         engine.set_step_cache(cache, cache_threshold)
@@ -84,6 +89,8 @@ class Engine:
             for spec in lora_path or []:
                 path, scale = parse_lora_spec(spec)
                 engine.load_lora(path, scale=scale)
+        if compiled and serving:
+            engine.warm_up()  # compile now (or load from the disk cache), not in the first request
         return engine
 
     # -- LoRA ------------------------------------------------------------------------------------
@@ -129,6 +136,20 @@ class Engine:
 
             resolve_step_cache(config, None, None, pipeline.defaults.name, pipeline.transformer.config.inner_dim)
         self.pipeline.step_cache = config
+
+    def warm_up(self, sizes: list[tuple[int, int]] | None = None) -> None:
+        """Run a short request at each (height, width), by default the model's own size.
+
+        With compiled blocks this is where the compilation happens (or is loaded from the disk cache).
+        Models that need input images get plain grey ones; distilled models their own step count.
+        """
+        from PIL import Image
+
+        spec = self.spec
+        steps = len(spec.distilled_timesteps) if spec.distilled_timesteps else max(2, spec.min_steps)
+        for height, width in sizes or [(spec.defaults.height, spec.defaults.width)]:
+            images = [Image.new("RGB", (width, height), (128, 128, 128))] * spec.min_images or None
+            self.generate("warm-up", height=height, width=width, num_inference_steps=steps, seed=0, images=images)
 
     @property
     def spec(self) -> ModelSpec:

@@ -137,7 +137,7 @@ def _load(worker_id: int, options: dict[str, Any]):
     # One worker per GPU: worker i takes cuda:i when the user asked for plain "cuda".
     if engine_options.get("device") == "cuda" and options.get("num_workers", 1) > 1:
         engine_options["device"] = f"cuda:{worker_id}"
-    return Engine.from_pretrained(options["model_path"], **engine_options)
+    return Engine.from_pretrained(options["model_path"], serving=True, **engine_options)
 
 
 def _run_one(engine, job_id: str, request, cancelled: set[str], outbox, faults: bool) -> None:
