@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from diffgen.errors import ModelLoadError
 from diffgen.layers.linear import fuse_projections
 from diffgen.loader.resolve import CheckpointInfo, read_model_index, resolve_model_path
-from diffgen.loader.weights import load_native_model
+from diffgen.loader.weights import build_native_model, load_native_model, read_native_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
         folder = resolve_model_path(model_path, components=wanted, revision=revision)
 
     components: dict[str, Any] = {}
+    to_load = []
     for name in (*pipeline_cls.required_components, *pipeline_cls.optional_components):
         entry = index.get(name)
         if not isinstance(entry, list) or entry[0] is None:
@@ -86,12 +88,28 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
                 raise ModelLoadError(f"{folder}: model_index.json has no {name!r} component")
             components[name] = None
             continue
-        library, class_name = entry
-        with _no_library_progress_bars():
-            components[name] = load_component(folder / name, library, class_name, pipeline_cls,
-                                              component_dtype.get(name, dtype), device)
-    checkpoint = CheckpointInfo.from_folder(folder, str(model_path))
+        if not (folder / name).is_dir():
+            raise ModelLoadError(f"component folder {folder / name} is missing")
+        to_load.append((name, *entry))
+    # The native DiTs' files are read in the background (plain file reads and GPU copies) while the
+    # other components load here; modules are built on this thread only, since the libraries'
+    # empty-weight initialisation patches global state.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reads = {name: pool.submit(read_native_checkpoint, pipeline_cls.native_models[class_name], folder / name,
+                                   component_dtype.get(name, dtype), device)
+                 for name, _, class_name in to_load if class_name in pipeline_cls.native_models}
+        for name, library, class_name in to_load:
+            if name not in reads:
+                with _no_library_progress_bars():
+                    components[name] = load_component(folder / name, library, class_name, pipeline_cls,
+                                                      component_dtype.get(name, dtype), device)
+        for name, _library, class_name in to_load:
+            if name in reads:
+                components[name] = build_native_model(pipeline_cls.native_models[class_name], folder / name,
+                                                      reads[name].result())
+                fuse_projections(components[name])  # after the strict load: names on disk stay per projection
     # Pipeline-level settings of model_index.json (Wan: boundary_ratio, expand_timesteps).
+    checkpoint = CheckpointInfo.from_folder(folder, str(model_path))
     return pipeline_cls(components, str(model_path), device, dtype, settings=checkpoint.settings,
                         spec=pipeline_cls.describe(checkpoint))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 from diffgen.errors import ModelLoadError
 
 _WEIGHT_NAME = "diffusion_pytorch_model"
+FAST_LOAD_ENV = "DIFFGEN_FAST_LOAD"  # "0": safetensors' own safe_open path (for comparison)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -47,27 +50,29 @@ def load_native_model(model_cls: type[nn.Module], folder: Path, dtype: torch.dty
     names whose tensors stay float32 whatever ``dtype`` is, as diffusers' ``_keep_in_fp32_modules``)
     and ``ignored_checkpoint_keys`` (name parts of checkpoint tensors the model does not use).
     """
+    return build_native_model(model_cls, folder, read_native_checkpoint(model_cls, folder, dtype, device))
+
+
+def read_native_checkpoint(model_cls: type[nn.Module], folder: Path, dtype: torch.dtype,
+                           device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors on ``device`` in the dtypes ``model_cls`` wants (file reads only: thread-safe)."""
     keep_fp32 = set(getattr(model_cls, "keep_in_fp32_modules", ()))
     ignored = set(getattr(model_cls, "ignored_checkpoint_keys", ()))
+
+    def convert(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            return tensor
+        return tensor.to(torch.float32 if set(key.split(".")) & keep_fp32 else dtype)
+
+    return _read_tensors(safetensors_files(folder), torch.device(device), ignored, convert)
+
+
+def build_native_model(model_cls: type[nn.Module], folder: Path, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``model_cls`` from its config.json with ``state`` assigned strictly (see :func:`load_native_model`)."""
     config = config_from_json(model_cls.config_class, folder)
     with torch.device("meta"):
         model = model_cls(config)
     expected = set(model.state_dict())
-    state: dict[str, torch.Tensor] = {}
-    # On CPU, safetensors hands out views into the memory-mapped file at arbitrary alignment; kernels
-    # round differently on unaligned data, so copy into fresh (aligned) storage, as diffusers does.
-    copy = torch.device(device).type == "cpu"
-    for file in safetensors_files(folder):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                parts = set(key.split("."))
-                if parts & ignored:
-                    continue
-                tensor = f.get_tensor(key)
-                target = tensor.dtype
-                if tensor.is_floating_point():
-                    target = torch.float32 if parts & keep_fp32 else dtype
-                state[key] = tensor.to(dtype=target, copy=copy)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ModelLoadError(
@@ -75,6 +80,26 @@ def load_native_model(model_cls: type[nn.Module], folder: Path, dtype: torch.dty
             f"missing keys {_short(missing)}; unexpected keys {_short(unexpected)}")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _read_tensors(files: list[Path], device: torch.device, ignored: set[str],
+                  convert: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors on ``device`` through ``convert``, minus names with an ``ignored`` part."""
+    keep = lambda key: not set(key.split(".")) & ignored
+    if device.type == "cuda" and os.environ.get(FAST_LOAD_ENV, "1") != "0":
+        from diffgen.loader.fast_read import load_files
+
+        return load_files(files, device, keep, convert)  # parallel reads through pinned buffers
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in filter(keep, f.keys()):
+                tensor = f.get_tensor(key)
+                # On CPU, safetensors hands out views into the memory-mapped file at arbitrary alignment;
+                # kernels round differently on unaligned data, so copy into fresh (aligned) storage, as
+                # diffusers does.
+                state[key] = convert(key, tensor.clone() if device.type == "cpu" else tensor)
+    return state
 
 
 def _short(keys: list[str], limit: int = 20) -> str:
