@@ -16,10 +16,11 @@ import torch
 _DISABLE_ENV = "DIFFGEN_DISABLE_TRITON"
 
 
+_enabled: bool | None = None  # None: on where Triton imports, unless DIFFGEN_DISABLE_TRITON is set
+
+
 @functools.cache
 def _triton_available() -> bool:
-    if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
-        return False
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -27,11 +28,18 @@ def _triton_available() -> bool:
     return True
 
 
+def set_fused_kernels(enabled: bool | None) -> None:
+    """Force the Triton kernels on or off for this process (None: the default); benchmarks compare both."""
+    global _enabled
+    _enabled = enabled
+
+
 def use_fused_kernel(x: torch.Tensor) -> bool:
     """True where the Triton path applies: a CUDA tensor, Triton importable, not inside torch.compile."""
     if not x.is_cuda or torch.compiler.is_compiling():
         return False
-    return _triton_available()
+    enabled = _enabled if _enabled is not None else os.environ.get(_DISABLE_ENV, "") in ("", "0")
+    return enabled and _triton_available()
 
 
 @functools.cache

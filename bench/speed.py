@@ -1,0 +1,460 @@
+"""diffusers vs diffgen's defaults vs each speed lever, on one GPU, same process, A/B alternated, medians.
+
+    python bench/speed.py --sections flux,load         # one or more of: flux, wan, vae, qwen, load
+    python bench/speed.py --quick                      # fewer repeats, no whole-request rows
+    python bench/speed.py --tiny                       # tiny configs on CPU: checks the script itself
+
+diffusers' models are built directly at the real configs with random bf16 weights (as ``from_pretrained``
+leaves them: bf16, with diffusers' float32 modules kept in float32), not on the meta device over
+shared tensors. diffgen's models share those weight tensors; "fused" models hold their concatenated
+projections on top. Rows:
+
+- ``diffgen unfused``: diffgen before this work (separate q/k/v matmuls, plain PyTorch norm + RoPE).
+- ``diffgen default``: what ``diffgen generate`` runs (projections fused at load, Triton norm+RoPE).
+- ``diffgen compiled``: what ``diffgen serve`` runs (the default plus compiled blocks).
+
+Every row runs in its own try/except: a failure prints and the rest goes on. Peak memory is the
+CUDA allocator's peak during one call of that row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import ab_medians, random_init_  # noqa: E402
+
+FLUX = dict(
+    real=dict(dit=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                       num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                       guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+              height=1024, width=1024, text_len=512, steps=28),
+    tiny=dict(dit=dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                       axes_dims_rope=(4, 4, 8)),
+              height=64, width=64, text_len=32, steps=2),
+)
+WAN = dict(
+    real=dict(dit=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                       out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                       eps=1e-6, rope_max_seq_len=1024),
+              vae=dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                       temperal_downsample=[False, True, True]),
+              height=480, width=832, frames=81, text_len=512),
+    tiny=dict(dit=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                       out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                       eps=1e-6, rope_max_seq_len=32),
+              vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+                       temperal_downsample=[False, True, True]),
+              height=48, width=80, frames=9, text_len=16),
+)
+QWEN = dict(
+    real=dict(dit=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                       num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+              height=1024, width=1024, text_len=256),
+    tiny=dict(dit=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+                       num_attention_heads=3, joint_attention_dim=24, axes_dims_rope=(8, 4, 4)),
+              height=64, width=64, text_len=16),
+)
+
+ROWS: list[tuple[str, str, str, str, str]] = []  # (section, row, median, range, peak memory)
+RESULTS: dict = {}
+
+
+def record(section: str, name: str, stats: dict, peak_gib: float | None = None, unit: str = "ms") -> None:
+    scale = 1000 if unit == "ms" else 1
+    RESULTS.setdefault(section, {})[name] = {**stats, "peak_gib": peak_gib, "unit": unit}
+    ROWS.append((section, name, f"{stats['median'] * scale:.1f} {unit}",
+                 f"{stats['min'] * scale:.1f}..{stats['max'] * scale:.1f}",
+                 "" if peak_gib is None else f"{peak_gib:.1f} GiB"))
+
+
+def guarded(section: str):
+    """Run a bench section; on failure print the traceback and keep going."""
+    def wrap(fn):
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                traceback.print_exc()
+                ROWS.append((section, f"FAILED: {fn.__name__}", "", "", ""))
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return run
+    return wrap
+
+
+def peak_gib(fn, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_direct(cls, kwargs: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A diffusers model built as from_pretrained leaves it: ``dtype``, its _keep_in_fp32_modules in float32."""
+    keep = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
+    build_dtype = torch.float32 if keep else dtype  # cast after, so kept modules stay float32
+    with torch.device(device), default_dtype(build_dtype):
+        model = cls(**kwargs)
+    random_init_(model)
+    if keep and dtype != torch.float32:
+        for name, param in model.named_parameters():
+            if not set(name.split(".")) & keep:
+                param.data = param.data.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def native_over(native_cls, config, reference: torch.nn.Module, fused: bool) -> torch.nn.Module:
+    """diffgen's model over the reference's tensors (fused: concatenated projections on top)."""
+    from diffgen.layers.linear import fuse_projections
+
+    with torch.device("meta"):
+        model = native_cls(config)
+    model.load_state_dict(reference.state_dict(), assign=True, strict=True)
+    model.eval().requires_grad_(False)
+    if fused:
+        fuse_projections(model)
+    return model
+
+
+def with_kernels(enabled: bool, fn):
+    from diffgen.layers.fused import set_fused_kernels
+
+    def run():
+        set_fused_kernels(enabled)
+        try:
+            return fn()
+        finally:
+            set_fused_kernels(None)
+    return run
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def time_rows(section: str, variants: dict, device, args, reference_name: str | None = None, warmup: int = 2):
+    if reference_name:
+        with torch.inference_mode():
+            expected = variants[reference_name]()
+            for name, fn in variants.items():
+                if name != reference_name:
+                    RESULTS.setdefault(section, {})[f"{name} rel diff vs {reference_name}"] = relative(fn(), expected)
+                    print(f"[{section}] {name}: one call relative diff vs {reference_name} "
+                          f"{RESULTS[section][f'{name} rel diff vs {reference_name}']:.2e}", flush=True)
+    with torch.inference_mode():
+        stats = ab_medians(variants, device, warmup=warmup, repeats=args.repeats)
+    for name, s in stats.items():
+        record(section, name, s, peak_gib(variants[name], device))
+
+
+# -- FLUX.1-dev ------------------------------------------------------------------------------------
+def flux_inputs(cfg, device, dtype):
+    tokens = (cfg["height"] // 16) * (cfg["width"] // 16)
+    g = torch.Generator(device).manual_seed(0)
+    grid_w = cfg["width"] // 16
+    img_ids = torch.stack([torch.zeros(tokens), torch.arange(tokens) // grid_w, torch.arange(tokens) % grid_w], -1)
+    dit = cfg["dit"]
+    return dict(hidden_states=torch.randn(1, tokens, 64, device=device, dtype=dtype, generator=g),
+                encoder_hidden_states=torch.randn(1, cfg["text_len"], dit["joint_attention_dim"], device=device,
+                                                  dtype=dtype, generator=g),
+                pooled_projections=torch.randn(1, dit["pooled_projection_dim"], device=device, dtype=dtype,
+                                               generator=g),
+                timestep=torch.tensor([0.5], device=device, dtype=dtype),
+                guidance=torch.tensor([3.5], device=device, dtype=dtype),
+                img_ids=img_ids.to(device), txt_ids=torch.zeros(cfg["text_len"], 3, device=device))
+
+
+@guarded("flux")
+def bench_flux(args, device, dtype):
+    from diffusers import FluxTransformer2DModel
+
+    from diffgen.engine.optimize import compile_repeated_blocks
+    from diffgen.models.dits.flux import FluxConfig, FluxTransformer
+
+    cfg = FLUX["tiny" if args.tiny else "real"]
+    reference = build_direct(FluxTransformer2DModel, cfg["dit"], device, dtype)
+    unfused = native_over(FluxTransformer, FluxConfig(**cfg["dit"]), reference, fused=False)
+    fused = native_over(FluxTransformer, FluxConfig(**cfg["dit"]), reference, fused=True)
+    inputs = flux_inputs(cfg, device, dtype)
+    section = f"FLUX.1-dev DiT forward {cfg['height']}x{cfg['width']}, {cfg['text_len']} text tokens"
+    variants = {
+        "diffusers eager": lambda: reference(**inputs, return_dict=False)[0],
+        "diffgen unfused eager": with_kernels(False, lambda: unfused(**inputs)),
+        "diffgen fused qkv, no Triton": with_kernels(False, lambda: fused(**inputs)),
+        "diffgen default (fused qkv + Triton norm/rope)": with_kernels(True, lambda: fused(**inputs)),
+    }
+    time_rows(section, variants, device, args, reference_name="diffusers eager")
+    if not args.skip_compile:
+        begin = time.perf_counter()
+        compile_repeated_blocks(fused)
+        with torch.inference_mode():
+            fused(**inputs)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        RESULTS.setdefault(section, {})["compile + first call s"] = time.perf_counter() - begin
+        print(f"[flux] compile + first forward: {time.perf_counter() - begin:.1f} s", flush=True)
+        compiled = {"diffgen compiled (serve default)": lambda: fused(**inputs),
+                    "diffusers eager": variants["diffusers eager"]}
+        time_rows(section + ", compiled", compiled, device, args, reference_name="diffusers eager", warmup=3)
+    if not args.quick:
+        flux_request(args, cfg, reference, unfused, fused, device, dtype)
+
+
+def flux_request(args, cfg, reference, unfused, fused, device, dtype):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from diffusers import FluxPipeline as DiffusersFlux
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from diffgen.engine.request import GenerationRequest
+    from diffgen.pipelines.flux import FluxPipeline
+    from diffgen.testing.tokenizers import clip_tokenizer, t5_tokenizer
+
+    tiny = args.tiny
+    clip_cfg = dict(vocab_size=1000 if tiny else 49408, hidden_size=32 if tiny else 768,
+                    intermediate_size=37 if tiny else 3072, num_hidden_layers=2 if tiny else 12,
+                    num_attention_heads=4 if tiny else 12, max_position_embeddings=77,
+                    projection_dim=32 if tiny else 768, hidden_act="quick_gelu")
+    t5_cfg = dict(vocab_size=256 if tiny else 32128, d_model=32 if tiny else 4096, d_kv=8 if tiny else 64,
+                  d_ff=64 if tiny else 10240, num_layers=2 if tiny else 24, num_heads=4 if tiny else 64,
+                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=8 if tiny else 32)
+    vae_cfg = dict(block_out_channels=(8, 8, 16, 16) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny
+                   else 2, norm_num_groups=4 if tiny else 32)
+    with torch.device(device), default_dtype(dtype):
+        clip = random_init_(CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, **clip_cfg)))
+        t5 = random_init_(T5EncoderModel(T5Config(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **t5_cfg)))
+        vae = random_init_(AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+            shift_factor=0.1159, scaling_factor=0.3611, **vae_cfg))
+    for module in (clip, t5, vae):
+        module.eval().requires_grad_(False)
+    shared = dict(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=vae,
+                  text_encoder=clip, tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer())
+    theirs = DiffusersFlux(transformer=reference, **shared)
+    theirs.set_progress_bar_config(disable=True)
+    call = dict(prompt="a photo of a raccoon", height=cfg["height"], width=cfg["width"],
+                num_inference_steps=cfg["steps"], guidance_scale=3.5, max_sequence_length=cfg["text_len"])
+    request = GenerationRequest.build(seed=0, **call)
+    ours_unfused = FluxPipeline(dict(transformer=unfused, **shared), "random", device, dtype)
+    ours = FluxPipeline(dict(transformer=fused, **shared), "random", device, dtype)
+    variants = {"diffusers eager": lambda: theirs(generator=torch.Generator("cpu").manual_seed(0), **call),
+                "diffgen unfused eager": with_kernels(False, lambda: ours_unfused.run(request)),
+                ("diffgen compiled (serve default)" if not args.skip_compile else "diffgen default"):
+                    with_kernels(True, lambda: ours.run(request))}
+    section = f"FLUX.1-dev request {cfg['height']}x{cfg['width']}, {cfg['steps']} steps (encode+denoise+decode)"
+    with torch.inference_mode():
+        stats = ab_medians(variants, device, warmup=1, repeats=max(2, args.repeats // 2))
+    for name, s in stats.items():
+        record(section, name, s, peak_gib(variants[name], device), unit="s")
+
+
+# -- Wan2.1-T2V-1.3B --------------------------------------------------------------------------------
+@guarded("wan")
+def bench_wan(args, device, dtype):
+    from diffusers import WanTransformer3DModel
+
+    from diffgen.engine.optimize import compile_repeated_blocks
+    from diffgen.models.dits.wan import WanConfig, WanTransformer
+
+    cfg = WAN["tiny" if args.tiny else "real"]
+    reference = build_direct(WanTransformer3DModel, cfg["dit"], device, dtype)
+    unfused = native_over(WanTransformer, WanConfig(**cfg["dit"]), reference, fused=False)
+    fused = native_over(WanTransformer, WanConfig(**cfg["dit"]), reference, fused=True)
+    g = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(1, 16, (cfg["frames"] - 1) // 4 + 1, cfg["height"] // 8, cfg["width"] // 8,
+                          device=device, dtype=dtype, generator=g)
+    text = torch.randn(2, cfg["text_len"], cfg["dit"]["text_dim"], device=device, dtype=dtype, generator=g)
+    timestep = torch.tensor([999], device=device)
+
+    def cfg_step(forward):
+        def run():
+            cond, uncond = forward(latents, timestep, text[:1]), forward(latents, timestep, text[1:])
+            return uncond + 5.0 * (cond - uncond)
+        return run
+
+    section = f"Wan2.1-1.3B CFG step (2 forwards) {cfg['height']}x{cfg['width']}x{cfg['frames']}"
+    variants = {
+        "diffusers eager (direct build)": cfg_step(lambda *a: reference(*a, return_dict=False)[0]),
+        "diffgen unfused eager": with_kernels(False, cfg_step(unfused)),
+        "diffgen default (fused + Triton)": with_kernels(True, cfg_step(fused)),
+    }
+    time_rows(section, variants, device, args, reference_name="diffusers eager (direct build)")
+    if not args.skip_compile:
+        compile_repeated_blocks(fused)
+        compiled = {"diffgen compiled (serve default)": cfg_step(fused),
+                    "diffusers eager (direct build)": variants["diffusers eager (direct build)"]}
+        time_rows(section + ", compiled", compiled, device, args, warmup=2)
+
+
+@guarded("vae")
+def bench_vae(args, device, dtype):
+    from diffusers import AutoencoderKLWan
+
+    cfg = WAN["tiny" if args.tiny else "real"]
+    vae = build_direct(AutoencoderKLWan, cfg["vae"], device, dtype)
+    z = torch.randn(1, 16, (cfg["frames"] - 1) // 4 + 1, cfg["height"] // 8, cfg["width"] // 8, device=device,
+                    dtype=dtype, generator=torch.Generator(device).manual_seed(0))
+
+    def decode(model):
+        return lambda: model.decode(z, return_dict=False)[0]
+
+    section = f"Wan VAE decode {cfg['frames']} frames {cfg['height']}x{cfg['width']}"
+    variants = {"diffusers plain": decode(vae)}
+    if device.type == "cuda":
+        import copy
+
+        channels_last = copy.deepcopy(vae).to(memory_format=torch.channels_last_3d)
+        variants["diffusers, weights channels_last_3d"] = decode(channels_last)
+    time_rows(section, variants, device, args, reference_name="diffusers plain", warmup=1)
+
+
+# -- Qwen-Image ------------------------------------------------------------------------------------
+@guarded("qwen")
+def bench_qwen(args, device, dtype):
+    from diffusers import QwenImageTransformer2DModel
+
+    from diffgen.engine.optimize import compile_repeated_blocks
+    from diffgen.models.dits.qwen_image import QwenImageConfig, QwenImageTransformer
+
+    cfg = QWEN["tiny" if args.tiny else "real"]
+    reference = build_direct(QwenImageTransformer2DModel, cfg["dit"], device, dtype)
+    fused = native_over(QwenImageTransformer, QwenImageConfig(**cfg["dit"]), reference, fused=True)
+    rows, cols = cfg["height"] // 16, cfg["width"] // 16
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(1, rows * cols, 64, device=device, dtype=dtype, generator=g)
+    text = torch.randn(2, cfg["text_len"], cfg["dit"]["joint_attention_dim"], device=device, dtype=dtype, generator=g)
+    t = torch.tensor([0.5], device=device)
+    shapes = [(1, rows, cols)]
+
+    def true_cfg(forward):
+        def run():
+            cond, uncond = forward(text[:1]), forward(text[1:])
+            combined = uncond + 4.0 * (cond - uncond)
+            return combined * (cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+        return run
+
+    theirs = true_cfg(lambda c: reference(hidden_states=x, encoder_hidden_states=c, timestep=t,
+                                          img_shapes=[shapes], return_dict=False)[0])
+    ours = true_cfg(lambda c: fused(x, t, c, shapes))
+    section = f"Qwen-Image true-CFG step (2 forwards) {cfg['height']}x{cfg['width']}, {cfg['text_len']} text tokens"
+    time_rows(section, {"diffusers eager": theirs, "diffgen default (fused + Triton)": ours}, device, args,
+              reference_name="diffusers eager")
+    if not args.skip_compile:
+        compile_repeated_blocks(fused)
+        time_rows(section + ", compiled", {"diffgen compiled (serve default)": ours, "diffusers eager": theirs},
+                  device, args)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+@guarded("load")
+def bench_load(args, device, dtype):
+    """Write ``--load-gb`` of bf16 shards, read them once (page cache), then time both readers alternately."""
+    from safetensors.torch import save_file
+
+    from diffgen.loader import weights
+
+    total = 0.02 if args.tiny else args.load_gb
+    folder = tempfile.mkdtemp(prefix="diffgen-load-")
+    tensor_bytes = 3072 * 12288 * 2
+    count = max(2, int(total * 2**30 // tensor_bytes))
+    per_shard = 40
+    files, shard = [], {}
+    g = torch.Generator(device).manual_seed(0)
+    shape = (3072, 12288) if not args.tiny else (64, 128)
+    for i in range(count):
+        shard[f"blocks.{i}.weight"] = torch.randn(*shape, device=device, dtype=dtype, generator=g).cpu()
+        if len(shard) == per_shard or i == count - 1:
+            files.append(os.path.join(folder, f"shard{len(files)}.safetensors"))
+            save_file(shard, files[-1])
+            shard = {}
+    nbytes = sum(os.path.getsize(f) for f in files)
+    from pathlib import Path
+
+    paths = [Path(f) for f in files]
+    keep_dtype = lambda key, t: t
+
+    def read(fast: bool):
+        def run():
+            os.environ[weights.FAST_LOAD_ENV] = "1" if fast else "0"
+            state = weights._read_tensors(paths, device, set(), keep_dtype)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return state
+        return run
+
+    variants = {"safetensors safe_open(device=cuda)": read(False), "diffgen parallel pinned reader": read(True)}
+    with torch.inference_mode():
+        a, b = variants["safetensors safe_open(device=cuda)"](), variants["diffgen parallel pinned reader"]()
+        assert all(torch.equal(a[k], b[k]) for k in a), "the two readers disagree"
+        del a, b
+        stats = ab_medians(variants, device, warmup=1, repeats=3 if not args.quick else 2)
+    section = f"load {nbytes / 1e9:.1f} GB of bf16 shards from the page cache to {device.type}"
+    for name, s in stats.items():
+        record(section, name, s, unit="s")
+        RESULTS[section][name]["GB/s"] = nbytes / 1e9 / s["median"]
+        print(f"[load] {name}: {nbytes / 1e9 / s['median']:.1f} GB/s", flush=True)
+    os.environ.pop(weights.FAST_LOAD_ENV, None)
+    for f in files:
+        os.remove(f)
+
+
+SECTIONS = {"flux": bench_flux, "wan": bench_wan, "vae": bench_vae, "qwen": bench_qwen, "load": bench_load}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="flux,wan,vae,load", help=f"comma list of {', '.join(SECTIONS)}")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU, float32")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, no whole-request rows")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--load-gb", type=float, default=8.0, help="size of the load test's shards")
+    parser.add_argument("--json", help="write all numbers here")
+    args = parser.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.tiny:
+        args.skip_compile = True
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    RESULTS["meta"] = {"card": card, "torch": torch.__version__, "args": vars(args)}
+    for name in args.sections.split(","):
+        start = time.perf_counter()
+        SECTIONS[name.strip()](args, device, dtype)
+        print(f"[{name}] section took {time.perf_counter() - start:.0f} s", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+    print(f"\n## {card}, torch {torch.__version__}")
+    print("| section | variant | median | range | peak memory |\n|---|---|---|---|---|")
+    for row in ROWS:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
