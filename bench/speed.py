@@ -6,12 +6,13 @@
 
 diffusers' models are built directly at the real configs with random bf16 weights (as ``from_pretrained``
 leaves them: bf16, with diffusers' float32 modules kept in float32), not on the meta device over
-shared tensors. diffgen's models share those weight tensors; "fused" models hold their concatenated
-projections on top. Rows:
+shared tensors. diffgen's models share those weight tensors; "fused qkv" models hold their concatenated
+projections on top (``DIFFGEN_FUSE_PROJECTIONS=1``, off by default: it measured slower). Rows:
 
-- ``diffgen unfused``: diffgen before this work (separate q/k/v matmuls, plain PyTorch norm + RoPE).
-- ``diffgen default``: what ``diffgen generate`` runs (projections fused at load, Triton norm+RoPE).
-- ``diffgen compiled``: what ``diffgen serve`` runs (the default plus compiled blocks).
+- ``diffgen plain eager``: diffgen before this work (plain PyTorch q/k norm + RoPE).
+- ``diffgen default``: what ``diffgen generate`` runs on CUDA (eager, Triton norm+RoPE kernel).
+- ``diffgen compiled``: what ``diffgen serve`` runs (compiled blocks).
+- ``... fused qkv ...``: the concatenated projections, with and without the Triton kernel.
 
 Every row runs in its own try/except: a failure prints and the rest goes on. Peak memory is the
 CUDA allocator's peak during one call of that row.
@@ -158,6 +159,17 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def one_forward_diffs(section: str, forwards: dict) -> None:
+    """Relative difference of one forward of each variant against the first (guidance amplifies it in a step)."""
+    with torch.inference_mode():
+        outputs = {name: fn() for name, fn in forwards.items()}
+    first, *others = outputs
+    for name in others:
+        value = relative(outputs[name], outputs[first])
+        RESULTS.setdefault(section, {})[f"one forward: {name} rel diff vs {first}"] = value
+        print(f"[{section}] one forward: {name} relative diff vs {first} {value:.2e}", flush=True)
+
+
 def time_rows(section: str, variants: dict, device, args, reference_name: str | None = None, warmup: int = 2):
     if reference_name:
         with torch.inference_mode():
@@ -205,27 +217,30 @@ def bench_flux(args, device, dtype):
     section = f"FLUX.1-dev DiT forward {cfg['height']}x{cfg['width']}, {cfg['text_len']} text tokens"
     variants = {
         "diffusers eager": lambda: reference(**inputs, return_dict=False)[0],
-        "diffgen unfused eager": with_kernels(False, lambda: unfused(**inputs)),
+        "diffgen plain eager": with_kernels(False, lambda: unfused(**inputs)),
+        "diffgen default (Triton norm/rope)": with_kernels(True, lambda: unfused(**inputs)),
         "diffgen fused qkv, no Triton": with_kernels(False, lambda: fused(**inputs)),
-        "diffgen default (fused qkv + Triton norm/rope)": with_kernels(True, lambda: fused(**inputs)),
+        "diffgen fused qkv + Triton norm/rope": with_kernels(True, lambda: fused(**inputs)),
     }
     time_rows(section, variants, device, args, reference_name="diffusers eager")
     if not args.skip_compile:
         begin = time.perf_counter()
-        compile_repeated_blocks(fused)
+        compile_repeated_blocks(unfused)
         with torch.inference_mode():
-            fused(**inputs)
+            unfused(**inputs)
         torch.cuda.synchronize() if device.type == "cuda" else None
         RESULTS.setdefault(section, {})["compile + first call s"] = time.perf_counter() - begin
         print(f"[flux] compile + first forward: {time.perf_counter() - begin:.1f} s", flush=True)
-        compiled = {"diffgen compiled (serve default)": lambda: fused(**inputs),
+        compile_repeated_blocks(fused)
+        compiled = {"diffgen compiled (serve default)": lambda: unfused(**inputs),
+                    "diffgen compiled, fused qkv": lambda: fused(**inputs),
                     "diffusers eager": variants["diffusers eager"]}
         time_rows(section + ", compiled", compiled, device, args, reference_name="diffusers eager", warmup=3)
     if not args.quick:
-        flux_request(args, cfg, reference, unfused, fused, device, dtype)
+        flux_request(args, cfg, reference, unfused, device, dtype)
 
 
-def flux_request(args, cfg, reference, unfused, fused, device, dtype):
+def flux_request(args, cfg, reference, unfused, device, dtype):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from diffusers import FluxPipeline as DiffusersFlux
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -260,10 +275,8 @@ def flux_request(args, cfg, reference, unfused, fused, device, dtype):
     call = dict(prompt="a photo of a raccoon", height=cfg["height"], width=cfg["width"],
                 num_inference_steps=cfg["steps"], guidance_scale=3.5, max_sequence_length=cfg["text_len"])
     request = GenerationRequest.build(seed=0, **call)
-    ours_unfused = FluxPipeline(dict(transformer=unfused, **shared), "random", device, dtype)
-    ours = FluxPipeline(dict(transformer=fused, **shared), "random", device, dtype)
+    ours = FluxPipeline(dict(transformer=unfused, **shared), "random", device, dtype)
     variants = {"diffusers eager": lambda: theirs(generator=torch.Generator("cpu").manual_seed(0), **call),
-                "diffgen unfused eager": with_kernels(False, lambda: ours_unfused.run(request)),
                 ("diffgen compiled (serve default)" if not args.skip_compile else "diffgen default"):
                     with_kernels(True, lambda: ours.run(request))}
     section = f"FLUX.1-dev request {cfg['height']}x{cfg['width']}, {cfg['steps']} steps (encode+denoise+decode)"
@@ -300,13 +313,18 @@ def bench_wan(args, device, dtype):
     section = f"Wan2.1-1.3B CFG step (2 forwards) {cfg['height']}x{cfg['width']}x{cfg['frames']}"
     variants = {
         "diffusers eager (direct build)": cfg_step(lambda *a: reference(*a, return_dict=False)[0]),
-        "diffgen unfused eager": with_kernels(False, cfg_step(unfused)),
-        "diffgen default (fused + Triton)": with_kernels(True, cfg_step(fused)),
+        "diffgen plain eager": with_kernels(False, cfg_step(unfused)),
+        "diffgen default (Triton norm/rope)": with_kernels(True, cfg_step(unfused)),
+        "diffgen fused qkv + Triton norm/rope": with_kernels(True, cfg_step(fused)),
     }
+    one_forward_diffs("wan", {"diffusers": lambda: reference(latents, timestep, text[:1], return_dict=False)[0],
+                              "diffgen default": with_kernels(True, lambda: unfused(latents, timestep, text[:1]))})
     time_rows(section, variants, device, args, reference_name="diffusers eager (direct build)")
     if not args.skip_compile:
-        compile_repeated_blocks(fused)
-        compiled = {"diffgen compiled (serve default)": cfg_step(fused),
+        compile_repeated_blocks(unfused)
+        one_forward_diffs("wan", {"diffusers": lambda: reference(latents, timestep, text[:1], return_dict=False)[0],
+                                  "diffgen compiled": lambda: unfused(latents, timestep, text[:1])})
+        compiled = {"diffgen compiled (serve default)": cfg_step(unfused),
                     "diffusers eager (direct build)": variants["diffusers eager (direct build)"]}
         time_rows(section + ", compiled", compiled, device, args, warmup=2)
 
@@ -328,8 +346,15 @@ def bench_vae(args, device, dtype):
     if device.type == "cuda":
         import copy
 
-        channels_last = copy.deepcopy(vae).to(memory_format=torch.channels_last_3d)
-        variants["diffusers, weights channels_last_3d"] = decode(channels_last)
+        # cuDNN's conv3d wants NDHWC: with the weights (and the input) channels-last it skips the
+        # NCDHW<->NDHWC transposes around each convolution, if the elementwise ops keep the layout.
+        channels_last = copy.deepcopy(vae)
+        for module in channels_last.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        z_last = z.contiguous(memory_format=torch.channels_last_3d)
+        variants["diffusers, conv3d weights + input channels_last_3d"] = (
+            lambda: channels_last.decode(z_last, return_dict=False)[0])
     time_rows(section, variants, device, args, reference_name="diffusers plain", warmup=1)
 
 
@@ -343,7 +368,7 @@ def bench_qwen(args, device, dtype):
 
     cfg = QWEN["tiny" if args.tiny else "real"]
     reference = build_direct(QwenImageTransformer2DModel, cfg["dit"], device, dtype)
-    fused = native_over(QwenImageTransformer, QwenImageConfig(**cfg["dit"]), reference, fused=True)
+    ours_model = native_over(QwenImageTransformer, QwenImageConfig(**cfg["dit"]), reference, fused=False)
     rows, cols = cfg["height"] // 16, cfg["width"] // 16
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(1, rows * cols, 64, device=device, dtype=dtype, generator=g)
@@ -360,12 +385,21 @@ def bench_qwen(args, device, dtype):
 
     theirs = true_cfg(lambda c: reference(hidden_states=x, encoder_hidden_states=c, timestep=t,
                                           img_shapes=[shapes], return_dict=False)[0])
-    ours = true_cfg(lambda c: fused(x, t, c, shapes))
+    ours = with_kernels(True, true_cfg(lambda c: ours_model(x, t, c, shapes)))
+    plain = with_kernels(False, true_cfg(lambda c: ours_model(x, t, c, shapes)))
+    forward = {"diffusers": lambda: reference(hidden_states=x, encoder_hidden_states=text[:1], timestep=t,
+                                              img_shapes=[shapes], return_dict=False)[0],
+               "diffgen plain": with_kernels(False, lambda: ours_model(x, t, text[:1], shapes)),
+               "diffgen default": with_kernels(True, lambda: ours_model(x, t, text[:1], shapes))}
+    one_forward_diffs("qwen", forward)
     section = f"Qwen-Image true-CFG step (2 forwards) {cfg['height']}x{cfg['width']}, {cfg['text_len']} text tokens"
-    time_rows(section, {"diffusers eager": theirs, "diffgen default (fused + Triton)": ours}, device, args,
-              reference_name="diffusers eager")
+    time_rows(section, {"diffusers eager": theirs, "diffgen plain eager": plain,
+                        "diffgen default (Triton norm/rope)": ours}, device, args, reference_name="diffusers eager")
     if not args.skip_compile:
-        compile_repeated_blocks(fused)
+        compile_repeated_blocks(ours_model)
+        forward.pop("diffgen plain")
+        forward["diffgen compiled"] = forward.pop("diffgen default")
+        one_forward_diffs("qwen", forward)
         time_rows(section + ", compiled", {"diffgen compiled (serve default)": ours, "diffusers eager": theirs},
                   device, args)
 
@@ -428,7 +462,7 @@ SECTIONS = {"flux": bench_flux, "wan": bench_wan, "vae": bench_vae, "qwen": benc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="flux,wan,vae,load", help=f"comma list of {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default="flux,wan,qwen,vae,load", help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU, float32")
     parser.add_argument("--quick", action="store_true", help="3 repeats, no whole-request rows")
     parser.add_argument("--repeats", type=int, default=None)

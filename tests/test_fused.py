@@ -91,9 +91,12 @@ def test_fused_projections_give_the_same_forward(build):
         assert torch.equal(fused(**inputs), plain(**inputs))
 
 
-def test_loaded_dit_is_fused_and_strictly_loaded(tiny_flux):
-    from diffgen.loader.components import load_pipeline
+def test_loading_fuses_projections_only_when_asked(tiny_flux, monkeypatch):
+    from diffgen.loader.components import FUSE_PROJECTIONS_ENV, load_pipeline
 
+    dit = load_pipeline(tiny_flux, device="cpu").transformer
+    assert hasattr(dit.transformer_blocks[0].attn, "to_q") and not hasattr(dit.transformer_blocks[0].attn, "to_qkv")
+    monkeypatch.setenv(FUSE_PROJECTIONS_ENV, "1")
     dit = load_pipeline(tiny_flux, device="cpu").transformer
     assert hasattr(dit.transformer_blocks[0].attn, "to_qkv") and hasattr(dit.single_transformer_blocks[0], "to_qkv_mlp")
 

@@ -17,9 +17,7 @@ def test_fp8_replaces_block_linears_but_not_modulation(tiny_flux):
     engine = Engine.from_pretrained(tiny_flux, device="cpu", quantize="fp8")
     dit = engine.pipeline.transformer
     quantized = {name for name, m in dit.named_modules() if isinstance(m, FP8Linear)}
-    # q/k/v are fused into one linear at load time; the fused linear is quantized as one
-    assert "transformer_blocks.0.attn.to_qkv" in quantized and "single_transformer_blocks.0.proj_out" in quantized
-    assert "single_transformer_blocks.0.to_qkv_mlp" in quantized
+    assert "transformer_blocks.0.attn.to_q" in quantized and "single_transformer_blocks.0.proj_out" in quantized
     assert not any("norm" in name for name in quantized)  # AdaLN modulation stays in full precision
     assert isinstance(dit.proj_out, torch.nn.Linear) and isinstance(dit.x_embedder, torch.nn.Linear)
     assert {m.weight.dtype for m in dit.modules() if isinstance(m, FP8Linear)} == {torch.float8_e4m3fn}
