@@ -189,3 +189,21 @@ def test_triton_norm_rope_matches_plain_path_on_gpu(shape, variant):
     # bf16 rounding of the result; in almost all elements the two agree exactly
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=1e-2)
     assert (got != expected).float().mean().item() < 0.01
+
+
+def test_channels_last_vae_weights_change_only_the_layout():
+    from diffusers import AutoencoderKLWan
+
+    from diffgen.pipelines.wan import channels_last_conv3d
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False]).eval()
+    z = torch.randn(1, 4, 2, 6, 8)
+    with torch.no_grad():
+        expected = vae.decode(z, return_dict=False)[0]
+        channels_last_conv3d(vae)
+        convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)]
+        assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs)
+        got = vae.decode(z.contiguous(memory_format=torch.channels_last_3d), return_dict=False)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # float32: summation order only
