@@ -168,7 +168,7 @@ def test_triton_norm_rope_kernel_in_the_cpu_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel runs on CUDA only)")
-@pytest.mark.parametrize("shape", [(1, 4608, 24, 128), (2, 333, 12, 128), (1, 1000, 12, 64)])
+@pytest.mark.parametrize("shape", [(1, 4608, 24, 128), (2, 333, 12, 128), (1, 1000, 12, 64), (1, 300, 40, 128)])
 @pytest.mark.parametrize("variant", [(False, False, True), (True, False, True), (False, True, True),
                                      (None, False, False)], ids=["per-head", "across-heads", "round-first", "rope"])
 def test_triton_norm_rope_matches_plain_path_on_gpu(shape, variant):

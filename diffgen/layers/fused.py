@@ -103,13 +103,14 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float | Non
     n_rows = batch * seq_len * rows_per_token
     block = kernels["next_power_of_2"](width)
     rows = max(1, 4096 // block)
+    num_warps = min(16, max(4, block // 512))  # wide rows (Wan-14B: 5120 channels) spread over more threads
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     grid = (triton_cdiv(n_rows, rows),)
     kernels["rms_rope"][grid](
         x, weight if weight is not None else x, cos, sin, out, n_rows, seq_len, rows_per_token,
         x.stride(0), x.stride(1), x.stride(2), eps or 0.0,
         WIDTH=width, BLOCK=block, ROWS=rows, ROPE_DIM=head_dim, NORM=eps is not None,
-        HAS_WEIGHT=weight is not None, ROUND_BEFORE_SCALE=round_before_scale, num_warps=4)
+        HAS_WEIGHT=weight is not None, ROUND_BEFORE_SCALE=round_before_scale, num_warps=num_warps)
     return out
 
 
