@@ -166,7 +166,11 @@ def _layers(state: dict[str, torch.Tensor], model: nn.Module, path: str, compone
         try:
             target = model.get_submodule(module_name)
         except AttributeError:
-            problems.append(f"{module_name}: no such layer in the {component}")
+            parent, _, leaf = module_name.rpartition(".")
+            holder = _submodule(model, parent)
+            fused = holder is not None and any(hasattr(holder, name) for name in ("to_qkv", "to_kv", "add_qkv"))
+            problems.append(f"{module_name}: no such layer in the {component}" + (
+                f" ({leaf} is fused into one projection: LoRA needs DIFFGEN_FUSE_PROJECTIONS unset)" if fused else ""))
             continue
         target = target.base if isinstance(target, LoRALinear) else target
         if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
@@ -191,6 +195,13 @@ def _layers(state: dict[str, torch.Tensor], model: nn.Module, path: str, compone
     if problems:
         raise InvalidRequestError("lora_path", f"{path} does not match this model: {_some(problems)}")
     return layers
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _some(items: list[str], count: int = 4) -> str:
