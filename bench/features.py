@@ -22,6 +22,7 @@ Every row runs in its own try/except: a failure prints and the next row runs.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -196,6 +197,14 @@ def cache_rows(name: str, kind: str, model_name: str, cfg: dict, size, text_len:
     return rows
 
 
+def free_memory(device: torch.device) -> None:
+    """Drop the previous row's model (a failed row's traceback may hold it) before the next one builds."""
+    sys.last_traceback = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (checks the script)")
@@ -225,6 +234,7 @@ def main() -> None:
             except Exception as e:
                 traceback.print_exc()
                 rows.append((name, "failed", "", "", "", str(e)[:80]))
+            free_memory(device)
         print_table("layerwise offload: one DiT forward", rows,
                     ("model", "offload", "ms / forward", "peak GiB", "vs plain", "target"))
 
@@ -244,6 +254,7 @@ def main() -> None:
             except Exception as e:
                 traceback.print_exc()
                 rows.append((name, "failed", "", "", "", str(e)[:80], ""))
+            free_memory(device)
         print_table("step cache at the published default thresholds (random weights!)", rows,
                     ("run", "cache", "threshold", "seconds", "speed-up", "rel. error of final latents",
                      "forwards computed/reused"))

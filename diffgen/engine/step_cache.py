@@ -159,8 +159,27 @@ class _BranchState:
     accumulated: float = 0.0  # teacache
 
 
+def _sequence_parallel_group():
+    """The sequence-parallel group of this rank (None when there is none): every rank of it holds a shard of
+    the tokens and must take the same decision, or the ranks' collectives inside attention would diverge."""
+    try:
+        from diffgen.parallel import state as parallel_state
+    except ImportError:
+        return None
+    current = parallel_state.current()
+    return current.sp.group if current is not None and current.sp.size > 1 else None
+
+
 def _relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    return ((current - previous).abs().mean() / previous.abs().mean()).item()
+    """mean |current - previous| / mean |previous|, over all shards of a sequence-parallel run."""
+    group = _sequence_parallel_group()
+    if group is None:
+        return ((current - previous).abs().mean() / previous.abs().mean()).item()
+    import torch.distributed as dist
+
+    sums = torch.stack([(current - previous).abs().float().sum(), previous.abs().float().sum()])
+    dist.all_reduce(sums, group=group)
+    return (sums[0] / sums[1]).item()
 
 
 def _residual(output: Hidden, start: Hidden) -> Hidden:
