@@ -180,6 +180,7 @@ def cache_rows(name: str, kind: str, model_name: str, cfg: dict, size, text_len:
     if guidance > 1:
         uncond = dict(cond, encoder_hidden_states=inputs(kind, cfg, size, text_len, device, dtype,
                                                          seed=1)["encoder_hidden_states"])
+    denoise(model, kind, cond, uncond, guidance, 2, device)  # warm-up: kernels chosen, memory allocated
     reference, plain_s, _ = denoise(model, kind, cond, uncond, guidance, steps, device)
     rows = [(name, "none", "", f"{plain_s:.2f}", "1.00x", "0", f"{steps * (2 if uncond else 1)}/0")]
     inner_dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
