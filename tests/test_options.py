@@ -54,7 +54,8 @@ def test_engine_options_are_the_model_and_performance_groups():
     from diffgen.engine.engine import Engine
 
     names = set(engine_option_names())
-    assert names == {o.name for g in ("model", "performance") for o in GROUPS[g].options} - {"model_path"}
+    assert names == {o.name for g in ("model", "performance", "step_cache", "memory", "lora")
+                     for o in GROUPS[g].options} - {"model_path"}
     assert names <= set(inspect.signature(Engine.from_pretrained).parameters)
 
 
