@@ -196,3 +196,18 @@ def test_the_license_is_an_spdx_string():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert project["license"] == "Apache-2.0"  # a TOML table is deprecated by setuptools (PEP 639)
+
+
+def test_generate_log_level(tiny_flux, tmp_path, capsys):
+    import logging
+
+    logger = logging.getLogger("diffgen")
+    level = logger.level
+    try:
+        assert main(["generate", "--model-path", tiny_flux, "--prompt", "x", "--num-inference-steps", "1",
+                     "--height", "32", "--width", "32", "--log-level", "debug"]) == 0
+        assert logger.getEffectiveLevel() == logging.DEBUG
+    finally:
+        logger.setLevel(level)
+    assert main(["generate", "--model-path", tiny_flux, "--prompt", "x", "--log-level", "loud"]) == 2
+    assert "--log-level: 'loud' is not allowed; one of critical, error, warning, info, debug" in capsys.readouterr().err

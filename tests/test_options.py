@@ -48,15 +48,18 @@ def test_max_batch_size_is_defined_once():
     assert ServerConfig(model_path="x").max_queue == option("max_queue").default
 
 
-def test_engine_options_are_the_model_and_performance_groups():
+def test_engine_options_are_the_from_pretrained_arguments():
     import inspect
 
     from diffgen.engine.engine import Engine
+    from diffgen.engine.loading import load_model
 
     names = set(engine_option_names())
-    assert names == {o.name for g in ("model", "performance", "step_cache", "memory", "lora")
-                     for o in GROUPS[g].options} - {"model_path"}
+    assert {"device", "dtype", "compile", "quantize"} <= names and "model_path" not in names
+    assert names == {o.name for g in GROUPS.values() if g.engine for o in g.options} - {"model_path"}
+    # every engine option reaches the in-process loader and, through it, every worker process
     assert names <= set(inspect.signature(Engine.from_pretrained).parameters)
+    assert names <= set(inspect.signature(load_model).parameters)
 
 
 def test_help_lists_choices_defaults_and_rules(capsys):

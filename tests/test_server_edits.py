@@ -147,3 +147,15 @@ def test_jpeg_and_webp_uploads_are_read(server, kind):
 def test_the_model_card_says_image_to_image(server):
     card = server.client().models.retrieve(server.model_path)
     assert card.model_extra["task_type"] == "I2I"
+
+
+@pytest.mark.parametrize("size", [(1, 300), (300, 1)])
+def test_an_input_too_elongated_for_the_vision_encoder_is_a_400(server, size):
+    import httpx
+
+    image = ("a.png", _png(Image.new("RGB", size)), "image/png")
+    response = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "x"}, files={"image": image}, timeout=60)
+    assert response.status_code == 400, response.text  # used to be a 500 from inside the image processor
+    error = response.json()["error"]
+    assert error["param"] == "image" and f"image 1 ({size[0]}x{size[1]}" in error["message"]
+    assert "up to 200:1" in error["message"]

@@ -246,3 +246,13 @@ def test_cache_fields_are_served(server):
                           json=_gen(cache="first-block", cache_threshold=2.0, num_inference_steps=3))
     assert response.status_code == 200, response.text
     assert len(response.json()["data"]) == 1
+
+
+def test_fault_markers_are_ordinary_prompts_without_the_test_variable(server):
+    # This server runs without DIFFGEN_FAULT_INJECT: no request can make the worker fail on purpose.
+    client = server.client(api_key=KEY, max_retries=0)
+    response = client.images.generate(prompt="a cat [[fault:raise]] [[fault:exit]] [[fault:oom]]", size="64x64",
+                                      extra_body={"num_inference_steps": 2})
+    assert len(response.data) == 1
+    assert httpx.get(server.url + "/health").json()["worker_restarts"] == 0
+    assert "fault injection" not in server.log_path.read_text(errors="replace")

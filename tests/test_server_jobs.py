@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffgen.engine.request import GenerationRequest
-from diffgen.engine.scheduler import JobError, NotReadyError, QueueFullError, Scheduler
+from diffgen.engine import GenerationRequest, GenerationResult, JobError, NotReadyError, QueueFullError
+from diffgen.engine.messages import LoadFailed
+from diffgen.engine.scheduler import ProcessExecutor
 from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs, video_object
 from diffgen.entrypoints.http.openai_routes import composite_with_mask
 
@@ -76,7 +77,7 @@ class _BusyWorker:
 
 
 def test_queue_bound_refuses_with_a_retry_hint():
-    scheduler = Scheduler({"model_path": "unused"}, max_queue=3)
+    scheduler = ProcessExecutor({"model_path": "unused"}, max_queue=3)
     with pytest.raises(NotReadyError):
         scheduler.submit(GenerationRequest.build("a"))
     scheduler._workers.append(_BusyWorker())
@@ -93,7 +94,7 @@ def test_queue_bound_refuses_with_a_retry_hint():
 
 
 def test_batches_group_compatible_jobs_in_arrival_order():
-    scheduler = Scheduler({"model_path": "unused"}, max_batch_size=2)
+    scheduler = ProcessExecutor({"model_path": "unused"}, max_batch_size=2)
     scheduler._workers.append(_BusyWorker())
     small = [scheduler.submit(GenerationRequest.build(f"s{i}", height=32, width=32, seed=i)) for i in range(3)]
     large = scheduler.submit(GenerationRequest.build("l", height=64, width=64))
@@ -134,11 +135,14 @@ class _FakeWorker:
     def __init__(self, exitcode: int = 17):
         self.index, self.ready, self.gone, self.batch_id, self.load_error = 0, True, False, None, None
         self.batch: dict = {}
-        self.process = type("Process", (), {"exitcode": exitcode, "pid": 1})()
+        self.exitcode, self.pids = exitcode, [1]
+
+    def kill(self) -> None:  # its process is already gone
+        pass
 
 
 def test_waiting_jobs_fail_when_the_worker_dies_and_is_not_restarted():
-    scheduler = Scheduler({"model_path": "unused"}, max_restarts=0)
+    scheduler = ProcessExecutor({"model_path": "unused"}, max_restarts=0)
     worker = _FakeWorker()
     scheduler._workers.append(worker)
     jobs = [scheduler.submit(GenerationRequest.build(f"p{i}")) for i in range(2)]  # no dispatcher: they wait
@@ -153,19 +157,19 @@ def test_waiting_jobs_fail_when_the_worker_dies_and_is_not_restarted():
 
 
 def test_waiting_jobs_fail_when_a_restarted_worker_cannot_load():
-    scheduler = Scheduler({"model_path": "unused"})
+    scheduler = ProcessExecutor({"model_path": "unused"})
     worker = _FakeWorker()
     scheduler._workers.append(worker)
     job = scheduler.submit(GenerationRequest.build("p"))
     worker.ready = False  # as a restarted worker that is loading the model
-    assert scheduler._handle(worker, ("load_failed", "OSError: the weights are gone"))
+    assert scheduler._handle(worker, LoadFailed("OSError: the weights are gone"))
     with pytest.raises(JobError) as failed:
         job.future.result(timeout=5)
     assert failed.value.code == "worker_died" and "the weights are gone" in failed.value.message
 
 
 def test_restarts_are_limited_within_a_time_window():
-    scheduler = Scheduler({"model_path": "unused"}, max_restarts=2, restart_window=600)
+    scheduler = ProcessExecutor({"model_path": "unused"}, max_restarts=2, restart_window=600)
     now = time.monotonic()
     scheduler._restart_times.extend([now - 3600, now - 1800, now - 10])  # two of them long ago
     assert scheduler._may_restart() and len(scheduler._restart_times) == 1
@@ -174,7 +178,7 @@ def test_restarts_are_limited_within_a_time_window():
 
 
 def test_finishing_a_job_whose_awaiter_cancelled_its_future_is_harmless():
-    scheduler = Scheduler({"model_path": "unused"})
+    scheduler = ProcessExecutor({"model_path": "unused"})
     scheduler._workers.append(_FakeWorker())
     job = scheduler.submit(GenerationRequest.build("p"))
     assert job.future.cancel()  # what asyncio.wrap_future does when the awaiting task is cancelled
@@ -195,8 +199,7 @@ def test_url_images_expire_after_their_ttl(tmp_path):
 
 def test_a_failed_mp4_write_leaves_no_part_file(tmp_path, monkeypatch):
     import diffgen.outputs
-    from diffgen.engine.metrics import Metrics
-    from diffgen.engine.worker import WorkerOutput
+    from diffgen.engine import Metrics
 
     def broken_write(frames, path, fps):
         path.write_bytes(b"half an mp4")
@@ -205,9 +208,10 @@ def test_a_failed_mp4_write_leaves_no_part_file(tmp_path, monkeypatch):
     monkeypatch.setattr(diffgen.outputs, "write_mp4", broken_write)
     store = JobStore(tmp_path)
     store.create(_record(_id(1)))
-    videos = VideoJobs(store, scheduler=None, metrics=Metrics())
+    videos = VideoJobs(store, engine=None, metrics=Metrics())
     future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_result(WorkerOutput(seed=0, frames=[np.zeros((1, 8, 8, 3), np.uint8)]))
+    future.set_result(GenerationResult(request=GenerationRequest.build("p"), model="m", seed=0, fps=16,
+                                       frames=[np.zeros((1, 8, 8, 3), np.uint8)]))
     videos._finalize(_id(1), future)
     videos.close()
     assert not list(store.videos_dir.glob("*.mp4"))

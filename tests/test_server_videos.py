@@ -137,6 +137,54 @@ def test_images_on_a_video_model_is_a_400(server):
     assert caught.value.body["code"] == "unsupported_model" and "/v1/videos" in caught.value.message
 
 
+def test_a_request_without_seconds_or_frames_takes_the_model_defaults(server):
+    # What the openai client sends by default: no seconds, no num_frames (this used to be a 500).
+    response = httpx.post(f"{server.url}/v1/videos", json={"prompt": "a boat on a lake", "size": "32x32",
+                                                           "num_inference_steps": 1})
+    assert response.status_code == 200, response.text
+    video = response.json()
+    assert video["seconds"] == "5.06" and video["size"] == "32x32"  # Wan2.1: 81 frames at 16 fps
+    client = server.client()
+    assert _wait(client, video["id"]).status == "completed"
+    assert _mp4_frames(client.videos.download_content(video["id"]).content) == 81
+
+
+@pytest.mark.parametrize("body,param,message", [
+    ({"size": "81x48"}, "width", "81 is not a multiple of 16"),
+    ({"num_frames": 10}, "num_frames", "10 is not 4k+1"),
+    ({"guidance_scale_2": 2.0}, "guidance_scale_2", "has one transformer"),
+    ({"max_sequence_length": 4000}, "max_sequence_length", "exceeds 512"),
+])
+def test_a_bad_video_request_is_a_400_at_create_time_and_takes_no_slot(server, body, param, message):
+    before = httpx.get(f"{server.url}/v1/videos", params={"limit": 100}).json()["data"]
+    response = httpx.post(f"{server.url}/v1/videos", json={"prompt": "a cat", "size": "32x32", **SMALL, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"] and error["type"] == "invalid_request_error"
+    after = httpx.get(f"{server.url}/v1/videos", params={"limit": 100}).json()["data"]
+    assert [v["id"] for v in after] == [v["id"] for v in before]  # no job was created
+    assert httpx.get(f"{server.url}/health").json()["queue_depth"] == 0
+
+
+def test_several_outputs_per_video_request(server):
+    client = server.client()
+    video = _create(client, n=2)
+    assert _wait(client, video.id).status == "completed"
+    first = httpx.get(f"{server.url}/v1/videos/{video.id}/content").content
+    second = httpx.get(f"{server.url}/v1/videos/{video.id}/content", params={"index": 1}).content
+    assert _mp4_frames(first) == _mp4_frames(second) == 5 and first != second  # two noises, two videos
+    beyond = httpx.get(f"{server.url}/v1/videos/{video.id}/content", params={"index": 2})
+    assert beyond.status_code == 400 and beyond.json()["error"]["param"] == "index"
+    client.videos.delete(video.id)
+    assert not list((server.output_dir / "videos").glob(f"{video.id}*"))
+
+
+def test_fault_injection_is_announced_at_start_up(server):
+    # This server runs with DIFFGEN_FAULT_INJECT=1 (test-only): the worker says so loudly.
+    log = server.log_path.read_text(errors="replace")  # the whole log (server.log() keeps its tail)
+    assert "WARNING:diffgen.engine.worker:DIFFGEN_FAULT_INJECT=1: fault injection is ON" in log
+
+
 def test_jobs_and_content_survive_a_restart(server, wan, output_dir):
     client = server.client()
     finished = _create(client)
@@ -192,3 +240,4 @@ def test_full_queue_is_a_429_and_a_worker_that_cannot_restart_fails_the_queue(wa
         assert probe.status_code == 503 and probe.json()["error"]["code"] == "model_not_ready"
     finally:
         assert process.stop(), process.log()
+

@@ -1,4 +1,9 @@
-"""Engine: the Python API over a loaded pipeline."""
+"""Engine: the only front door. Every entry point (CLI, Python, HTTP) submits its requests here.
+
+The Engine resolves a request against the model's spec (a pure function, before any work) and hands
+it to its executor: in-process (``Engine.from_pretrained``: the CLI and Python default) or worker
+processes behind a bounded queue (``Engine.with_workers``: what ``diffgen serve`` runs).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,14 @@ from typing import Any
 
 import torch
 
+from diffgen.engine.executor import Executor, ExecutorStatus, InProcessExecutor, Job, JobListener
+from diffgen.engine.metrics import Metrics
 from diffgen.engine.request import GenerationRequest, GenerationResult
 from diffgen.engine.spec import ModelSpec, resolve
-from diffgen.pipelines.base import ComposedPipeline, ProgressFn
 
 logger = logging.getLogger(__name__)
+
+ProgressFn = Any  # (step, total) -> None
 
 
 class Engine:
@@ -22,8 +30,12 @@ class Engine:
     >>> result.images[0].save("raccoon.png")
     """
 
-    def __init__(self, pipeline: ComposedPipeline):
-        self.pipeline = pipeline
+    def __init__(self, executor: Executor, model_path: str, revision: str | None = None):
+        self.executor = executor
+        self.model_path = model_path
+        self.revision = revision
+        #: the executor's counters and histograms (a process executor fills them; /metrics renders them)
+        self.metrics = getattr(executor, "metrics", None) or Metrics()
 
     @classmethod
     def from_pretrained(cls, model_path: str, device: str | torch.device | None = None,
@@ -33,7 +45,7 @@ class Engine:
                         cache: str | None = None, cache_threshold: float | None = None,
                         offload: str | None = None, lora_path: list[str] | None = None,
                         lora_mode: str | None = None, serving: bool = False) -> Engine:
-        """``model_path``: a hub id (``org/name``) or a local diffusers pipeline folder.
+        """Load the model into this process. ``model_path``: a hub id (``org/name``) or a local folder.
 
         ``compile``: torch.compile each DiT block (slower first request per shape, faster steps).
         None (the default) decides by use: compiled on CUDA when ``serving``, eager otherwise.
@@ -49,60 +61,22 @@ class Engine:
         ``lora_path``: LoRA files to load, each ``path`` or ``path:scale``; ``lora_mode``: "merged" (default:
         added into the weights) or "dynamic" (applied in the forward; requests may pick their own LoRAs).
         """
-        from diffgen.engine.optimize import apply_compile, apply_quantization, resolve_compile
-        from diffgen.layers.attention import set_attention_backend
-        from diffgen.loader.components import load_pipeline
+        from diffgen.engine.loading import load_model
 
-        if attention_backend:
-            set_attention_backend(attention_backend)
-        if offload not in (None, "none"):
-            from diffgen.engine.offload import OFFLOAD_MODES
-            from diffgen.errors import DiffgenError
-            from diffgen.loader.components import parse_device, parse_dtype
+        pipeline = load_model(model_path, device=device, dtype=dtype, revision=revision,
+                              attention_backend=attention_backend, compile=compile, quantize=quantize,
+                              vae_dtype=vae_dtype, cache=cache, cache_threshold=cache_threshold, offload=offload,
+                              lora_path=lora_path, lora_mode=lora_mode, serving=serving)
+        return cls(InProcessExecutor(pipeline), str(model_path), revision)
 
-            if offload not in OFFLOAD_MODES:
-                raise DiffgenError(f"--offload {offload!r} is not supported; choose one of {', '.join(OFFLOAD_MODES)}")
-            # Load into CPU memory (in the dtype the GPU would get); components move when they run.
-            device = parse_device(device)
-            dtype = parse_dtype(dtype, device)
-            vae_dtype = parse_dtype(vae_dtype, device, flag="--vae-dtype") if vae_dtype else None
-            pipeline = load_pipeline(model_path, device="cpu", dtype=dtype, revision=revision, vae_dtype=vae_dtype)
-            pipeline.device = device
-        else:
-            pipeline = load_pipeline(model_path, device=device, dtype=dtype, revision=revision, vae_dtype=vae_dtype)
-        if quantize:
-            apply_quantization(pipeline.components, quantize)
-        if offload not in (None, "none"):
-            from diffgen.engine.offload import apply_offload
-
-            pipeline.offloaders = apply_offload(pipeline, offload)
-        # Offloaded models move between devices as they run: compile them only when asked.
-        compiled = resolve_compile(compile, pipeline.device, serving and offload in (None, "none"))
-        if compiled:
-            apply_compile(pipeline.components)
-        engine = cls(pipeline)
-        engine.set_step_cache(cache, cache_threshold)
-        if lora_mode is not None or lora_path:
-            from diffgen.engine.lora import LoRAManager, parse_lora_spec
-
-            pipeline.loras = LoRAManager(pipeline, lora_mode or "merged")
-            for spec in lora_path or []:
-                path, scale = parse_lora_spec(spec)
-                engine.load_lora(path, scale=scale)
-        if compiled and serving:
-            engine.warm_up()  # compile now (or load from the disk cache), not in the first request
-        return engine
-
-    # -- LoRA ------------------------------------------------------------------------------------
+    # -- LoRA and step cache of an in-process Engine (workers take them as load options) ---------------
     def load_lora(self, path: str, name: str | None = None, scale: float = 1.0,
                   component: str = "transformer") -> str:
         """Load a LoRA safetensors file into the DiT (``component="transformer_2"``: Wan2.2's low-noise
         expert); returns its name (default: the file's stem). A bad file changes nothing."""
-        from diffgen.engine.lora import LoRAManager
+        from diffgen.engine.loading import load_lora
 
-        if self.pipeline.loras is None:
-            self.pipeline.loras = LoRAManager(self.pipeline)
-        return self.pipeline.loras.load(path, name, scale, component)
+        return load_lora(self.pipeline, path, name, scale, component)
 
     def set_lora_scales(self, scales: dict[str, float]) -> None:
         """New scales for loaded LoRAs, by name (merged: the weights are recomputed from the originals)."""
@@ -124,55 +98,104 @@ class Engine:
             raise InvalidRequestError("name", "no LoRA is loaded")
         return self.pipeline.loras
 
+    def warm_up(self, sizes: list[tuple[int, int]] | None = None) -> None:
+        """Run a short request at each (height, width), by default the model's own size (see loading.warm_up)."""
+        from diffgen.engine.loading import warm_up
+
+        warm_up(self.pipeline, sizes, run=self.run)
+
     def set_step_cache(self, method: str | None, threshold: float | None = None) -> None:
         """The default step cache of later requests (None or "none": off); checked against the model now."""
-        from diffgen.engine.step_cache import StepCacheConfig, check_cache_options
+        from diffgen.engine.loading import set_step_cache
 
-        check_cache_options(method, threshold)
-        config = None if method in (None, "none") else StepCacheConfig(method, threshold)
-        if config is not None:  # reject what this model cannot use (teacache without coefficients) at once
-            pipeline = self.pipeline
-            from diffgen.engine.step_cache import resolve_step_cache
+        set_step_cache(self.pipeline, method, threshold)
 
-            resolve_step_cache(config, None, None, pipeline.defaults.name, pipeline.transformer.config.inner_dim)
-        self.pipeline.step_cache = config
+    @classmethod
+    def with_workers(cls, model_path: str, *, max_queue: int | None = None, max_batch_size: int | None = None,
+                     num_workers: int = 1, metrics: Metrics | None = None, max_restarts: int | None = None,
+                     restart_window: float = 600.0,
+                     **model_options: Any) -> Engine:
+        """An Engine whose model runs in worker processes behind a bounded queue (call ``start()``).
 
-    def warm_up(self, sizes: list[tuple[int, int]] | None = None) -> None:
-        """Run a short request at each (height, width), by default the model's own size.
-
-        With compiled blocks this is where the compilation happens (or is loaded from the disk cache).
-        Models that need input images get plain grey ones; distilled models their own step count.
+        ``model_options``: the keyword arguments of ``from_pretrained``, passed to every worker.
+        ``max_queue`` / ``max_batch_size``: None takes the ``diffgen serve`` defaults (diffgen.options).
+        ``max_restarts`` within ``restart_window`` seconds: how often dying workers are restarted.
         """
-        from PIL import Image
+        from diffgen.engine.scheduler import ProcessExecutor
 
-        spec = self.spec
-        steps = len(spec.distilled_timesteps) if spec.distilled_timesteps else max(2, spec.min_steps)
-        for height, width in sizes or [(spec.defaults.height, spec.defaults.width)]:
-            images = [Image.new("RGB", (width, height), (128, 128, 128))] * spec.min_images or None
-            self.generate("warm-up", height=height, width=width, num_inference_steps=steps, seed=0, images=images)
+        executor = ProcessExecutor({"model_path": str(model_path), "engine_options": model_options},
+                                   max_queue=max_queue, max_batch_size=max_batch_size, num_workers=num_workers,
+                                   max_restarts=max_restarts, restart_window=restart_window, metrics=metrics)
+        return cls(executor, str(model_path), model_options.get("revision"))
 
+    # -- lifecycle (worker processes) -------------------------------------------------------------
+    def start(self) -> None:
+        """Read the model's spec from the checkpoint (ModelLoadError for a bad path, before any worker
+        starts), then start the workers. Returns while they load; a no-op for an in-process Engine."""
+        if self.executor.spec is None:
+            from diffgen.loader.components import read_model_spec
+
+            self.executor.spec = read_model_spec(self.model_path, self.revision)
+        self.executor.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until a worker has loaded the model (True) or none can (False)."""
+        return self.executor.wait_loaded(timeout)
+
+    def shutdown(self, timeout: float = 30.0, grace: float = 5.0) -> None:
+        self.executor.shutdown(timeout, grace)
+
+    def close(self) -> None:
+        """After ``shutdown``: release the executor's resources (worker queues)."""
+        self.executor.close()
+
+    def status(self) -> ExecutorStatus:
+        return self.executor.status()
+
+    # -- the model -------------------------------------------------------------------------------
     @property
     def spec(self) -> ModelSpec:
-        return self.pipeline.spec
+        if self.executor.spec is None:
+            raise RuntimeError("the model's spec is not known before Engine.start()")
+        return self.executor.spec
 
     @property
     def defaults(self):
         return self.spec.defaults
 
+    @property
+    def pipeline(self):
+        """The loaded pipeline of an in-process Engine (worker processes hold theirs)."""
+        if not isinstance(self.executor, InProcessExecutor):
+            raise AttributeError("this Engine runs its model in worker processes; it holds no pipeline")
+        return self.executor.pipeline
+
+    # -- requests --------------------------------------------------------------------------------
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """``request`` checked against the model's spec, with its defaults filled in."""
+        """``request`` checked against the model's spec, with its defaults filled in (InvalidRequestError)."""
         return resolve(request, self.spec)
 
-    @property
-    def model_path(self) -> str:
-        return self.pipeline.model_path
+    def submit(self, request: GenerationRequest, listener: JobListener | None = None,
+               job_id: str | None = None, **executor_options: Any) -> Job:
+        """Resolve ``request`` and queue it (a process executor) or run it (in-process); returns its Job.
+
+        Raises InvalidRequestError before anything is queued; a process executor raises
+        QueueFullError / NotReadyError when it cannot take the job.
+        """
+        return self.executor.submit(self.resolve(request), listener=listener, job_id=job_id, **executor_options)
+
+    def cancel(self, job_id: str) -> bool:
+        return self.executor.cancel(job_id)
 
     def generate(self, prompt: str | list[str], *, progress: ProgressFn | None = None,
                  is_cancelled=None, **params: Any) -> GenerationResult:
-        """Generate for one prompt or a list of prompts.
+        """Generate for one prompt or a list of prompts; blocks until the result is there.
 
-        ``params``: negative_prompt, height, width, num_inference_steps, guidance_scale, true_cfg_scale,
-        seed, num_outputs_per_prompt, num_frames, fps, images, max_sequence_length, return_tensors,
+        ``progress(step, total)`` is called after every denoising step; ``is_cancelled()`` (in-process
+        Engines; with worker processes use ``submit(...).cancel()``) is polled between steps.
+
+        ``params``: negative_prompt, height, width, num_inference_steps, guidance_scale, guidance_scale_2,
+        true_cfg_scale, seed, num_outputs_per_prompt, num_frames, fps, images, max_sequence_length, return_tensors,
         cache ("none", "first-block", "teacache"), cache_threshold, loras ({name: scale}, dynamic LoRA mode).
         """
         request = GenerationRequest.build(prompt, **params)
@@ -180,4 +203,10 @@ class Engine:
 
     def run(self, request: GenerationRequest, progress: ProgressFn | None = None,
             is_cancelled=None) -> GenerationResult:
-        return self.pipeline.run(self.resolve(request), progress=progress, is_cancelled=is_cancelled)
+        listener = None
+        if progress is not None:
+            def listener(event: str, job: Job) -> None:
+                if event == "progress":
+                    progress(job.step, job.total_steps)
+        options = {"is_cancelled": is_cancelled} if is_cancelled is not None else {}
+        return self.submit(request, listener=listener, **options).result()

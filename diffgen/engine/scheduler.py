@@ -1,9 +1,12 @@
-"""The scheduler: a bounded queue of jobs in front of the worker processes (one per GPU).
+"""The process executor: a bounded queue of jobs (the scheduler) in front of worker processes.
 
 It lives in the serving process as two kinds of threads doing only bookkeeping (the model never
 runs here): a dispatcher that hands batches of compatible waiting jobs to an idle worker, and one
-receiver per worker that turns the worker's messages into job progress and results. Several workers
-fit behind the same queue: the dispatcher picks any idle ready one (today the server starts one).
+receiver per worker that turns the worker's messages (diffgen.engine.messages) into job progress and
+results. Several workers fit behind the same queue: the dispatcher picks any idle ready one (``diffgen
+serve`` starts one; data-parallel replicas are more). A "worker" is whatever ``worker_factory`` makes:
+one process today; a group of processes (one per GPU, rank 0 receiving the executor's messages and
+answering for the group) fits the same :class:`WorkerHandle` interface.
 
 Batching: jobs whose requests agree on everything but prompt and seed (same size, steps, guidance,
 frames, outputs, input-image use) that wait together go to a worker as one batch of up to
@@ -22,110 +25,132 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import math
 import multiprocessing as mp
+import os
 import queue
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from diffgen.engine import messages as m
+from diffgen.engine.executor import (
+    Executor,
+    ExecutorStatus,
+    Job,
+    JobError,
+    JobListener,
+    NotReadyError,
+    QueueFullError,
+)
 from diffgen.engine.metrics import Metrics
-from diffgen.engine.request import GenerationRequest, stage_seconds
-from diffgen.engine.worker import ModelInfo, WorkerOutput, worker_main
+from diffgen.engine.request import GenerationRequest, GenerationResult, stage_seconds
+from diffgen.engine.worker import worker_main
 
 logger = logging.getLogger(__name__)
 
-
-class JobError(Exception):
-    """A job did not produce a result. ``code``: cancelled, out_of_memory, invalid_request,
-    generation_error, worker_died, shutdown."""
-
-    def __init__(self, code: str, message: str, param: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
+#: how many times dying workers are restarted within ``restart_window`` seconds
+DEFAULT_MAX_RESTARTS = 5
+MAX_RESTARTS_ENV = "DIFFGEN_MAX_WORKER_RESTARTS"  # test-only override
 
 
-class QueueFullError(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__(f"the queue is full; retry in about {retry_after} s")
-        self.retry_after = retry_after
+class WorkerHandle:
+    """The serving process's handle on one worker: its queues, its process(es) and the executor's
+    bookkeeping (ready, the batch it runs).
 
-
-class NotReadyError(Exception):
-    """No worker has the model loaded (still loading, restarting, failed or shutting down)."""
-
-
-JobListener = Callable[[str, "Job"], None]  # event name ("started" / "progress"), job
-
-
-@dataclass
-class Job:
-    id: str
-    request: GenerationRequest
-    listener: JobListener | None = None
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    state: str = "queued"  # queued -> running -> finished
-    worker: int | None = None
-    step: int = 0
-    total_steps: int = 0
-    submitted_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
-
-    @property
-    def batch_key(self) -> tuple:
-        r = self.request
-        return (r.height, r.width, r.num_inference_steps, r.guidance_scale, r.true_cfg_scale, r.num_frames,
-                r.fps, r.max_sequence_length, r.num_outputs_per_prompt, len(r.prompt), bool(r.images),
-                r.negative_prompt is not None)
-
-
-class _Worker:
-    """The serving process's handle on one worker process and its queues."""
+    A worker is one process by default. A group of processes that serves as one worker (one process per
+    GPU of a tensor/sequence-parallel group) subclasses this and overrides ``spawn``: rank 0 gets
+    ``inbox`` / ``outbox`` and answers for the group; the group counts as dead when any of its processes
+    is (``is_alive``), and ``kill`` ends all of them.
+    """
 
     def __init__(self, index: int, options: dict[str, Any]):
         ctx = mp.get_context("spawn")
         self.index = index
         self.inbox = ctx.Queue()
         self.outbox = ctx.Queue()
-        self.process = ctx.Process(target=worker_main, args=(index, options, self.inbox, self.outbox),
-                                   name=f"diffgen-worker-{index}", daemon=True)
+        self.processes = self.spawn(ctx, options)
         self.ready = False
-        self.gone = False  # exited or failed to load; a new _Worker replaces it on restart
+        self.gone = False  # exited or failed to load; a new handle replaces it on restart
         self.load_error: str | None = None
         self.batch: dict[str, Job] = {}  # jobs sent and not yet finished
         self.batch_id: str | None = None
-        self.receiver: threading.Thread | None = None
+        self.receiver: threading.Thread | None = None  # the executor's thread reading ``outbox``
+
+    def spawn(self, ctx: Any, options: dict[str, Any]) -> list[Any]:
+        """The (not yet started) processes of this worker; the first one talks to the executor."""
+        return [ctx.Process(target=worker_main, args=(self.index, options, self.inbox, self.outbox),
+                            name=f"diffgen-worker-{self.index}", daemon=True)]
+
+    def start(self) -> None:
+        for process in self.processes:
+            process.start()
+
+    def is_alive(self) -> bool:
+        return all(process.is_alive() for process in self.processes)
+
+    @property
+    def exitcode(self) -> int | None:
+        return next((p.exitcode for p in self.processes if p.exitcode is not None), None)
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [process.pid for process in self.processes]
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for process in self.processes:
+            process.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
-class Scheduler:
-    """Queue, batching, cancellation and worker supervision. Thread-safe."""
+WorkerFactory = Callable[[int, dict[str, Any]], WorkerHandle]
 
-    def __init__(self, options: dict[str, Any], max_queue: int = 64, max_batch_size: int = 4,
-                 num_workers: int = 1, max_restarts: int = 5, restart_window: float = 600.0,
-                 metrics: Metrics | None = None):
+
+class ProcessExecutor(Executor):
+    """Queue, batching, cancellation and worker supervision. Thread-safe.
+
+    ``options``: {"model_path": ..., "engine_options": {...}}, handed to every worker.
+    """
+
+    def __init__(self, options: dict[str, Any], max_queue: int | None = None, max_batch_size: int | None = None,
+                 num_workers: int = 1, max_restarts: int | None = None, restart_window: float = 600.0,
+                 metrics: Metrics | None = None, worker_factory: WorkerFactory = WorkerHandle):
+        from diffgen.options import option
+
+        max_queue = option("max_queue").default if max_queue is None else max_queue
+        max_batch_size = option("max_batch_size").default if max_batch_size is None else max_batch_size
+        if max_restarts is None:  # test-only override of the default (docs/server.md)
+            max_restarts = int(os.environ.get(MAX_RESTARTS_ENV, DEFAULT_MAX_RESTARTS))
         self.options = dict(options, num_workers=num_workers)
+        self.worker_factory = worker_factory
+        self.spec = None
+        self.device: str | None = None
+        self.precisions: tuple[str, str] | None = None  # (DiT, VAE) of the loaded model, for model cards
         self.max_queue = max_queue
         self.max_batch_size = max_batch_size
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self.metrics = metrics or Metrics()
-        self.model_info: ModelInfo | None = None
         self.restarts = 0  # over the server's lifetime, for /health
         self._restart_times: deque[float] = deque()  # recent restarts, for the limit
         self._num_workers = num_workers
-        self._workers: list[_Worker] = []
+        self._workers: list[WorkerHandle] = []
         self._waiting: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._stopping = False
+        self._started = False
         self._cancelled_by_shutdown: set[str] = set()
         self._seconds_per_job = 1.0  # running average, for the Retry-After hint
         self._describe_metrics()
@@ -133,17 +158,20 @@ class Scheduler:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         with self._lock:
+            if self._started:
+                return
+            self._started = True
             for index in range(self._num_workers):
                 self._start_worker(index)
         threading.Thread(target=self._dispatch_loop, name="scheduler-dispatch", daemon=True).start()
 
     def _start_worker(self, index: int) -> None:
-        worker = _Worker(index, self.options)
+        worker = self.worker_factory(index, self.options)
         if index < len(self._workers):
             self._workers[index] = worker
         else:
             self._workers.append(worker)
-        worker.process.start()
+        worker.start()
         worker.receiver = threading.Thread(target=self._receive_loop, args=(worker,), name=f"scheduler-recv-{index}",
                                            daemon=True)
         worker.receiver.start()
@@ -167,7 +195,24 @@ class Scheduler:
 
     def worker_pids(self) -> list[int | None]:
         with self._lock:
-            return [w.process.pid for w in self._workers]
+            return [pid for w in self._workers for pid in w.pids]
+
+    def status(self) -> ExecutorStatus:
+        return ExecutorStatus(ready=self.ready, failed=self.failed, load_error=self.load_error,
+                              queue_depth=self.queue_depth(), running=self.running_count(), restarts=self.restarts,
+                              worker_pids=self.worker_pids(), device=self.device,
+                              dit_precision=self.precisions[0] if self.precisions else None,
+                              vae_precision=self.precisions[1] if self.precisions else None)
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not any(w.ready for w in self._workers) and not self.failed and not self._stopping:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._changed.wait(timeout=0.2 if left is None else min(0.2, left))
+            return any(w.ready for w in self._workers)
 
     def queue_depth(self) -> int:
         with self._lock:
@@ -193,7 +238,7 @@ class Scheduler:
             for worker in self._workers:
                 for job_id in worker.batch:
                     self._cancelled_by_shutdown.add(job_id)
-                    worker.inbox.put(("cancel", job_id))
+                    worker.inbox.put(m.Cancel(job_id))
         for job in leftovers:
             self._finish(job, error=JobError("shutdown", "the server shut down before this job started"))
         grace_end = time.monotonic() + grace
@@ -202,13 +247,13 @@ class Scheduler:
                 self._changed.wait(timeout=0.2)
             workers = list(self._workers)
         for worker in workers:
-            if worker.process.is_alive():
-                worker.inbox.put(("stop",))
+            if worker.is_alive():
+                worker.inbox.put(m.Stop())
         for worker in workers:
-            worker.process.join(timeout=max(1.0, grace_end - time.monotonic()))
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join(timeout=5)
+            worker.join(timeout=max(1.0, grace_end - time.monotonic()))
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
         with self._lock:
             remaining = [job for w in workers for job in w.batch.values()]
             for w in workers:
@@ -233,8 +278,8 @@ class Scheduler:
     # -- jobs ----------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, listener: JobListener | None = None,
                job_id: str | None = None) -> Job:
-        """Queue a request; its ``future`` gives a WorkerOutput or raises JobError."""
-        job = Job(id=job_id or uuid.uuid4().hex, request=request, listener=listener)
+        """Queue a (resolved) request; its ``future`` gives a GenerationResult or raises JobError."""
+        job = Job(id=job_id or uuid.uuid4().hex, request=request, listener=listener, _cancel=self.cancel)
         with self._lock:
             if self._stopping:
                 raise NotReadyError("the server is shutting down")
@@ -257,7 +302,8 @@ class Scheduler:
             if job.state == "queued":
                 self._waiting.remove(job)
             else:
-                self._workers[job.worker].inbox.put(("cancel", job_id))
+                job.cancel_requested = True
+                self._workers[job.worker].inbox.put(m.Cancel(job_id))
                 return True  # the worker reports the cancellation at its next step
         self._finish(job, error=JobError("cancelled", "the job was cancelled"))
         return True
@@ -266,7 +312,7 @@ class Scheduler:
         workers = max(1, sum(w.ready for w in self._workers))
         return max(1, math.ceil(self._seconds_per_job * len(self._waiting) / workers))
 
-    def _finish(self, job: Job, output: WorkerOutput | None = None, error: JobError | None = None) -> None:
+    def _finish(self, job: Job, output: GenerationResult | None = None, error: JobError | None = None) -> None:
         with self._lock:
             if job.state == "finished":
                 return
@@ -299,11 +345,11 @@ class Scheduler:
                     job.state, job.worker = "running", worker.index
                     worker.batch[job.id] = job
                 worker.batch_id = batch_id
-                worker.inbox.put(("run", batch_id, [(job.id, job.request) for job in batch]))
+                worker.inbox.put(m.RunBatch(batch_id, tuple(m.QueuedRequest(job.id, job.request) for job in batch)))
                 self.metrics.inc("diffgen_batches_total")
                 self.metrics.inc("diffgen_batched_jobs_total", len(batch))
 
-    def _idle_worker(self) -> _Worker | None:
+    def _idle_worker(self) -> WorkerHandle | None:
         for worker in self._workers:
             if worker.ready and not worker.gone and worker.batch_id is None:
                 return worker
@@ -320,12 +366,12 @@ class Scheduler:
                 batch.append(job)
         return batch
 
-    def _receive_loop(self, worker: _Worker) -> None:
+    def _receive_loop(self, worker: WorkerHandle) -> None:
         while True:
             try:
                 message = worker.outbox.get(timeout=0.5)
             except queue.Empty:
-                if not worker.process.is_alive():
+                if not worker.is_alive():
                     self._on_worker_exit(worker)
                     return
                 continue
@@ -336,60 +382,63 @@ class Scheduler:
                 if self._handle(worker, message):
                     return
             except Exception:  # a bug here must not silence the worker's later messages
-                logger.exception("scheduler: cannot handle worker message %r", message[:2])
+                logger.exception("scheduler: cannot handle worker message %s", type(message).__name__)
 
-    def _handle(self, worker: _Worker, message: tuple) -> bool:
-        kind = message[0]
-        if kind == "ready":
+    def _handle(self, worker: WorkerHandle, message: Any) -> bool:
+        """Apply one worker message; True when the worker is finished (no more messages will come)."""
+        if isinstance(message, m.Ready):
             with self._lock:
-                self.model_info = self.model_info or message[1]
+                self.spec = self.spec or message.spec
+                self.device = self.device or message.device
+                self.precisions = self.precisions or (message.dit_precision, message.vae_precision)
                 worker.ready = True
                 self._changed.notify_all()
-            logger.info("worker %d ready: %s on %s", worker.index, message[1].name, message[1].device)
-        elif kind == "load_failed":
-            logger.error("worker %d failed to load the model: %s", worker.index, message[1])
+            logger.info("worker %d ready: %s on %s", worker.index, message.spec.name, message.device)
+            return False
+        if isinstance(message, m.LoadFailed):
+            logger.error("worker %d failed to load the model: %s", worker.index, message.message)
             with self._lock:
-                worker.load_error = f"the model failed to load: {message[1]}"
+                worker.load_error = f"the model failed to load: {message.message}"
                 worker.gone = True
                 self._changed.notify_all()
             self._fail_waiting_without_workers()
             return True
-        elif kind in ("started", "progress", "done", "failed"):
-            job = worker.batch.get(message[1])
-            if job is None:
-                return False
-            if kind == "started":
-                job.started_at = time.monotonic()
-                self.metrics.observe("diffgen_queue_wait_seconds", job.started_at - job.submitted_at)
-            elif kind == "progress":
-                job.step, job.total_steps = message[2], message[3]
-                self.metrics.observe("diffgen_step_seconds", message[4])
-            elif kind == "done":
-                output: WorkerOutput = message[2]
-                for stage, seconds in stage_seconds(output.timings).items():
-                    self.metrics.observe("diffgen_stage_seconds", seconds, stage=stage)
-                elapsed = time.monotonic() - (job.started_at or job.submitted_at)
-                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
-            if kind in ("started", "progress"):
-                if job.listener is not None:
-                    job.listener(kind, job)
-                return False
-            with self._lock:
-                worker.batch.pop(job.id, None)
-            if kind == "done":
-                self._finish(job, output=message[2])
-            elif message[2] == "cancelled" and job.id in self._cancelled_by_shutdown:
-                self._finish(job, error=JobError("shutdown", "the server shut down while this job was running"))
-            else:
-                self._finish(job, error=JobError(message[2], message[3], message[4]))
-        elif kind == "batch_done":
+        if isinstance(message, m.BatchDone):
             with self._lock:
                 worker.batch_id = None
                 self._changed.notify_all()
+            return False
+        job = worker.batch.get(message.job_id)
+        if job is None:
+            return False
+        if isinstance(message, m.Started):
+            job.started_at = time.monotonic()
+            self.metrics.observe("diffgen_queue_wait_seconds", job.started_at - job.submitted_at)
+            job.notify("started")
+            return False
+        if isinstance(message, m.Progress):
+            job.step, job.total_steps = message.step, message.total
+            self.metrics.observe("diffgen_step_seconds", message.step_seconds)
+            job.notify("progress")
+            return False
+        with self._lock:
+            worker.batch.pop(job.id, None)
+        if isinstance(message, m.Done):
+            for stage, seconds in stage_seconds(message.result.timings).items():
+                self.metrics.observe("diffgen_stage_seconds", seconds, stage=stage)
+            elapsed = time.monotonic() - (job.started_at or job.submitted_at)
+            self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
+            # The worker sent the outputs only; the request (with its input images) is the front end's.
+            self._finish(job, output=dataclasses.replace(message.result, request=job.request))
+        elif message.code == "cancelled" and job.id in self._cancelled_by_shutdown:
+            self._finish(job, error=JobError("shutdown", "the server shut down while this job was running"))
+        else:
+            self._finish(job, error=JobError(message.code, message.message, message.param))
         return False
 
-    def _on_worker_exit(self, worker: _Worker) -> None:
-        code = worker.process.exitcode
+    def _on_worker_exit(self, worker: WorkerHandle) -> None:
+        code = worker.exitcode
+        worker.kill()  # the other processes of a group that lost one
         with self._lock:
             was_ready = worker.ready
             worker.ready, worker.gone = False, True

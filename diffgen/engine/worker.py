@@ -1,25 +1,26 @@
-"""The GPU worker: a process that loads one pipeline and runs the batches its scheduler sends.
+"""The GPU worker: a process that loads one pipeline and runs the batches its executor sends.
 
 The worker is started with the multiprocessing "spawn" context (a fresh interpreter: no CUDA state
-or server threads inherited) and talks to the scheduler through two queues:
+or server threads inherited) and talks to the process executor through two queues of typed records
+(diffgen.engine.messages):
 
-    inbox  (scheduler -> worker): ("run", batch_id, [(job_id, GenerationRequest), ...])
-                                  ("cancel", job_id)      ("stop",)
-    outbox (worker -> scheduler): ("ready", ModelInfo)    ("load_failed", message)
-                                  ("started", job_id)     ("progress", job_id, step, total, step_seconds)
-                                  ("done", job_id, WorkerOutput)
-                                  ("failed", job_id, code, message, param)
-                                  ("batch_done", batch_id)
+    inbox  (executor -> worker): RunBatch(batch_id, jobs)   Cancel(job_id)   Stop()
+    outbox (worker -> executor): Ready(spec, device)        LoadFailed(message)
+                                 Started(job_id)            Progress(job_id, step, total, step_seconds)
+                                 Done(job_id, GenerationResult)
+                                 Failed(job_id, code, message, param)
+                                 BatchDone(batch_id)
 
 A listener thread drains the inbox so that a cancel reaches the worker while a batch runs; the main
 thread runs the pipeline and checks the cancel set between denoising steps. A failure of one request
 (any exception, CUDA out of memory included) is reported for that request only; the loop goes on.
+The worker holds a loaded pipeline, never an Engine: Engine -> executor -> worker -> pipeline.
 
-Fault injection for tests (documented in docs/server.md): when the environment variable
-``DIFFGEN_FAULT_INJECT=1`` is set, a prompt containing ``[[fault:raise]]`` makes the pipeline call
-raise, ``[[fault:oom]]`` raise ``torch.cuda.OutOfMemoryError``, ``[[fault:exit]]`` kill the
-worker process and ``[[fault:slow]]`` add 50 ms to every denoising step (so tests can catch a job
-running). Without the variable these markers are ordinary text.
+Fault injection, for tests only (docs/server.md): when the worker's environment has
+``DIFFGEN_FAULT_INJECT=1`` (a WARNING is logged at start-up), a prompt containing ``[[fault:raise]]``
+makes the pipeline call raise, ``[[fault:oom]]`` raise ``torch.cuda.OutOfMemoryError``,
+``[[fault:exit]]`` kill the worker process and ``[[fault:slow]]`` add 50 ms to every denoising step.
+Nothing in a request can turn it on; without the variable these markers are ordinary prompt text.
 """
 
 from __future__ import annotations
@@ -33,44 +34,28 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from diffgen.engine.messages import (
+    BatchDone,
+    Cancel,
+    Done,
+    Failed,
+    LoadFailed,
+    Progress,
+    Ready,
+    RunBatch,
+    Started,
+    Stop,
+)
 
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "DIFFGEN_FAULT_INJECT"
 
 
-@dataclass
-class ModelInfo:
-    """What the serving process needs to know about the loaded model, sent once it is loaded."""
-
-    model_path: str
-    name: str
-    output_kind: str  # "image" or "video"
-    accepts_images: bool
-    defaults: Any  # configs.models.ModelDefaults
-    spec: Any  # engine.spec.ModelSpec
-    device: str
-    dit_precision: str = "float32"  # the DiT's dtype, or "fp8" when quantized (for the model card)
-    vae_precision: str = "float32"
-
-
-@dataclass
-class WorkerOutput:
-    """A finished request, without tensors: PIL images or uint8 frame arrays."""
-
-    seed: int
-    images: list[Any] = field(default_factory=list)
-    frames: list[np.ndarray] = field(default_factory=list)
-    fps: int | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    height: int | None = None
-    width: int | None = None
-    num_inference_steps: int | None = None
-    request: Any = None  # the resolved GenerationRequest (defaults filled in, input images dropped): metadata
+def faults_enabled() -> bool:
+    return os.environ.get(FAULT_ENV) == "1"
 
 
 def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any) -> None:
@@ -80,26 +65,21 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("DIFFGEN_LOG_LEVEL", "WARNING"))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from diffgen.entrypoints.cli import _quiet_libraries
+    from diffgen.engine.loading import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     try:
-        engine = _load(worker_id, options)
+        pipeline = _load(worker_id, options)
     except BaseException as e:  # report anything: the server must say why it is not ready
-        outbox.put(("load_failed", f"{type(e).__name__}: {e}"))
+        outbox.put(LoadFailed(f"{type(e).__name__}: {e}"))
         return
-    pipeline = engine.pipeline
     quantized = options.get("engine_options", {}).get("quantize")
-    outbox.put(("ready", ModelInfo(
-        model_path=pipeline.model_path, name=pipeline.defaults.name, output_kind=pipeline.output_kind,
-        accepts_images=pipeline.accepts_images, defaults=pipeline.defaults, spec=pipeline.spec,
-        device=str(pipeline.device), dit_precision=quantized or str(pipeline.dtype).removeprefix("torch."),
-        vae_precision=str(pipeline.vae.dtype).removeprefix("torch."))))
+    outbox.put(Ready(spec=pipeline.spec, device=str(pipeline.device),
+                     dit_precision=quantized or str(pipeline.dtype).removeprefix("torch."),
+                     vae_precision=str(pipeline.vae.dtype).removeprefix("torch.")))
 
     batches: queue.Queue = queue.Queue()
     cancelled: set[str] = set()
-
     parent = mp.parent_process()
 
     def listen() -> None:
@@ -110,45 +90,48 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
                 if parent is not None and not parent.is_alive():  # orphaned: the server is gone
                     os._exit(0)
                 continue
-            if message[0] == "cancel":
-                cancelled.add(message[1])
+            if isinstance(message, Cancel):
+                cancelled.add(message.job_id)
             else:
                 batches.put(message)
-                if message[0] == "stop":
+                if isinstance(message, Stop):
                     return
 
     threading.Thread(target=listen, name="worker-inbox", daemon=True).start()
-    faults = os.environ.get(FAULT_ENV) == "1"
+    faults = faults_enabled()
+    if faults:
+        logger.warning("%s=1: fault injection is ON in worker %d (test-only: [[fault:...]] prompts break requests)",
+                       FAULT_ENV, worker_id)
     while True:
         message = batches.get()
-        if message[0] == "stop":
+        if isinstance(message, Stop):
             return
-        _, batch_id, items = message
-        for job_id, request in items:
-            _run_one(engine, job_id, request, cancelled, outbox, faults)
-            cancelled.discard(job_id)
-        outbox.put(("batch_done", batch_id))
+        assert isinstance(message, RunBatch)
+        for queued in message.jobs:
+            _run_one(pipeline, queued.job_id, queued.request, cancelled, outbox, faults)
+            cancelled.discard(queued.job_id)
+        outbox.put(BatchDone(message.batch_id))
 
 
 def _load(worker_id: int, options: dict[str, Any]):
-    from diffgen.engine.engine import Engine
+    from diffgen.engine.loading import load_model
 
-    engine_options = {k: v for k, v in options.get("engine_options", {}).items() if v is not None}
+    model_options = {k: v for k, v in options.get("engine_options", {}).items() if v is not None}
     # One worker per GPU: worker i takes cuda:i when the user asked for plain "cuda".
-    if engine_options.get("device") == "cuda" and options.get("num_workers", 1) > 1:
-        engine_options["device"] = f"cuda:{worker_id}"
-    return Engine.from_pretrained(options["model_path"], serving=True, **engine_options)
+    if model_options.get("device") == "cuda" and options.get("num_workers", 1) > 1:
+        model_options["device"] = f"cuda:{worker_id}"
+    return load_model(options["model_path"], serving=True, **model_options)
 
 
-def _run_one(engine, job_id: str, request, cancelled: set[str], outbox, faults: bool) -> None:
+def _run_one(pipeline, job_id: str, request, cancelled: set[str], outbox, faults: bool) -> None:
     import torch
 
     from diffgen.errors import CancelledError, DiffgenError, InvalidRequestError
 
     if job_id in cancelled:
-        outbox.put(("failed", job_id, "cancelled", "the job was cancelled", None))
+        outbox.put(Failed(job_id, "cancelled", "the job was cancelled"))
         return
-    outbox.put(("started", job_id))
+    outbox.put(Started(job_id))
     last = [time.perf_counter()]
 
     slow = faults and "[[fault:slow]]" in " ".join(request.prompt)
@@ -157,33 +140,29 @@ def _run_one(engine, job_id: str, request, cancelled: set[str], outbox, faults: 
         if slow:
             time.sleep(0.05)
         now = time.perf_counter()
-        outbox.put(("progress", job_id, step, total, now - last[0]))
+        outbox.put(Progress(job_id, step, total, now - last[0]))
         last[0] = now
 
     try:
         if faults:
             _inject_fault(request)
-        result = engine.run(request, progress=progress, is_cancelled=lambda: job_id in cancelled)
-        r = result.request
-        output = WorkerOutput(seed=result.seed, images=result.images, frames=result.frames, fps=result.fps,
-                              timings=result.timings, height=r.height, width=r.width,
-                              num_inference_steps=r.num_inference_steps,
-                              request=dataclasses.replace(r, images=[None] * len(r.images)))
-        outbox.put(("done", job_id, output))
+        result = pipeline.run(request, progress=progress, is_cancelled=lambda: job_id in cancelled)
+        # The input images stay with the front end (it sent them); only the outputs travel back.
+        result = dataclasses.replace(result, request=dataclasses.replace(result.request, images=[]))
+        outbox.put(Done(job_id, result))
         return
     except CancelledError:
-        outbox.put(("failed", job_id, "cancelled", "the job was cancelled", None))
+        outbox.put(Failed(job_id, "cancelled", "the job was cancelled"))
     except torch.cuda.OutOfMemoryError:
-        outbox.put(("failed", job_id, "out_of_memory",
-                    "the GPU ran out of memory for this request; try a smaller size, fewer outputs or "
-                    "fewer frames", None))
+        outbox.put(Failed(job_id, "out_of_memory", "the GPU ran out of memory for this request; try a smaller "
+                          "size, fewer outputs or fewer frames"))
     except InvalidRequestError as e:
-        outbox.put(("failed", job_id, "invalid_request", str(e), e.field))
+        outbox.put(Failed(job_id, "invalid_request", str(e), e.field))
     except DiffgenError as e:
-        outbox.put(("failed", job_id, "invalid_request", str(e), None))
+        outbox.put(Failed(job_id, "invalid_request", str(e)))
     except Exception as e:  # one request's failure must not take the worker down
         logger.exception("request %s failed", job_id)
-        outbox.put(("failed", job_id, "generation_error", f"generation failed: {type(e).__name__}: {e}", None))
+        outbox.put(Failed(job_id, "generation_error", f"generation failed: {type(e).__name__}: {e}"))
     # Reached only on failure: free what the failed request held on the GPU.
     gc.collect()
     if torch.cuda.is_available():
@@ -195,8 +174,8 @@ def _inject_fault(request) -> None:
 
     text = " ".join(request.prompt)
     if "[[fault:raise]]" in text:
-        raise RuntimeError("injected fault (DIFFGEN_FAULT_INJECT)")
+        raise RuntimeError(f"injected fault ({FAULT_ENV})")
     if "[[fault:oom]]" in text:
-        raise torch.cuda.OutOfMemoryError("injected out-of-memory (DIFFGEN_FAULT_INJECT)")
+        raise torch.cuda.OutOfMemoryError(f"injected out-of-memory ({FAULT_ENV})")
     if "[[fault:exit]]" in text:
         os._exit(17)

@@ -104,8 +104,7 @@ def require_model_path(options: dict[str, Any]) -> str:
 
 
 def run_generate(options: dict[str, Any]) -> int:
-    from diffgen.engine.engine import Engine
-    from diffgen.engine.request import GenerationRequest
+    from diffgen.engine import Engine, GenerationRequest, read_model_spec, resolve
     from diffgen.inputs import load_image, read_prompt_file
 
     model_path = require_model_path(options)
@@ -122,10 +121,12 @@ def run_generate(options: dict[str, Any]) -> int:
               if o.name not in ("prompt", "prompt_file", "image_path") and options.get(o.name) is not None}
     if images:
         params["images"] = images
-    # Reject bad input before loading a model: the request, then the files it would write.
-    request = GenerationRequest.build(prompts, **params)
+    # Reject bad input before loading a model: the request, checked against the model's spec (read from
+    # the checkpoint's JSON files, no weights), then the files it would write.
+    spec = read_model_spec(model_path, options.get("revision"))
+    request = resolve(GenerationRequest.build(prompts, **params), spec)
     save = any(options.get(k) for k in ("save_output", "output_path", "output_file_name", "output_format"))
-    output_format = check_planned_outputs(options, request) if save else None
+    output_format = check_planned_outputs(options, request, spec.output_kind) if save else None
 
     engine = Engine.from_pretrained(model_path, **engine_options(options))
     result = engine.generate(prompts, progress=DenoisingBar(), **params)
@@ -149,13 +150,11 @@ def run_generate(options: dict[str, Any]) -> int:
     return 0
 
 
-def check_planned_outputs(options: dict[str, Any], request) -> str:
-    """The output format, checked against the model's output kind (its ModelSpec, read from the
-    checkpoint's JSON files: no weights loaded); a taken --output-file-name is refused unless --overwrite."""
-    from diffgen.loader.components import read_model_spec
+def check_planned_outputs(options: dict[str, Any], request, kind: str) -> str:
+    """The output format, checked against the model's output kind ("image" or "video"); a taken
+    --output-file-name is refused unless --overwrite."""
     from diffgen.outputs import check_output_format, output_names, output_paths, refuse_existing
 
-    kind = read_model_spec(options["model_path"], options.get("revision")).output_kind
     output_format = check_output_format(options.get("output_format"), kind)
     if options.get("output_file_name") and not options.get("overwrite"):
         stems = output_names(request.prompt, request.num_outputs_per_prompt, 0, options["output_file_name"])
@@ -181,8 +180,10 @@ class DenoisingBar:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffgen.engine.loading import quiet_libraries
+
     logging.basicConfig(level=os.environ.get("DIFFGEN_LOG_LEVEL", "WARNING"))
-    _quiet_libraries()
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -211,20 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     except DiffgenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # logging tweaks only
-        pass
 
 
 if __name__ == "__main__":

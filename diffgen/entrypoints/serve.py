@@ -6,12 +6,14 @@ import argparse
 import contextlib
 import logging
 import os
+import threading
 import time
 from typing import Any
 
 from diffgen.errors import DiffgenError
 
 API_KEY_ENV = "DIFFGEN_API_KEY"
+logger = logging.getLogger(__name__)
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,8 +57,13 @@ def run_serve(options: dict[str, Any]) -> int:
         image_ttl=float(values["image_ttl"]),
         public_url=check_public_url(values["public_url"]) if values.get("public_url") else None)
     logging.getLogger("diffgen").setLevel(values["log_level"].upper())
-    app = create_app(config)
+    engine = config.build_engine()
+    # Reads the checkpoint's spec (a bad --model-path fails here, exit 2) and starts the worker; the
+    # server answers /health ("loading") while the worker loads the weights.
+    engine.start()
+    app = create_app(config, engine)
     state = app.state.diffgen
+    load_failed = threading.Event()
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -72,6 +79,18 @@ def run_serve(options: dict[str, Any]) -> int:
                                    timeout_graceful_shutdown=max(1, int(config.shutdown_timeout)), http=protocol,
                                    timeout_keep_alive=float(values["keep_alive_timeout"]),
                                    h11_max_incomplete_event_size=MAX_HEADER_BYTES))
+
+    def stop_if_the_model_cannot_load() -> None:
+        # A model that never loads leaves nothing to serve: exit non-zero (as `generate` does) instead
+        # of answering 503 forever. A worker that dies after loading is restarted as before.
+        if not engine.wait_loaded() and not state.shutdown_started:
+            logger.error("the model cannot be loaded: %s", engine.status().load_error)
+            load_failed.set()
+            server.should_exit = True
+
+    threading.Thread(target=stop_if_the_model_cannot_load, name="load-watch", daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
         server.run()
+    if load_failed.is_set():
+        return 1
     return 0 if server.started else 3  # 3: uvicorn's exit status for a failed startup (port in use, ...)

@@ -1,7 +1,8 @@
 """The FastAPI application: lifecycle, authentication, the error envelope, health and metrics.
 
-The HTTP process never runs the model. It validates requests, hands them to the scheduler (whose
-worker processes hold the model) and awaits the outcome without blocking the event loop.
+The HTTP process never runs the model. It holds an Engine (whose worker processes hold the model),
+validates requests against the model's spec, submits them and awaits the outcome without blocking
+the event loop. It uses only the Engine's public API (``diffgen.engine``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import os
 import re
 import time
 import uuid
@@ -24,11 +24,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from diffgen.engine.metrics import Metrics
-from diffgen.engine.request import GenerationRequest
-from diffgen.engine.scheduler import JobError, NotReadyError, QueueFullError, Scheduler
-from diffgen.engine.spec import ModelSpec, resolve
-from diffgen.engine.worker import ModelInfo, WorkerOutput
+from diffgen.engine import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    JobError,
+    ModelSpec,
+    NotReadyError,
+    QueueFullError,
+    resolve,
+)
 from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs
 from diffgen.entrypoints.http.schemas import MAX_BODY_BYTES, APIError
 from diffgen.errors import InvalidRequestError
@@ -49,10 +54,6 @@ _JOB_ERROR_STATUS = {"invalid_request": 400, "cancelled": 409, "out_of_memory": 
 # Job failures that the same request would meet again. The openai client retries 409 and 5xx twice by
 # default (each retry a full run on the GPU) unless the response says `x-should-retry: false`.
 _NOT_RETRYABLE = {"invalid_request", "cancelled", "out_of_memory", "worker_died", "generation_error"}
-# Test-only: how many times a dying worker is restarted within RESTART_WINDOW_S (see docs/server.md).
-MAX_RESTARTS_ENV = "DIFFGEN_MAX_WORKER_RESTARTS"
-MAX_RESTARTS = 5
-RESTART_WINDOW_S = 600.0
 # After --shutdown-timeout: seconds for cancelled jobs to stop and the worker to exit before it is killed.
 SHUTDOWN_GRACE_S = 5.0
 # The status nginx logs for a client that closed the connection before the answer (never sent).
@@ -77,25 +78,24 @@ class ServerConfig:
     #: address the server is bound to (never the client's Host header)
     public_url: str | None = None
 
-    def model_options(self) -> dict[str, Any]:
-        return {"model_path": self.model_path, "engine_options": dict(self.engine_options)}
+    def build_engine(self) -> Engine:
+        """The Engine ``diffgen serve`` runs: the model in worker processes behind a bounded queue."""
+        return Engine.with_workers(self.model_path, max_queue=self.max_queue, max_batch_size=self.max_batch_size,
+                                   **self.engine_options)
 
 
 class ServerState:
-    """Everything the routes share: config, scheduler, job store, metrics."""
+    """Everything the routes share: config, engine, job store, metrics."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, engine: Engine | None = None):
         self.config = config
-        self.metrics = Metrics()
+        self.engine = engine or config.build_engine()
+        self.metrics = self.engine.metrics
         self.metrics.describe("diffgen_http_requests_total", "counter", "HTTP requests by route and status")
         self.metrics.describe("diffgen_client_disconnects_total", "counter",
                               "Requests whose client left before sending the whole body")
-        self.scheduler = Scheduler(config.model_options(), max_queue=config.max_queue,
-                                   max_batch_size=config.max_batch_size, metrics=self.metrics,
-                                   max_restarts=int(os.environ.get(MAX_RESTARTS_ENV, MAX_RESTARTS)),
-                                   restart_window=RESTART_WINDOW_S)
         self.store = JobStore(config.output_dir)
-        self.videos = VideoJobs(self.store, self.scheduler, self.metrics)
+        self.videos = VideoJobs(self.store, self.engine, self.metrics)
         self.images = ImageFiles(config.output_dir, ttl=config.image_ttl)
         self.model_id = config.served_model_name or config.model_path
         self._probe: asyncio.Future | None = None  # the /health_generate generation in flight
@@ -107,22 +107,22 @@ class ServerState:
         if recovered:
             logger.warning("marked %d unfinished video job(s) of a previous run as failed", recovered)
         self.images.sweep()
-        self.scheduler.start()
+        self.engine.start()
 
     def stop(self) -> None:
         # uvicorn has already spent part of --shutdown-timeout on open requests: the scheduler gets the
         # rest, so that the whole shutdown takes about --shutdown-timeout + SHUTDOWN_GRACE_S.
         started = self.shutdown_started or time.monotonic()
         remaining = max(0.0, started + self.config.shutdown_timeout - time.monotonic())
-        self.scheduler.shutdown(remaining, grace=SHUTDOWN_GRACE_S)
-        self.scheduler.close()
+        self.engine.shutdown(remaining, grace=SHUTDOWN_GRACE_S)
+        self.engine.close()
         self.videos.close()  # waits for MP4s of jobs that finished
         self.store.close()
         logger.info("diffgen serve stopped")
 
     def status(self) -> str:
-        scheduler = self.scheduler
-        return "ok" if scheduler.ready else ("failed" if scheduler.failed or scheduler.load_error else "loading")
+        status = self.engine.status()
+        return "ok" if status.ready else ("failed" if status.failed or status.load_error else "loading")
 
     async def probe(self) -> float:
         """Run a tiny generation (see probe_request) and return its seconds; concurrent callers share one."""
@@ -131,23 +131,28 @@ class ServerState:
         return await asyncio.shield(self._probe)
 
     async def _run_probe(self) -> float:
-        info = self.require_ready()
+        spec = self.require_ready()
         start = time.monotonic()
-        await self.run(self.resolve(probe_request(info.spec)), f"health_{uuid.uuid4().hex}")
+        await self.run(self.resolve(probe_request(spec)), f"health_{uuid.uuid4().hex}")
         return time.monotonic() - start
 
     def model_names(self) -> set[str]:
         names = {self.model_id, self.config.model_path, Path(self.config.model_path).name}
-        if self.scheduler.model_info is not None:
-            names.add(self.scheduler.model_info.name)
+        if self.spec is not None:
+            names.add(self.spec.name)
         return names
 
-    def require_ready(self) -> ModelInfo:
-        info = self.scheduler.model_info
-        if info is None or not self.scheduler.ready:
-            raise submission_error(NotReadyError(self.scheduler.load_error or "the model is still loading"),
-                                   final=self.scheduler.failed)
-        return info
+    @property
+    def spec(self) -> ModelSpec | None:
+        """The served model's spec; None before the engine has started."""
+        return self.engine.executor.spec
+
+    def require_ready(self) -> ModelSpec:
+        status = self.engine.status()
+        if self.spec is None or not status.ready:
+            raise submission_error(NotReadyError(status.load_error or "the model is still loading"),
+                                   final=status.failed)
+        return self.spec
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names():
@@ -157,13 +162,14 @@ class ServerState:
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """The request with the model's defaults filled in and checked as the pipeline will check it,
         without the weights: bad input is refused here and never reaches the GPU."""
-        info = self.require_ready()
+        spec = self.require_ready()
         try:
-            return resolve(request, info.spec)
+            return resolve(request, spec)
         except InvalidRequestError as e:
             raise APIError(400, str(e), param=e.field, code="invalid_value") from None
 
-    async def run(self, request: GenerationRequest, job_id: str, http_request: Request | None = None) -> WorkerOutput:
+    async def run(self, request: GenerationRequest, job_id: str,
+                  http_request: Request | None = None) -> GenerationResult:
         """Queue ``request`` and wait for its result; failures become API errors. When the client of
         ``http_request`` (whose body must have been read) disconnects meanwhile, the job is cancelled, so
         that an abandoned request does not hold the GPU."""
@@ -176,7 +182,7 @@ class ServerState:
             await asyncio.wait({waiter, gone} if gone else {waiter}, return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done():
                 logger.info("the client of %s disconnected: cancelling its job", job_id)
-                self.scheduler.cancel(job.id)  # the job then ends as cancelled (a 409 sent to nobody)
+                self.engine.cancel(job.id)  # the job then ends as cancelled (a 409 sent to nobody)
             return await waiter
         except JobError as e:
             status = _JOB_ERROR_STATUS.get(e.code, 500)
@@ -184,7 +190,7 @@ class ServerState:
             raise APIError(status, e.message, param=e.param, code=e.code, headers=headers,
                            type="invalid_request_error" if status < 500 else "server_error") from None
         except asyncio.CancelledError:  # the serving task was cancelled (shutdown): free the worker
-            self.scheduler.cancel(job.id)
+            self.engine.cancel(job.id)
             raise
         finally:
             if gone is not None:
@@ -192,16 +198,16 @@ class ServerState:
 
     def submit(self, request: GenerationRequest, job_id: str, **kwargs: Any):
         try:
-            return self.scheduler.submit(request, job_id=job_id, **kwargs)
+            return self.engine.submit(request, job_id=job_id, **kwargs)
         except (QueueFullError, NotReadyError) as e:
-            raise submission_error(e, final=self.scheduler.failed) from None
+            raise submission_error(e, final=self.engine.status().failed) from None
 
     async def create_video(self, *args: Any) -> dict[str, Any]:
         """VideoJobs.create off the event loop (SQLite), with refusals answered as by ``submit``."""
         try:
             return await asyncio.to_thread(self.videos.create, *args)
         except (QueueFullError, NotReadyError) as e:
-            raise submission_error(e, final=self.scheduler.failed) from None
+            raise submission_error(e, final=self.engine.status().failed) from None
 
 
 async def _disconnected(request: Request) -> None:
@@ -231,10 +237,11 @@ def error_response(error: APIError, request_id: str | None = None) -> JSONRespon
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def create_app(config: ServerConfig) -> FastAPI:
+def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
+    """The app over ``engine`` (default: ``config.build_engine()``), started by the app's lifespan."""
     from diffgen.entrypoints.http.openai_routes import router
 
-    state = ServerState(config)
+    state = ServerState(config, engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -301,7 +308,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health():
         """Open to probes, so it says only whether requests can be served; details: /server_info."""
-        return JSONResponse({"status": state.status()}, status_code=200 if state.scheduler.ready else 503)
+        return JSONResponse({"status": state.status()}, status_code=200 if state.engine.status().ready else 503)
 
     @app.get("/health_generate")
     async def health_generate():
@@ -312,14 +319,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/server_info")
     async def server_info():
         """The details /health leaves out (behind the API key when one is set)."""
-        scheduler = state.scheduler
-        info = scheduler.model_info
+        status, spec = state.engine.status(), state.spec
         return {"status": state.status(), "model": state.model_id, "model_path": config.model_path,
-                "output_kind": info.output_kind if info else None, "task_type": info.spec.task_type if info else None,
-                "device": info.device if info else None, "queue_depth": scheduler.queue_depth(),
-                "running": scheduler.running_count(), "max_queue": config.max_queue,
-                "worker_pids": scheduler.worker_pids(), "worker_restarts": scheduler.restarts,
-                "error": scheduler.load_error}
+                "output_kind": spec.output_kind if spec else None, "task_type": spec.task_type if spec else None,
+                "device": status.device, "queue_depth": status.queue_depth, "running": status.running,
+                "max_queue": config.max_queue, "worker_pids": status.worker_pids,
+                "worker_restarts": status.restarts, "error": status.load_error}
 
     @app.get("/metrics")
     async def metrics():

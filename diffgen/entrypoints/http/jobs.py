@@ -20,9 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from diffgen.engine.metrics import Metrics
-from diffgen.engine.request import GenerationRequest
-from diffgen.engine.scheduler import Job, JobError, Scheduler
+from diffgen.engine import Engine, GenerationRequest, Job, JobError, Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +136,9 @@ class JobStore:
             rows = [dict(r) for r in self._db.execute(sql, args).fetchall()]
         return rows[:limit], len(rows) > limit
 
-    def video_path(self, video_id: str) -> Path:
-        return self.videos_dir / f"{video_id}.mp4"
+    def video_path(self, video_id: str, index: int = 0) -> Path:
+        """The MP4 of output ``index`` of a job: ``<id>.mp4``, then ``<id>_1.mp4``, ... (n > 1)."""
+        return self.videos_dir / (f"{video_id}.mp4" if index == 0 else f"{video_id}_{index}.mp4")
 
 
 def video_object(record: dict[str, Any]) -> dict[str, Any]:
@@ -158,13 +157,13 @@ def is_video_id(text: str) -> bool:
 
 
 class VideoJobs:
-    """Creates video jobs, follows them through the scheduler into the store, writes their MP4s."""
+    """Creates video jobs, follows them through the engine into the store, writes their MP4s."""
 
-    def __init__(self, store: JobStore, scheduler: Scheduler, metrics: Metrics):
+    def __init__(self, store: JobStore, engine: Engine | None, metrics: Metrics):
         self.store = store
-        self.scheduler = scheduler
+        self.engine = engine
         self.metrics = metrics
-        # MP4 encoding (ffmpeg) runs off the scheduler's threads.
+        # MP4 encoding (ffmpeg) runs off the engine's threads.
         self._encoders = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="mp4")
         self._progress: dict[str, int] = {}
 
@@ -174,7 +173,7 @@ class VideoJobs:
         self.store.create({"id": video_id, "created_at": int(time.time()), "model": model,
                            "prompt": request.prompt[0], "seconds": seconds, "size": size, "params": params})
         try:
-            job = self.scheduler.submit(request, listener=self._on_event, job_id=video_id)
+            job = self.engine.submit(request, listener=self._on_event, job_id=video_id)
         except Exception:
             self.store.delete(video_id)
             raise
@@ -192,26 +191,33 @@ class VideoJobs:
                 self.store.set_progress(job.id, percent)
 
     def _finalize(self, video_id: str, future: concurrent.futures.Future) -> None:
-        from diffgen.engine.request import generation_metadata
+        from diffgen.engine import generation_metadata
         from diffgen.outputs import write_mp4
 
         self._progress.pop(video_id, None)
-        path = self.store.video_path(video_id)
-        part = path.with_name(f"{video_id}.part.mp4")
+        paths: list[Path] = []
+        part = self.store.video_path(video_id).with_suffix(".part.mp4")
         try:
             output = future.result()
             record = self.store.get(video_id)
-            metadata = None if output.request is None or record is None else generation_metadata(
-                output.request, seed=output.seed, model=record["model"], output_index=0)
-            write_mp4(output.frames[0], part, output.fps or 16, metadata)
-            os.replace(part, path)
-            if not self.store.finish(video_id, "completed", file=path.name):
-                path.unlink(missing_ok=True)  # deleted while it ran
+            for index, frames in enumerate(output.frames):  # one MP4 per output (n > 1: several)
+                path = self.store.video_path(video_id, index)
+                part = path.with_suffix(".part.mp4")
+                metadata = None if record is None else generation_metadata(
+                    output.request, seed=output.seed, model=record["model"], output_index=index)
+                write_mp4(frames, part, output.fps, metadata)
+                os.replace(part, path)
+                paths.append(path)
+            if not self.store.finish(video_id, "completed", file=paths[0].name):
+                for path in paths:
+                    path.unlink(missing_ok=True)  # deleted while it ran
         except JobError as e:
             self.store.finish(video_id, "failed", error={"code": e.code, "message": e.message})
         except Exception as e:
             logger.exception("video %s: cannot write the MP4", video_id)
             part.unlink(missing_ok=True)  # a half-written file must not wait for the next restart
+            for path in paths:
+                path.unlink(missing_ok=True)
             self.store.finish(video_id, "failed", error={"code": "encoding_error",
                                                           "message": f"cannot write the MP4: {e}"})
 
@@ -221,8 +227,9 @@ class VideoJobs:
         if record is None:
             return False
         if record["status"] in ACTIVE:
-            self.scheduler.cancel(video_id)
-        self.store.video_path(video_id).unlink(missing_ok=True)
+            self.engine.cancel(video_id)
+        for index in range(max(1, json.loads(record.get("params") or "{}").get("n", 1))):
+            self.store.video_path(video_id, index).unlink(missing_ok=True)
         return True
 
     def close(self) -> None:

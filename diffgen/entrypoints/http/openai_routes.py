@@ -6,6 +6,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import json
 import os
 import re
 import time
@@ -18,8 +19,7 @@ from starlette.datastructures import Headers
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
-from diffgen.engine.request import GenerationRequest
-from diffgen.engine.worker import ModelInfo, WorkerOutput
+from diffgen.engine import GenerationRequest, GenerationResult, ModelSpec
 from diffgen.entrypoints.http.jobs import is_video_id, video_object
 from diffgen.entrypoints.http.schemas import (
     MAX_VIDEO_SECONDS,
@@ -66,10 +66,10 @@ def _sampling(body) -> dict[str, Any]:
     return {o.name: getattr(body, o.name) for o in http_options("image")}
 
 
-def _require_kind(info: ModelInfo, kind: str, model_id: str) -> None:
-    if info.output_kind != kind:
-        other = "/v1/videos" if info.output_kind == "video" else "/v1/images/generations"
-        raise invalid("model", f"The model '{model_id}' makes {info.output_kind}s, not {kind}s; use {other}.",
+def _require_kind(spec: ModelSpec, kind: str, model_id: str) -> None:
+    if spec.output_kind != kind:
+        other = "/v1/videos" if spec.output_kind == "video" else "/v1/images/generations"
+        raise invalid("model", f"The model '{model_id}' makes {spec.output_kind}s, not {kind}s; use {other}.",
                       code="unsupported_model")
 
 
@@ -84,14 +84,13 @@ def _check_image_options(body: ImageGenerationBody) -> None:
 
 # -- models ------------------------------------------------------------------------------------
 def _model_card(state) -> dict[str, Any]:
-    info = state.scheduler.model_info
-    on_gpu = info is not None and info.device.startswith("cuda")
+    status, spec = state.engine.status(), state.spec
+    on_gpu = status.device is not None and status.device.startswith("cuda")
     return {"id": state.model_id, "object": "model", "created": 0, "owned_by": "diffgen",
-            "output_kind": info.output_kind if info else None, "ready": state.scheduler.ready,
-            "task_type": info.spec.task_type if info else None,
-            "num_gpus": len(state.scheduler.worker_pids()) if on_gpu else 0,
-            "dit_precision": info.dit_precision if info else None,
-            "vae_precision": info.vae_precision if info else None}
+            "output_kind": spec.output_kind if spec else None, "ready": status.ready,
+            "task_type": spec.task_type if spec else None,
+            "num_gpus": len(status.worker_pids) if on_gpu else 0,
+            "dit_precision": status.dit_precision, "vae_precision": status.vae_precision}
 
 
 @router.get("/v1/models")
@@ -142,9 +141,9 @@ async def edit_image(request: Request):
     if len(form.files.get("mask", [])) > 1:
         raise invalid("mask", "give one mask")
     state.check_model(body.model)
-    info = state.require_ready()
-    _require_kind(info, "image", state.model_id)
-    if not info.accepts_images:
+    spec = state.require_ready()
+    _require_kind(spec, "image", state.model_id)
+    if not spec.accepts_images:
         raise invalid("image", f"The model '{state.model_id}' cannot edit images (it takes no input image); "
                       "use /v1/images/generations or serve an edit model such as Qwen-Image-Edit.",
                       code="model_cannot_edit")
@@ -229,8 +228,8 @@ def composite_with_mask(result: Image.Image, original: Image.Image, mask: Image.
 
 
 async def _images_response(request: Request, body: ImageGenerationBody, generation: GenerationRequest,
-                           output: WorkerOutput) -> JSONResponse:
-    from diffgen.engine.request import generation_metadata
+                           output: GenerationResult) -> JSONResponse:
+    from diffgen.engine import generation_metadata
     from diffgen.outputs import encode_image
 
     state = _state(request)
@@ -252,10 +251,11 @@ async def _images_response(request: Request, body: ImageGenerationBody, generati
         return data
 
     data = await asyncio.to_thread(encode_all)
-    tokens = len(output.images) * (output.height // 16) * (output.width // 16)
+    done = output.request
+    tokens = len(output.images) * (done.height // 16) * (done.width // 16)
     return JSONResponse({
         "created": int(time.time()), "id": request.state.request_id, "data": data, "output_format": fmt,
-        "size": f"{output.width}x{output.height}", "background": "opaque", "seed": output.seed,
+        "size": f"{done.width}x{done.height}", "background": "opaque", "seed": output.seed,
         "usage": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                   "output_tokens": tokens, "output_tokens_details": {"image_tokens": tokens, "text_tokens": 0},
                   "total_tokens": tokens},
@@ -329,24 +329,24 @@ async def create_video(request: Request):
     seconds = _parse_seconds(body.seconds)
     height, width = parse_size(body.size)
     generation = _build(body.prompt, height=height, width=width, num_frames=body.num_frames, fps=body.fps,
-                        images=[reference] if reference is not None else None, **_sampling(body))
+                        num_outputs_per_prompt=body.n, images=[reference] if reference is not None else None,
+                        **_sampling(body))
     state.check_model(body.model)
-    info = state.require_ready()
-    _require_kind(info, "video", state.model_id)
-    if reference is not None and not info.accepts_images:
+    spec = state.require_ready()
+    _require_kind(spec, "video", state.model_id)
+    if reference is not None and not spec.accepts_images:
         raise invalid("input_reference", f"The model '{state.model_id}' takes no input image (text-to-video only).",
                       code="unsupported_input")
     if seconds is not None and body.num_frames is None:
-        generation.num_frames = _frames_for(seconds, body.fps or info.spec.defaults.fps or 16,
-                                            info.spec.frame_multiple)
-    generation = state.resolve(generation)
-    fps = generation.fps or 16
+        generation.num_frames = _frames_for(seconds, body.fps or spec.defaults.fps, spec.frame_multiple)
+    generation = state.resolve(generation)  # the model's defaults for what the body leaves out; 400 if bad
+    fps = generation.fps
     shown_seconds = body.seconds if isinstance(body.seconds, str) else f"{generation.num_frames / fps:.3g}"
     record = await state.create_video(
         generation, state.model_id, str(shown_seconds),
         f"{generation.width}x{generation.height}",
         {"num_frames": generation.num_frames, "fps": fps, "seed": generation.seed,
-         "num_inference_steps": generation.num_inference_steps})
+         "num_inference_steps": generation.num_inference_steps, "n": generation.num_outputs_per_prompt})
     return JSONResponse(video_object(record), headers={"x-request-id": record["id"]})
 
 
@@ -422,10 +422,14 @@ async def video_content(request: Request, video_id: str):
     if variant != "video":
         raise invalid("variant", f"variant {variant!r} is not available; only 'video'")
     record = await asyncio.to_thread(_video_record, request, video_id)
+    outputs = json.loads(record.get("params") or "{}").get("n", 1)
+    index_text = request.query_params.get("index", "0")
+    if not re.fullmatch(r"[0-9]{1,2}", index_text) or int(index_text) >= outputs:
+        raise invalid("index", f"index {index_text!r}: this video job has {outputs} output(s); index 0..{outputs - 1}")
     if record["status"] != "completed":
         raise APIError(409, f"The video '{video_id}' is {record['status']}; its content exists once it is "
                        "completed.", param="video_id", code="video_not_ready")
-    path = _state(request).store.video_path(video_id)
+    path = _state(request).store.video_path(video_id, int(index_text))
     if not path.is_file():
         raise APIError(404, f"The content of video '{video_id}' is missing from the output directory.",
                        param="video_id", code="not_found")

@@ -1,0 +1,185 @@
+"""Executors: where an Engine's requests run. One interface, two kinds.
+
+- :class:`InProcessExecutor` runs a loaded pipeline in the calling thread (CLI and Python API).
+- :class:`~diffgen.engine.scheduler.ProcessExecutor` keeps a bounded queue in front of worker
+  processes that hold the model (``diffgen serve``).
+
+Both take ``submit(request, listener=None, job_id=None) -> Job``; a :class:`Job` reports progress
+(``step`` / ``total_steps`` and the listener's "started" / "progress" events), is cancelled with
+``cancel()`` (between denoising steps once running) and gives its :class:`GenerationResult` with
+``result()``. The request handed to ``submit`` is already resolved (the Engine does it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from diffgen.engine.request import GenerationRequest, GenerationResult
+from diffgen.engine.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from diffgen.pipelines.base import ComposedPipeline
+
+
+class JobError(Exception):
+    """A job of a process executor did not produce a result. ``code``: cancelled, out_of_memory,
+    invalid_request, generation_error, worker_died, shutdown."""
+
+    def __init__(self, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+class QueueFullError(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the queue is full; retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+class NotReadyError(Exception):
+    """No worker has the model loaded (still loading, restarting, failed or shutting down)."""
+
+
+JobListener = Callable[[str, "Job"], None]  # event name ("started" / "progress"), job
+
+
+@dataclass
+class Job:
+    """A submitted request: its progress, its outcome (``future``) and the way to cancel it."""
+
+    id: str
+    request: GenerationRequest
+    listener: JobListener | None = None
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    state: str = "queued"  # queued -> running -> finished
+    worker: int | None = None
+    step: int = 0
+    total_steps: int = 0
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    #: set by cancel(); an in-process job stops at its next denoising step
+    cancel_requested: bool = False
+    _cancel: Callable[[str], bool] | None = field(default=None, repr=False)
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """The outcome: a GenerationResult, or the job's error raised (JobError for worker processes)."""
+        return self.future.result(timeout)
+
+    def cancel(self) -> bool:
+        """Cancel the job if it is queued or running; False when it already finished."""
+        return self._cancel(self.id) if self._cancel is not None else False
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with the same key may run as one batch (same shapes and settings, any prompt and seed)."""
+        r = self.request
+        return (r.height, r.width, r.num_inference_steps, r.guidance_scale, r.guidance_scale_2, r.true_cfg_scale,
+                r.num_frames, r.fps, r.max_sequence_length, r.num_outputs_per_prompt, len(r.prompt),
+                len(r.images), r.negative_prompt is not None, r.cache, r.cache_threshold,
+                tuple(sorted(r.loras.items())) if r.loras is not None else None)
+
+    def notify(self, event: str) -> None:
+        if self.listener is not None:
+            self.listener(event, self)
+
+
+@dataclass
+class ExecutorStatus:
+    """What /health and /metrics show. ``failed``: no worker is or will be ready (load error, restart limit)."""
+
+    ready: bool
+    failed: bool = False
+    load_error: str | None = None
+    queue_depth: int = 0
+    running: int = 0
+    restarts: int = 0
+    worker_pids: list[int | None] = field(default_factory=list)
+    device: str | None = None
+    dit_precision: str | None = None  # the DiT's dtype, or "fp8" when quantized
+    vae_precision: str | None = None
+
+
+class Executor:
+    """The interface every executor implements (see the module docstring)."""
+
+    #: the served model's spec; None until it is known (a process executor learns it at start)
+    spec: ModelSpec | None = None
+
+    def start(self) -> None:
+        """Start workers (if any); returns at once, the model may still be loading."""
+
+    def submit(self, request: GenerationRequest, listener: JobListener | None = None,
+               job_id: str | None = None) -> Job:
+        raise NotImplementedError
+
+    def cancel(self, job_id: str) -> bool:
+        raise NotImplementedError
+
+    def status(self) -> ExecutorStatus:
+        raise NotImplementedError
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until the model is loaded (True) or cannot be (False)."""
+        return True
+
+    def shutdown(self, timeout: float = 30.0, grace: float = 5.0) -> None:
+        """Stop accepting; let jobs finish for up to ``timeout`` seconds, then cancel the rest."""
+
+    def close(self) -> None:
+        """After ``shutdown``: release what the executor holds (queues of worker processes)."""
+
+
+class InProcessExecutor(Executor):
+    """Runs a loaded pipeline in the caller's thread: ``submit`` returns a finished job.
+
+    Errors are the pipeline's own (InvalidRequestError, CancelledError, ...), raised by ``result()``.
+    Another thread may ``cancel`` a running job; it stops at the next denoising step.
+    """
+
+    def __init__(self, pipeline: ComposedPipeline):
+        self.pipeline = pipeline
+        self.spec = pipeline.spec
+        self._running: dict[str, Job] = {}
+
+    def submit(self, request: GenerationRequest, listener: JobListener | None = None,
+               job_id: str | None = None, is_cancelled: Callable[[], bool] | None = None) -> Job:
+        job = Job(id=job_id or uuid.uuid4().hex, request=request, listener=listener, _cancel=self.cancel)
+        self._running[job.id] = job
+        job.state, job.started_at = "running", time.monotonic()
+        job.notify("started")
+
+        def progress(step: int, total: int) -> None:
+            job.step, job.total_steps = step, total
+            job.notify("progress")
+
+        def cancelled() -> bool:
+            return job.cancel_requested or (is_cancelled is not None and is_cancelled())
+
+        try:
+            job.future.set_result(self.pipeline.run(request, progress=progress, is_cancelled=cancelled))
+        except Exception as error:
+            job.future.set_exception(error)
+        finally:
+            job.state = "finished"
+            self._running.pop(job.id, None)
+        return job
+
+    def cancel(self, job_id: str) -> bool:
+        job = self._running.get(job_id)
+        if job is None:
+            return False
+        job.cancel_requested = True
+        return True
+
+    def status(self) -> ExecutorStatus:
+        return ExecutorStatus(ready=True, running=len(self._running), device=str(self.pipeline.device))

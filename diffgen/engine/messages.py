@@ -1,0 +1,87 @@
+"""The records a process executor and its worker processes exchange (pickled through multiprocessing queues).
+
+executor -> worker:  RunBatch, Cancel, Stop
+worker -> executor:  Ready, LoadFailed, Started, Progress, Done, Failed, BatchDone
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffgen.engine.request import GenerationRequest, GenerationResult
+from diffgen.engine.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    job_id: str
+    request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class RunBatch:
+    """Run these requests one after another (a batch is the unit of dispatch)."""
+
+    batch_id: str
+    jobs: tuple[QueuedRequest, ...]
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop ``job_id`` at its next denoising step (or skip it if it has not started)."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Finish the current batch, then exit."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The worker has loaded the model."""
+
+    spec: ModelSpec
+    device: str
+    dit_precision: str = "float32"  # the DiT's dtype, or "fp8" when quantized (for the model card)
+    vae_precision: str = "float32"
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    message: str
+
+
+@dataclass(frozen=True)
+class Started:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    job_id: str
+    step: int
+    total: int
+    step_seconds: float
+
+
+@dataclass(frozen=True)
+class Done:
+    job_id: str
+    result: GenerationResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    """``code``: cancelled, out_of_memory, invalid_request or generation_error (see JobError)."""
+
+    job_id: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    batch_id: str
