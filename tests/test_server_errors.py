@@ -254,5 +254,5 @@ def test_fault_markers_are_ordinary_prompts_without_the_test_variable(server):
     response = client.images.generate(prompt="a cat [[fault:raise]] [[fault:exit]] [[fault:oom]]", size="64x64",
                                       extra_body={"num_inference_steps": 2})
     assert len(response.data) == 1
-    assert httpx.get(server.url + "/health").json()["worker_restarts"] == 0
+    assert server.info(api_key=KEY)["worker_restarts"] == 0
     assert "fault injection" not in server.log_path.read_text(errors="replace")

@@ -163,7 +163,7 @@ def test_a_bad_video_request_is_a_400_at_create_time_and_takes_no_slot(server, b
     assert error["param"] == param and message in error["message"] and error["type"] == "invalid_request_error"
     after = httpx.get(f"{server.url}/v1/videos", params={"limit": 100}).json()["data"]
     assert [v["id"] for v in after] == [v["id"] for v in before]  # no job was created
-    assert httpx.get(f"{server.url}/health").json()["queue_depth"] == 0
+    assert server.info()["queue_depth"] == 0
 
 
 def test_several_outputs_per_video_request(server):
