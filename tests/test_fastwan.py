@@ -70,7 +70,8 @@ def test_fastwan21_dmd_matches_reference_two_outputs(tiny_checkpoint):
     engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
     assert type(engine.pipeline).__name__ == "WanDMDPipeline"
     calls = []
-    engine.pipeline.transformer.register_forward_hook(lambda module, args, out: calls.append(args[1].clone()))
+    engine.pipeline.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["timestep"].clone()), with_kwargs=True)
     result = engine.generate(PROMPT, seed=7, height=48, width=80, num_frames=9, num_outputs_per_prompt=2,
                              max_sequence_length=16, return_tensors=True)
     assert [c.tolist() for c in calls] == [[float(t)] * 2 for t in TIMESTEPS]  # one DiT call per step, no CFG

@@ -178,8 +178,9 @@ def test_wan22_two_experts_match_diffusers(checkpoints, input_image, family, gui
     engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
     seen: dict[str, list[float]] = {"transformer": [], "transformer_2": []}
     for name in seen:
-        engine.pipeline.components[name].register_forward_pre_hook(
-            lambda _module, args, name=name: seen[name].append(float(args[1][0])))
+        engine.pipeline.components[name].register_forward_pre_hook(  # the guidance seam passes keyword arguments
+            lambda _module, args, kwargs, name=name: seen[name].append(float(kwargs["timestep"][0])),
+            with_kwargs=True)
     image = input_image if "i2v" in family else None
     steps = 8
     assert_parity(*run_both(path, image=image, engine=engine, negative_prompt=NEGATIVE, height=32, width=48,

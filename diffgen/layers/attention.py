@@ -8,6 +8,7 @@ once per process (``set_attention_backend``); on Hopper, cuDNN attention through
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -48,15 +49,78 @@ def attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    *,
+    replicated: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    replicated_kv: bool = False,
+):
     """Scaled dot-product attention over (B, S, H, D) inputs; returns (B, S, H, D).
 
-    ``mask`` is a boolean (B, S_kv) key mask (True = attend) or anything SDPA accepts as attn_mask.
+    ``replicated``: (q, k, v) of tokens every rank holds whole (text), placed before ``query``'s
+    tokens in the sequence; the result is then (output, replicated output). Image/video tokens are
+    never concatenated with text by the caller, so that inside a sequence-parallel shard (see
+    :mod:`diffgen.parallel.sequence`) they can be distributed while the text stays whole.
+    ``mask``: boolean key mask (B, S_kv), True = attend; with ``replicated``, (B, T) over its keys only.
+    ``replicated_kv``: the keys/values are complete on every rank (cross-attention to text): each rank
+    attends with its own queries, no communication.
     """
+    from diffgen.parallel.sequence import active_shard, sequence_parallel_attention
+
+    shard = active_shard()
+    if shard is not None and not replicated_kv:
+        return sequence_parallel_attention(shard, query, key, value, replicated, mask)
+    if replicated is None:
+        return sdpa(query, key, value, mask)
+    text_q, text_k, text_v = replicated
+    text_len = text_q.shape[1]
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(query.shape[0], key.shape[1])], dim=1)
+    out = sdpa(torch.cat([text_q, query], 1), torch.cat([text_k, key], 1), torch.cat([text_v, value], 1), mask)
+    return out[:, text_len:], out[:, :text_len]
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over (B, S, H, D) with the selected kernel family; ``mask`` a (B, S_kv) bool key mask or an SDPA mask."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     if mask is not None and mask.dtype == torch.bool and mask.ndim == 2:
         mask = mask[:, None, None, :]
     with _kernel_context(q.device):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
+
+
+def sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention (B, L, H, D) and its log-sum-exp (B, H, L) in float32, for merging partial results (Ring).
+
+    On CUDA without a mask: the cuDNN kernel (then flash) through their aten ops, which return the
+    log-sum-exp; otherwise an exact float32 computation (CPU tests; masked blocks are text-sized).
+    """
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    length = q.shape[2]
+    if q.device.type == "cuda" and mask is None:
+        for kernel in _lse_kernels():
+            try:
+                out, lse = kernel(q, k, v)
+            except (RuntimeError, NotImplementedError):
+                continue
+            if lse.ndim == 4:
+                lse = lse.squeeze(-1)
+            return out.transpose(1, 2), lse[..., :length].float()
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :].bool(), float("-inf"))
+    lse = scores.logsumexp(dim=-1)
+    out = torch.nan_to_num(torch.softmax(scores, dim=-1)) @ v.float()
+    return out.to(q.dtype).transpose(1, 2), lse
+
+
+def _lse_kernels():
+    aten = torch.ops.aten
+    order = {"flash": ("flash", "cudnn"), "efficient": ("efficient",), "math": ()}.get(_backend, ("cudnn", "flash"))
+    kernels = {
+        "cudnn": lambda q, k, v: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2],
+        "flash": lambda q, k, v: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2],
+        "efficient": lambda q, k, v: aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2],
+    }
+    return [kernels[name] for name in order]

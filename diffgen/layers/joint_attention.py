@@ -67,6 +67,7 @@ class JointAttention(nn.Module):
         Single-stream use (``joint=False``): ``x`` is [text, image], ``text_len`` says where the image
         starts, and ``context_mask`` covers those ``text_len`` tokens.
         Returns the image output, or (image output, text output) when ``context`` is given.
+        The text goes to attention as the replicated part (whole on every sequence-parallel rank).
         """
         q, k, v = self._qkv(x, _IMAGE_PROJECTIONS, "to_qkv")
         text = None if context is None else self._qkv(context, _TEXT_PROJECTIONS, "add_qkv")
@@ -75,29 +76,30 @@ class JointAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                context_mask: torch.Tensor | None = None, text_len: int = 0):
-        """Attention over projected q/k/v (B, N, D) and, when given, the text stream's q/k/v (B, T, D)."""
+        """Attention over projected q/k/v (B, N, D) and, when given, the text stream's q/k/v (B, T, D).
+
+        The text goes to attention as the replicated part (whole on every sequence-parallel rank).
+        """
         heads = lambda t: t.unflatten(-1, (self.heads, self.head_dim))
         q, k, v = heads(q), heads(k), heads(v)
-        if text is None:
+        single_stream = text is None
+        if single_stream:  # the text is the head of the sequence
             if context_mask is not None and context_mask.shape[1] != text_len:
                 raise ValueError(f"context_mask covers {context_mask.shape[1]} text tokens, text_len is {text_len}")
             q, k = norm_and_rope(q, self.norm_q, *rope), norm_and_rope(k, self.norm_k, *rope)
+            text = tuple(t[:, :text_len] for t in (q, k, v))
+            q, k, v = (t[:, text_len:] for t in (q, k, v))
         else:
             # Each stream has its own q/k norms; rotation is per token, so each takes its slice of the tables.
             text_len = text[0].shape[1]
             cq, ck, cv = (heads(t) for t in text)
             text_rope, image_rope = tuple(t[:text_len] for t in rope), tuple(t[text_len:] for t in rope)
-            q = torch.cat([norm_and_rope(cq, self.norm_added_q, *text_rope),
-                           norm_and_rope(q, self.norm_q, *image_rope)], 1)
-            k = torch.cat([norm_and_rope(ck, self.norm_added_k, *text_rope),
-                           norm_and_rope(k, self.norm_k, *image_rope)], 1)
-            v = torch.cat([cv, v], 1)
-        mask = None
-        if context_mask is not None:
-            image_mask = context_mask.new_ones(q.shape[0], q.shape[1] - context_mask.shape[1])
-            mask = torch.cat([context_mask, image_mask], dim=1)
-        out = attention(q, k, v, mask=mask).flatten(2).to(q.dtype)
-        if text is None:
-            return out
-        # Contiguous slices, as the reference: a CPU matmul over a strided slice rounds differently in bf16.
-        return self.to_out[0](out[:, text_len:].contiguous()), self.to_add_out(out[:, :text_len].contiguous())
+            text = (norm_and_rope(cq, self.norm_added_q, *text_rope), norm_and_rope(ck, self.norm_added_k, *text_rope),
+                    cv)
+            q, k = norm_and_rope(q, self.norm_q, *image_rope), norm_and_rope(k, self.norm_k, *image_rope)
+        out, text_out = attention(q, k, v, replicated=text, mask=context_mask)
+        # Contiguous, as the reference: a CPU matmul over a strided slice rounds differently in bf16.
+        out, text_out = out.flatten(2).to(q.dtype).contiguous(), text_out.flatten(2).to(q.dtype).contiguous()
+        if single_stream:
+            return torch.cat([text_out, out], dim=1)
+        return self.to_out[0](out), self.to_add_out(text_out)

@@ -91,6 +91,11 @@ class ComposedPipeline:
     step_cache: StepCacheConfig | None = None
     #: LoRAs loaded into the DiT (Engine.load_lora); None: none ever loaded
     loras: LoRAManager | None = None
+    #: guidance branches the model runs by default: 2 with classifier-free guidance (cond, uncond), else 1.
+    #: Read before loading, to plan CFG parallelism.
+    guidance_branches: ClassVar[int] = 1
+    #: whether the DiT declares its token layout (shards its tokens with diffgen.parallel.sequence.shard_tokens)
+    sequence_parallel: ClassVar[bool] = True
 
     def __init__(self, components: dict[str, Any], model_path: str, device: torch.device, dtype: torch.dtype,
                  settings: dict[str, Any] | None = None, spec: ModelSpec | None = None):
@@ -150,6 +155,17 @@ class ComposedPipeline:
 
         config = self.resolve_step_cache(request)
         return None if config is None else StepCacheSession(config, total_steps)
+
+    def guidance(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int):
+        """What step ``step`` evaluates: a :class:`diffgen.pipelines.guidance.GuidanceStep` (branches + combine)."""
+        raise NotImplementedError
+
+    def predict_noise(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        """The prediction the sampler steps with: the guidance branches run (see ``run_branches``) and combined."""
+        from diffgen.pipelines.guidance import run_branches
+
+        guidance = self.guidance(state, latents, t, step)
+        return guidance.combine(run_branches(guidance))
 
     def new_scheduler(self):
         """A fresh copy of the checkpoint's scheduler: schedulers keep a step index, so one per request."""

@@ -8,6 +8,7 @@ from diffgen.configs.flux import FLUX_DEV, FLUX_SCHNELL
 from diffgen.engine.spec import ModelSpec
 from diffgen.models.dits.flux import FluxTransformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.guidance import GuidanceStep, cfg
 from diffgen.pipelines.latents import pack_latents, set_shifted_flow_timesteps, unpack_latents
 from diffgen.pipelines.stages import draw_noise
 
@@ -82,14 +83,11 @@ class FluxPipeline(ComposedPipeline):
         state.scheduler, state.timesteps = scheduler, scheduler.timesteps
 
     # -- denoising -------------------------------------------------------------------------------
-    def predict_noise(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        guidance = state.extras.get("guidance")
-        pred = self.transformer(latents, timestep, guidance=guidance, **state.cond)
-        if state.uncond is not None:
-            neg = self.transformer(latents, timestep, guidance=guidance, **state.uncond)
-            pred = neg + state.request.true_cfg_scale * (pred - neg)
-        return pred
+    def guidance(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> GuidanceStep:
+        inputs = {"hidden_states": latents, "timestep": t.expand(latents.shape[0]).to(latents.dtype) / 1000,
+                  "guidance": state.extras.get("guidance")}
+        branches = [{**inputs, **kwargs} for kwargs in (state.cond, state.uncond) if kwargs is not None]
+        return GuidanceStep(self.transformer, branches, cfg(state.request.true_cfg_scale))
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, state: PipelineState) -> None:

@@ -17,6 +17,7 @@ from diffgen.engine.spec import ModelSpec, area_fit_size
 from diffgen.models.dits.qwen_image import QwenImageTransformer
 from diffgen.models.encoders.qwen_vl import QwenVLProcessor, encode_qwen_vl_prompts
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.guidance import GuidanceStep, norm_preserving_cfg
 from diffgen.pipelines.latents import (
     image_to_tensor,
     pack_latents,
@@ -58,6 +59,7 @@ class QwenImagePipeline(ComposedPipeline):
     prompt_template = T2I_TEMPLATE
     template_tokens = 34  # tokens of the template's system part, dropped from the embeddings
     truncate_prompt = True  # T2I cuts the embeddings at max_sequence_length; the edit pipelines do not
+    guidance_branches = 2  # true CFG, as the model cards run it (with a negative prompt)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -113,19 +115,15 @@ class QwenImagePipeline(ComposedPipeline):
         state.scheduler, state.timesteps = scheduler, scheduler.timesteps
 
     # -- denoising -------------------------------------------------------------------------------
-    def predict_noise(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+    def guidance(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> GuidanceStep:
         condition = state.extras.get("condition_latents")
-        tokens = latents if condition is None else torch.cat([latents, condition], dim=1)
-        shapes = state.extras["image_shapes"]
-        output_tokens = latents.shape[1]
-        pred = self.transformer(tokens, timestep, image_shapes=shapes, **state.cond)[:, :output_tokens]
-        if state.uncond is not None:
-            neg = self.transformer(tokens, timestep, image_shapes=shapes, **state.uncond)[:, :output_tokens]
-            combined = neg + state.request.true_cfg_scale * (pred - neg)
-            # Rescale each token's combined prediction to the norm of the conditional one.
-            pred = combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
-        return pred
+        inputs = {"hidden_states": latents if condition is None else torch.cat([latents, condition], dim=1),
+                  "timestep": t.expand(latents.shape[0]).to(latents.dtype) / 1000,
+                  "image_shapes": state.extras["image_shapes"]}
+        branches = [{**inputs, **kwargs} for kwargs in (state.cond, state.uncond) if kwargs is not None]
+        output_tokens = latents.shape[1]  # the edit inputs' tokens follow; they are not denoised
+        return GuidanceStep(self.transformer, branches, norm_preserving_cfg(state.request.true_cfg_scale),
+                            select=lambda prediction: prediction[:, :output_tokens])
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, state: PipelineState) -> None:

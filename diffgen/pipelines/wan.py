@@ -25,6 +25,7 @@ from diffgen.configs import wan as presets
 from diffgen.engine.spec import ModelSpec
 from diffgen.models.dits.wan import WanTransformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.guidance import GuidanceStep, cfg
 from diffgen.pipelines.latents import image_to_tensor, vae_latent_stats, vae_tiling_wanted
 from diffgen.pipelines.stages import draw_noise
 
@@ -51,6 +52,7 @@ class WanPipeline(ComposedPipeline):
     optional_components = ("transformer_2",)
     native_models = {"WanTransformer3DModel": WanTransformer}
     output_kind = "video"
+    guidance_branches = 2
     #: diffusers' WanPipeline pins the scheduler's first step index; its image-to-video pipeline does not.
     pins_begin_index = True
 
@@ -208,14 +210,12 @@ class WanPipeline(ComposedPipeline):
             timestep = t.expand(batch)
         return latents.to(self.dtype), timestep
 
-    def predict_noise(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        model, guidance = self._stage(state, step)
+    def guidance(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> GuidanceStep:
+        model, scale = self._stage(state, step)
         x, timestep = self._model_input(state, latents, t)
-        pred = model(x, timestep, **state.cond)
-        if state.uncond is not None:
-            uncond = model(x, timestep, **state.uncond)
-            pred = uncond + guidance * (pred - uncond)
-        return pred
+        branches = [{"hidden_states": x, "timestep": timestep, **kwargs}
+                    for kwargs in (state.cond, state.uncond) if kwargs is not None]
+        return GuidanceStep(model, branches, cfg(scale))
 
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, state: PipelineState) -> None:

@@ -18,6 +18,7 @@ from diffgen.layers.linear import fuse_linears
 from diffgen.layers.modulation import AdaLayerNorm, modulate
 from diffgen.layers.norm import layer_norm_no_affine
 from diffgen.layers.rope import multi_axis_rope
+from diffgen.parallel.sequence import shard_tokens
 
 
 @dataclass
@@ -104,14 +105,14 @@ class FluxSingleBlock(nn.Module):
         self.to_qkv_mlp = fused
         return 1
 
-    def forward(self, x, temb, rope):
+    def forward(self, x, temb, rope, text_len):
         shift, scale, gate = self.norm(temb)
         h = modulate(self.norm.norm(x), shift, scale)
         if hasattr(self, "to_qkv_mlp"):
             q, k, v, mlp = self.to_qkv_mlp(h).split([self.dim, self.dim, self.dim, self.mlp_dim], dim=-1)
-            attn = self.attn.attend(q, k, v, rope)
+            attn = self.attn.attend(q, k, v, rope, text_len=text_len)
         else:
-            attn, mlp = self.attn(h, rope), self.proj_mlp(h)
+            attn, mlp = self.attn(h, rope, text_len=text_len), self.proj_mlp(h)
         out = self.proj_out(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=2))
         x = x + gate.unsqueeze(1) * out
         if x.dtype == torch.float16:
@@ -155,14 +156,16 @@ class FluxTransformer(nn.Module):
         context = self.context_embedder(encoder_hidden_states)
         rope = multi_axis_rope(torch.cat([txt_ids, img_ids], 0), self.config.axes_dims_rope, self.config.rope_theta)
         rope = tuple(t.to(x.device) for t in rope)
+        tokens = shard_tokens(x.shape[1])  # sequence parallel: this rank's image tokens (text stays whole)
+        x, rope = tokens.split(x), tokens.split(rope, dim=0, prefix=txt_ids.shape[0])
 
         text_len = context.shape[1]
         (joint,) = run_blocks(self, (x, context), [
             BlockSegment(self.transformer_blocks, lambda block, h: block(*h, temb, rope)),
-            BlockSegment(self.single_transformer_blocks, lambda block, h: (block(h[0], temb, rope),),
+            BlockSegment(self.single_transformer_blocks, lambda block, h: (block(h[0], temb, rope, text_len),),
                          enter=lambda h: (torch.cat([h[1], h[0]], dim=1),)),  # one [text, image] sequence
         ], conditioning=temb)
         x = joint[:, text_len:]
 
         scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first
-        return self.proj_out(modulate(self.norm_out.norm(x), shift, scale))
+        return tokens.gather(self.proj_out(modulate(self.norm_out.norm(x), shift, scale)))

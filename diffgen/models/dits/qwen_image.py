@@ -23,6 +23,7 @@ from diffgen.layers.joint_attention import JointAttention
 from diffgen.layers.modulation import AdaLayerNorm, modulate
 from diffgen.layers.norm import RMSNorm, layer_norm_no_affine
 from diffgen.layers.rope import multi_axis_rope
+from diffgen.parallel.sequence import shard_tokens
 
 ImageShape = tuple[int, int, int]  # (frames, rows, columns) of one image's token grid
 
@@ -184,6 +185,10 @@ class QwenImageTransformer(nn.Module):
         context = self.txt_in(self.txt_norm(encoder_hidden_states))
         context_mask = encoder_hidden_states_mask.bool() if encoder_hidden_states_mask is not None else None
         rope = self.rope(image_shapes, context.shape[1], x.device)
+        tokens = shard_tokens(x.shape[1])  # sequence parallel: this rank's image tokens (text stays whole)
+        x, rope = tokens.split(x), tokens.split(rope, dim=0, prefix=context.shape[1])
+        if is_condition is not None:
+            is_condition = tokens.split(is_condition)
 
         x, context = run_blocks(self, (x, context), [
             BlockSegment(self.transformer_blocks, lambda block, h: block(*h, context_mask, temb, rope, is_condition)),
@@ -192,4 +197,4 @@ class QwenImageTransformer(nn.Module):
         if is_condition is not None:
             temb = temb.chunk(2, dim=0)[0]
         scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first
-        return self.proj_out(modulate(self.norm_out.norm(x), shift, scale))
+        return tokens.gather(self.proj_out(modulate(self.norm_out.norm(x), shift, scale)))

@@ -27,6 +27,7 @@ from diffgen.layers.linear import fuse_linears
 from diffgen.layers.modulation import modulate
 from diffgen.layers.norm import FP32LayerNorm, RMSNorm
 from diffgen.layers.rope import multi_axis_rope, norm_and_rope
+from diffgen.parallel.sequence import shard_tokens
 
 
 @dataclass
@@ -161,11 +162,11 @@ class WanAttention(nn.Module):
             k = norm_and_rope(k, self.norm_k, *rope, norm_over_heads=True)
         else:
             q, k = self._heads(self.norm_q(q.flatten(2))), self._heads(self.norm_k(k.flatten(2)))
-        out = attention(q, k, v).flatten(2).type_as(q)
+        out = attention(q, k, v, replicated_kv=context is not None).flatten(2).type_as(q)
         if image_context is not None:
             image_k = self._heads(self.norm_added_k(self.add_k_proj(image_context)))
             image_v = self._heads(self.add_v_proj(image_context))
-            out = out + attention(q, image_k, image_v).flatten(2).type_as(q)
+            out = out + attention(q, image_k, image_v, replicated_kv=True).flatten(2).type_as(q)
         return self.to_out[0](out)
 
 
@@ -239,6 +240,9 @@ class WanTransformer(nn.Module):
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
         temb, modulation, text, image = self.condition_embedder(
             timestep, encoder_hidden_states, encoder_hidden_states_image)
+        tokens = shard_tokens(x.shape[1])  # sequence parallel: this rank's video tokens (per-token tables alike)
+        x, rope = tokens.split(x), tokens.split(rope, dim=0)
+        temb, modulation = tokens.split(temb), tokens.split(modulation)  # (B, 1|S, ...): per token for TI2V
 
         (x,) = run_blocks(self, (x,), [
             BlockSegment(self.blocks, lambda block, h: (block(h[0], text, image, modulation, rope),)),
@@ -246,7 +250,7 @@ class WanTransformer(nn.Module):
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(dim=2)
         x = modulate(self.norm_out(x.float()), shift, scale).type_as(x)
-        x = self.proj_out(x)
+        x = tokens.gather(self.proj_out(x))
 
         # tokens (B, F'*H'*W', pt*ph*pw*C) -> (B, C, F, H, W)
         x = x.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)

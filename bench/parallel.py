@@ -1,0 +1,452 @@
+"""Multi-GPU bench: each parallel mode against the 1-GPU baseline, in one run on one machine.
+
+    python bench/parallel.py            # every visible GPU (2 or 4); ~6-8 minutes on H100/H200
+    python bench/parallel.py --quick    # smaller shapes (21 frames, 512²), ~2 minutes
+    python bench/parallel.py --tiny --device cpu   # tiny configs on 2 gloo processes (the test suite runs this)
+
+Real model configs with random bf16 weights (meta init, then filled on the GPU with one seed so every
+rank holds the same weights); no checkpoint and no diffusers needed except for the VAE row. One
+process per GPU (spawned here); the baseline runs on rank 0 while the others wait. Every row is in
+its own try/except: a failure prints an error row and the rest still run. ``rel err`` is
+||mode - 1 GPU|| / ||1 GPU|| of the step's output (bf16; the target is <= 2e-2).
+
+FLUX dp-size 2: each replica is an independent process with its own model running its share of
+16 requests (4 denoising forwards each); scheduler overhead is not included.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                      ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ[_name] = _value
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROWS: list[tuple[str, ...]] = []
+HEADER = ("work", "mode", "GPUs", "time (s)", "speed-up", "rel err", "note")
+
+
+def _log(state_rank: int, *parts: object) -> None:
+    if state_rank == 0:
+        print(*parts, flush=True)
+
+
+def random_weights_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Deterministic random weights: N(0, 1/fan_in) matrices, unit norm scales, small biases and tables."""
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not p.is_floating_point():
+                continue
+            if p.ndim >= 2 and "table" not in name and "pos_embed" not in name:
+                fan_in = p[0].numel()
+                p.normal_(0.0, fan_in ** -0.5, generator=generator)
+            elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+    return module
+
+
+def build(model_cls, config, device, dtype):
+    """``model_cls(config)`` in ``dtype`` on ``device`` with random weights; float32 where the loader keeps it."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(default)
+    keep = getattr(model, "keep_in_fp32_modules", ())
+    for name, module in model.named_modules():
+        if name and any(key == name.split(".")[-1] for key in keep):
+            module.float()
+    model = model.to_empty(device=device)
+    return random_weights_(model).eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int):
+    times, out = [], None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out.float() - reference.float()).norm() / reference.float().norm().clamp(min=1e-12)).item()
+
+
+def compare_modes(title, rank, world, device, modes, step, warm, repeats, facts):
+    """Baseline on rank 0 alone, then each mode (a ParallelConfig kwargs dict) over the whole world."""
+    from diffgen.parallel.config import ParallelConfig, make_plan
+    from diffgen.parallel.state import build_state, use_state
+
+    baseline = reference = None
+    try:
+        if rank == 0:
+            with use_state(None):
+                warm()
+                baseline, reference = timed(step, device, repeats)
+            reference = reference.cpu()
+            ROWS.append((title, "1 GPU", "1", f"{baseline:.3f}", "1.00x", "-", ""))
+    except Exception as error:  # noqa: BLE001
+        ROWS.append((title, "1 GPU", "1", "error", "", "", _short(error)))
+        traceback.print_exc()
+    dist.barrier()
+    for name, degrees in modes:
+        try:
+            plan = make_plan(ParallelConfig(num_gpus=world, **degrees), facts)
+            state = build_state(plan, device)
+            with use_state(state):
+                warm()
+                seconds, out = timed(step, device, repeats)
+            flag = torch.tensor([seconds], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            seconds = flag.item()
+            if rank == 0:
+                err = relative_error(out.cpu(), reference) if reference is not None else float("nan")
+                speed = f"{baseline / seconds:.2f}x" if baseline else "-"
+                ROWS.append((title, name, str(plan.num_gpus // plan.dp_size), f"{seconds:.3f}", speed,
+                             f"{err:.1e}", plan.describe().split(": ", 1)[1]))
+        except Exception as error:  # noqa: BLE001
+            if rank == 0:
+                ROWS.append((title, name, str(world), "error", "", "", _short(error)))
+            traceback.print_exc()
+        dist.barrier()
+
+
+def _short(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".replace("|", "/").replace("\n", " ")[:120]
+
+
+def mode_list(world: int, heads: int, cfg: bool):
+    modes = []
+    if world >= 2:
+        dp = world // 2
+        modes += [("Ulysses-2", dict(ulysses_degree=2, ring_degree=1, enable_cfg_parallel=False, dp_size=dp)),
+                  ("Ring-2", dict(ulysses_degree=1, ring_degree=2, enable_cfg_parallel=False, dp_size=dp))]
+        if cfg:
+            modes.append(("CFG-parallel-2", dict(ulysses_degree=1, ring_degree=1, enable_cfg_parallel=True,
+                                                 dp_size=dp)))
+        if world == 2:
+            modes.append(("auto (2)", {}))
+    if world >= 4:
+        modes.append((f"Ulysses-{4 if heads % 4 == 0 else 2}" + ("" if heads % 4 == 0 else " x Ring-2"),
+                      dict(ulysses_degree=4, ring_degree=1, enable_cfg_parallel=False) if heads % 4 == 0 else
+                      dict(ulysses_degree=2, ring_degree=2, enable_cfg_parallel=False)))
+        if cfg:
+            modes.append(("CFG-2 x Ulysses-2", dict(ulysses_degree=2, ring_degree=1, enable_cfg_parallel=True)))
+        modes.append(("auto (4)", {}))
+    return modes
+
+
+# -- rows ---------------------------------------------------------------------------------------------------
+
+
+def wan_step_row(title, rank, world, device, dtype, config, frames, height, width, repeats, text_len=512):
+    from diffgen.models.dits.wan import WanTransformer
+    from diffgen.parallel.config import ModelFacts
+    from diffgen.pipelines.guidance import GuidanceStep, cfg, run_branches
+
+    model = build(WanTransformer, config, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(1)
+    latent_frames = (frames - 1) // 4 + 1
+    x = torch.randn(1, config.in_channels, latent_frames, height // 8, width // 8, device=device, generator=gen,
+                    dtype=dtype)
+    texts = [torch.randn(1, text_len, config.text_dim, device=device, generator=gen, dtype=dtype) for _ in range(2)]
+    timestep = torch.tensor([900.0], device=device)
+
+    def step():
+        guidance = GuidanceStep(model, [{"hidden_states": x, "timestep": timestep, "encoder_hidden_states": t}
+                                        for t in texts], cfg(5.0))
+        with torch.inference_mode():
+            return guidance.combine(run_branches(guidance))
+
+    small = x[:, :, :1, :16, :16].contiguous()
+
+    def warm():
+        with torch.inference_mode():
+            model(small, timestep, texts[0])
+
+    facts = ModelFacts(title, config.num_attention_heads, 2)
+    compare_modes(title, rank, world, device, mode_list(world, config.num_attention_heads, True), step, warm,
+                  repeats, facts)
+
+
+def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=512):
+    from diffgen.models.dits.flux import FluxTransformer
+    from diffgen.parallel.config import ModelFacts
+
+    model = build(FluxTransformer, config, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(1)
+    grid = size // 16
+    inputs = dict(
+        hidden_states=torch.randn(1, grid * grid, config.in_channels, device=device, generator=gen, dtype=dtype),
+        timestep=torch.tensor([0.9], device=device), guidance=torch.tensor([3.5], device=device),
+        encoder_hidden_states=torch.randn(1, text_len, config.joint_attention_dim, device=device, generator=gen,
+                                          dtype=dtype),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, device=device, generator=gen, dtype=dtype),
+        txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
+        img_ids=torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(grid), torch.arange(grid),
+                                           indexing="ij"), -1).reshape(-1, 3).to(device, dtype))
+
+    def step():
+        with torch.inference_mode():
+            return model(**inputs)
+
+    def warm():
+        step()
+
+    facts = ModelFacts(title, config.num_attention_heads, 1)
+    modes = [m for m in mode_list(world, config.num_attention_heads, False) if "Ring" not in m[0] or world == 2]
+    compare_modes(title, rank, world, device, modes, step, warm, repeats, facts)
+    return model, inputs
+
+
+def flux_dp_row(name, rank, world, device, model, inputs, requests, steps):
+    """Throughput of ``requests`` requests (``steps`` forwards each): one GPU, then one replica per GPU."""
+    def serve(count):
+        with torch.inference_mode():
+            for _ in range(count * steps):
+                model(**inputs)
+
+    title = f"{name} {requests} requests x {steps} steps"
+    one = None
+    if rank == 0:
+        sync(device)
+        start = time.perf_counter()
+        serve(requests)
+        sync(device)
+        one = time.perf_counter() - start
+        ROWS.append((title, "1 replica", "1", f"{one:.2f}", "1.00x", "-", f"{requests / one:.2f} req/s"))
+    dist.barrier()
+    sync(device)
+    start = time.perf_counter()
+    serve(requests // world)
+    sync(device)
+    seconds = torch.tensor([time.perf_counter() - start], device=device)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        total = seconds.item()
+        ROWS.append((title, f"--dp-size {world}", str(world), f"{total:.2f}", f"{one / total:.2f}x", "-",
+                     f"{requests / total:.2f} req/s"))
+
+
+def qwen_row(title, rank, world, device, dtype, config, size, repeats):
+    from diffgen.models.dits.qwen_image import QwenImageTransformer
+    from diffgen.parallel.config import ModelFacts
+    from diffgen.pipelines.guidance import GuidanceStep, norm_preserving_cfg, run_branches
+
+    model = build(QwenImageTransformer, config, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(1)
+    grid = size // 16
+    x = torch.randn(1, grid * grid, config.in_channels, device=device, generator=gen, dtype=dtype)
+    texts = [torch.randn(1, length, config.joint_attention_dim, device=device, generator=gen, dtype=dtype)
+             for length in (200, 12)]
+    shared = {"hidden_states": x, "timestep": torch.tensor([0.9], device=device), "image_shapes": [(1, grid, grid)]}
+
+    def step():
+        guidance = GuidanceStep(model, [{**shared, "encoder_hidden_states": t} for t in texts],
+                                norm_preserving_cfg(4.0))
+        with torch.inference_mode():
+            return guidance.combine(run_branches(guidance))
+
+    def warm():
+        step()
+
+    facts = ModelFacts(title, config.num_attention_heads, 2)
+    compare_modes(title, rank, world, device, mode_list(world, config.num_attention_heads, True), step, warm,
+                  repeats, facts)
+
+
+def text_encoder_tp_row(title, rank, world, device, dtype, config):
+    """Memory per GPU and output of a T5-XXL-sized encoder, whole on each GPU vs tensor-parallel over all."""
+    from transformers import T5EncoderModel
+
+    from diffgen.parallel.config import ParallelPlan
+    from diffgen.parallel.state import build_state
+    from diffgen.parallel.tensor import shard_encoder
+
+    vocab = config.vocab_size
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    model = random_weights_(model.to_empty(device=device)).to(dtype).eval()
+    whole = (torch.cuda.memory_allocated(device) - before) / 2**30 if device.type == "cuda" else float("nan")
+    ids = torch.randint(0, vocab, (1, 512), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        reference = model(ids).last_hidden_state.float().cpu()
+    state = build_state(ParallelPlan(num_gpus=world, tp_size=world, cfg_degree=1, ulysses_degree=1, ring_degree=world),
+                        device)
+    shard_encoder(model, state.tp)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    sharded = (torch.cuda.memory_allocated(device) - before) / 2**30 if device.type == "cuda" else float("nan")
+    with torch.inference_mode():
+        out = model(ids).last_hidden_state.float().cpu()
+    if rank == 0:
+        ROWS.append((title, "1 GPU (whole)", "1", "-", "-", "-", f"{whole:.2f} GiB per GPU"))
+        ROWS.append((title, f"TP-{world}", str(world), "-", "-", f"{relative_error(out, reference):.1e}",
+                     f"{sharded:.2f} GiB per GPU"))
+    del model
+
+
+def vae_row(title, rank, world, device, frames, height, width, vae_config):
+    """The Wan VAE decode on one GPU, then with its latent rows split over every GPU (diffgen/parallel/vae.py)."""
+    from diffusers import AutoencoderKLWan
+
+    from diffgen.parallel.config import ParallelPlan
+    from diffgen.parallel.state import build_state
+    from diffgen.parallel.vae import decode_rows, decoder_halo
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = random_weights_(AutoencoderKLWan(**vae_config).to(device, dtype).eval())
+    gen = torch.Generator(device=device).manual_seed(2)
+    latents = torch.randn(1, vae.config.z_dim, (frames - 1) // 4 + 1, height // 8, width // 8, device=device,
+                          dtype=dtype, generator=gen)
+    small = latents[:, :, :2, :, :24].contiguous()
+    state = build_state(ParallelPlan(num_gpus=world, ring_degree=world), device)
+    reference = baseline = None
+    with torch.inference_mode():
+        if rank == 0:
+            vae.decode(small)
+            baseline, reference = timed(lambda: vae.decode(latents, return_dict=False)[0], device, 1)
+            reference = reference.cpu()
+            ROWS.append((title, "1 GPU", "1", f"{baseline:.3f}", "1.00x", "-", ""))
+        dist.barrier()
+        decode_rows(vae, vae.decode, small, state.replica)
+        seconds, out = timed(lambda: decode_rows(vae, vae.decode, latents, state.replica), device, 1)
+    slowest = torch.tensor([seconds], device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        ROWS.append((title, f"rows split {world}", str(world), f"{slowest.item():.3f}",
+                     f"{baseline / slowest.item():.2f}x", f"{relative_error(out.cpu(), reference):.1e}",
+                     f"halo {decoder_halo(vae)} latent rows of {latents.shape[-2]}"))
+
+
+# -- driver ---------------------------------------------------------------------------------------------------
+
+
+def rank_main(rank: int, world: int, init: str, args) -> None:
+    from transformers import T5Config
+
+    from diffgen.models.dits.flux import FluxConfig
+    from diffgen.models.dits.qwen_image import QwenImageConfig
+    from diffgen.models.dits.wan import WanConfig
+
+    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init, rank=rank,
+                            world_size=world)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.set_grad_enabled(False)
+    started = time.perf_counter()
+
+    def row(name, fn, *fn_args):
+        _log(rank, f"[{time.perf_counter() - started:6.1f}s] {name}")
+        try:
+            return fn(*fn_args)
+        except Exception as error:  # noqa: BLE001
+            if rank == 0:
+                ROWS.append((name, "-", str(world), "error", "", "", _short(error)))
+            traceback.print_exc()
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        return None
+
+    if args.tiny:  # every row's code path on tiny configs (the CPU test)
+        wan = WanConfig(num_attention_heads=4, attention_head_dim=12, ffn_dim=64, num_layers=2, text_dim=32,
+                        freq_dim=32)
+        row("tiny Wan CFG step", wan_step_row, "tiny Wan CFG step", rank, world, device, dtype, wan, 9, 48, 80, 1, 16)
+        flux = FluxConfig(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                          joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), in_channels=16,
+                          guidance_embeds=True)
+        flux_run = row("tiny FLUX forward", flux_row, "tiny FLUX forward", rank, world, device, dtype, flux, 80, 1, 8)
+        if flux_run is not None:
+            row("tiny FLUX dp", flux_dp_row, "tiny FLUX", rank, world, device, *flux_run, 4, 1)
+        qwen = QwenImageConfig(num_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                               axes_dims_rope=(4, 6, 6), in_channels=16, out_channels=4)
+        row("tiny Qwen true-CFG step", qwen_row, "tiny Qwen true-CFG step", rank, world, device, dtype, qwen, 80, 1)
+        t5 = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+        row("tiny T5 TP", text_encoder_tp_row, "tiny T5 encoder", rank, world, device, dtype, t5)
+        row("tiny Wan VAE decode", vae_row, "tiny Wan VAE decode", rank, world, device, 5, 256, 48,
+            dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True]))
+    else:
+
+        quick = args.quick
+        frames = 21 if quick else 81
+        row("Wan2.1-T2V-14B CFG step", wan_step_row, f"Wan2.1-T2V-14B 720x1280x{frames} CFG step", rank, world,
+            device, dtype, WanConfig(), frames, 720, 1280, 1)
+        row("Wan2.1-T2V-1.3B CFG step", wan_step_row, f"Wan2.1-T2V-1.3B 480x832x{frames} CFG step", rank, world,
+            device, dtype, WanConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30), frames, 480, 832, 2)
+        size = 512 if quick else 1024
+        flux = row("FLUX.1-dev forward", flux_row, f"FLUX.1-dev {size}² forward", rank, world, device, dtype,
+                   FluxConfig(guidance_embeds=True), size, 3)
+        if flux is not None:
+            row("FLUX.1-dev dp", flux_dp_row, "FLUX.1-dev", rank, world, device, *flux, 8 if quick else 16, 4)
+        del flux
+        row("Qwen-Image true-CFG step", qwen_row, f"Qwen-Image {size}² true-CFG step", rank, world, device, dtype,
+            QwenImageConfig(), size, 2)
+        xxl = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+                   is_encoder_decoder=False)
+        row("T5-XXL TP", text_encoder_tp_row, "T5-XXL encoder", rank, world, device, dtype,
+            T5Config(vocab_size=32128, **xxl))
+        row("UMT5-XXL TP", text_encoder_tp_row, "UMT5-XXL-sized encoder (T5 layers, 256k vocab)", rank, world,
+            device, dtype, T5Config(vocab_size=256384, **xxl))
+        row("Wan VAE decode", vae_row, f"Wan VAE decode {frames} frames 720p", rank, world, device, frames, 720,
+            1280, {})
+    if rank == 0:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        print(f"\n## bench/parallel.py: {world} x {name}, torch {torch.__version__}, "
+              f"{time.perf_counter() - started:.0f} s")
+        print("| " + " | ".join(HEADER) + " |")
+        print("|" + "---|" * len(HEADER))
+        for r in ROWS:
+            print("| " + " | ".join(r) + " |")
+        sys.stdout.flush()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller shapes (21 frames, 512²)")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs (with --device cpu: the CPU test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-gpus", type=int, default=None, help="processes (default: all visible GPUs, max 4)")
+    args = parser.parse_args()
+    world = args.num_gpus or (min(torch.cuda.device_count(), 4) if args.device == "cuda" else 2)
+    if world < 2:
+        raise SystemExit("bench/parallel.py needs at least 2 GPUs (or --device cpu)")
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(rank_main, args=(world, f"file://{folder}/rendezvous", args), nprocs=world,
+                           start_method="spawn", join=True)
+
+
+if __name__ == "__main__":
+    main()

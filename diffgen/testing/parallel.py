@@ -1,0 +1,120 @@
+"""Multi-process parity harness: N gloo processes on the CPU against the single-process output.
+
+Each case names a tiny checkpoint, a request and parallel degrees over the whole world (fill the
+rest of the world with ``dp_size`` replicas). All ranks run every case in the same order (group
+creation is collective); rank 0 compares its output with the single-process output computed in
+the same process and writes ``{case: {"pixels": max abs diff, "latents": ..., "error": ...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _entry(rank: int, world_size: int, init_file: str, target: Callable, args: tuple) -> None:
+    from diffgen.parallel.state import init_distributed
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(1)
+    init_distributed(rank, world_size, f"file://{init_file}", torch.device("cpu"))
+    try:
+        target(rank, world_size, *args)
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def spawn(world_size: int, target: Callable, *args: Any) -> None:
+    """Run ``target(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; raises if one fails."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        init_file = os.path.join(folder, "rendezvous")
+        mp.start_processes(_entry, args=(world_size, init_file, target, args), nprocs=world_size,
+                           join=True, start_method="spawn")
+
+
+def run_parity_cases(rank: int, world_size: int, cases: list[dict], out_path: str) -> None:
+    """Cases: {"name", "model", "request": {...}, "parallel": {ParallelConfig fields}}."""
+    from diffgen import Engine
+    from diffgen.engine.request import GenerationRequest
+    from diffgen.parallel.config import ParallelConfig, make_plan
+    from diffgen.parallel.runtime import prepare_pipeline, read_model_facts
+    from diffgen.parallel.state import build_state, use_state
+
+    engines: dict[str, Engine] = {}
+    references: dict[str, Any] = {}
+    results: dict[str, dict] = {}
+    for case in cases:
+        model = case["model"]
+        if model not in engines:
+            engines[model] = Engine.from_pretrained(model, device="cpu", dtype="float32")
+        engine = engines[model]
+        tensor_parallel = case["parallel"].get("tp_size", 1) > 1
+        if tensor_parallel:  # sharding changes the text encoder in place: a fresh copy for this case
+            engine = Engine.from_pretrained(model, device="cpu", dtype="float32")
+        request_kwargs = {**case["request"], "return_tensors": True}
+        key = json.dumps([model, case["request"]], sort_keys=True, default=str)
+        if rank == 0 and key not in references:
+            references[key] = engine.run(GenerationRequest.build(**request_kwargs))
+        entry: dict[str, Any] = {}
+        try:
+            config = ParallelConfig(num_gpus=world_size, **case["parallel"])
+            plan = make_plan(config, read_model_facts(model))
+            entry["plan"] = plan.describe()
+            state = build_state(plan, torch.device("cpu"))
+            prepare_pipeline(engine.pipeline, state)
+            from diffgen.parallel.tensor import TensorParallelLinear
+
+            entry["tp_linears"] = sum(isinstance(m, TensorParallelLinear) for name in ("text_encoder", "text_encoder_2")
+                                      if engine.pipeline.components.get(name) is not None
+                                      for m in engine.pipeline.components[name].modules())
+            with use_state(state):
+                result = engine.run(GenerationRequest.build(**request_kwargs))
+            if rank == 0:
+                reference = references[key]
+                entry["latents"] = (result.latents - reference.latents).abs().max().item()
+                entry["pixels"] = (result.pixels - reference.pixels).abs().max().item()
+        except Exception:  # report per case; the other cases still run
+            entry["error"] = traceback.format_exc()
+        results[case["name"]] = entry
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def run_vae_cases(rank: int, world_size: int, vae_folders: dict[str, str], out_path: str) -> None:
+    """Row-split decode of random latents vs the whole decode, for each VAE folder; also with a too-small halo
+    (1 row), which must differ, so that the comparison is known to see the seams."""
+    import diffusers
+
+    from diffgen.parallel.config import ParallelPlan
+    from diffgen.parallel.state import build_state
+    from diffgen.parallel.vae import decode_rows, decoder_halo
+
+    state = build_state(ParallelPlan(num_gpus=world_size, ring_degree=world_size), torch.device("cpu"))
+    results = {}
+    for name, folder in vae_folders.items():
+        config = json.loads(open(os.path.join(folder, "config.json")).read())
+        vae = getattr(diffusers, config["_class_name"]).from_pretrained(folder, dtype=torch.float32).eval()
+        halo = decoder_halo(vae)
+        rows = 4 * halo + 3  # uneven pieces
+        generator = torch.Generator().manual_seed(0)
+        z = torch.randn(1, vae.config.z_dim, 2, rows, 6, generator=generator)
+        with torch.inference_mode():
+            whole = vae.decode(z, return_dict=False)[0]
+            split = decode_rows(vae, vae.decode, z, state.replica)
+            seams = decode_rows(vae, vae.decode, z, state.replica, halo=1)
+        results[name] = {"rows": rows, "halo": halo, "diff": (split - whole).abs().max().item(),
+                         "diff_halo_1": (seams - whole).abs().max().item(), "shape_equal": split.shape == whole.shape}
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)

@@ -1,0 +1,26 @@
+"""bench/parallel.py in its tiny CPU mode: every row's code path runs (2 gloo processes), and in float32 every
+mode's output equals the 1-process output (the GPU run reports the same column in bf16)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_parallel_tiny_cpu_mode():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "parallel.py"), "--tiny", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()
+            if line.startswith("| tiny")]
+    works = {row[0] for row in rows}
+    assert works == {"tiny Wan CFG step", "tiny FLUX forward", "tiny FLUX 4 requests x 1 steps",
+                     "tiny Qwen true-CFG step", "tiny T5 encoder", "tiny Wan VAE decode"}, run.stdout
+    assert not [row for row in rows if row[3] == "error"], run.stdout
+    errors = [float(row[5]) for row in rows if row[5] not in ("-", "")]
+    assert len(errors) >= 10 and max(errors) <= 1e-5, run.stdout
