@@ -172,6 +172,13 @@ SERVER = OptionGroup("server", "server", ("serve",), options=(
     Option("public_url", str, "base of the URLs returned for response_format=url, as clients reach the server, "
            "e.g. https://images.example.com (default: the address the server is bound to; never the client's "
            "Host header)", metavar="URL"),
+    Option("output_store", str, "where outputs (videos, URL images) are kept: s3://bucket/prefix for an S3-compatible "
+           "service (endpoint, region, credentials from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, "
+           "AWS_SECRET_ACCESS_KEY; needs boto3), default: --output-dir", metavar="URI"),
+    Option("s3_endpoint_url", str, "endpoint of the S3-compatible service of --output-store (default: "
+           "AWS_ENDPOINT_URL, else AWS)", metavar="URL"),
+    Option("s3_public_url", str, "return <URL>/<object key> for URL images of an S3 --output-store whose bucket is "
+           "public (default: presigned URLs, valid --image-ttl seconds)", metavar="URL"),
     Option("header_timeout", float, "seconds a client may take to send a request's line and headers; then HTTP 408",
            default=10.0, low=0.001),
     Option("body_timeout", float, "seconds a request body may stall without a byte before the connection is closed",

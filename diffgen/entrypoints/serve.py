@@ -55,7 +55,9 @@ def run_serve(options: dict[str, Any]) -> int:
         api_key=api_key, shutdown_timeout=float(values["shutdown_timeout"]),
         served_model_name=values.get("served_model_name"), max_body_bytes=int(float(values["max_upload_mb"]) * 2**20),
         image_ttl=float(values["image_ttl"]),
-        public_url=check_public_url(values["public_url"]) if values.get("public_url") else None)
+        public_url=check_public_url(values["public_url"]) if values.get("public_url") else None,
+        output_store=values.get("output_store"), s3_endpoint_url=values.get("s3_endpoint_url"),
+        s3_public_url=values.get("s3_public_url"))
     logging.getLogger("diffgen").setLevel(values["log_level"].upper())
     engine = config.build_engine()
     # Reads the checkpoint's spec (a bad --model-path fails here, exit 2) and starts the worker; the

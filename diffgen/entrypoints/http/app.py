@@ -35,6 +35,7 @@ from diffgen.engine import (
     resolve,
 )
 from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs
+from diffgen.entrypoints.http.output_store import OutputStoreUnavailable, open_output_store
 from diffgen.entrypoints.http.schemas import MAX_BODY_BYTES, APIError
 from diffgen.errors import InvalidRequestError
 
@@ -77,6 +78,11 @@ class ServerConfig:
     #: the base of the URLs of response_format=url images, e.g. https://images.example.com; None: the
     #: address the server is bound to (never the client's Host header)
     public_url: str | None = None
+    #: where outputs go: None (the output folder) or s3://bucket/prefix
+    output_store: str | None = None
+    s3_endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL or AWS itself
+    #: the base of public URLs for objects of an S3 output store; None: presigned URLs (valid image_ttl seconds)
+    s3_public_url: str | None = None
 
     def build_engine(self) -> Engine:
         """The Engine ``diffgen serve`` runs: the model in worker processes behind a bounded queue."""
@@ -95,8 +101,10 @@ class ServerState:
         self.metrics.describe("diffgen_client_disconnects_total", "counter",
                               "Requests whose client left before sending the whole body")
         self.store = JobStore(config.output_dir)
-        self.videos = VideoJobs(self.store, self.engine, self.metrics)
-        self.images = ImageFiles(config.output_dir, ttl=config.image_ttl)
+        outputs = open_output_store(config.output_store, config.output_dir, s3_endpoint_url=config.s3_endpoint_url,
+                                    url_ttl=config.image_ttl, public_base_url=config.s3_public_url)
+        self.videos = VideoJobs(self.store, outputs, self.engine, self.metrics)
+        self.images = ImageFiles(outputs, config.output_dir, ttl=config.image_ttl)
         self.model_id = config.served_model_name or config.model_path
         self._probe: asyncio.Future | None = None  # the /health_generate generation in flight
         #: time.monotonic() of the SIGTERM / Ctrl-C (set by `diffgen serve`); --shutdown-timeout counts from it
@@ -280,6 +288,12 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
         return error_response(error)
+
+    @app.exception_handler(OutputStoreUnavailable)
+    async def output_store_error(request: Request, error: OutputStoreUnavailable):
+        logger.error("%s %s: %s", request.method, request.scope["path"], error)
+        return error_response(APIError(503, f"{error}; retry later", code="output_store_unavailable",
+                                       type="server_error", headers={"retry-after": "5"}))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):

@@ -1,7 +1,9 @@
-"""Video jobs that outlive the server process: records in SQLite, MP4 files next to them.
+"""Video jobs that outlive the server process: records in SQLite, MP4 files in the output store.
 
-``<output-dir>/jobs.sqlite3`` holds one row per video job; ``<output-dir>/videos/<id>.mp4`` its
-content and ``<output-dir>/images/<id>.<ext>`` images served by URL. Every file name is made here
+``<output-dir>/jobs.sqlite3`` holds one row per video job; the output store (output_store.py: the
+output folder by default, or an S3 bucket) keeps ``videos/<id>.mp4``, its content, and
+``images/<id>.<ext>``, images served by URL. MP4s are encoded in ``<output-dir>/videos`` first and
+stored only once whole. Every file name is made here
 from a random id; nothing in a path comes from the client. On start, jobs left queued or running by
 a previous process are marked failed with the reason, and half-written files are removed.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from diffgen.engine import Engine, GenerationRequest, Job, JobError, Metrics
+from diffgen.entrypoints.http.output_store import OutputStore, OutputStoreUnavailable, copy_to_temp
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +141,16 @@ class JobStore:
 
     def video_path(self, video_id: str, index: int = 0) -> Path:
         """The MP4 of output ``index`` of a job: ``<id>.mp4``, then ``<id>_1.mp4``, ... (n > 1)."""
-        return self.videos_dir / (f"{video_id}.mp4" if index == 0 else f"{video_id}_{index}.mp4")
+        return self.videos_dir / video_file(video_id, index)
+
+
+def video_file(video_id: str, index: int = 0) -> str:
+    return f"{video_id}.mp4" if index == 0 else f"{video_id}_{index}.mp4"
+
+
+def video_key(video_id: str, index: int = 0) -> str:
+    """The output store's key of output ``index`` of a job (``video_path`` is where it is encoded first)."""
+    return f"videos/{video_file(video_id, index)}"
 
 
 def video_object(record: dict[str, Any]) -> dict[str, Any]:
@@ -159,8 +171,9 @@ def is_video_id(text: str) -> bool:
 class VideoJobs:
     """Creates video jobs, follows them through the engine into the store, writes their MP4s."""
 
-    def __init__(self, store: JobStore, engine: Engine | None, metrics: Metrics):
+    def __init__(self, store: JobStore, outputs: OutputStore, engine: Engine | None, metrics: Metrics):
         self.store = store
+        self.outputs = outputs
         self.engine = engine
         self.metrics = metrics
         # MP4 encoding (ffmpeg) runs off the engine's threads.
@@ -195,7 +208,7 @@ class VideoJobs:
         from diffgen.outputs import write_mp4
 
         self._progress.pop(video_id, None)
-        paths: list[Path] = []
+        stored: list[str] = []
         part = self.store.video_path(video_id).with_suffix(".part.mp4")
         try:
             output = future.result()
@@ -206,18 +219,21 @@ class VideoJobs:
                 metadata = None if record is None else generation_metadata(
                     output.request, seed=output.seed, model=record["model"], output_index=index)
                 write_mp4(frames, part, output.fps, metadata)
-                os.replace(part, path)
-                paths.append(path)
-            if not self.store.finish(video_id, "completed", file=paths[0].name):
-                for path in paths:
-                    path.unlink(missing_ok=True)  # deleted while it ran
+                self.outputs.put(video_key(video_id, index), part, "video/mp4")
+                stored.append(video_key(video_id, index))
+            if not self.store.finish(video_id, "completed", file=video_file(video_id)):
+                self._delete_stored(stored)  # deleted while it ran
         except JobError as e:
             self.store.finish(video_id, "failed", error={"code": e.code, "message": e.message})
+        except OutputStoreUnavailable as e:
+            logger.error("video %s: %s", video_id, e)
+            part.unlink(missing_ok=True)
+            self._delete_stored(stored)
+            self.store.finish(video_id, "failed", error={"code": "output_store_unavailable", "message": str(e)})
         except Exception as e:
             logger.exception("video %s: cannot write the MP4", video_id)
             part.unlink(missing_ok=True)  # a half-written file must not wait for the next restart
-            for path in paths:
-                path.unlink(missing_ok=True)
+            self._delete_stored(stored)
             self.store.finish(video_id, "failed", error={"code": "encoding_error",
                                                           "message": f"cannot write the MP4: {e}"})
 
@@ -228,59 +244,64 @@ class VideoJobs:
             return False
         if record["status"] in ACTIVE:
             self.engine.cancel(video_id)
-        for index in range(max(1, json.loads(record.get("params") or "{}").get("n", 1))):
-            self.store.video_path(video_id, index).unlink(missing_ok=True)
+        self._delete_stored([video_key(video_id, index)
+                             for index in range(max(1, json.loads(record.get("params") or "{}").get("n", 1)))])
         return True
+
+    def _delete_stored(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.outputs.delete(key)
+            except OutputStoreUnavailable as e:  # left behind in the store; the job row is what counts
+                logger.error("cannot delete %s: %s", key, e)
 
     def close(self) -> None:
         self._encoders.shutdown(wait=True)
 
 
 class ImageFiles:
-    """Images kept for ``response_format=url``, served at /v1/images/{id}/content for ``ttl`` seconds
-    after they are made; older ones are answered 404 and deleted by ``sweep``, which ``save`` runs at
-    most once every SWEEP_INTERVAL_S seconds."""
+    """Images kept for ``response_format=url``, served at /v1/images/{id}/content (or at the output
+    store's own URL) for ``ttl`` seconds after they are made; older ones are answered 404 and deleted
+    by ``sweep``, which ``save`` runs at most once every SWEEP_INTERVAL_S seconds."""
 
     SWEEP_INTERVAL_S = 60.0
 
-    def __init__(self, output_dir: str | os.PathLike, ttl: float = 3600.0):
-        self.dir = Path(output_dir) / "images"
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, outputs: OutputStore, staging_dir: str | os.PathLike, ttl: float = 3600.0):
+        self.outputs = outputs
+        self.staging_dir = Path(staging_dir) / "images"
         self.ttl = ttl
         self._last_sweep = float("-inf")
         self._lock = threading.Lock()
 
-    def save(self, data: bytes, output_format: str) -> str:
+    def save(self, data: bytes, output_format: str) -> tuple[str, str | None]:
+        """Store an encoded image; returns its id and the store's URL for it (None: use /content)."""
         image_id = f"img_{uuid.uuid4().hex}"
-        (self.dir / f"{image_id}.{_IMAGE_EXTENSIONS[output_format]}").write_bytes(data)
+        key = f"images/{image_id}.{_IMAGE_EXTENSIONS[output_format]}"
+        self.outputs.put(key, copy_to_temp(data, self.staging_dir, image_id), IMAGE_MEDIA_TYPES[output_format])
         with self._lock:
             due = time.monotonic() - self._last_sweep >= min(self.SWEEP_INTERVAL_S, self.ttl)
             if due:
                 self._last_sweep = time.monotonic()
         if due:
             self.sweep()
-        return image_id
+        return image_id, self.outputs.url(key)
 
-    def find(self, image_id: str) -> tuple[Path, str] | None:
+    def find(self, image_id: str) -> tuple[str, str] | None:
+        """The store key and media type of a live image."""
         if not _IMAGE_ID.fullmatch(image_id):
             return None
         for fmt, ext in _IMAGE_EXTENSIONS.items():
-            path = self.dir / f"{image_id}.{ext}"
-            if path.is_file():
-                return None if self._expired(path, time.time()) else (path, IMAGE_MEDIA_TYPES[fmt])
+            key = f"images/{image_id}.{ext}"
+            found = self.outputs.stat(key)
+            if found is not None:
+                return None if time.time() - found.modified > self.ttl else (key, IMAGE_MEDIA_TYPES[fmt])
         return None
 
     def sweep(self) -> int:
         """Delete the expired images; returns how many."""
         now, removed = time.time(), 0
-        for path in self.dir.glob("img_*"):
-            if self._expired(path, now):
-                path.unlink(missing_ok=True)
+        for key, modified in list(self.outputs.list("images/img_")):
+            if now - modified > self.ttl:
+                self.outputs.delete(key)
                 removed += 1
         return removed
-
-    def _expired(self, path: Path, now: float) -> bool:
-        try:
-            return now - path.stat().st_mtime > self.ttl
-        except FileNotFoundError:  # swept meanwhile
-            return True

