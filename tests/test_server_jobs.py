@@ -15,6 +15,7 @@ from diffgen.engine.messages import LoadFailed
 from diffgen.engine.scheduler import ProcessExecutor
 from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs, video_object
 from diffgen.entrypoints.http.openai_routes import composite_with_mask
+from diffgen.entrypoints.http.output_store import LocalOutputStore
 
 
 def _record(video_id: str) -> dict:
@@ -187,9 +188,11 @@ def test_finishing_a_job_whose_awaiter_cancelled_its_future_is_harmless():
 
 
 def test_url_images_expire_after_their_ttl(tmp_path):
-    images = ImageFiles(tmp_path, ttl=60)
-    old, new = images.save(b"old", "png"), images.save(b"new", "jpeg")
-    old_path = images.find(old)[0]
+    images = ImageFiles(LocalOutputStore(tmp_path), tmp_path, ttl=60)
+    (old, old_url), (new, _) = images.save(b"old", "png"), images.save(b"new", "jpeg")
+    assert old_url is None  # a local folder has no URL of its own: served at /v1/images/{id}/content
+    old_path = tmp_path / images.find(old)[0]
+    assert old_path.read_bytes() == b"old" and not list(tmp_path.glob("images/*.part"))
     an_hour_ago = time.time() - 3600
     os.utime(old_path, (an_hour_ago, an_hour_ago))
     assert images.find(old) is None  # expired: answered 404 even before a sweep
@@ -208,7 +211,7 @@ def test_a_failed_mp4_write_leaves_no_part_file(tmp_path, monkeypatch):
     monkeypatch.setattr(diffgen.outputs, "write_mp4", broken_write)
     store = JobStore(tmp_path)
     store.create(_record(_id(1)))
-    videos = VideoJobs(store, engine=None, metrics=Metrics())
+    videos = VideoJobs(store, LocalOutputStore(tmp_path), engine=None, metrics=Metrics())
     future: concurrent.futures.Future = concurrent.futures.Future()
     future.set_result(GenerationResult(request=GenerationRequest.build("p"), model="m", seed=0, fps=16,
                                        frames=[np.zeros((1, 8, 8, 3), np.uint8)]))

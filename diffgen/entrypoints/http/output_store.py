@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from diffgen.errors import DiffgenError
+
 
 class OutputStoreUnavailable(Exception):
     """The store cannot be reached or refused the operation (answered HTTP 503)."""
@@ -198,14 +200,17 @@ def open_output_store(output_store: str | None, output_dir: str | os.PathLike, *
     """``output_store``: None or a folder -> LocalOutputStore; ``s3://bucket/prefix`` -> S3OutputStore."""
     if not output_store:
         return LocalOutputStore(output_dir)
-    if output_store.startswith("s3://"):
+    if "://" not in output_store:
+        return LocalOutputStore(output_store)
+    try:
+        if not output_store.startswith("s3://"):
+            raise ValueError(f"give a folder or s3://bucket/prefix, not {output_store!r}")
         store = S3OutputStore(output_store, endpoint_url=s3_endpoint_url, url_ttl=url_ttl,
                               public_base_url=public_base_url)
         store.check()
-        return store
-    if "://" in output_store:
-        raise ValueError(f"--output-store {output_store!r}: give a folder or s3://bucket/prefix")
-    return LocalOutputStore(output_store)
+    except (ValueError, ImportError, OutputStoreUnavailable) as e:  # reported by `serve` without a traceback
+        raise DiffgenError(f"--output-store: {e}") from None
+    return store
 
 
 def copy_to_temp(data: bytes, folder: Path, name: str) -> Path:
