@@ -156,6 +156,16 @@ REQUEST = OptionGroup("request", "request", (), options=(
            http="all"),
 ))
 
+PARALLELISM = OptionGroup("parallelism", "parallelism (docs/parallel.md)", ("generate",), engine=True, options=(
+    Option("num_gpus", int, "processes (GPUs) to run on; alone, it picks the degrees below (printed)", low=1),
+    Option("ulysses_degree", int, "sequence parallel by all-to-all (heads <-> tokens); divides the head count",
+           low=1),
+    Option("ring_degree", int, "sequence parallel by rotating keys/values between ranks", low=1),
+    Option("enable_cfg_parallel", bool, "the conditional and unconditional branch on different GPUs"),
+    Option("tp_size", int, "tensor-parallel degree of the text encoder (its memory per GPU divides by it)", low=1),
+    Option("dp_size", int, "independent replicas of the whole pipeline behind one queue", low=1),
+))
+
 SERVER = OptionGroup("server", "server", ("serve",), options=(
     Option("host", str, "address to listen on (0.0.0.0 for all)", default="127.0.0.1"),
     Option("port", int, "port", default=30000, low=0, high=65535),
@@ -228,8 +238,8 @@ OUTPUT = OptionGroup("output", "output", ("generate",), options=(
            "--output-file-name is refused)"),
 ))
 
-GROUPS: dict[str, OptionGroup] = {g.name: g for g in (MODEL, PERFORMANCE, STEP_CACHE, MEMORY, LORA, REQUEST, SERVER,
-                                                      LOGGING, SAMPLING, OUTPUT)}
+GROUPS: dict[str, OptionGroup] = {g.name: g for g in (MODEL, PERFORMANCE, PARALLELISM, STEP_CACHE, MEMORY, LORA,
+                                                      REQUEST, SERVER, LOGGING, SAMPLING, OUTPUT)}
 
 
 def all_options() -> dict[str, Option]:
@@ -247,6 +257,11 @@ def options_for(command: str) -> dict[str, Option]:
 def engine_option_names() -> tuple[str, ...]:
     """Keyword arguments of ``Engine.from_pretrained`` besides ``model_path``."""
     return tuple(o.name for g in GROUPS.values() if g.engine for o in g.options if o.name != "model_path")
+
+
+def parallel_option_names() -> tuple[str, ...]:
+    """The Engine options that choose how many processes run the model (not options of the loader)."""
+    return tuple(o.name for o in PARALLELISM.options)
 
 
 def defaults(group: str) -> dict[str, Any]:

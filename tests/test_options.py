@@ -11,7 +11,7 @@ from diffgen.engine.request import GenerationRequest
 from diffgen.entrypoints.cli import build_parser, merge_config
 from diffgen.entrypoints.http.schemas import ImageGenerationBody, VideoBody
 from diffgen.errors import InvalidRequestError
-from diffgen.options import GROUPS, engine_option_names, option
+from diffgen.options import GROUPS, engine_option_names, option, parallel_option_names
 
 
 @pytest.mark.parametrize("name,field", [("num_inference_steps", "num_inference_steps"), ("seed", "seed"),
@@ -59,7 +59,9 @@ def test_engine_options_are_the_from_pretrained_arguments():
     assert names == {o.name for g in GROUPS.values() if g.engine for o in g.options} - {"model_path"}
     # every engine option reaches the in-process loader and, through it, every worker process
     assert names <= set(inspect.signature(Engine.from_pretrained).parameters)
-    assert names <= set(inspect.signature(load_model).parameters)
+    # the parallelism group chooses the executor (how many processes); the rest reach every loader
+    assert set(parallel_option_names()) <= names
+    assert names - set(parallel_option_names()) <= set(inspect.signature(load_model).parameters)
 
 
 def test_help_lists_choices_defaults_and_rules(capsys):

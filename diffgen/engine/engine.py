@@ -16,6 +16,7 @@ from diffgen.engine.executor import Executor, ExecutorStatus, InProcessExecutor,
 from diffgen.engine.metrics import Metrics
 from diffgen.engine.request import GenerationRequest, GenerationResult
 from diffgen.engine.spec import ModelSpec, resolve
+from diffgen.errors import DiffgenError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,10 @@ class Engine:
                         quantize: str | None = None, vae_dtype: str | torch.dtype | None = None,
                         cache: str | None = None, cache_threshold: float | None = None,
                         offload: str | None = None, lora_path: list[str] | None = None,
-                        lora_mode: str | None = None, serving: bool = False) -> Engine:
+                        lora_mode: str | None = None, serving: bool = False, num_gpus: int | None = None,
+                        ulysses_degree: int | None = None, ring_degree: int | None = None,
+                        enable_cfg_parallel: bool | None = None, tp_size: int | None = None,
+                        dp_size: int | None = None) -> Engine:
         """Load the model into this process. ``model_path``: a hub id (``org/name``) or a local folder.
 
         ``compile``: torch.compile each DiT block (slower first request per shape, faster steps).
@@ -60,9 +64,30 @@ class Engine:
         blocks from CPU memory a few at a time (for GPUs smaller than the model).
         ``lora_path``: LoRA files to load, each ``path`` or ``path:scale``; ``lora_mode``: "merged" (default:
         added into the weights) or "dynamic" (applied in the forward; requests may pick their own LoRAs).
+        ``num_gpus`` > 1 (or any degree above 1): one process per GPU (gloo processes with ``device="cpu"``),
+        degrees as the CLI flags (docs/parallel.md); the plan is checked against the checkpoint before
+        anything loads (ParallelConfigError). Call ``close()`` to stop the processes.
         """
         from diffgen.engine.loading import load_model
+        from diffgen.parallel.config import ParallelConfig
 
+        parallel = ParallelConfig(num_gpus=num_gpus or 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                                  enable_cfg_parallel=enable_cfg_parallel, tp_size=tp_size, dp_size=dp_size or 1)
+        given = (num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel, tp_size, dp_size)
+        plan = None
+        if any(value is not None for value in given):  # checked even for one GPU: "--ulysses-degree 2" alone is wrong
+            from diffgen.parallel.runtime import plan_for_model
+
+            plan = plan_for_model(parallel, model_path, revision)
+        if plan is not None and plan.num_gpus > 1:
+            from diffgen.parallel.worker_group import WorkerGroup
+
+            options = dict(device=None if device is None else str(device), dtype=_dtype_name(dtype),
+                           revision=revision, attention_backend=attention_backend, compile=compile,
+                           quantize=quantize, vae_dtype=_dtype_name(vae_dtype), cache=cache,
+                           cache_threshold=cache_threshold, offload=offload, lora_path=lora_path, lora_mode=lora_mode,
+                           serving=serving)
+            return cls(WorkerGroup(str(model_path), options, plan), str(model_path), revision)
         pipeline = load_model(model_path, device=device, dtype=dtype, revision=revision,
                               attention_backend=attention_backend, compile=compile, quantize=quantize,
                               vae_dtype=vae_dtype, cache=cache, cache_threshold=cache_threshold, offload=offload,
@@ -122,7 +147,12 @@ class Engine:
         ``max_restarts`` within ``restart_window`` seconds: how often dying workers are restarted.
         """
         from diffgen.engine.scheduler import ProcessExecutor
+        from diffgen.options import parallel_option_names
 
+        given = sorted(name for name in parallel_option_names() if model_options.get(name) is not None)
+        if given:  # a worker that is itself a group of processes: not wired into the scheduler yet
+            raise DiffgenError(f"{', '.join(given)}: worker processes run one GPU each here; use "
+                               "Engine.from_pretrained for several GPUs")
         executor = ProcessExecutor({"model_path": str(model_path), "engine_options": model_options},
                                    max_queue=max_queue, max_batch_size=max_batch_size, num_workers=num_workers,
                                    max_restarts=max_restarts, restart_window=restart_window, metrics=metrics)
@@ -148,6 +178,12 @@ class Engine:
     def close(self) -> None:
         """After ``shutdown``: release the executor's resources (worker queues)."""
         self.executor.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def status(self) -> ExecutorStatus:
         return self.executor.status()
@@ -210,3 +246,7 @@ class Engine:
                     progress(job.step, job.total_steps)
         options = {"is_cancelled": is_cancelled} if is_cancelled is not None else {}
         return self.submit(request, listener=listener, **options).result()
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None

@@ -128,8 +128,8 @@ def run_generate(options: dict[str, Any]) -> int:
     save = any(options.get(k) for k in ("save_output", "output_path", "output_file_name", "output_format"))
     output_format = check_planned_outputs(options, request, spec.output_kind) if save else None
 
-    engine = Engine.from_pretrained(model_path, **engine_options(options))
-    result = engine.generate(prompts, progress=DenoisingBar(), **params)
+    with Engine.from_pretrained(model_path, **engine_options(options)) as engine:  # closing stops rank processes
+        result = engine.generate(prompts, progress=DenoisingBar(), **params)
     if save:
         paths = result.save(options.get("output_path") or "outputs", options.get("output_file_name"), output_format,
                             overwrite=bool(options.get("overwrite")))

@@ -1,0 +1,78 @@
+"""Several processes behind the user's entry points: the Python API and the CLI (a WorkerGroup executor).
+
+Each test starts real rank processes (gloo on the CPU) and compares with the single-process output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffgen import Engine
+from diffgen.entrypoints.cli import main
+
+PROMPT = "a red fox in the snow"
+REQUEST = dict(height=48, width=80, num_inference_steps=2, seed=3, max_sequence_length=16)
+
+
+@pytest.fixture(scope="module")
+def single_engine(tiny_flux):
+    return Engine.from_pretrained(tiny_flux, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def single(single_engine):
+    return single_engine.generate(PROMPT, return_tensors=True, **REQUEST)
+
+
+def _close_images(got: Image.Image, expected: Image.Image) -> None:
+    """uint8 images of outputs equal within 1e-5 in [0, 1]: at most one rounding step apart."""
+    difference = np.abs(np.asarray(got.convert("RGB"), dtype=int) - np.asarray(expected, dtype=int))
+    assert difference.max() <= 1
+
+
+def test_python_api_ulysses_and_tp_equal_one_process_and_a_killed_rank_recovers(tiny_flux, single):
+    from diffgen.parallel.worker_group import WorkerGroupError
+
+    with Engine.from_pretrained(tiny_flux, device="cpu", dtype="float32", num_gpus=2, ulysses_degree=2,
+                                tp_size=2) as engine:
+        assert type(engine.executor).__name__ == "WorkerGroup" and len(engine.executor.processes) == 2
+        result = engine.generate(PROMPT, return_tensors=True, **REQUEST)
+        assert (result.pixels - single.pixels).abs().max().item() <= 1e-5
+        steps = []
+        engine.generate(PROMPT, progress=lambda step, total: steps.append((step, total)), **REQUEST)
+        assert steps == [(1, 2), (2, 2)]
+
+        engine.executor.processes[1].kill()  # a rank dies: its request fails, the group starts again
+        with pytest.raises(WorkerGroupError, match="rank"):
+            engine.generate(PROMPT, **REQUEST)
+        result = engine.generate(PROMPT, return_tensors=True, **REQUEST)
+        assert (result.pixels - single.pixels).abs().max().item() <= 1e-5
+        assert engine.status().restarts == 1
+
+
+def test_python_api_degree_without_gpus_is_one_error_before_loading(tiny_flux):
+    from diffgen.parallel.config import ParallelConfigError
+
+    with pytest.raises(ParallelConfigError, match="--num-gpus 1: the degrees do not multiply"):
+        Engine.from_pretrained(tiny_flux, device="cpu", ulysses_degree=2)
+
+
+def test_cli_generate_with_ring_parallel(tiny_flux, single, tmp_path, capsys):
+    code = main(["generate", "--model-path", tiny_flux, "--device", "cpu", "--dtype", "float32", "--num-gpus", "2",
+                 "--ring-degree", "2", "--prompt", PROMPT, "--height", "48", "--width", "80",
+                 "--num-inference-steps", "2", "--seed", "3", "--max-sequence-length", "16", "--save-output",
+                 "--output-path", str(tmp_path), "--output-file-name", "fox"])
+    assert code == 0, capsys.readouterr().err
+    _close_images(Image.open(tmp_path / "fox.png"), single.images[0])
+
+
+def test_cli_bad_combination_is_one_error_before_loading(tiny_checkpoint, capsys):
+    code = main(["generate", "--model-path", tiny_checkpoint("qwen-image"), "--device", "cpu", "--num-gpus", "2",
+                 "--ulysses-degree", "2", "--prompt", PROMPT])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "error: --ulysses-degree 2 does not divide ckpt's 3 attention heads; allowed: 1, 3 (use --ring-degree "
+        "for the rest)"]
