@@ -156,7 +156,7 @@ REQUEST = OptionGroup("request", "request", (), options=(
            http="all"),
 ))
 
-PARALLELISM = OptionGroup("parallelism", "parallelism (docs/parallel.md)", ("generate",), engine=True, options=(
+PARALLELISM = OptionGroup("parallelism", "parallelism (docs/parallel.md)", ("generate", "serve"), engine=True, options=(
     Option("num_gpus", int, "processes (GPUs) to run on; alone, it picks the degrees below (printed)", low=1),
     Option("ulysses_degree", int, "sequence parallel by all-to-all (heads <-> tokens); divides the head count",
            low=1),

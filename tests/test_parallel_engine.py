@@ -1,9 +1,14 @@
-"""Several processes behind the user's entry points: the Python API and the CLI (a WorkerGroup executor).
+"""Several processes behind the user's entry points: the Python API, the CLI (a WorkerGroup executor) and the
+server (each worker one replica: a group of ranks).
 
 Each test starts real rank processes (gloo on the CPU) and compares with the single-process output.
 """
 
 from __future__ import annotations
+
+import base64
+import functools
+import io
 
 import numpy as np
 import pytest
@@ -76,3 +81,27 @@ def test_cli_bad_combination_is_one_error_before_loading(tiny_checkpoint, capsys
     assert err.strip().splitlines() == [
         "error: --ulysses-degree 2 does not divide ckpt's 3 attention heads; allowed: 1, 3 (use --ring-degree "
         "for the rest)"]
+
+
+def test_server_with_replicas_of_two_ranks(tiny_flux, single_engine, tmp_path):
+    from server_utils import ServerProcess
+
+    server = ServerProcess(tiny_flux, tmp_path / "out", "--dtype", "float32", "--num-gpus", "4", "--dp-size", "2",
+                           "--ulysses-degree", "2")
+    # 2 replicas x 2 ranks load one after another on a 2-core CI box: give them longer than one worker gets
+    server.wait_ready = functools.partial(ServerProcess.wait_ready, server, timeout=600)
+    server.start()
+    try:
+        client = server.client()
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(_):
+            return client.images.generate(prompt=PROMPT, size="80x48", extra_body={"num_inference_steps": 2, "seed": 3})
+
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(one, range(4)))
+        expected = single_engine.generate(PROMPT, height=48, width=80, num_inference_steps=2, seed=3).images[0]
+        for response in responses:
+            _close_images(Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))), expected)
+    finally:
+        assert server.stop(), server.log()

@@ -16,7 +16,6 @@ from diffgen.engine.executor import Executor, ExecutorStatus, InProcessExecutor,
 from diffgen.engine.metrics import Metrics
 from diffgen.engine.request import GenerationRequest, GenerationResult
 from diffgen.engine.spec import ModelSpec, resolve
-from diffgen.errors import DiffgenError
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +144,21 @@ class Engine:
         ``model_options``: the keyword arguments of ``from_pretrained``, passed to every worker.
         ``max_queue`` / ``max_batch_size``: None takes the ``diffgen serve`` defaults (diffgen.options).
         ``max_restarts`` within ``restart_window`` seconds: how often dying workers are restarted.
+        Parallelism options (``num_gpus``, ``dp_size``, degrees): one worker per replica (``dp_size``), each
+        a group of ``num_gpus / dp_size`` processes when that is more than one.
         """
         from diffgen.engine.scheduler import ProcessExecutor
         from diffgen.options import parallel_option_names
 
-        given = sorted(name for name in parallel_option_names() if model_options.get(name) is not None)
-        if given:  # a worker that is itself a group of processes: not wired into the scheduler yet
-            raise DiffgenError(f"{', '.join(given)}: worker processes run one GPU each here; use "
-                               "Engine.from_pretrained for several GPUs")
+        if any(model_options.get(name) is not None for name in parallel_option_names()):
+            # Checked once here, before any worker starts: each worker is one replica (``dp_size`` of them),
+            # a group of num_gpus / dp_size processes when that is more than one.
+            from diffgen.parallel.config import ParallelConfig
+            from diffgen.parallel.runtime import plan_for_model
+
+            plan = plan_for_model(ParallelConfig.from_options(model_options), str(model_path),
+                                  model_options.get("revision"))
+            num_workers = plan.dp_size
         executor = ProcessExecutor({"model_path": str(model_path), "engine_options": model_options},
                                    max_queue=max_queue, max_batch_size=max_batch_size, num_workers=num_workers,
                                    max_restarts=max_restarts, restart_window=restart_window, metrics=metrics)

@@ -74,9 +74,14 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
         outbox.put(LoadFailed(f"{type(e).__name__}: {e}"))
         return
     quantized = options.get("engine_options", {}).get("quantize")
-    outbox.put(Ready(spec=pipeline.spec, device=str(pipeline.device),
-                     dit_precision=quantized or str(pipeline.dtype).removeprefix("torch."),
-                     vae_precision=str(pipeline.vae.dtype).removeprefix("torch.")))
+    if hasattr(pipeline, "plan"):  # a WorkerGroup: its ranks hold the pipeline in the options' dtype
+        dtype = options.get("engine_options", {}).get("dtype") or "auto"
+        outbox.put(Ready(spec=pipeline.spec, device=pipeline.info.device, dit_precision=quantized or dtype,
+                         vae_precision=options.get("engine_options", {}).get("vae_dtype") or dtype))
+    else:
+        outbox.put(Ready(spec=pipeline.spec, device=str(pipeline.device),
+                         dit_precision=quantized or str(pipeline.dtype).removeprefix("torch."),
+                         vae_precision=str(pipeline.vae.dtype).removeprefix("torch.")))
 
     batches: queue.Queue = queue.Queue()
     cancelled: set[str] = set()
@@ -114,12 +119,28 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
 
 
 def _load(worker_id: int, options: dict[str, Any]):
+    """The worker's pipeline: loaded here, or a WorkerGroup (one replica of several GPUs) that runs the same way."""
     from diffgen.engine.loading import load_model
+    from diffgen.options import parallel_option_names
 
     model_options = {k: v for k, v in options.get("engine_options", {}).items() if v is not None}
-    # One worker per GPU: worker i takes cuda:i when the user asked for plain "cuda".
-    if model_options.get("device") == "cuda" and options.get("num_workers", 1) > 1:
-        model_options["device"] = f"cuda:{worker_id}"
+    parallel = {k: model_options.pop(k) for k in parallel_option_names() if k in model_options}
+    # --dp-size: each worker is one replica of num_gpus / dp_size GPUs (the executor checked the plan).
+    gpus = (parallel.get("num_gpus") or 1) // (parallel.pop("dp_size", None) or 1)
+    # One worker per replica: worker i starts at cuda:i*gpus when the user asked for plain "cuda".
+    if options.get("num_workers", 1) > 1 and model_options.get("device", "auto") in ("cuda", "auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            model_options["device"] = f"cuda:{worker_id * gpus}"
+    if gpus > 1:
+        from diffgen.parallel.config import ParallelConfig
+        from diffgen.parallel.runtime import plan_for_model
+        from diffgen.parallel.worker_group import WorkerGroup
+
+        plan = plan_for_model(ParallelConfig.from_options(dict(parallel, num_gpus=gpus)), options["model_path"],
+                              model_options.get("revision"))
+        return WorkerGroup(options["model_path"], dict(model_options, serving=True), plan)
     return load_model(options["model_path"], serving=True, **model_options)
 
 
