@@ -1,5 +1,5 @@
-"""Several processes behind the user's entry points: the Python API, the CLI (a WorkerGroup executor) and the
-server (each worker one replica: a group of ranks).
+"""Several processes behind the user's entry points: the Python API, the CLI (a WorkerGroup executor) , the
+server (each worker one replica: a group of ranks) and torchrun (the launcher starts the ranks).
 
 Each test starts real rank processes (gloo on the CPU) and compares with the single-process output.
 """
@@ -9,6 +9,9 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -105,3 +108,36 @@ def test_server_with_replicas_of_two_ranks(tiny_flux, single_engine, tmp_path):
             _close_images(Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))), expected)
     finally:
         assert server.stop(), server.log()
+
+
+def test_two_torchrun_launches_meet_on_localhost(tiny_flux, single, tmp_path):
+    port = str(_free_port())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__import__("diffgen").__file__))),
+                    os.environ.get("PYTHONPATH")) if p)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--master-addr", "127.0.0.1", "--master-port", port]
+    command = ["-m", "diffgen.entrypoints.cli", "generate", "--model-path", tiny_flux, "--device", "cpu",
+               "--dtype", "float32", "--ulysses-degree", "2", "--prompt", PROMPT, "--height", "48", "--width", "80",
+               "--num-inference-steps", "2", "--seed", "3", "--max-sequence-length", "16", "--save-output",
+               "--output-path", str(tmp_path), "--output-file-name", "fox"]
+    nodes = [subprocess.Popen([*torchrun, "--node-rank", str(node), *command], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = []
+    for node in nodes:
+        try:
+            outputs.append(node.communicate(timeout=400)[0])
+        except subprocess.TimeoutExpired:
+            for other in nodes:
+                other.kill()
+            raise
+    assert all(node.returncode == 0 for node in nodes), "\n".join(outputs)
+    _close_images(Image.open(tmp_path / "fox.png"), single.images[0])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -128,8 +128,28 @@ def run_generate(options: dict[str, Any]) -> int:
     save = any(options.get(k) for k in ("save_output", "output_path", "output_file_name", "output_format"))
     output_format = check_planned_outputs(options, request, spec.output_kind) if save else None
 
+    from diffgen.parallel.launch import under_torchrun
+
+    if under_torchrun():  # this process is one rank; torchrun started the others (docs/parallel.md)
+        from diffgen.parallel.launch import finish, shared_seed, torchrun_engine
+
+        engine, state = torchrun_engine(model_path, engine_options(options))
+        params["seed"] = shared_seed(params.get("seed"))
+        if state.rank != 0:  # every rank computes; rank 0 reports and saves
+            engine.generate(prompts, **params)
+            finish()
+            return 0
+        try:
+            return _report(engine.generate(prompts, progress=DenoisingBar(), **params), options, save, output_format)
+        finally:
+            finish()
     with Engine.from_pretrained(model_path, **engine_options(options)) as engine:  # closing stops rank processes
         result = engine.generate(prompts, progress=DenoisingBar(), **params)
+    return _report(result, options, save, output_format)
+
+
+def _report(result, options: dict[str, Any], save: bool, output_format: str | None) -> int:
+    """Save (or not) the outputs and print where they went, the seed and the stage timings."""
     if save:
         paths = result.save(options.get("output_path") or "outputs", options.get("output_file_name"), output_format,
                             overwrite=bool(options.get("overwrite")))
