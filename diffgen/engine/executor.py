@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from diffgen.engine.request import GenerationRequest, GenerationResult
 from diffgen.engine.spec import ModelSpec
@@ -153,26 +153,7 @@ class InProcessExecutor(Executor):
 
     def submit(self, request: GenerationRequest, listener: JobListener | None = None,
                job_id: str | None = None, is_cancelled: Callable[[], bool] | None = None) -> Job:
-        job = Job(id=job_id or uuid.uuid4().hex, request=request, listener=listener, _cancel=self.cancel)
-        self._running[job.id] = job
-        job.state, job.started_at = "running", time.monotonic()
-        job.notify("started")
-
-        def progress(step: int, total: int) -> None:
-            job.step, job.total_steps = step, total
-            job.notify("progress")
-
-        def cancelled() -> bool:
-            return job.cancel_requested or (is_cancelled is not None and is_cancelled())
-
-        try:
-            job.future.set_result(self.pipeline.run(request, progress=progress, is_cancelled=cancelled))
-        except Exception as error:
-            job.future.set_exception(error)
-        finally:
-            job.state = "finished"
-            self._running.pop(job.id, None)
-        return job
+        return run_in_caller(self.pipeline.run, request, listener, job_id, is_cancelled, self.cancel, self._running)
 
     def cancel(self, job_id: str) -> bool:
         job = self._running.get(job_id)
@@ -183,3 +164,30 @@ class InProcessExecutor(Executor):
 
     def status(self) -> ExecutorStatus:
         return ExecutorStatus(ready=True, running=len(self._running), device=str(self.pipeline.device))
+
+
+def run_in_caller(run: Callable[..., Any], request: GenerationRequest, listener: JobListener | None,
+                  job_id: str | None, is_cancelled: Callable[[], bool] | None, cancel: Callable[[str], Any],
+                  running: dict[str, Job]) -> Job:
+    """Run ``request`` in the calling thread through ``run(request, progress=, is_cancelled=)``; returns the
+    finished Job. Shared by the executors that run a request synchronously (in-process, worker group)."""
+    job = Job(id=job_id or uuid.uuid4().hex, request=request, listener=listener, _cancel=cancel)
+    running[job.id] = job
+    job.state, job.started_at = "running", time.monotonic()
+    job.notify("started")
+
+    def progress(step: int, total: int) -> None:
+        job.step, job.total_steps = step, total
+        job.notify("progress")
+
+    def cancelled() -> bool:
+        return job.cancel_requested or (is_cancelled is not None and is_cancelled())
+
+    try:
+        job.future.set_result(run(request, progress=progress, is_cancelled=cancelled))
+    except Exception as error:
+        job.future.set_exception(error)
+    finally:
+        job.state = "finished"
+        running.pop(job.id, None)
+    return job

@@ -27,12 +27,11 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from multiprocessing.connection import Listener
 from typing import Any
 
-from diffgen.engine.executor import Executor, ExecutorStatus, Job, JobListener
+from diffgen.engine.executor import Executor, ExecutorStatus, Job, JobListener, run_in_caller
 from diffgen.errors import DiffgenError
 from diffgen.parallel.config import ParallelPlan
 
@@ -172,26 +171,7 @@ class WorkerGroup(Executor):
     def submit(self, request, listener: JobListener | None = None, job_id: str | None = None,
                is_cancelled=None) -> Job:
         """Run ``request`` (already resolved) on a free replica; returns the finished Job."""
-        job = Job(id=job_id or uuid.uuid4().hex, request=request, listener=listener, _cancel=self.cancel)
-        self._jobs[job.id] = job
-        job.state, job.started_at = "running", time.monotonic()
-        job.notify("started")
-
-        def progress(step: int, total: int) -> None:
-            job.step, job.total_steps = step, total
-            job.notify("progress")
-
-        def cancelled() -> bool:
-            return job.cancel_requested or (is_cancelled is not None and is_cancelled())
-
-        try:
-            job.future.set_result(self.run(request, progress=progress, is_cancelled=cancelled))
-        except Exception as error:
-            job.future.set_exception(error)
-        finally:
-            job.state = "finished"
-            self._jobs.pop(job.id, None)
-        return job
+        return run_in_caller(self.run, request, listener, job_id, is_cancelled, self.cancel, self._jobs)
 
     def cancel(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)
