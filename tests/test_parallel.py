@@ -58,13 +58,16 @@ def _cases(paths: dict[str, str]) -> list[dict]:
          {"usp-2x2": USP_2x2, "cfg-x-ulysses-2": CFG_ULYSSES}),
         ("wan22-ti2v", {**VIDEO_REQUEST, "height": 64, "width": 96, "images": [_input_image()]},
          {"ulysses-2": ULYSSES_2}),
+        # joint attention over [text, video] like FLUX, the text (Qwen2.5-VL + glyph tokens) masked per prompt
+        ("hunyuan15", {**VIDEO_REQUEST, "prompt": 'a sign that says "fox"', "max_sequence_length": None},
+         {"usp-2x2": USP_2x2, "cfg-x-ulysses-2": CFG_ULYSSES}),
     ]
     return [{"name": f"{family}/{mode}", "model": paths[family], "request": request, "parallel": parallel}
             for family, request, modes in matrix for mode, parallel in modes.items()]
 
 
 CASE_NAMES = [case["name"] for case in _cases({family: "" for family in (
-    "flux", "qwen-image", "qwen-image-edit-2511", "wan-t2v", "wan-i2v", "wan22-a14b", "wan22-ti2v")})]
+    "flux", "qwen-image", "qwen-image-edit-2511", "wan-t2v", "wan-i2v", "wan22-a14b", "wan22-ti2v", "hunyuan15")})]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ SAMPLING = {
     "wan22-a14b": dict(height=32, width=32, num_frames=5, num_inference_steps=6, max_sequence_length=16,
                     negative_prompt="bad"),
     "hunyuan": dict(height=32, width=32, num_frames=5, num_inference_steps=6, max_sequence_length=16),
+    "hunyuan15": dict(height=32, width=32, num_frames=5, num_inference_steps=6),
 }
 
 

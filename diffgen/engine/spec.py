@@ -41,7 +41,10 @@ class ModelSpec:
     size_from_image: str | None = None
     #: ... by which rule: "area_fit" (about ``image_area`` pixels, sides rounded to 32, as Qwen-Image-Edit)
     #: or "default_area" (the default output's area, sides floored to the size multiple, as Wan I2V)
+    #: or "buckets" (the size bucket of ``bucket_target`` for the input's aspect, as HunyuanVideo-1.5 I2V)
     size_rule: str | None = None
+    #: the side (pixels) whose square the "buckets" rule's sizes are about
+    bucket_target: int | None = None
     #: pixels of the output sized by "area_fit"
     image_area: int | None = None
     #: pixels an input image is resized to before the vision encoder sees it (Qwen-Image-Edit)
@@ -82,6 +85,33 @@ def aspect_fit_size(width: int, height: int, area: int, multiple: int) -> tuple[
     return max(fit_width, multiple), max(fit_height, multiple)
 
 
+def aspect_bucket_size(width: int, height: int, target_size: int, multiple: int) -> tuple[int, int]:
+    """(width, height) of HunyuanVideo-1.5's size bucket for an aspect ratio: about ``target_size``² pixels.
+
+    The buckets are (w, h) = (i, j) * multiple with i * j <= (target_size / multiple)² and an aspect of
+    at most 4:1; the chosen one has the closest aspect ratio not more elongated than asked (diffusers'
+    ``HunyuanVideo15ImageProcessor.calculate_default_height_width``).
+    """
+    patches = round((target_size / multiple) ** 2)
+    buckets, wide, high = [], patches, 1
+    while wide > 0:
+        if max(wide, high) / min(wide, high) <= 4.0:
+            buckets.append((wide * multiple, high * multiple))
+        if (high + 1) * wide <= patches:
+            high += 1
+        else:
+            wide -= 1
+    # the reference reads each bucket as (height, width) = (first, second)
+    aspect = height / width
+    ratios = [round(first / second, 5) for first, second in buckets]
+    if aspect >= 1:
+        candidates = [(abs(r - aspect), i) for i, r in enumerate(ratios) if r - aspect <= 0]
+    else:
+        candidates = [(abs(r - aspect), i) for i, r in enumerate(ratios) if r - aspect >= 0]
+    first, second = buckets[min(candidates)[1]]
+    return second, first
+
+
 def resolve(request: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
     """``request`` checked against ``spec`` with the model's defaults filled in (a new request).
 
@@ -118,6 +148,8 @@ def resolve(request: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
             fit_w, fit_h = area_fit_size(*reference.size, spec.image_area or d.height * d.width)
             m = spec.size_multiple
             width, height = fit_w // m * m, fit_h // m * m
+        elif spec.size_rule == "buckets":
+            width, height = aspect_bucket_size(*reference.size, spec.bucket_target, spec.size_multiple)
         else:
             width, height = aspect_fit_size(*reference.size, d.height * d.width, spec.size_multiple)
     r = dataclasses.replace(

@@ -155,7 +155,7 @@ def _hub_checkpoint(repo_id: str, revision: str | None) -> CheckpointInfo:
         raise
 
     def read(component: str) -> dict:
-        for name in ("config.json", "scheduler_config.json"):
+        for name in ("config.json", "scheduler_config.json", "guider_config.json"):
             try:
                 return json.loads(Path(hf_hub_download(repo_id, f"{component}/{name}", revision=revision)).read_text())
             except Exception:  # noqa: S112 (a component without this file: try the next name)

@@ -113,7 +113,7 @@ class CheckpointInfo:
     @classmethod
     def from_folder(cls, folder: Path, model_path: str | None = None) -> CheckpointInfo:
         def read(component: str) -> dict:
-            for name in ("config.json", "scheduler_config.json"):
+            for name in ("config.json", "scheduler_config.json", "guider_config.json"):
                 file = folder / component / name
                 if file.is_file():
                     return json.loads(file.read_text())

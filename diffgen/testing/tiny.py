@@ -140,14 +140,15 @@ def write_tiny_checkpoint(family: str, path: str | os.PathLike, shard_size: str 
 def _use_hub_class_names(path: Path) -> None:
     """Name components as the hub repositories do.
 
-    Without torchvision, transformers 5 builds ``CLIPImageProcessor`` as its PIL backend and records
-    that class name; the real repositories say ``CLIPImageProcessor`` (which loads the same backend).
+    Without torchvision, transformers 5 builds ``CLIPImageProcessor`` (``SiglipImageProcessor``) as its
+    PIL backend and records that class name; the real repositories say ``CLIPImageProcessor``
+    (``SiglipImageProcessor``), which loads the same backend.
     """
     import json
 
     index_file = path / "model_index.json"
     index = json.loads(index_file.read_text())
-    renamed = {"CLIPImageProcessorPil": "CLIPImageProcessor"}
+    renamed = {"CLIPImageProcessorPil": "CLIPImageProcessor", "SiglipImageProcessorPil": "SiglipImageProcessor"}
     for value in index.values():
         if isinstance(value, list) and len(value) == 2 and value[1] in renamed:
             value[1] = renamed[value[1]]

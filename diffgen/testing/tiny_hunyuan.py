@@ -4,11 +4,21 @@
 |-------------|--------------------------------------|----------------------------------|------------------------|
 | hunyuan     | HunyuanVideo                         | HunyuanVideoPipeline             | Llama text tower       |
 | hunyuan-i2v | HunyuanVideo-I2V                     | HunyuanVideoImageToVideoPipeline | Llava, token replace   |
+| hunyuan15   | HunyuanVideo-1.5-Diffusers-480p_t2v  | HunyuanVideo15Pipeline           | Qwen2.5-VL + ByT5      |
+| hunyuan15-i2v | HunyuanVideo-1.5-Diffusers-480p_i2v | HunyuanVideo15ImageToVideoPipeline | + SigLIP, cond. latent |
+| hunyuan15-i2v-distilled | ...-480p_i2v_step_distilled | HunyuanVideo15ImageToVideoPipeline | MeanFlow, no CFG |
 
 Components: text_encoder (LlamaModel) + tokenizer (Llama, with the Llama-3 chat tokens), text_encoder_2
 (CLIPTextModel) + tokenizer_2, transformer (patch 2, guidance embedding), vae (4x temporal, 8x spatial),
 scheduler (flow matching, shift 7 as the real one). The I2V text encoder is a Llava model whose vision
 tower gives 576 image tokens (48-px images in 2-px patches), as many as the real template reserves.
+
+HunyuanVideo-1.5: text_encoder (Qwen2_5_VLTextModel, 3 layers so that the third-from-last hidden state
+has passed one) + tokenizer (byte-level Qwen2 with a Qwen chat template), text_encoder_2 (T5 encoder
+over ByT5's byte vocabulary) + tokenizer_2 (ByT5Tokenizer), transformer (patch 1), vae (16x spatial,
+4x temporal, as the real one), guider (CFG 6.0; 1.0 distilled), scheduler (shift 5; 7 distilled);
+I2V adds image_encoder (SigLIP, 9 tokens of a 30-px image) + feature_extractor. ``target_size`` 64
+makes the default size a small bucket (80x48 for 16:9).
 """
 
 from __future__ import annotations
@@ -102,4 +112,84 @@ def hunyuan_i2v():
         tokenizer_2=tok.clip_tokenizer(), image_processor=clip_image_processor())
 
 
-HUNYUAN_FAMILIES = {"hunyuan": hunyuan_t2v, "hunyuan-i2v": hunyuan_i2v}
+#: a Qwen2-style chat template (system, user, then the assistant's turn opened)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def hunyuan15_transformer(task: str, meanflow: bool = False):
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return _seeded(lambda: HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+        image_embed_dim=12, rope_axes_dim=(4, 6, 6), target_size=64, task_type=task, use_meanflow=meanflow),
+        offset=1)
+
+
+def hunyuan15_vae():
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    return _seeded(lambda: AutoencoderKLHunyuanVideo15(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1,
+        spatial_compression_ratio=16, temporal_compression_ratio=4, downsample_match_channel=True,
+        upsample_match_channel=True, scaling_factor=1.03682))
+
+
+def qwen25_text_encoder(tokenizer):
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    special = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("bos_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"), ("pad_token_id", "<|endoftext|>"))}
+    return _seeded(lambda: Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), **special, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1000000.0,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})), offset=2)
+
+
+def byt5_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    return _seeded(lambda: T5EncoderModel(T5Config(
+        vocab_size=384, d_model=8, d_kv=4, d_ff=16, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)), offset=3)
+
+
+def _hunyuan15_components(task: str, distilled: bool = False) -> dict:
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler
+    from transformers import ByT5Tokenizer
+
+    from diffgen.testing.tiny_qwen import qwen2_tokenizer
+
+    tokenizer = qwen2_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return dict(
+        text_encoder=qwen25_text_encoder(tokenizer), tokenizer=tokenizer,
+        transformer=hunyuan15_transformer(task, distilled), vae=hunyuan15_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0 if distilled else 5.0),
+        text_encoder_2=byt5_encoder(), tokenizer_2=ByT5Tokenizer(),
+        guider=ClassifierFreeGuidance(guidance_scale=1.0 if distilled else 6.0))
+
+
+def hunyuan15_t2v():
+    from diffusers import HunyuanVideo15Pipeline
+
+    return HunyuanVideo15Pipeline(**_hunyuan15_components("t2v"))
+
+
+def hunyuan15_i2v(distilled: bool = False):
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    image_encoder = _seeded(lambda: SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=12, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=30,
+        patch_size=10)), offset=4)
+    return HunyuanVideo15ImageToVideoPipeline(
+        **_hunyuan15_components("i2v", distilled), image_encoder=image_encoder,
+        feature_extractor=SiglipImageProcessor(size={"height": 30, "width": 30}))
+
+
+HUNYUAN_FAMILIES = {"hunyuan": hunyuan_t2v, "hunyuan-i2v": hunyuan_i2v, "hunyuan15": hunyuan15_t2v,
+                    "hunyuan15-i2v": hunyuan15_i2v,
+                    "hunyuan15-i2v-distilled": lambda: hunyuan15_i2v(distilled=True)}
