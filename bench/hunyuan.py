@@ -1,10 +1,18 @@
-"""HunyuanVideo and FastWan on one GPU, diffgen against diffusers in the same run.
+"""HunyuanVideo (1 and 1.5) and FastWan on one GPU, diffgen against diffusers in the same run.
 
     python bench/hunyuan.py                 # real configs, random bf16 weights, CUDA (about 5 minutes on an H100)
     python bench/hunyuan.py --tiny          # tiny configs on CPU, to check the script itself
-    python bench/hunyuan.py --only fastwan  # one part: hunyuan-dit, hunyuan-vae, fastwan, vsa
+    python bench/hunyuan.py --only fastwan  # one part (comma-separated: several); the parts are
+                                            # hunyuan15-dit, hunyuan15-vae, hunyuan-dit, hunyuan-vae, fastwan, vsa
 
-Rows (each in its own try/except: a failing row prints its error and the others still run):
+Rows (each in its own try/except: a failing row prints its error and the others still run; each row is
+printed, and the --json file rewritten, as soon as it is measured):
+- hunyuan15-dit: one forward of HunyuanVideo-1.5's DiT (480p_t2v config) at 480x848, 121 frames (49,290 video
+  tokens; 32 latent channels, 16x VAE, patch 1) with a 1000-token Qwen2.5-VL text of which 128 are valid, the
+  256 ByT5 tokens masked (no quoted text) and, for diffusers, the 729 zero image tokens of its T2V pipeline:
+  each side as its pipeline calls it (diffusers packs and masks all 1,985 condition tokens; diffgen drops the
+  unused ones and attends without a mask); their relative difference.
+- hunyuan15-vae: the tiled decode of diffusers' AutoencoderKLHunyuanVideo15 (what diffgen runs) at that size.
 - hunyuan-dit: one forward of HunyuanVideo's DiT at 720x1280, 129 frames (118,800 video tokens + 256 text
   tokens), diffgen's native DiT and diffusers' HunyuanVideoTransformer3DModel over the same tensors; the
   relative difference of their outputs; also diffgen with the text padding dropped, as its pipeline runs it
@@ -44,6 +52,22 @@ REAL = dict(
     vae=dict(),  # AutoencoderKLHunyuanVideo's defaults are the released config
     height=720, width=1280, frames=129, text_len=256,
     fastwan=dict(height=448, width=832, frames=61),
+)
+REAL15 = dict(
+    # HunyuanVideo-1.5-Diffusers-480p_t2v transformer config (diffusers' conversion script's "480p_t2v")
+    dit=dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+             num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
+             text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0,
+             rope_axes_dim=(16, 56, 56), target_size=640, task_type="t2v"),
+    vae=dict(),  # AutoencoderKLHunyuanVideo15's defaults are the released config (32 channels, 16x, 4x)
+    height=480, width=848, frames=121, text_len=1000, text_valid=128, glyph_len=256, image_tokens=729,
+)
+TINY15 = dict(
+    dit=dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+             num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
+             rope_axes_dim=(4, 6, 6), target_size=64, task_type="t2v"),
+    vae=dict(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1),
+    height=48, width=80, frames=9, text_len=16, text_valid=8, glyph_len=8, image_tokens=5,
 )
 TINY = dict(
     dit=dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
@@ -139,6 +163,79 @@ def hunyuan_vae(cfg: dict, device, dtype, args, rows: list, results: dict) -> No
                  fmt(stats), f"{memory:.1f}"))
 
 
+def hunyuan15_dit(cfg: dict, device, dtype, args, rows: list, results: dict) -> None:
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from diffgen.models.dits.hunyuan_video15 import HunyuanVideo15Config, HunyuanVideo15Transformer
+
+    cfg = TINY15 if args.tiny else REAL15
+    with torch.device("meta"):
+        native = HunyuanVideo15Transformer(HunyuanVideo15Config(**cfg["dit"]))
+        reference = HunyuanVideo15Transformer3DModel(**cfg["dit"])
+    native = materialize(native, device, dtype)
+    reference.load_state_dict(native.state_dict(), assign=True)  # the same tensors
+    reference.eval().requires_grad_(False)
+    g = torch.Generator(device).manual_seed(0)
+    d = cfg["dit"]
+    latents = torch.randn(1, d["in_channels"], (cfg["frames"] - 1) // 4 + 1, cfg["height"] // 16, cfg["width"] // 16,
+                          device=device, dtype=dtype, generator=g)
+    latents[:, d["out_channels"]:] = 0  # T2V: no condition latent, mask 0
+    text = torch.randn(1, cfg["text_len"], d["text_embed_dim"], device=device, dtype=dtype, generator=g)
+    mask = torch.zeros(1, cfg["text_len"], device=device, dtype=dtype)
+    mask[:, :cfg["text_valid"]] = 1
+    glyphs = torch.zeros(1, cfg["glyph_len"], d["text_embed_2_dim"], device=device, dtype=dtype)
+    glyph_mask = torch.zeros(1, cfg["glyph_len"], device=device, dtype=dtype)
+    image = torch.zeros(1, cfg["image_tokens"], d["image_embed_dim"], device=device, dtype=dtype)
+    timestep = torch.tensor([900.0], device=device, dtype=dtype)
+    tokens = latents.shape[2] * latents.shape[3] * latents.shape[4]
+
+    def ours():  # as diffgen's pipeline calls it: the padding of the text already dropped, no image tokens
+        with torch.inference_mode():
+            valid = cfg["text_valid"]
+            return native(latents, timestep, text[:, :valid], mask[:, :valid], glyphs, glyph_mask)
+
+    def theirs():
+        with torch.inference_mode():
+            return reference(latents, timestep, text, mask, encoder_hidden_states_2=glyphs,
+                             encoder_attention_mask_2=glyph_mask, image_embeds=image, return_dict=False)[0]
+
+    with torch.inference_mode():
+        diff = relative(ours(), theirs())
+    results["hunyuan15_dit_relative_diff"] = diff
+    print(f"HunyuanVideo-1.5 DiT: diffgen vs diffusers relative diff {diff:.2e} ({dtype})", flush=True)
+    variants = {"diffgen": ours, "diffusers": theirs}
+    stats = ab_medians(variants, device, warmup=args.dit_warmup, repeats=args.dit_repeats)
+    for name, fn in variants.items():
+        memory = peak_memory(fn, device) if args.memory else float("nan")
+        results[f"hunyuan15_dit_{name}"] = {**stats[name], "peak_gib": memory, "tokens": tokens}
+        rows.append((f"HunyuanVideo-1.5 DiT forward, {name}",
+                     f"{cfg['height']}x{cfg['width']}x{cfg['frames']} ({tokens} + {cfg['text_valid']} tokens)",
+                     fmt(stats[name]), f"{memory:.1f}"))
+
+
+def hunyuan15_vae(cfg: dict, device, dtype, args, rows: list, results: dict) -> None:
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    cfg = TINY15 if args.tiny else REAL15
+    with torch.device("meta"):
+        vae = AutoencoderKLHunyuanVideo15(**cfg["vae"])
+    vae = materialize(vae, device, dtype)
+    vae.use_tiling = True  # what diffgen's HunyuanVideo15Pipeline does
+    g = torch.Generator(device).manual_seed(0)
+    z = torch.randn(1, vae.config.latent_channels, (cfg["frames"] - 1) // 4 + 1, cfg["height"] // 16,
+                    cfg["width"] // 16, device=device, dtype=dtype, generator=g)
+
+    def decode():
+        with torch.inference_mode():
+            return vae.decode(z, return_dict=False)[0]
+
+    stats = ab_medians({"decode": decode}, device, warmup=args.vae_warmup, repeats=args.vae_repeats)["decode"]
+    memory = peak_memory(decode, device) if args.memory else float("nan")
+    results["hunyuan15_vae_tiled_decode"] = {**stats, "peak_gib": memory}
+    rows.append(("HunyuanVideo-1.5 VAE decode (tiled)", f"{cfg['frames']} frames {cfg['height']}x{cfg['width']}",
+                 fmt(stats), f"{memory:.1f}"))
+
+
 def fastwan(cfg: dict, device, dtype, args, rows: list, results: dict) -> None:
     """diffgen's WanDMDPipeline request vs the same DMD steps over diffusers' modules (shared tensors)."""
     from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
@@ -224,7 +321,8 @@ def vsa(cfg: dict, device, dtype, args, rows: list, results: dict) -> None:
     rows.append(("vsa (Video Sparse Attention kernel)", f"torch {torch.__version__}", status, "-"))
 
 
-PARTS = {"hunyuan-dit": hunyuan_dit, "hunyuan-vae": hunyuan_vae, "fastwan": fastwan, "vsa": vsa}
+PARTS = {"hunyuan15-dit": hunyuan15_dit, "hunyuan15-vae": hunyuan15_vae, "hunyuan-dit": hunyuan_dit,
+         "hunyuan-vae": hunyuan_vae, "fastwan": fastwan, "vsa": vsa}
 
 
 def main() -> int:
@@ -250,24 +348,31 @@ def main() -> int:
     set_attention_backend(args.attention_backend)
     rows: list = []
     results: dict = {}
-    for name in (args.only.split(",") if args.only else PARTS):
+    title = (f"HunyuanVideo / FastWan{' (tiny)' if args.tiny else ''} on {device} "
+             f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), {dtype}, "
+             f"attention {args.attention_backend}, torch {torch.__version__}")
+    names = args.only.split(",") if args.only else list(PARTS)
+    unknown = [name for name in names if name not in PARTS]
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    for name in names:
         start = time.perf_counter()
+        measured = len(rows)
         try:
             PARTS[name](cfg, device, dtype, args, rows, results)
         except Exception as e:
             traceback.print_exc()
             rows.append((name, "failed", f"{type(e).__name__}: {str(e)[:160]}", "-"))
             results[name] = {"error": f"{type(e).__name__}: {e}"}
+        for row in rows[measured:]:  # at once: a run cut short by its time limit keeps what it measured
+            print("ROW " + " | ".join(row), flush=True)
         print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"title": title, "results": results}, f, indent=1, default=str)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    title = (f"HunyuanVideo / FastWan{' (tiny)' if args.tiny else ''} on {device} "
-             f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), {dtype}, "
-             f"attention {args.attention_backend}, torch {torch.__version__}")
     print_table(title, rows, ("what", "work", "median", "peak GiB"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"title": title, "results": results}, f, indent=1, default=str)
     return 0
 
 
