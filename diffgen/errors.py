@@ -13,6 +13,10 @@ class InvalidRequestError(DiffgenError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def __reduce__(self):  # pickled between processes (worker groups): both arguments, not the joined text
+        return type(self), (self.field, self.message)
 
 
 class ModelLoadError(DiffgenError):

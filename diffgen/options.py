@@ -107,6 +107,7 @@ CACHE_METHODS = ("none", "first-block", "teacache")
 MAX_CACHE_THRESHOLD = 2.0
 OFFLOAD_MODES = ("none", "model", "layerwise")
 LORA_MODES = ("merged", "dynamic")
+LORA_COMPONENTS = ("transformer", "transformer_2")  # the DiTs a LoRA may go on (transformer_2: Wan2.2's 2nd expert)
 MAX_LORA_SCALE = 10.0
 DTYPE_CHOICES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 
@@ -144,8 +145,9 @@ MEMORY = OptionGroup("memory", "memory", ("generate", "serve"), engine=True, opt
 ))
 
 LORA = OptionGroup("lora", "LoRA", ("generate", "serve"), engine=True, options=(
-    Option("lora_path", str, "LoRA safetensors file, optionally with a scale: style.safetensors:0.7 (repeatable)",
-           repeat=True, metavar="PATH[:SCALE]"),
+    Option("lora_path", str, "LoRA safetensors file, optionally with a scale and the DiT it goes on: "
+           "style.safetensors:0.7, or low.safetensors:0.7@transformer_2 for Wan2.2's low-noise expert (repeatable)",
+           repeat=True, metavar="PATH[:SCALE][@COMPONENT]"),
     Option("lora_mode", str, "merged (default): added into the weights; dynamic: applied in the forward, and each "
            "request may choose LoRAs and scales (the loras field)", choices=LORA_MODES),
 ))

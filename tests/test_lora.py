@@ -219,9 +219,15 @@ def test_bad_files_are_refused_and_change_nothing(engines, tmp_path):
 
 
 def test_lora_spec_parsing():
-    assert parse_lora_spec("a.safetensors") == ("a.safetensors", 1.0)
-    assert parse_lora_spec("dir/b.safetensors:0.7") == ("dir/b.safetensors", 0.7)
-    assert parse_lora_spec("C:/x/c.safetensors") == ("C:/x/c.safetensors", 1.0)
+    assert parse_lora_spec("a.safetensors") == ("a.safetensors", 1.0, "transformer")
+    assert parse_lora_spec("dir/b.safetensors:0.7") == ("dir/b.safetensors", 0.7, "transformer")
+    assert parse_lora_spec("C:/x/c.safetensors") == ("C:/x/c.safetensors", 1.0, "transformer")
+    assert parse_lora_spec("low.safetensors:0.7@transformer_2") == ("low.safetensors", 0.7, "transformer_2")
+    assert parse_lora_spec("low.safetensors@transformer_2") == ("low.safetensors", 1.0, "transformer_2")
+    assert parse_lora_spec("v1@2/a.safetensors:0.5") == ("v1@2/a.safetensors", 0.5, "transformer")  # not a suffix
+    with pytest.raises(InvalidRequestError, match="'vae' is not a DiT to put a LoRA on; choose one of transformer, "
+                       "transformer_2"):
+        parse_lora_spec("a.safetensors@vae")
 
 
 @pytest.mark.parametrize("mode", ["merged", "dynamic"])

@@ -93,34 +93,43 @@ class Engine:
                               lora_path=lora_path, lora_mode=lora_mode, serving=serving)
         return cls(InProcessExecutor(pipeline), str(model_path), revision)
 
-    # -- LoRA and step cache of an in-process Engine (workers take them as load options) ---------------
+    # -- LoRAs: changed in every process that holds the model, between requests ------------------
     def load_lora(self, path: str, name: str | None = None, scale: float = 1.0,
                   component: str = "transformer") -> str:
         """Load a LoRA safetensors file into the DiT (``component="transformer_2"``: Wan2.2's low-noise
-        expert); returns its name (default: the file's stem). A bad file changes nothing."""
-        from diffgen.engine.loading import load_lora
+        expert); returns its name (default: the file's stem). Merged or dynamic as the engine's ``lora_mode``.
+        A bad file raises InvalidRequestError naming what does not match, and changes nothing.
 
-        return load_lora(self.pipeline, path, name, scale, component)
+        With worker processes the change reaches every worker (every rank of a group) after the requests
+        it is running, never in the middle of one; it returns once all have made it.
+        """
+        from diffgen.engine.lora import LoRAChange
+
+        change = LoRAChange.load(path, name, scale, component)
+        self.executor.change_loras(change)
+        return change.name
 
     def set_lora_scales(self, scales: dict[str, float]) -> None:
         """New scales for loaded LoRAs, by name (merged: the weights are recomputed from the originals)."""
-        self._lora_manager().set_scales(scales)
+        from diffgen.engine.lora import LoRAChange
+
+        self.executor.change_loras(LoRAChange.set_scales(scales))
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove one LoRA (all without a name); the last one out restores the exact original weights."""
-        self._lora_manager().unload(name)
+        from diffgen.engine.lora import LoRAChange
+
+        self.executor.change_loras(LoRAChange.unload(name))
 
     @property
     def loras(self) -> list[dict[str, Any]]:
-        """The loaded LoRAs: name, path, scale, component, number of layers."""
-        return [] if self.pipeline.loras is None else self.pipeline.loras.describe()
+        """The loaded LoRAs, in load order: name, path, scale, component, number of layers."""
+        return self.executor.loras()
 
-    def _lora_manager(self):
-        from diffgen.errors import InvalidRequestError
-
-        if self.pipeline.loras is None or not self.pipeline.loras.adapters:
-            raise InvalidRequestError("name", "no LoRA is loaded")
-        return self.pipeline.loras
+    @property
+    def lora_mode(self) -> str:
+        """How LoRAs are applied: "merged" or "dynamic" (``lora_mode`` of from_pretrained / with_workers)."""
+        return self.executor.lora_mode
 
     def warm_up(self, sizes: list[tuple[int, int]] | None = None) -> None:
         """Run a short request at each (height, width), by default the model's own size (see loading.warm_up)."""

@@ -13,9 +13,11 @@ Both take ``submit(request, listener=None, job_id=None) -> Job``; a :class:`Job`
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,7 @@ from diffgen.engine.request import GenerationRequest, GenerationResult
 from diffgen.engine.spec import ModelSpec
 
 if TYPE_CHECKING:
+    from diffgen.engine.lora import LoRAChange
     from diffgen.pipelines.base import ComposedPipeline
 
 
@@ -138,6 +141,57 @@ class Executor:
     def close(self) -> None:
         """After ``shutdown``: release what the executor holds (queues of worker processes)."""
 
+    #: how LoRAs are applied: "merged" or "dynamic" (the engine's lora_mode)
+    lora_mode: str = "merged"
+
+    def change_loras(self, change: LoRAChange) -> list[dict[str, Any]]:
+        """Make ``change`` wherever the model is held (every worker, every rank), between requests; returns
+        the loaded LoRAs after it. InvalidRequestError when it cannot be made; then nothing changed."""
+        raise NotImplementedError
+
+    def loras(self) -> list[dict[str, Any]]:
+        """The loaded LoRAs, in load order (rows of ``LoRAManager.describe``)."""
+        raise NotImplementedError
+
+
+class ModelUse:
+    """Who uses a loaded model: requests share it; a LoRA change waits until the running requests end and
+    holds new ones back until it is made (a request never sees weights change under it)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._requests = 0
+        self._changes_waiting = 0
+        self._changing = False
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        with self._condition:
+            while self._changing or self._changes_waiting:
+                self._condition.wait()
+            self._requests += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._requests -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def change(self) -> Iterator[None]:
+        with self._condition:
+            self._changes_waiting += 1
+            while self._changing or self._requests:
+                self._condition.wait()
+            self._changes_waiting -= 1
+            self._changing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._changing = False
+                self._condition.notify_all()
+
 
 class InProcessExecutor(Executor):
     """Runs a loaded pipeline in the caller's thread: ``submit`` returns a finished job.
@@ -150,10 +204,30 @@ class InProcessExecutor(Executor):
         self.pipeline = pipeline
         self.spec = pipeline.spec
         self._running: dict[str, Job] = {}
+        self._use = ModelUse()
 
     def submit(self, request: GenerationRequest, listener: JobListener | None = None,
                job_id: str | None = None, is_cancelled: Callable[[], bool] | None = None) -> Job:
-        return run_in_caller(self.pipeline.run, request, listener, job_id, is_cancelled, self.cancel, self._running)
+        return run_in_caller(self._run, request, listener, job_id, is_cancelled, self.cancel, self._running)
+
+    def _run(self, request: GenerationRequest, **kwargs: Any) -> GenerationResult:
+        with self._use.request():
+            return self.pipeline.run(request, **kwargs)
+
+    @property
+    def lora_mode(self) -> str:
+        return self.pipeline.loras.mode if self.pipeline.loras is not None else "merged"
+
+    def change_loras(self, change: LoRAChange) -> list[dict[str, Any]]:
+        from diffgen.engine.lora import apply_lora_change
+
+        with self._use.change():
+            return apply_lora_change(self.pipeline, change)
+
+    def loras(self) -> list[dict[str, Any]]:
+        from diffgen.engine.lora import describe_loras
+
+        return describe_loras(self.pipeline)
 
     def cancel(self, job_id: str) -> bool:
         job = self._running.get(job_id)

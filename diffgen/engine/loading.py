@@ -54,8 +54,8 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
 
         pipeline.loras = LoRAManager(pipeline, lora_mode or "merged")
         for spec in lora_path or []:
-            path, scale = parse_lora_spec(spec)
-            load_lora(pipeline, path, scale=scale)
+            path, scale, component = parse_lora_spec(spec)
+            load_lora(pipeline, path, scale=scale, component=component)
     if compiled and serving:
         warm_up(pipeline)  # compile now (or load from the disk cache), not in the first request
     return pipeline

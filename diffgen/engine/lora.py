@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffgen.errors import InvalidRequestError
-from diffgen.options import LORA_MODES, MAX_LORA_SCALE
+from diffgen.options import LORA_COMPONENTS, LORA_MODES, MAX_LORA_SCALE
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
@@ -85,15 +86,114 @@ class LoRALinear(nn.Module):
         return out
 
 
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``path`` or ``path:scale`` (the CLI's --lora-path) -> (path, scale)."""
+_COMPONENT_SUFFIX = re.compile(r"@([A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float, str]:
+    """``PATH[:SCALE][@COMPONENT]`` (the CLI's --lora-path) -> (path, scale, component).
+
+    ``@transformer_2`` puts the LoRA on Wan2.2's second (low-noise) expert; default: ``transformer``.
+    A suffix is a component only when it is a plain word, so ``@`` elsewhere in a path stays part of it.
+    """
+    component = "transformer"
+    if match := _COMPONENT_SUFFIX.search(spec):
+        spec, component = spec[: match.start()], match.group(1)
+        check_lora_component(component)
     path, _, tail = spec.rpartition(":")
     if path and tail:
         try:
-            return path, float(tail)
+            return path, float(tail), component
         except ValueError:
             pass
-    return spec, 1.0
+    return spec, 1.0, component
+
+
+def check_lora_component(component: Any, field_name: str = "component") -> None:
+    if component not in LORA_COMPONENTS:
+        raise InvalidRequestError(field_name, f"{component!r} is not a DiT to put a LoRA on; choose one of "
+                                  f"{', '.join(LORA_COMPONENTS)} (transformer_2: Wan2.2's low-noise expert)")
+
+
+def check_lora_name(name: Any) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidRequestError("name", f"{name!r}: LoRA names are 1-64 letters, digits, '_', '-' or '.', "
+                                  "starting with a letter or digit")
+
+
+@dataclass(frozen=True)
+class LoRAChange:
+    """One change to the loaded LoRAs, made the same way in every process that holds the model (the
+    executors send it to their workers, between requests). Build it with the class methods: they check
+    what can be checked without the model, so a bad name or scale is refused before anything is sent.
+
+    ``action``: "load" (``path``, ``name``, ``scale``, ``component``), "set_scales" (``scales``),
+    "unload" (``name``; None: all) or "sync" (``adapters``: make the loaded set exactly these rows of
+    :meth:`LoRAManager.describe`, in load order; used to bring a restarted worker up to date).
+    """
+
+    action: str
+    path: str | None = None
+    name: str | None = None
+    scale: float = 1.0
+    component: str = "transformer"
+    scales: tuple[tuple[str, float], ...] = ()
+    adapters: tuple[tuple[tuple[str, Any], ...], ...] = ()
+
+    @classmethod
+    def load(cls, path: str, name: str | None = None, scale: float = 1.0,
+             component: str = "transformer") -> LoRAChange:
+        if not isinstance(path, str) or not path:
+            raise InvalidRequestError("path", f"{path!r} is not a file path")
+        name = Path(path).stem if name is None else name
+        check_lora_name(name)
+        check_lora_scale(scale)
+        check_lora_component(component)
+        # absolute: every worker process reads the same file, whatever its working directory
+        return cls("load", path=os.path.abspath(path), name=name, scale=float(scale), component=component)
+
+    @classmethod
+    def set_scales(cls, scales: dict[str, float]) -> LoRAChange:
+        if not isinstance(scales, dict) or not all(isinstance(name, str) for name in scales):
+            raise InvalidRequestError("scales", "must map LoRA names to scales, e.g. {\"style\": 0.8}")
+        for scale in scales.values():
+            check_lora_scale(scale)
+        return cls("set_scales", scales=tuple((name, float(scale)) for name, scale in scales.items()))
+
+    @classmethod
+    def unload(cls, name: str | None = None) -> LoRAChange:
+        return cls("unload", name=name)
+
+    @classmethod
+    def sync(cls, adapters: list[dict[str, Any]]) -> LoRAChange:
+        return cls("sync", adapters=tuple(tuple(sorted(row.items())) for row in adapters))
+
+
+def apply_lora_change(pipeline: Any, change: LoRAChange) -> list[dict[str, Any]]:
+    """Make ``change`` on a loaded pipeline; returns the loaded LoRAs after it (:meth:`LoRAManager.describe`).
+    A change that fails (InvalidRequestError) changes nothing."""
+    if pipeline.loras is None:
+        if change.action in ("set_scales", "unload"):
+            raise InvalidRequestError("name", "no LoRA is loaded")
+        pipeline.loras = LoRAManager(pipeline)
+    manager = pipeline.loras
+    if change.action == "load":
+        manager.load(change.path, change.name, change.scale, change.component)
+    elif change.action == "set_scales":
+        manager.require_loaded()
+        manager.set_scales(dict(change.scales))
+    elif change.action == "unload":
+        manager.require_loaded()
+        manager.unload(change.name)
+    elif change.action == "sync":
+        manager.sync([dict(row) for row in change.adapters])
+    else:
+        raise ValueError(f"unknown LoRA change {change.action!r}")
+    return manager.describe()
+
+
+def describe_loras(pipeline: Any) -> list[dict[str, Any]]:
+    """The LoRAs loaded into a pipeline (empty when none)."""
+    return [] if pipeline.loras is None else pipeline.loras.describe()
 
 
 def _converter(pipeline: Any):
@@ -115,8 +215,8 @@ def read_lora(path: str, name: str, scale: float, pipeline: Any, component: str 
     from safetensors.torch import load_file
 
     check_lora_scale(scale)
-    if not _NAME.match(name):
-        raise InvalidRequestError("name", f"{name!r}: LoRA names are 1-64 letters, digits, '_', '-' or '.'")
+    check_lora_name(name)
+    check_lora_component(component)
     file = Path(path)
     if not file.is_file():
         raise InvalidRequestError("lora_path", f"{path}: no such file")
@@ -126,7 +226,7 @@ def read_lora(path: str, name: str, scale: float, pipeline: Any, component: str 
         raise InvalidRequestError("lora_path", f"{path} is not a safetensors file ({e})") from None
     model = pipeline.components.get(component)
     if not isinstance(model, nn.Module):
-        raise InvalidRequestError("lora", f"this model has no {component} to apply {path} to")
+        raise InvalidRequestError("component", f"this model has no {component} to apply {path} to")
     converter = _converter(pipeline)
     try:
         if converter.__name__.startswith("Flux"):
@@ -233,11 +333,34 @@ class LoRAManager:
             raise InvalidRequestError("name", f"a LoRA named {name!r} is already loaded; unload it or pick another "
                                       "name")
         adapter = read_lora(path, name, scale, self.pipeline, component)  # checked fully before anything changes
-        if self.mode == "merged" and any(_is_fp8(self._linear(component, m)) for m in adapter.layers):
-            raise InvalidRequestError("lora_mode", "merged LoRA cannot change fp8 weights; use --lora-mode dynamic")
+        self._check_mergeable(adapter)
         self.adapters[name] = adapter
         self._apply()
         return name
+
+    def sync(self, rows: list[dict[str, Any]]) -> None:
+        """Make the loaded set exactly ``rows`` (``describe()`` rows, in load order). Adapters already loaded
+        from the same path and component are kept; the others are read first, so a bad file changes nothing.
+        Merged weights are recomputed from the originals in load order: equal bit for bit to loading them."""
+        current = {a.name: a for a in self.adapters.values()}
+        if [(r["name"], r["path"], r["scale"], r["component"]) for r in rows] == [
+                (a.name, a.path, a.scale, a.component) for a in current.values()]:
+            return
+        adapters = {}
+        for row in rows:
+            old = current.get(row["name"])
+            if old is not None and (old.path, old.component) == (row["path"], row["component"]):
+                adapters[old.name] = LoRAAdapter(old.name, old.path, float(row["scale"]), old.component, old.layers)
+            else:
+                adapter = read_lora(row["path"], row["name"], float(row["scale"]), self.pipeline, row["component"])
+                self._check_mergeable(adapter)
+                adapters[adapter.name] = adapter
+        self.adapters = adapters
+        self._apply()
+
+    def require_loaded(self) -> None:
+        if not self.adapters:
+            raise InvalidRequestError("name", "no LoRA is loaded")
 
     def set_scales(self, scales: dict[str, float]) -> None:
         for name, scale in scales.items():
@@ -282,6 +405,10 @@ class LoRAManager:
         if name not in self.adapters:
             loaded = ", ".join(self.adapters) or "none"
             raise InvalidRequestError(field_name, f"no LoRA named {name!r} is loaded (loaded: {loaded})")
+
+    def _check_mergeable(self, adapter: LoRAAdapter) -> None:
+        if self.mode == "merged" and any(_is_fp8(self._linear(adapter.component, m)) for m in adapter.layers):
+            raise InvalidRequestError("lora_mode", "merged LoRA cannot change fp8 weights; use --lora-mode dynamic")
 
     def _linear(self, component: str, module_name: str) -> nn.Module:
         module = self.pipeline.components[component].get_submodule(module_name)

@@ -1,12 +1,13 @@
 """The records a process executor and its worker processes exchange (pickled through multiprocessing queues).
 
-executor -> worker:  RunBatch, Cancel, Stop
-worker -> executor:  Ready, LoadFailed, Started, Progress, Done, Failed, BatchDone
+executor -> worker:  RunBatch, Cancel, Stop, ChangeLoRAs
+worker -> executor:  Ready, LoadFailed, Started, Progress, Done, Failed, BatchDone, LoRAsChanged
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from diffgen.engine.request import GenerationRequest, GenerationResult
 from diffgen.engine.spec import ModelSpec
@@ -46,6 +47,26 @@ class Ready:
     device: str
     dit_precision: str = "float32"  # the DiT's dtype, or "fp8" when quantized (for the model card)
     vae_precision: str = "float32"
+    loras: tuple[dict[str, Any], ...] = ()  # the LoRAs it loaded (--lora-path), as LoRAManager.describe rows
+
+
+@dataclass(frozen=True)
+class ChangeLoRAs:
+    """Make ``change`` (an engine.lora.LoRAChange) after the batches sent before it, never during a request;
+    answered by LoRAsChanged. ``change_id`` None: a catch-up of a (re)started worker, answered all the same."""
+
+    change_id: str | None
+    change: Any
+
+
+@dataclass(frozen=True)
+class LoRAsChanged:
+    """The worker's LoRAs after a ChangeLoRAs; ``error`` (with ``param``) when it was refused: nothing changed."""
+
+    change_id: str | None
+    loras: tuple[dict[str, Any], ...]
+    error: str | None = None
+    param: str | None = None
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ class WorkerHandle:
         self.batch: dict[str, Job] = {}  # jobs sent and not yet finished
         self.batch_id: str | None = None
         self.receiver: threading.Thread | None = None  # the executor's thread reading ``outbox``
+        self.loras: tuple[dict[str, Any], ...] = ()  # the LoRAs it holds, as it last reported them
 
     def spawn(self, ctx: Any, options: dict[str, Any]) -> list[Any]:
         """The (not yet started) processes of this worker; the first one talks to the executor."""
@@ -153,6 +154,12 @@ class ProcessExecutor(Executor):
         self._started = False
         self._cancelled_by_shutdown: set[str] = set()
         self._seconds_per_job = 1.0  # running average, for the Retry-After hint
+        self.lora_mode = options.get("engine_options", {}).get("lora_mode") or "merged"
+        #: the LoRAs every worker must hold once a change was made (None: what the workers loaded at start);
+        #: a (re)started worker is brought to it before it gets any batch
+        self._loras: list[dict[str, Any]] | None = None
+        self._lora_changes: dict[str, dict[int, concurrent.futures.Future]] = {}  # in flight: worker -> reply
+        self._lora_lock = threading.Lock()  # one change at a time
         self._describe_metrics()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -308,6 +315,59 @@ class ProcessExecutor(Executor):
         self._finish(job, error=JobError("cancelled", "the job was cancelled"))
         return True
 
+    # -- LoRAs --------------------------------------------------------------------------------
+    def change_loras(self, change: Any) -> list[dict[str, Any]]:
+        """Make ``change`` on every ready worker, after the batch each is running; returns the LoRAs then
+        loaded. A worker that refuses it (a bad file) makes the change a failure everywhere: the workers
+        that made it are set back, and the error is raised (InvalidRequestError)."""
+        from diffgen.engine.lora import LoRAChange
+        from diffgen.errors import DiffgenError, InvalidRequestError
+
+        with self._lora_lock:
+            change_id = uuid.uuid4().hex
+            with self._lock:
+                if self._stopping:
+                    raise NotReadyError("the server is shutting down")
+                targets = [w for w in self._workers if w.ready and not w.gone]
+                if not targets:
+                    raise NotReadyError(self.load_error or "the model is not loaded yet")
+                before = {id(w): list(w.loras) for w in targets}
+                pending = {w.index: concurrent.futures.Future() for w in targets}
+                self._lora_changes[change_id] = pending
+                for worker in targets:  # behind the batches already sent: made between two batches
+                    worker.inbox.put(m.ChangeLoRAs(change_id, change))
+            try:
+                replies = {w: pending[w.index].result() for w in targets}
+            finally:
+                with self._lock:
+                    del self._lora_changes[change_id]
+            # None: the worker died meanwhile; its replacement catches up when it is ready
+            answered = {w: reply for w, reply in replies.items() if reply is not None}
+            refused = [reply for reply in answered.values() if reply.error is not None]
+            with self._lock:
+                if refused:
+                    for worker, reply in answered.items():
+                        if reply.error is None:  # made here, refused elsewhere: set back
+                            worker.inbox.put(m.ChangeLoRAs(None, LoRAChange.sync(before[id(worker)])))
+                    error = refused[0]
+                    raise InvalidRequestError(error.param, error.error) if error.param else DiffgenError(error.error)
+                if not answered:
+                    raise NotReadyError("the workers stopped while changing LoRAs; retry once they are back")
+                self._loras = list(next(iter(answered.values())).loras)
+                for worker in self._workers:  # ready meanwhile (a restart), with the LoRAs of before
+                    if worker.ready and not worker.gone and worker not in answered:
+                        worker.inbox.put(m.ChangeLoRAs(None, LoRAChange.sync(self._loras)))
+                return list(self._loras)
+
+    def loras(self) -> list[dict[str, Any]]:
+        with self._lock:
+            if self._loras is not None:
+                return list(self._loras)
+            ready = [w for w in self._workers if w.ready and not w.gone]
+            if not ready:
+                raise NotReadyError(self.load_error or "the model is not loaded yet")
+            return list(ready[0].loras)
+
     def _retry_after(self) -> int:
         workers = max(1, sum(w.ready for w in self._workers))
         return max(1, math.ceil(self._seconds_per_job * len(self._waiting) / workers))
@@ -391,6 +451,12 @@ class ProcessExecutor(Executor):
                 self.spec = self.spec or message.spec
                 self.device = self.device or message.device
                 self.precisions = self.precisions or (message.dit_precision, message.vae_precision)
+                worker.loras = message.loras
+                if self._loras is not None and list(message.loras) != self._loras:
+                    from diffgen.engine.lora import LoRAChange
+
+                    # a restarted worker loaded the start-up LoRAs: bring it to the current ones first
+                    worker.inbox.put(m.ChangeLoRAs(None, LoRAChange.sync(self._loras)))
                 worker.ready = True
                 self._changed.notify_all()
             logger.info("worker %d ready: %s on %s", worker.index, message.spec.name, message.device)
@@ -403,6 +469,15 @@ class ProcessExecutor(Executor):
                 self._changed.notify_all()
             self._fail_waiting_without_workers()
             return True
+        if isinstance(message, m.LoRAsChanged):
+            with self._lock:
+                worker.loras = message.loras
+                reply = self._lora_changes.get(message.change_id, {}).get(worker.index)
+            if reply is not None and not reply.done():
+                reply.set_result(message)
+            elif message.error is not None:
+                logger.error("worker %d could not take the current LoRAs: %s", worker.index, message.error)
+            return False
         if isinstance(message, m.BatchDone):
             with self._lock:
                 worker.batch_id = None
@@ -442,6 +517,10 @@ class ProcessExecutor(Executor):
         with self._lock:
             was_ready = worker.ready
             worker.ready, worker.gone = False, True
+            for replies in self._lora_changes.values():  # a LoRA change in flight stops waiting for it
+                reply = replies.get(worker.index)
+                if reply is not None and not reply.done():
+                    reply.set_result(None)
             lost = list(worker.batch.values())
             worker.batch.clear()
             worker.batch_id = None

@@ -5,11 +5,12 @@ or server threads inherited) and talks to the process executor through two queue
 (diffgen.engine.messages):
 
     inbox  (executor -> worker): RunBatch(batch_id, jobs)   Cancel(job_id)   Stop()
-    outbox (worker -> executor): Ready(spec, device)        LoadFailed(message)
+                                 ChangeLoRAs(change_id, change)   (made between batches)
+    outbox (worker -> executor): Ready(spec, device, loras) LoadFailed(message)
                                  Started(job_id)            Progress(job_id, step, total, step_seconds)
                                  Done(job_id, GenerationResult)
                                  Failed(job_id, code, message, param)
-                                 BatchDone(batch_id)
+                                 BatchDone(batch_id)        LoRAsChanged(change_id, loras, error)
 
 A listener thread drains the inbox so that a cancel reaches the worker while a batch runs; the main
 thread runs the pipeline and checks the cancel set between denoising steps. A failure of one request
@@ -39,9 +40,11 @@ from typing import Any
 from diffgen.engine.messages import (
     BatchDone,
     Cancel,
+    ChangeLoRAs,
     Done,
     Failed,
     LoadFailed,
+    LoRAsChanged,
     Progress,
     Ready,
     RunBatch,
@@ -74,14 +77,15 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
         outbox.put(LoadFailed(f"{type(e).__name__}: {e}"))
         return
     quantized = options.get("engine_options", {}).get("quantize")
+    loras = tuple(_loras(pipeline))
     if hasattr(pipeline, "plan"):  # a WorkerGroup: its ranks hold the pipeline in the options' dtype
         dtype = options.get("engine_options", {}).get("dtype") or "auto"
         outbox.put(Ready(spec=pipeline.spec, device=pipeline.info.device, dit_precision=quantized or dtype,
-                         vae_precision=options.get("engine_options", {}).get("vae_dtype") or dtype))
+                         vae_precision=options.get("engine_options", {}).get("vae_dtype") or dtype, loras=loras))
     else:
         outbox.put(Ready(spec=pipeline.spec, device=str(pipeline.device),
                          dit_precision=quantized or str(pipeline.dtype).removeprefix("torch."),
-                         vae_precision=str(pipeline.vae.dtype).removeprefix("torch.")))
+                         vae_precision=str(pipeline.vae.dtype).removeprefix("torch."), loras=loras))
 
     batches: queue.Queue = queue.Queue()
     cancelled: set[str] = set()
@@ -111,6 +115,9 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
         message = batches.get()
         if isinstance(message, Stop):
             return
+        if isinstance(message, ChangeLoRAs):  # between batches: no request is running
+            outbox.put(_change_loras(pipeline, message))
+            continue
         assert isinstance(message, RunBatch)
         for queued in message.jobs:
             _run_one(pipeline, queued.job_id, queued.request, cancelled, outbox, faults)
@@ -142,6 +149,34 @@ def _load(worker_id: int, options: dict[str, Any]):
                               model_options.get("revision"))
         return WorkerGroup(options["model_path"], dict(model_options, serving=True), plan)
     return load_model(options["model_path"], serving=True, **model_options)
+
+
+def _loras(pipeline) -> list[dict[str, Any]]:
+    from diffgen.engine.executor import Executor
+    from diffgen.engine.lora import describe_loras
+
+    return pipeline.loras() if isinstance(pipeline, Executor) else describe_loras(pipeline)
+
+
+def _change_loras(pipeline, message: ChangeLoRAs) -> LoRAsChanged:
+    """Make the change on this worker's pipeline (or on every rank of its group); a refusal changes nothing."""
+    from diffgen.engine.executor import Executor
+    from diffgen.engine.lora import apply_lora_change
+    from diffgen.errors import DiffgenError, InvalidRequestError
+
+    try:
+        if isinstance(pipeline, Executor):  # a WorkerGroup
+            loras = pipeline.change_loras(message.change)
+        else:
+            loras = apply_lora_change(pipeline, message.change)
+        return LoRAsChanged(message.change_id, tuple(loras))
+    except InvalidRequestError as e:
+        return LoRAsChanged(message.change_id, tuple(_loras(pipeline)), e.message, e.field)
+    except DiffgenError as e:
+        return LoRAsChanged(message.change_id, tuple(_loras(pipeline)), str(e))
+    except Exception as e:  # the worker goes on; the caller learns why
+        logger.exception("LoRA change %s failed", message.change.action)
+        return LoRAsChanged(message.change_id, tuple(_loras(pipeline)), f"{type(e).__name__}: {e}")
 
 
 def _run_one(pipeline, job_id: str, request, cancelled: set[str], outbox, faults: bool) -> None:

@@ -84,6 +84,9 @@ def serve_rank(pipeline, state, connection) -> None:
         message = broadcast_from_replica_root(message, state)
         if message[0] == "stop":
             return
+        if message[0] == "loras":
+            _change_loras(pipeline, state, message[1], connection)
+            continue
         _, request = message
         cancel_requested.clear()
 
@@ -114,6 +117,26 @@ def serve_rank(pipeline, state, connection) -> None:
             send(connection, ("done", result))
 
 
+def _change_loras(pipeline, state, change, connection) -> None:
+    """Every rank of the replica makes the LoRA change between requests. The ranks agree on the outcome: when
+    one refuses it, the others set theirs back, so the replica's ranks never hold different weights."""
+    from diffgen.engine.lora import LoRAChange, apply_lora_change, describe_loras
+    from diffgen.errors import DiffgenError
+    from diffgen.parallel.worker_group import send
+
+    before = describe_loras(pipeline)
+    error = None
+    try:
+        loras = apply_lora_change(pipeline, change)
+    except DiffgenError as e:  # a bad file: the same on every rank, nothing changed
+        error = e
+    if agreed(error is not None, state) and error is None:
+        apply_lora_change(pipeline, LoRAChange.sync(before))
+        error = DiffgenError("another rank of the group could not make the LoRA change; nothing changed")
+    if connection is not None:
+        send(connection, ("loras_failed", error) if error is not None else ("loras_done", loras))
+
+
 def main() -> None:
     from multiprocessing.connection import Client
 
@@ -137,11 +160,12 @@ def main() -> None:
             send(connection, ("load_failed", rank, f"{type(error).__name__}: {error}"))
         raise
     if state.is_output_rank:
+        from diffgen.engine.lora import describe_loras
         from diffgen.parallel.worker_group import RemotePipeline
 
         info = RemotePipeline(model_path=spec["options"]["model_path"], spec=pipeline.spec,
                               output_kind=pipeline.output_kind, pipeline_class=type(pipeline),
-                              device=f"{pipeline.device} x {spec['world_size']}")
+                              device=f"{pipeline.device} x {spec['world_size']}", loras=describe_loras(pipeline))
         connection = Client(spec["address"], authkey=spec["authkey"])
         send(connection, ("ready", state.dp.rank, info))
     serve_rank(pipeline, state, connection)

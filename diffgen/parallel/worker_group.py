@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Listener
 from typing import Any
 
@@ -64,6 +64,10 @@ class WorkerGroup(Executor):
         self.info: RemotePipeline | None = None
         self._jobs: dict[str, Job] = {}
         self.restarts = 0
+        self.lora_mode = self.options.get("lora_mode") or "merged"
+        #: the LoRAs every rank must hold once a change was made (None: what the ranks loaded at start)
+        self._loras: list[dict[str, Any]] | None = None
+        self._lora_lock = threading.Lock()  # one change at a time
         self._start_group()
         self.spec = self.info.spec
         atexit.register(self.close)
@@ -92,11 +96,20 @@ class WorkerGroup(Executor):
                           for rank in range(self.plan.num_gpus)]
         try:
             self._accept_replicas(listener)
+            if self._loras is not None:  # a restart: the ranks loaded the start-up LoRAs, not the current ones
+                from diffgen.engine.lora import LoRAChange
+
+                for replica in self._connections:
+                    reply = self._lora_reply(replica, LoRAChange.sync(self._loras))
+                    if reply[0] != "loras_done":
+                        logger.error("diffgen: the restarted group could not take the current LoRAs: %s", reply[1])
         except BaseException:
             self.stop()
             raise
         finally:
             listener.close()
+        for replica in self._connections:  # free only now: no request runs before the LoRAs are current
+            self._free.put(replica)
         self._broken = False
 
     def _accept_replicas(self, listener: Listener) -> None:
@@ -115,7 +128,6 @@ class WorkerGroup(Executor):
             if message[0] == "load_failed":
                 raise DiffgenError(f"rank {message[1]} failed to load {self.model_path}: {message[2]}")
             self._connections[message[1]] = connection
-            self._free.put(message[1])
             self.info = message[2]
 
     def _check_alive(self, when: str) -> None:
@@ -219,6 +231,52 @@ class WorkerGroup(Executor):
             if not self._broken:
                 self._free.put(replica)
 
+    # -- LoRAs ------------------------------------------------------------------------------------
+    def loras(self) -> list[dict[str, Any]]:
+        return list(self._loras if self._loras is not None else self.info.loras)
+
+    def change_loras(self, change: Any) -> list[dict[str, Any]]:
+        """Make ``change`` on every rank of every replica, each between two requests (all replicas are taken
+        first); a replica that refuses it makes it a failure everywhere (the others are set back)."""
+        from diffgen.engine.lora import LoRAChange
+
+        with self._lora_lock:
+            with self._lock:
+                if self._broken:
+                    self._restart()
+            replicas = [self._take_replica() for _ in range(self.plan.dp_size)]
+            before = self.loras()
+            try:
+                replies = {replica: self._lora_reply(replica, change) for replica in replicas}
+                refused = [reply for reply in replies.values() if reply[0] == "loras_failed"]
+                if refused:
+                    for replica, reply in replies.items():
+                        if reply[0] == "loras_done":
+                            self._lora_reply(replica, LoRAChange.sync(before))
+                    raise refused[0][1]
+                self._loras = list(replies[replicas[0]][1])
+                return list(self._loras)
+            finally:
+                if not self._broken:
+                    for replica in replicas:
+                        self._free.put(replica)
+
+    def _lora_reply(self, replica: int, change: Any) -> tuple:
+        """Send a LoRA change to a replica (free, taken by the caller) and wait for its answer."""
+        connection = self._connections[replica]
+        try:
+            send(connection, ("loras", change))
+            while not connection.poll(POLL_SECONDS):
+                self._check_alive("while changing LoRAs")
+            reply = receive(connection)
+        except (EOFError, OSError) as error:
+            self._broken = True
+            raise WorkerGroupError(f"lost the connection to replica {replica}: {error}") from error
+        if reply[0] == "crashed":
+            self._broken = True
+            raise WorkerGroupError(f"a rank crashed while changing LoRAs: {reply[1]}")
+        return reply
+
     def _take_replica(self) -> int:
         while True:
             try:
@@ -238,6 +296,7 @@ class RemotePipeline:
     output_kind: str
     pipeline_class: type
     device: str
+    loras: list = field(default_factory=list)  # the LoRAs the ranks loaded at start (LoRAManager.describe rows)
 
     @property
     def defaults(self) -> Any:

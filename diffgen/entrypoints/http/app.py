@@ -247,6 +247,7 @@ def error_response(error: APIError, request_id: str | None = None) -> JSONRespon
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     """The app over ``engine`` (default: ``config.build_engine()``), started by the app's lifespan."""
+    from diffgen.entrypoints.http.lora_routes import router as lora_router
     from diffgen.entrypoints.http.openai_routes import router
 
     state = ServerState(config, engine)
@@ -345,6 +346,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(router)
+    app.include_router(lora_router)
     return app
 
 
