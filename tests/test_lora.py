@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -248,3 +249,47 @@ def test_lora_over_layerwise_offload(engines, tiny_checkpoint, tmp_path, mode):
         plain_engine.unload_lora()
     offloaded.unload_lora()
     assert torch.equal(_latents(offloaded, family), plain)
+
+
+def test_wan22_second_expert_takes_its_own_lora_through_the_cli(tiny_checkpoint, tmp_path, capsys):
+    """``--lora-path low.safetensors:0.7@transformer_2``: the low-noise expert's LoRA, as diffusers loads it with
+    ``load_lora_weights(..., load_into_transformer_2=True)``; the high-noise expert gets the plain one."""
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights (the reference) needs peft")
+    import diffusers
+    from PIL import Image
+
+    from diffgen.entrypoints.cli import main
+
+    path = tiny_checkpoint("wan22-a14b")
+    sampling = dict(height=32, width=48, num_frames=5, num_inference_steps=8, max_sequence_length=16,
+                    negative_prompt="bad", guidance_scale=5.0, guidance_scale_2=2.0)
+    plain = Engine.from_pretrained(path, device="cpu", dtype="float32")
+    high = write_lora(tmp_path / "high.safetensors", plain, "wan-original", seed=21)
+    low = write_lora(tmp_path / "low.safetensors", plain, "wan-original", seed=22)
+    specs = [high, f"{low}:0.7@transformer_2"]
+    engine = Engine.from_pretrained(path, device="cpu", dtype="float32", lora_path=specs)
+    assert [(r["name"], r["scale"], r["component"]) for r in engine.loras] == [
+        ("high", 1.0, "transformer"), ("low", 0.7, "transformer_2")]
+    ours = engine.generate(PROMPT, seed=5, return_tensors=True, **sampling)
+
+    pipe = diffusers.WanPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for model in (pipe.transformer, pipe.transformer_2):
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()  # aligned like ours: see tests/test_wan.py
+    pipe.load_lora_weights(high, adapter_name="high")
+    pipe.load_lora_weights(low, adapter_name="low", load_into_transformer_2=True)
+    pipe.transformer_2.set_adapters(["low"], [0.7])
+    expected = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(5), output_type="latent", **sampling).frames
+    torch.testing.assert_close(ours.latents, expected, atol=1e-5, rtol=0)
+    both_high = Engine.from_pretrained(path, device="cpu", dtype="float32", lora_path=[high, f"{low}:0.7"])
+    assert (both_high.generate(PROMPT, seed=5, return_tensors=True, **sampling).latents - ours.latents).abs().max() \
+        > 1e-3  # where the LoRA goes matters well beyond the tolerance
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in sampling.items()]
+    code = main(["generate", "--model-path", path, "--device", "cpu", "--dtype", "float32", "--prompt", PROMPT,
+                 "--seed", "5", *flags, "--lora-path", specs[0], "--lora-path", specs[1], "--save-output",
+                 "--output-format", "png-frames", "--output-path", str(tmp_path), "--output-file-name", "clip"])
+    assert code == 0, capsys.readouterr().err
+    frames = sorted((tmp_path / "clip").iterdir())
+    assert [np.asarray(Image.open(f).convert("RGB")).tolist() for f in frames] == [f.tolist() for f in ours.frames[0]]
