@@ -293,3 +293,23 @@ def test_wan22_second_expert_takes_its_own_lora_through_the_cli(tiny_checkpoint,
     assert code == 0, capsys.readouterr().err
     frames = sorted((tmp_path / "clip").iterdir())
     assert [np.asarray(Image.open(f).convert("RGB")).tolist() for f in frames] == [f.tolist() for f in ours.frames[0]]
+
+
+def test_dynamic_lora_is_not_compiled(tiny_checkpoint, capsys):
+    """Dynamic adapters are read per request inside each linear, which the compiler cannot trace: an explicit
+    --compile is one error before loading; the default (compile on for a CUDA server) runs them eager."""
+    from diffgen.engine.optimize import resolve_compile
+    from diffgen.entrypoints.cli import main
+    from diffgen.errors import DiffgenError
+
+    message = "--compile cannot be used with --lora-mode dynamic"
+    with pytest.raises(DiffgenError, match=message):
+        Engine.from_pretrained(tiny_checkpoint("flux"), device="cpu", compile=True, lora_mode="dynamic")
+    with pytest.raises(DiffgenError, match=message):
+        Engine.with_workers(tiny_checkpoint("flux"), device="cpu", compile=True, lora_mode="dynamic")
+    code = main(["generate", "--model-path", tiny_checkpoint("flux"), "--device", "cpu", "--prompt", PROMPT,
+                 "--compile", "--lora-mode", "dynamic"])
+    assert code != 0 and message in capsys.readouterr().err
+    cuda = torch.device("cuda")
+    assert resolve_compile(None, cuda, serving=True, lora_mode="merged")
+    assert not resolve_compile(None, cuda, serving=True, lora_mode="dynamic")

@@ -61,15 +61,18 @@ class Engine:
         ("first-block" or "teacache"; threshold None: the method's published default for the model).
         ``offload``: "model" keeps components on the CPU until they run; "layerwise" also streams the DiT's
         blocks from CPU memory a few at a time (for GPUs smaller than the model).
-        ``lora_path``: LoRA files to load, each ``path`` or ``path:scale``; ``lora_mode``: "merged" (default:
-        added into the weights) or "dynamic" (applied in the forward; requests may pick their own LoRAs).
+        ``lora_path``: LoRA files to load, each ``PATH[:SCALE][@COMPONENT]`` (``@transformer_2``: Wan2.2's
+        low-noise expert); ``lora_mode``: "merged" (default: added into the weights) or "dynamic" (applied in
+        the forward; requests may pick their own LoRAs; runs eager: ``compile=True`` with it is refused).
         ``num_gpus`` > 1 (or any degree above 1): one process per GPU (gloo processes with ``device="cpu"``),
         degrees as the CLI flags (docs/parallel.md); the plan is checked against the checkpoint before
         anything loads (ParallelConfigError). Call ``close()`` to stop the processes.
         """
         from diffgen.engine.loading import load_model
+        from diffgen.engine.optimize import check_compile_options
         from diffgen.parallel.config import ParallelConfig
 
+        check_compile_options(compile, lora_mode)  # before any process starts
         parallel = ParallelConfig(num_gpus=num_gpus or 1, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                                   enable_cfg_parallel=enable_cfg_parallel, tp_size=tp_size, dp_size=dp_size or 1)
         given = (num_gpus, ulysses_degree, ring_degree, enable_cfg_parallel, tp_size, dp_size)
@@ -156,8 +159,11 @@ class Engine:
         Parallelism options (``num_gpus``, ``dp_size``, degrees): one worker per replica (``dp_size``), each
         a group of ``num_gpus / dp_size`` processes when that is more than one.
         """
+        from diffgen.engine.optimize import check_compile_options
         from diffgen.engine.scheduler import ProcessExecutor
         from diffgen.options import parallel_option_names
+
+        check_compile_options(model_options.get("compile"), model_options.get("lora_mode"))
 
         if any(model_options.get(name) is not None for name in parallel_option_names()):
             # Checked once here, before any worker starts: each worker is one replica (``dp_size`` of them),

@@ -17,9 +17,11 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
     ``compile`` None decides by use: compiled on CUDA when ``serving`` (then warmed up at the model's
     default size before returning, so no request waits for the compiler), eager otherwise.
     """
-    from diffgen.engine.optimize import apply_compile, apply_quantization, resolve_compile
+    from diffgen.engine.optimize import apply_compile, apply_quantization, check_compile_options, resolve_compile
     from diffgen.layers.attention import set_attention_backend
     from diffgen.loader.components import load_pipeline
+
+    check_compile_options(compile, lora_mode)
 
     if attention_backend:
         set_attention_backend(attention_backend)
@@ -45,7 +47,7 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
 
         pipeline.offloaders = apply_offload(pipeline, offload)
     # Offloaded models move between devices as they run: compile them only when asked.
-    compiled = resolve_compile(compile, pipeline.device, serving and offload in (None, "none"))
+    compiled = resolve_compile(compile, pipeline.device, serving and offload in (None, "none"), lora_mode)
     if compiled:
         apply_compile(pipeline.components)
     set_step_cache(pipeline, cache, cache_threshold)

@@ -64,16 +64,36 @@ def use_persistent_compile_cache() -> Path:
     return folder
 
 
-def resolve_compile(requested: bool | None, device: torch.device, serving: bool) -> bool:
+def check_compile_options(compile: bool | None, lora_mode: str | None) -> None:
+    """What cannot be compiled, refused before anything loads.
+
+    Dynamic LoRA: each adapted linear reads the adapters the running request picked (a context variable)
+    in its forward. The compiler cannot trace that read: it breaks every block's graph there and falls
+    back to eager, recompiling per set of scales, so compiling would cost start-up time and gain nothing.
+    Merged LoRAs compile (their weights change in place, which compiled blocks read), and so does
+    offload (blocks stream their weights in outside the compiled blocks).
+    """
+    from diffgen.errors import DiffgenError
+
+    if compile and lora_mode == "dynamic":
+        raise DiffgenError("--compile cannot be used with --lora-mode dynamic: the compiler cannot trace the "
+                           "per-request LoRA choice inside each linear; use --lora-mode merged to compile, or "
+                           "leave --compile out (dynamic LoRA runs eager)")
+
+
+def resolve_compile(requested: bool | None, device: torch.device, serving: bool,
+                    lora_mode: str | None = None) -> bool:
     """``--compile`` / ``--no-compile`` win; by default compile only a server's DiT on CUDA.
 
     A server pays the compilation once at start-up (warm-up) and gains on every request; a one-shot
     ``generate`` gains less than compiling costs (docs/benchmarks.md: FLUX.1-dev 28 steps saves
-    ~1.2 s of denoising against >= 3 s of compilation with a warm cache), so it runs eager.
+    ~1.2 s of denoising against >= 3 s of compilation with a warm cache), so it runs eager. Dynamic
+    LoRA runs eager (see check_compile_options).
     """
+    check_compile_options(requested, lora_mode)
     if requested is not None:
         return bool(requested)
-    return serving and device.type == "cuda" and hasattr(torch, "compile")
+    return serving and device.type == "cuda" and hasattr(torch, "compile") and lora_mode != "dynamic"
 
 
 def apply_compile(components: dict) -> int:
