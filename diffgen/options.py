@@ -103,8 +103,9 @@ MAX_OUTPUTS = 10  # outputs per prompt (OpenAI's ``n`` allows at most 10)
 MAX_FRAMES = 1025
 MAX_GUIDANCE = 100.0
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-CACHE_METHODS = ("none", "first-block", "teacache")
+CACHE_METHODS = ("none", "first-block", "teacache", "taylorseer")
 MAX_CACHE_THRESHOLD = 2.0
+MAX_TAYLOR_ORDER = 4
 OFFLOAD_MODES = ("none", "model", "layerwise")
 LORA_MODES = ("merged", "dynamic")
 LORA_COMPONENTS = ("transformer", "transformer_2")  # the DiTs a LoRA may go on (transformer_2: Wan2.2's 2nd expert)
@@ -131,11 +132,17 @@ PERFORMANCE = OptionGroup("performance", "performance", ("generate", "serve"), e
 ))
 
 STEP_CACHE = OptionGroup("step_cache", "step cache", ("generate", "serve"), engine=True, options=(
-    Option("cache", str, "skip most DiT blocks on steps that change little: first-block (any model) or teacache "
-           "(FLUX, HunyuanVideo, Wan2.1); default none. The engine's default; requests may choose their own",
-           choices=CACHE_METHODS, http="all"),
+    Option("cache", str, "skip most DiT blocks on steps that change little: first-block (any model), teacache "
+           "(FLUX, HunyuanVideo, Wan2.1) or taylorseer (first-block's decision; the skipped blocks' residual is "
+           "extrapolated from the last computed steps); default none. The engine's default; requests may choose "
+           "their own", choices=CACHE_METHODS, http="all"),
     Option("cache_threshold", float, "higher skips more; 0 never skips (default: the method's published value for "
            "the model)", low=0.0, high=MAX_CACHE_THRESHOLD, http="all"),
+    Option("cache_warmup_steps", int, "forwards of each guidance branch (and expert) always computed before the "
+           "cache may skip (default: first-block 1, teacache the published value, taylorseer its order + 1)",
+           low=0, high=MAX_STEPS),
+    Option("cache_order", int, "taylorseer: order of the Taylor extrapolation of the cached residual (default 1; 0 "
+           "reuses it unchanged, as first-block does)", low=0, high=MAX_TAYLOR_ORDER),
 ))
 
 MEMORY = OptionGroup("memory", "memory", ("generate", "serve"), engine=True, options=(

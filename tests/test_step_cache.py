@@ -6,6 +6,8 @@ hand-written version of each method made of plain forward hooks on the uncached 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -123,12 +125,20 @@ class HookedResidualCache:
             if index == len(self.blocks) - 1:
                 start = args[0] if single else args[:2]
                 if self.reusing:
-                    return start + self.residual[self.branch] if single else tuple(
-                        s + r for s, r in zip(start, self.residual[self.branch], strict=True))
-                self.residual[self.branch] = self._minus(output, self.join(self._head_output), single)
+                    residual = self.replayed(self.branch)
+                    return start + residual if single else tuple(
+                        s + r for s, r in zip(start, residual, strict=True))
+                self.store(self.branch, self._minus(output, self.join(self._head_output), single))
                 return output
             return inputs if self.reusing else output
         return hook
+
+    def replayed(self, branch):
+        """The residual a reused forward adds to its start (the stored one)."""
+        return self.residual[branch]
+
+    def store(self, branch, residual):
+        self.residual[branch] = residual
 
     @staticmethod
     def _minus(output, start, single):
@@ -137,6 +147,38 @@ class HookedResidualCache:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+
+class HookedTaylorSeer(HookedResidualCache):
+    """TaylorSeer over the same hooks, written as its authors' code does it (taylor_utils: derivative_approximation,
+    taylor_formula): a computed forward keeps {0: residual, i + 1: (new[i] - old[i]) / distance} for as many
+    orders as the previous computed forward had, up to ``order``; a reused forward replays the sum over i of
+    (1 / i!) * factor[i] * x**i, x the steps since the branch's last computed forward. Single tensors (Wan)."""
+
+    def __init__(self, *args, order: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.order, self.factors, self.computed_at = order, {}, {}
+
+    def _begin(self, block, args):
+        self.step = self.forwards // self.branches
+        super()._begin(block, args)
+
+    def store(self, branch, residual):
+        distance = self.step - self.computed_at.get(branch, 0)
+        previous, factors = self.factors.get(branch, {}), {0: residual}
+        for i in range(self.order):
+            if previous.get(i) is None:
+                break
+            factors[i + 1] = (factors[i] - previous[i]) / distance
+        self.factors[branch], self.computed_at[branch] = factors, self.step
+        super().store(branch, residual)
+
+    def replayed(self, branch):
+        x = self.step - self.computed_at[branch]
+        output = 0
+        for i, factor in sorted(self.factors[branch].items()):
+            output = output + (1 / math.factorial(i)) * factor * (x ** i)
+        return output
 
 
 def _flux_join(hidden):
@@ -233,11 +275,69 @@ def test_teacache_equals_hand_written_teacache(engines, family):
     assert torch.equal(ours, expected)
 
 
-def test_cache_state_never_leaks_between_requests(engines):
+@pytest.mark.parametrize("order", [1, 2])
+def test_forced_reuse_schedule_equals_hand_written_taylorseer(engines, order):
+    """Wan2.1 with CFG, reusing steps 2, 3 and 5 of 6: each branch forecasts from its own computed steps (0, 1, 4:
+    unequal distances), order 2 with both derivatives once step 4 is computed."""
+    family, reuse = "wan-t2v", {2, 3, 5}
+    engine = engines(family)
+    blocks = _flat_blocks(engine.pipeline.transformer)
+    hooks = HookedTaylorSeer(blocks, branches=2, decide=lambda step, branch, args: step in reuse, head=1, order=order)
+    try:
+        expected, _ = _latents(engine, family)
+    finally:
+        hooks.remove()
+    results = {}
+    for method, method_order in (("taylorseer", order), ("first-block", None)):
+        engine.pipeline.step_cache = StepCacheConfig(method, reuse_steps=frozenset(reuse), order=method_order)
+        try:
+            results[method] = _latents(engine, family)
+        finally:
+            engine.pipeline.step_cache = None
+    ours, timings = results["taylorseer"]
+    assert timings == {**timings, "cache_forwards_reused": 6.0, "cache_forwards_computed": 6.0}
+    assert torch.equal(ours, expected)
+    assert not torch.equal(ours, results["first-block"][0])  # the forecast is not the plain replay
+
+
+def test_taylorseer_order_0_is_first_block(engines):
+    family = "flux"
+    engine = engines(family)
+    first_block, timings = _latents(engine, family, cache="first-block", cache_threshold=0.5)
+    assert timings["cache_forwards_reused"] > 0
+    try:
+        engine.set_step_cache("taylorseer", 0.5, order=0)  # the engine's default; warm-up 1 as first-block's
+        order_0, order_0_timings = _latents(engine, family)
+        engine.set_step_cache("taylorseer", 0.5, order=1)
+        order_1, _ = _latents(engine, family)
+    finally:
+        engine.set_step_cache(None)
+    assert torch.equal(order_0, first_block) and order_0_timings == {**order_0_timings, **{
+        k: timings[k] for k in ("cache_forwards_reused", "cache_forwards_computed")}}
+    assert not torch.equal(order_1, first_block)
+    plain, _ = _latents(engine, family)
+    exact, timings = _latents(engine, family, cache="taylorseer", cache_threshold=0.0)
+    assert torch.equal(exact, plain) and timings["cache_forwards_reused"] == 0
+
+
+def test_taylorseer_never_forecasts_warm_up_or_last_steps(tiny_checkpoint):
+    """Threshold 2 (reuse whenever allowed): each branch computes its warm-up forwards (default order + 1) and
+    the last step; the Engine knobs reach the cache."""
+    family, steps = "wan-t2v", SAMPLING["wan-t2v"]["num_inference_steps"]
+    for knobs, warmup in ((dict(cache_order=2), 3), (dict(cache_order=1, cache_warmup_steps=4), 4)):
+        engine = Engine.from_pretrained(tiny_checkpoint(family), device="cpu", dtype="float32", cache="taylorseer",
+                                        cache_threshold=2.0, **knobs)
+        _, timings = _latents(engine, family)
+        assert timings["cache_forwards_computed"] == 2 * warmup + 2  # 2 branches: warm-up steps + the last step
+        assert timings["cache_forwards_reused"] == 2 * (steps - warmup - 1)
+
+
+@pytest.mark.parametrize("method", ["first-block", "taylorseer"])
+def test_cache_state_never_leaks_between_requests(engines, method):
     """Wan2.2 (two experts, CFG): each request's output is the same whatever ran before it."""
     family = "wan22-a14b"
     engine = engines(family)
-    options = dict(cache="first-block", cache_threshold=0.3)
+    options = dict(cache=method, cache_threshold=0.3)
     a1, timings = _latents(engine, family, seed=1, **options)
     b1, _ = _latents(engine, family, seed=2, prompt="a blue whale", **options)
     b2, _ = _latents(engine, family, seed=2, prompt="a blue whale", **options)
@@ -270,9 +370,14 @@ def test_bad_cache_options_are_refused(engines):
     engine = engines("qwen-image")
     with pytest.raises(InvalidRequestError, match="cache_threshold"):
         engine.generate(PROMPT, cache="first-block", cache_threshold=-1)
-    with pytest.raises(InvalidRequestError, match="'second-block' is not allowed; one of none, first-block, teacache"):
+    with pytest.raises(InvalidRequestError, match="'second-block' is not allowed; one of none, first-block, teacache, "
+                       "taylorseer"):
         engine.generate(PROMPT, cache="second-block")
     with pytest.raises(InvalidRequestError, match="no published coefficients for Qwen-Image"):
         engine.generate(PROMPT, cache="teacache", **SAMPLING["qwen-image"])
     with pytest.raises(InvalidRequestError, match="no published coefficients"):
         engine.set_step_cache("teacache")
+    with pytest.raises(InvalidRequestError, match="cache_order: only --cache taylorseer extrapolates"):
+        engine.set_step_cache("first-block", order=2)
+    with pytest.raises(InvalidRequestError, match=r"cache_order: 5 is out of range; allowed 0\.\.4"):
+        engine.set_step_cache("taylorseer", order=5)

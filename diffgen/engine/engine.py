@@ -43,6 +43,7 @@ class Engine:
                         attention_backend: str | None = None, compile: bool | None = None,
                         quantize: str | None = None, vae_dtype: str | torch.dtype | None = None,
                         cache: str | None = None, cache_threshold: float | None = None,
+                        cache_warmup_steps: int | None = None, cache_order: int | None = None,
                         offload: str | None = None, lora_path: list[str] | None = None,
                         lora_mode: str | None = None, serving: bool = False, num_gpus: int | None = None,
                         ulysses_degree: int | None = None, ring_degree: int | None = None,
@@ -58,7 +59,8 @@ class Engine:
         tensor-core matmuls on Hopper/Ada; changes the numbers slightly, so no longer bit-equal to diffusers).
         ``vae_dtype``: the VAE's dtype when it should differ from ``dtype`` (Wan's model cards decode in float32).
         ``cache`` / ``cache_threshold``: the step cache of every request that does not choose its own
-        ("first-block" or "teacache"; threshold None: the method's published default for the model).
+        ("first-block", "teacache" or "taylorseer"; threshold None: the method's published default for the
+        model); ``cache_warmup_steps``: forwards always computed first; ``cache_order``: taylorseer's order.
         ``offload``: "model" keeps components on the CPU until they run; "layerwise" also streams the DiT's
         blocks from CPU memory a few at a time (for GPUs smaller than the model).
         ``lora_path``: LoRA files to load, each ``PATH[:SCALE][@COMPONENT]`` (``@transformer_2``: Wan2.2's
@@ -87,12 +89,14 @@ class Engine:
             options = dict(device=None if device is None else str(device), dtype=_dtype_name(dtype),
                            revision=revision, attention_backend=attention_backend, compile=compile,
                            quantize=quantize, vae_dtype=_dtype_name(vae_dtype), cache=cache,
-                           cache_threshold=cache_threshold, offload=offload, lora_path=lora_path, lora_mode=lora_mode,
+                           cache_threshold=cache_threshold, cache_warmup_steps=cache_warmup_steps,
+                           cache_order=cache_order, offload=offload, lora_path=lora_path, lora_mode=lora_mode,
                            serving=serving)
             return cls(WorkerGroup(str(model_path), options, plan), str(model_path), revision)
         pipeline = load_model(model_path, device=device, dtype=dtype, revision=revision,
                               attention_backend=attention_backend, compile=compile, quantize=quantize,
-                              vae_dtype=vae_dtype, cache=cache, cache_threshold=cache_threshold, offload=offload,
+                              vae_dtype=vae_dtype, cache=cache, cache_threshold=cache_threshold,
+                              cache_warmup_steps=cache_warmup_steps, cache_order=cache_order, offload=offload,
                               lora_path=lora_path, lora_mode=lora_mode, serving=serving)
         return cls(InProcessExecutor(pipeline), str(model_path), revision)
 
@@ -140,11 +144,12 @@ class Engine:
 
         warm_up(self.pipeline, sizes, run=self.run)
 
-    def set_step_cache(self, method: str | None, threshold: float | None = None) -> None:
+    def set_step_cache(self, method: str | None, threshold: float | None = None, warmup_steps: int | None = None,
+                       order: int | None = None) -> None:
         """The default step cache of later requests (None or "none": off); checked against the model now."""
         from diffgen.engine.loading import set_step_cache
 
-        set_step_cache(self.pipeline, method, threshold)
+        set_step_cache(self.pipeline, method, threshold, warmup_steps, order)
 
     @classmethod
     def with_workers(cls, model_path: str, *, max_queue: int | None = None, max_batch_size: int | None = None,
@@ -253,7 +258,8 @@ class Engine:
 
         ``params``: negative_prompt, height, width, num_inference_steps, guidance_scale, guidance_scale_2,
         true_cfg_scale, seed, num_outputs_per_prompt, num_frames, fps, images, max_sequence_length, return_tensors,
-        cache ("none", "first-block", "teacache"), cache_threshold, loras ({name: scale}, dynamic LoRA mode).
+        cache ("none", "first-block", "teacache", "taylorseer"), cache_threshold, loras ({name: scale}, dynamic
+        LoRA mode).
         """
         request = GenerationRequest.build(prompt, **params)
         return self.run(request, progress=progress, is_cancelled=is_cancelled)

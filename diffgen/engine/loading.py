@@ -10,7 +10,8 @@ from typing import Any
 def load_model(model_path: str, device: Any = None, dtype: Any = None, revision: str | None = None,
                attention_backend: str | None = None, compile: bool | None = None, quantize: str | None = None,
                vae_dtype: Any = None, cache: str | None = None, cache_threshold: float | None = None,
-               offload: str | None = None, lora_path: list[str] | None = None, lora_mode: str | None = None,
+               cache_warmup_steps: int | None = None, cache_order: int | None = None, offload: str | None = None,
+               lora_path: list[str] | None = None, lora_mode: str | None = None,
                serving: bool = False):
     """A loaded :class:`~diffgen.pipelines.base.ComposedPipeline` with the options of ``Engine.from_pretrained``.
 
@@ -50,7 +51,7 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
     compiled = resolve_compile(compile, pipeline.device, serving and offload in (None, "none"), lora_mode)
     if compiled:
         apply_compile(pipeline.components)
-    set_step_cache(pipeline, cache, cache_threshold)
+    set_step_cache(pipeline, cache, cache_threshold, cache_warmup_steps, cache_order)
     if lora_mode is not None or lora_path:
         from diffgen.engine.lora import LoRAManager, parse_lora_spec
 
@@ -84,12 +85,14 @@ def warm_up(pipeline, sizes: list[tuple[int, int]] | None = None, run: Any = Non
         run(request) if run is not None else pipeline.run(resolve(request, spec))
 
 
-def set_step_cache(pipeline, method: str | None, threshold: float | None = None) -> None:
+def set_step_cache(pipeline, method: str | None, threshold: float | None = None, warmup_steps: int | None = None,
+                   order: int | None = None) -> None:
     """The default step cache of the pipeline's later requests (None or "none": off); checked against the model."""
     from diffgen.engine.step_cache import StepCacheConfig, check_cache_options, resolve_step_cache
 
-    check_cache_options(method, threshold)
-    config = None if method in (None, "none") else StepCacheConfig(method, threshold)
+    check_cache_options(method, threshold, warmup_steps, order)
+    config = None if method in (None, "none") else StepCacheConfig(method, threshold, warmup_steps=warmup_steps,
+                                                                   order=order)
     if config is not None:  # reject what this model cannot use (teacache without coefficients) at once
         resolve_step_cache(config, None, None, pipeline.defaults.name, pipeline.transformer.config.inner_dim)
     pipeline.step_cache = config

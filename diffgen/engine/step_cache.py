@@ -1,7 +1,7 @@
 """Step caching: skip most of the DiT's blocks on steps where their output barely changes.
 
-Two training-free methods, both replaying a cached residual (blocks' output minus their input) of
-the last computed step:
+Three training-free methods, each replaying a cached residual (blocks' output minus their input) of
+the last computed steps:
 
 - ``first-block`` (First Block Cache, ParaAttention; DBCache with one compute block): always run the
   first block; when its residual differs from the one of the last computed step by less than
@@ -10,6 +10,10 @@ the last computed step:
   input, rescaled by a polynomial fitted per model and published with the method; while the sum
   stays under ``threshold`` skip every block, else compute and reset the sum. Only models with
   published coefficients (FLUX.1, HunyuanVideo, Wan2.1 T2V 1.3B/14B and I2V 14B) accept it.
+- ``taylorseer`` (TaylorSeer, "From Reusing to Forecasting", Liu et al. 2025, as cache-dit pairs it with
+  DBCache): first-block's decision, but a skipped step replays the residual *forecast* by a Taylor
+  expansion in the step index, whose derivatives are finite differences of the residuals of the last
+  computed steps (order ``order``; 0 replays the last residual unchanged: first-block exactly).
 
 A :class:`StepCacheSession` belongs to one request. It keeps one state per (DiT, guidance branch):
 the conditional and unconditional passes never share residuals, and Wan2.2's second expert starts
@@ -24,6 +28,7 @@ so adapting it would take more code than the two methods themselves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -32,6 +37,9 @@ import torch
 from diffgen.errors import InvalidRequestError
 from diffgen.layers.block_loop import BlockRunner, Hidden
 from diffgen.options import CACHE_METHODS, MAX_CACHE_THRESHOLD, check_value  # noqa: F401 (re-exported)
+
+#: taylorseer: the order when none is given (TaylorSeer's and cache-dit's default)
+TAYLOR_ORDER = 1
 
 #: first-block threshold when none is given (ParaAttention's FLUX value)
 FIRST_BLOCK_THRESHOLD = 0.08
@@ -49,19 +57,28 @@ class StepCacheConfig:
     coefficients: tuple[float, ...] | None = None  # teacache: rescaling polynomial, highest power first
     #: a fixed schedule instead of a threshold: reuse exactly at these step indices (all branches)
     reuse_steps: frozenset[int] | None = None
+    order: int | None = None  # taylorseer: the Taylor expansion's order
 
     def __post_init__(self) -> None:
-        check_cache_options(self.method, self.threshold)
+        check_cache_options(self.method, self.threshold, self.warmup_steps, self.order)
         if self.method == "none":
             raise InvalidRequestError("cache", "StepCacheConfig needs a method other than 'none'")
 
 
-def check_cache_options(method: str | None, threshold: float | None) -> None:
+def check_cache_options(method: str | None, threshold: float | None, warmup_steps: int | None = None,
+                        order: int | None = None) -> None:
     """The cache knobs against their options (diffgen.options: one definition for CLI, config, API, HTTP)."""
     if method is not None:
         check_value("cache", method)
     if threshold is not None:
         check_value("cache_threshold", threshold)
+    if warmup_steps is not None:
+        check_value("cache_warmup_steps", warmup_steps)
+    if order is not None:
+        check_value("cache_order", order)
+        if method != "taylorseer":
+            raise InvalidRequestError("cache_order", f"only --cache taylorseer extrapolates; --cache {method} has no "
+                                      "order")
 
 
 # -- TeaCache's published per-model data --------------------------------------------------------------
@@ -144,8 +161,33 @@ def resolve_step_cache(default: StepCacheConfig | None, method: str | None, thre
             config = replace(config, coefficients=config.coefficients or profile.coefficients,
                              threshold=profile.threshold if config.threshold is None else config.threshold,
                              warmup_steps=profile.warmup_steps if config.warmup_steps is None else config.warmup_steps)
+    if config.method == "taylorseer":
+        order = TAYLOR_ORDER if config.order is None else config.order
+        # warm-up: enough computed forwards that the first forecast has every derivative of its order
+        config = replace(config, order=order, warmup_steps=order + 1 if config.warmup_steps is None
+                         else config.warmup_steps)
     return replace(config, threshold=FIRST_BLOCK_THRESHOLD if config.threshold is None else config.threshold,
                    warmup_steps=1 if config.warmup_steps is None else config.warmup_steps)
+
+
+def taylor_factors(residual: Hidden, previous: list[Hidden] | None, distance: int, order: int) -> list[Hidden]:
+    """TaylorSeer's derivative estimates at a computed step: the residual, then each order's finite difference
+    of the previous order's estimate over the ``distance`` steps since the last computed step (as far as the
+    previous step's estimates reach, and up to ``order``)."""
+    factors = [residual]
+    for i in range(min(order, len(previous or ()))):
+        factors.append(tuple((new - old) / distance for new, old in zip(factors[i], previous[i], strict=True)))
+    return factors
+
+
+def taylor_forecast(factors: list[Hidden], distance: int) -> Hidden:
+    """The residual ``distance`` steps after the computed step: sum_i factors[i] * distance^i / i!, evaluated in
+    TaylorSeer's order (``1 / i! * factor * distance^i``); with one factor, the factor itself."""
+    forecast = factors[0]
+    for i in range(1, len(factors)):
+        forecast = tuple(f + (1 / math.factorial(i)) * d * (distance ** i)
+                         for f, d in zip(forecast, factors[i], strict=True))
+    return forecast
 
 
 # -- the per-request state ----------------------------------------------------------------------------
@@ -157,6 +199,8 @@ class _BranchState:
     residual: Hidden | None = None  # blocks' output minus input (final form) of the last computed step
     previous: torch.Tensor | None = None  # first-block: head residual; teacache: the watched input
     accumulated: float = 0.0  # teacache
+    factors: list[Hidden] | None = None  # taylorseer: the residual's derivative estimates at computed_step
+    computed_step: int = 0  # the request step of the last computed forward
 
 
 def _sequence_parallel_group():
@@ -257,9 +301,15 @@ class StepCacheSession:
                      and state.previous is not None and state.previous.shape == head_residual.shape
                      and _relative_l1(head_residual, state.previous) < self.config.threshold)
         if reuse:
+            if self.config.method == "taylorseer":
+                return _replay(start, taylor_forecast(state.factors, self.step - state.computed_step)), True
             return _replay(start, state.residual), True
         out = runner.run(after_head, head)
         state.residual = _residual(out, start)
+        if self.config.method == "taylorseer":
+            state.factors = taylor_factors(state.residual, state.factors, self.step - state.computed_step,
+                                           self.config.order)
+        state.computed_step = self.step
         state.previous = head_residual  # compared against the last *computed* step, as ParaAttention does
         return out, False
 
