@@ -138,7 +138,7 @@ STEP_CACHE = OptionGroup("step_cache", "step cache", ("generate", "serve"), engi
            "their own", choices=CACHE_METHODS, http="all"),
     Option("cache_threshold", float, "higher skips more; 0 never skips (default: the method's published value for "
            "the model)", low=0.0, high=MAX_CACHE_THRESHOLD, http="all"),
-    Option("cache_warmup_steps", int, "forwards of each guidance branch (and expert) always computed before the "
+    Option("cache_warmup", int, "forwards of each guidance branch (and expert) always computed before the "
            "cache may skip (default: first-block 1, teacache the published value, taylorseer its order + 1)",
            low=0, high=MAX_STEPS),
     Option("cache_order", int, "taylorseer: order of the Taylor extrapolation of the cached residual (default 1; 0 "

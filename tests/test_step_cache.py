@@ -324,7 +324,7 @@ def test_taylorseer_never_forecasts_warm_up_or_last_steps(tiny_checkpoint):
     """Threshold 2 (reuse whenever allowed): each branch computes its warm-up forwards (default order + 1) and
     the last step; the Engine knobs reach the cache."""
     family, steps = "wan-t2v", SAMPLING["wan-t2v"]["num_inference_steps"]
-    for knobs, warmup in ((dict(cache_order=2), 3), (dict(cache_order=1, cache_warmup_steps=4), 4)):
+    for knobs, warmup in ((dict(cache_order=2), 3), (dict(cache_order=1, cache_warmup=4), 4)):
         engine = Engine.from_pretrained(tiny_checkpoint(family), device="cpu", dtype="float32", cache="taylorseer",
                                         cache_threshold=2.0, **knobs)
         _, timings = _latents(engine, family)

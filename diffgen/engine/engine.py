@@ -43,7 +43,7 @@ class Engine:
                         attention_backend: str | None = None, compile: bool | None = None,
                         quantize: str | None = None, vae_dtype: str | torch.dtype | None = None,
                         cache: str | None = None, cache_threshold: float | None = None,
-                        cache_warmup_steps: int | None = None, cache_order: int | None = None,
+                        cache_warmup: int | None = None, cache_order: int | None = None,
                         offload: str | None = None, lora_path: list[str] | None = None,
                         lora_mode: str | None = None, serving: bool = False, num_gpus: int | None = None,
                         ulysses_degree: int | None = None, ring_degree: int | None = None,
@@ -60,7 +60,7 @@ class Engine:
         ``vae_dtype``: the VAE's dtype when it should differ from ``dtype`` (Wan's model cards decode in float32).
         ``cache`` / ``cache_threshold``: the step cache of every request that does not choose its own
         ("first-block", "teacache" or "taylorseer"; threshold None: the method's published default for the
-        model); ``cache_warmup_steps``: forwards always computed first; ``cache_order``: taylorseer's order.
+        model); ``cache_warmup``: forwards always computed first; ``cache_order``: taylorseer's order.
         ``offload``: "model" keeps components on the CPU until they run; "layerwise" also streams the DiT's
         blocks from CPU memory a few at a time (for GPUs smaller than the model).
         ``lora_path``: LoRA files to load, each ``PATH[:SCALE][@COMPONENT]`` (``@transformer_2``: Wan2.2's
@@ -89,14 +89,14 @@ class Engine:
             options = dict(device=None if device is None else str(device), dtype=_dtype_name(dtype),
                            revision=revision, attention_backend=attention_backend, compile=compile,
                            quantize=quantize, vae_dtype=_dtype_name(vae_dtype), cache=cache,
-                           cache_threshold=cache_threshold, cache_warmup_steps=cache_warmup_steps,
+                           cache_threshold=cache_threshold, cache_warmup=cache_warmup,
                            cache_order=cache_order, offload=offload, lora_path=lora_path, lora_mode=lora_mode,
                            serving=serving)
             return cls(WorkerGroup(str(model_path), options, plan), str(model_path), revision)
         pipeline = load_model(model_path, device=device, dtype=dtype, revision=revision,
                               attention_backend=attention_backend, compile=compile, quantize=quantize,
                               vae_dtype=vae_dtype, cache=cache, cache_threshold=cache_threshold,
-                              cache_warmup_steps=cache_warmup_steps, cache_order=cache_order, offload=offload,
+                              cache_warmup=cache_warmup, cache_order=cache_order, offload=offload,
                               lora_path=lora_path, lora_mode=lora_mode, serving=serving)
         return cls(InProcessExecutor(pipeline), str(model_path), revision)
 

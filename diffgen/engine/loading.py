@@ -10,7 +10,7 @@ from typing import Any
 def load_model(model_path: str, device: Any = None, dtype: Any = None, revision: str | None = None,
                attention_backend: str | None = None, compile: bool | None = None, quantize: str | None = None,
                vae_dtype: Any = None, cache: str | None = None, cache_threshold: float | None = None,
-               cache_warmup_steps: int | None = None, cache_order: int | None = None, offload: str | None = None,
+               cache_warmup: int | None = None, cache_order: int | None = None, offload: str | None = None,
                lora_path: list[str] | None = None, lora_mode: str | None = None,
                serving: bool = False):
     """A loaded :class:`~diffgen.pipelines.base.ComposedPipeline` with the options of ``Engine.from_pretrained``.
@@ -51,7 +51,7 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
     compiled = resolve_compile(compile, pipeline.device, serving and offload in (None, "none"), lora_mode)
     if compiled:
         apply_compile(pipeline.components)
-    set_step_cache(pipeline, cache, cache_threshold, cache_warmup_steps, cache_order)
+    set_step_cache(pipeline, cache, cache_threshold, cache_warmup, cache_order)
     if lora_mode is not None or lora_path:
         from diffgen.engine.lora import LoRAManager, parse_lora_spec
 

@@ -73,7 +73,7 @@ def check_cache_options(method: str | None, threshold: float | None, warmup_step
     if threshold is not None:
         check_value("cache_threshold", threshold)
     if warmup_steps is not None:
-        check_value("cache_warmup_steps", warmup_steps)
+        check_value("cache_warmup", warmup_steps)
     if order is not None:
         check_value("cache_order", order)
         if method != "taylorseer":
