@@ -198,6 +198,10 @@ SERVER = OptionGroup("server", "server", ("serve",), options=(
            "AWS_ENDPOINT_URL, else AWS)", metavar="URL"),
     Option("s3_public_url", str, "return <URL>/<object key> for URL images of an S3 --output-store whose bucket is "
            "public (default: presigned URLs, valid --image-ttl seconds)", metavar="URL"),
+    Option("job_store", str, "where video jobs are kept: postgresql://user:pass@host:port/db for a database shared "
+           "by several replicas (needs psycopg), sqlite:///path, default: <output-dir>/jobs.sqlite3", metavar="URI"),
+    Option("job_lease", float, "seconds a replica may go without renewing its lease in the job store before "
+           "other replicas fail its unfinished jobs", default=30.0, low=1.0),
     Option("header_timeout", float, "seconds a client may take to send a request's line and headers; then HTTP 408",
            default=10.0, low=0.001),
     Option("body_timeout", float, "seconds a request body may stall without a byte before the connection is closed",

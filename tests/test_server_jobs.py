@@ -1,4 +1,5 @@
-"""Server parts without a server: the job store's restart recovery, the queue bound, mask compositing."""
+"""Server parts without a server: the queue bound, image expiry, MP4 failures, mask compositing (the job
+store: test_job_store.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from PIL import Image
 from diffgen.engine import GenerationRequest, GenerationResult, JobError, NotReadyError, QueueFullError
 from diffgen.engine.messages import LoadFailed
 from diffgen.engine.scheduler import ProcessExecutor
-from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs, video_object
+from diffgen.entrypoints.http.job_store import SQLiteJobStore
+from diffgen.entrypoints.http.jobs import ImageFiles, VideoJobs, video_object
 from diffgen.entrypoints.http.openai_routes import composite_with_mask
 from diffgen.entrypoints.http.output_store import LocalOutputStore
 
@@ -24,51 +26,6 @@ def _record(video_id: str) -> dict:
 
 def _id(i: int) -> str:
     return f"video_{i:032x}"
-
-
-def test_restart_marks_unfinished_jobs_failed_and_keeps_finished_ones(tmp_path):
-    store = JobStore(tmp_path)
-    for i in range(4):
-        store.create(_record(_id(i)))
-    store.mark_running(_id(1))
-    store.set_progress(_id(1), 40)
-    store.video_path(_id(2)).write_bytes(b"mp4")
-    assert store.finish(_id(2), "completed", file=f"{_id(2)}.mp4")
-    assert store.finish(_id(3), "failed", error={"code": "generation_error", "message": "boom"})
-    (store.videos_dir / f"{_id(1)}.part.mp4").write_bytes(b"half")
-    store.close()
-
-    reopened = JobStore(tmp_path)  # what a restarted server does first
-    assert reopened.recover() == 2
-    for i in (0, 1):
-        video = video_object(reopened.get(_id(i)))
-        assert video["status"] == "failed" and video["error"]["code"] == "server_restarted"
-        assert "restarted" in video["error"]["message"] and video["completed_at"] is not None
-    completed = video_object(reopened.get(_id(2)))
-    assert completed["status"] == "completed" and completed["progress"] == 100
-    assert reopened.video_path(_id(2)).read_bytes() == b"mp4"
-    assert video_object(reopened.get(_id(3)))["error"]["message"] == "boom"
-    assert not list(reopened.videos_dir.glob("*.part.mp4"))
-    # A finished job cannot be finished again (a late worker message after a restart changes nothing).
-    assert not reopened.finish(_id(2), "failed", error={"code": "x", "message": "y"})
-
-
-def test_list_pages_in_both_orders_and_delete(tmp_path):
-    store = JobStore(tmp_path)
-    ids = [_id(i) for i in range(5)]
-    for video_id in ids:
-        store.create(_record(video_id))
-    page, more = store.list(None, 2, "asc")
-    assert [r["id"] for r in page] == ids[:2] and more
-    page, more = store.list(ids[1], 2, "asc")
-    assert [r["id"] for r in page] == ids[2:4] and more
-    page, more = store.list(ids[3], 2, "asc")
-    assert [r["id"] for r in page] == ids[4:] and not more
-    page, more = store.list(None, 10, "desc")
-    assert [r["id"] for r in page] == ids[::-1] and not more
-    assert store.delete(ids[0])["id"] == ids[0] and store.get(ids[0]) is None and store.delete(ids[0]) is None
-    with pytest.raises(KeyError):
-        store.list(ids[0], 2, "asc")
 
 
 class _BusyWorker:
@@ -209,15 +166,15 @@ def test_a_failed_mp4_write_leaves_no_part_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(diffgen.outputs, "write_mp4", broken_write)
-    store = JobStore(tmp_path)
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
     store.create(_record(_id(1)))
-    videos = VideoJobs(store, LocalOutputStore(tmp_path), engine=None, metrics=Metrics())
+    videos = VideoJobs(store, LocalOutputStore(tmp_path), engine=None, metrics=Metrics(), staging_dir=tmp_path)
     future: concurrent.futures.Future = concurrent.futures.Future()
     future.set_result(GenerationResult(request=GenerationRequest.build("p"), model="m", seed=0, fps=16,
                                        frames=[np.zeros((1, 8, 8, 3), np.uint8)]))
     videos._finalize(_id(1), future)
     videos.close()
-    assert not list(store.videos_dir.glob("*.mp4"))
+    assert not list(videos.videos_dir.glob("*.mp4"))
     assert video_object(store.get(_id(1)))["error"]["code"] == "encoding_error"
 
 

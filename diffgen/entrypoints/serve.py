@@ -57,7 +57,8 @@ def run_serve(options: dict[str, Any]) -> int:
         image_ttl=float(values["image_ttl"]),
         public_url=check_public_url(values["public_url"]) if values.get("public_url") else None,
         output_store=values.get("output_store"), s3_endpoint_url=values.get("s3_endpoint_url"),
-        s3_public_url=values.get("s3_public_url"))
+        s3_public_url=values.get("s3_public_url"), job_store=values.get("job_store"),
+        job_lease=float(values["job_lease"]))
     logging.getLogger("diffgen").setLevel(values["log_level"].upper())
     engine = config.build_engine()
     # Reads the checkpoint's spec (a bad --model-path fails here, exit 2) and starts the worker; the

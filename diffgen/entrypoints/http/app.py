@@ -34,7 +34,8 @@ from diffgen.engine import (
     QueueFullError,
     resolve,
 )
-from diffgen.entrypoints.http.jobs import ImageFiles, JobStore, VideoJobs
+from diffgen.entrypoints.http.job_store import JobStoreUnavailable, LeaseKeeper, open_job_store
+from diffgen.entrypoints.http.jobs import ImageFiles, VideoJobs
 from diffgen.entrypoints.http.output_store import OutputStoreUnavailable, open_output_store
 from diffgen.entrypoints.http.schemas import MAX_BODY_BYTES, APIError
 from diffgen.errors import InvalidRequestError
@@ -83,6 +84,9 @@ class ServerConfig:
     s3_endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL or AWS itself
     #: the base of public URLs for objects of an S3 output store; None: presigned URLs (valid image_ttl seconds)
     s3_public_url: str | None = None
+    #: where video jobs are kept: None (<output_dir>/jobs.sqlite3), sqlite:///path or postgresql://...
+    job_store: str | None = None
+    job_lease: float = 30.0  # seconds without a heartbeat after which a replica counts as dead
 
     def build_engine(self) -> Engine:
         """The Engine ``diffgen serve`` runs: the model in worker processes behind a bounded queue."""
@@ -100,10 +104,11 @@ class ServerState:
         self.metrics.describe("diffgen_http_requests_total", "counter", "HTTP requests by route and status")
         self.metrics.describe("diffgen_client_disconnects_total", "counter",
                               "Requests whose client left before sending the whole body")
-        self.store = JobStore(config.output_dir)
         outputs = open_output_store(config.output_store, config.output_dir, s3_endpoint_url=config.s3_endpoint_url,
                                     url_ttl=config.image_ttl, public_base_url=config.s3_public_url)
-        self.videos = VideoJobs(self.store, outputs, self.engine, self.metrics)
+        self.store = open_job_store(config.job_store, config.output_dir, lease=config.job_lease)
+        self.videos = VideoJobs(self.store, outputs, self.engine, self.metrics, staging_dir=config.output_dir)
+        self.lease = LeaseKeeper(self.store, on_beat=self.videos.on_beat)
         self.images = ImageFiles(outputs, config.output_dir, ttl=config.image_ttl)
         self.model_id = config.served_model_name or config.model_path
         self._probe: asyncio.Future | None = None  # the /health_generate generation in flight
@@ -111,9 +116,9 @@ class ServerState:
         self.shutdown_started: float | None = None
 
     def start(self) -> None:
-        recovered = self.store.recover()
-        if recovered:
-            logger.warning("marked %d unfinished video job(s) of a previous run as failed", recovered)
+        for code, ids in self.videos.recover().items():
+            logger.warning("marked %d unfinished video job(s) of a previous run as failed (%s)", len(ids), code)
+        self.lease.start()
         self.images.sweep()
         self.engine.start()
 
@@ -125,6 +130,14 @@ class ServerState:
         self.engine.shutdown(remaining, grace=SHUTDOWN_GRACE_S)
         self.engine.close()
         self.videos.close()  # waits for MP4s of jobs that finished
+        self.lease.stop()
+        try:
+            self.videos.on_beat()  # outcomes the job store missed, if it is back
+            left = self.store.release()
+            if left:
+                logger.warning("marked %d unfinished video job(s) as failed (shutdown)", len(left))
+        except JobStoreUnavailable as e:  # other replicas fail this one's unfinished jobs when its lease expires
+            logger.error("cannot release this replica's jobs: %s", e)
         self.store.close()
         logger.info("diffgen serve stopped")
 
@@ -296,6 +309,12 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         return error_response(APIError(503, f"{error}; retry later", code="output_store_unavailable",
                                        type="server_error", headers={"retry-after": "5"}))
 
+    @app.exception_handler(JobStoreUnavailable)
+    async def job_store_error(request: Request, error: JobStoreUnavailable):
+        logger.error("%s %s: %s", request.method, request.scope["path"], error)
+        return error_response(APIError(503, f"{error}; retry later", code="job_store_unavailable",
+                                       type="server_error", headers={"retry-after": "5"}))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
@@ -339,7 +358,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                 "output_kind": spec.output_kind if spec else None, "task_type": spec.task_type if spec else None,
                 "device": status.device, "queue_depth": status.queue_depth, "running": status.running,
                 "max_queue": config.max_queue, "worker_pids": status.worker_pids,
-                "worker_restarts": status.restarts, "error": status.load_error}
+                "worker_restarts": status.restarts, "error": status.load_error,
+                "replica_id": state.store.replica.id, "job_store": state.store.describe()}
 
     @app.get("/metrics")
     async def metrics():

@@ -1,11 +1,12 @@
-"""Video jobs that outlive the server process: records in SQLite, MP4 files in the output store.
+"""Video jobs that outlive the server process: records in the job store, MP4 files in the output store.
 
-``<output-dir>/jobs.sqlite3`` holds one row per video job; the output store (output_store.py: the
-output folder by default, or an S3 bucket) keeps ``videos/<id>.mp4``, its content, and
-``images/<id>.<ext>``, images served by URL. MP4s are encoded in ``<output-dir>/videos`` first and
-stored only once whole. Every file name is made here
-from a random id; nothing in a path comes from the client. On start, jobs left queued or running by
-a previous process are marked failed with the reason, and half-written files are removed.
+The job store (job_store.py: ``<output-dir>/jobs.sqlite3`` by default, or a PostgreSQL database shared
+by several replicas) holds one row per video job; the output store (output_store.py: the output folder
+by default, or an S3 bucket) keeps ``videos/<id>.mp4``, its content, and ``images/<id>.<ext>``, images
+served by URL. MP4s are encoded in ``<output-dir>/videos`` first and stored only once whole. Every file
+name is made here from a random id; nothing in a path comes from the client. On start, jobs left queued
+or running by a previous process of this machine are marked failed with the reason (jobs of dead
+replicas elsewhere once their lease expires), and half-written files of jobs no longer running are removed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import threading
 import time
 import uuid
@@ -23,125 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from diffgen.engine import Engine, GenerationRequest, Job, JobError, Metrics
+from diffgen.entrypoints.http.job_store import ACTIVE, JobStore, JobStoreUnavailable
 from diffgen.entrypoints.http.output_store import OutputStore, OutputStoreUnavailable, copy_to_temp
 
 logger = logging.getLogger(__name__)
 
-ACTIVE = ("queued", "in_progress")
 _VIDEO_ID = re.compile(r"video_[0-9a-f]{32}")  # always fullmatch: "$" matches before a final newline
 _IMAGE_ID = re.compile(r"img_[0-9a-f]{32}")
 IMAGE_MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS videos (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    created_at INTEGER NOT NULL,
-    completed_at INTEGER,
-    status TEXT NOT NULL,
-    progress INTEGER NOT NULL DEFAULT 0,
-    model TEXT NOT NULL,
-    prompt TEXT NOT NULL,
-    seconds TEXT NOT NULL,
-    size TEXT NOT NULL,
-    error TEXT,
-    file TEXT,
-    params TEXT
-)
-"""
-
-
-class JobStore:
-    """The video job table. One connection shared under a lock: every statement is tiny."""
-
-    def __init__(self, output_dir: str | os.PathLike):
-        self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.videos_dir = self.output_dir / "videos"
-        self.videos_dir.mkdir(exist_ok=True)
-        self._db = sqlite3.connect(self.output_dir / "jobs.sqlite3", check_same_thread=False,
-                                   isolation_level=None)  # autocommit: each statement is durable at once
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def recover(self, reason: str = "the server restarted before this job finished") -> int:
-        """Fail the jobs a previous process left queued or running; remove half-written files."""
-        error = json.dumps({"code": "server_restarted", "message": reason})
-        with self._lock:
-            cursor = self._db.execute(
-                "UPDATE videos SET status='failed', error=?, completed_at=? WHERE status IN (?, ?)",
-                (error, int(time.time()), *ACTIVE))
-        for part in self.videos_dir.glob("*.part.mp4"):
-            part.unlink(missing_ok=True)
-        return cursor.rowcount
-
-    def create(self, record: dict[str, Any]) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO videos (id, created_at, status, progress, model, prompt, seconds, size, params) "
-                "VALUES (?, ?, 'queued', 0, ?, ?, ?, ?, ?)",
-                (record["id"], record["created_at"], record["model"], record["prompt"], record["seconds"],
-                 record["size"], json.dumps(record.get("params") or {})))
-
-    def get(self, video_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM videos WHERE id=?", (video_id,)).fetchone()
-        return dict(row) if row else None
-
-    def mark_running(self, video_id: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE videos SET status='in_progress' WHERE id=? AND status='queued'", (video_id,))
-
-    def set_progress(self, video_id: str, progress: int) -> None:
-        with self._lock:
-            self._db.execute("UPDATE videos SET progress=? WHERE id=? AND status IN (?, ?)",
-                             (progress, video_id, *ACTIVE))
-
-    def finish(self, video_id: str, status: str, error: dict[str, Any] | None = None,
-               file: str | None = None) -> bool:
-        """Record the outcome of an active job; False when the job is gone (deleted meanwhile)."""
-        progress_sql = ", progress=100" if status == "completed" else ""
-        with self._lock:
-            cursor = self._db.execute(
-                f"UPDATE videos SET status=?, error=?, file=?, completed_at=?{progress_sql} "
-                "WHERE id=? AND status IN (?, ?)",
-                (status, json.dumps(error) if error else None, file, int(time.time()), video_id, *ACTIVE))
-        return cursor.rowcount == 1
-
-    def delete(self, video_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM videos WHERE id=?", (video_id,)).fetchone()
-            if row is not None:
-                self._db.execute("DELETE FROM videos WHERE id=?", (video_id,))
-        return dict(row) if row else None
-
-    def list(self, after: str | None, limit: int, order: str) -> tuple[list[dict[str, Any]], bool]:
-        """A page of jobs by creation order; ``after``: the id of the last job of the previous page."""
-        descending = order == "desc"
-        sql, args = "SELECT * FROM videos", []
-        if after is not None:
-            with self._lock:
-                row = self._db.execute("SELECT seq FROM videos WHERE id=?", (after,)).fetchone()
-            if row is None:
-                raise KeyError(after)
-            sql += " WHERE seq < ?" if descending else " WHERE seq > ?"
-            args.append(row["seq"])
-        sql += f" ORDER BY seq {'DESC' if descending else 'ASC'} LIMIT ?"
-        args.append(limit + 1)
-        with self._lock:
-            rows = [dict(r) for r in self._db.execute(sql, args).fetchall()]
-        return rows[:limit], len(rows) > limit
-
-    def video_path(self, video_id: str, index: int = 0) -> Path:
-        """The MP4 of output ``index`` of a job: ``<id>.mp4``, then ``<id>_1.mp4``, ... (n > 1)."""
-        return self.videos_dir / video_file(video_id, index)
 
 
 def video_file(video_id: str, index: int = 0) -> str:
@@ -169,73 +59,150 @@ def is_video_id(text: str) -> bool:
 
 
 class VideoJobs:
-    """Creates video jobs, follows them through the engine into the store, writes their MP4s."""
+    """Creates video jobs, follows them through the engine into the job store, writes their MP4s.
 
-    def __init__(self, store: JobStore, outputs: OutputStore, engine: Engine | None, metrics: Metrics):
+    An outcome the job store cannot take (the database is down) is kept here and recorded by ``on_beat``
+    (the lease heartbeat) once the store is back; the job stays running in the store meanwhile."""
+
+    def __init__(self, store: JobStore, outputs: OutputStore, engine: Engine | None, metrics: Metrics,
+                 staging_dir: str | os.PathLike):
         self.store = store
         self.outputs = outputs
         self.engine = engine
         self.metrics = metrics
+        self.videos_dir = Path(staging_dir) / "videos"  # MP4s are encoded here, then put in the output store
+        self.videos_dir.mkdir(parents=True, exist_ok=True)
         # MP4 encoding (ffmpeg) runs off the engine's threads.
         self._encoders = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="mp4")
         self._progress: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._running: dict[str, str] = {}  # job id -> model name, until its outcome is recorded
+        self._unrecorded: dict[str, tuple] = {}  # job id -> the arguments of _record the store missed
+
+    def video_path(self, video_id: str, index: int = 0) -> Path:
+        """Where the MP4 of output ``index`` of a job is encoded (``video_key``: where it is stored)."""
+        return self.videos_dir / video_file(video_id, index)
+
+    def recover(self) -> dict[str, list[str]]:
+        """At start: fail the jobs a previous process of this machine left unfinished (see
+        JobStore.recover) and remove the half-written MP4s of jobs that are not running."""
+        failed = self.store.recover(include_expired=False)
+        for part in self.videos_dir.glob("*.part.mp4"):
+            record = self.store.get(part.name[:len("video_") + 32])
+            if record is None or record["status"] not in ACTIVE:  # another live replica may share the folder
+                part.unlink(missing_ok=True)
+        return failed
 
     def create(self, request: GenerationRequest, model: str, seconds: str, size: str,
                params: dict[str, Any]) -> dict[str, Any]:
         video_id = f"video_{uuid.uuid4().hex}"
-        self.store.create({"id": video_id, "created_at": int(time.time()), "model": model,
-                           "prompt": request.prompt[0], "seconds": seconds, "size": size, "params": params})
+        record = {"id": video_id, "created_at": int(time.time()), "model": model, "prompt": request.prompt[0],
+                  "seconds": seconds, "size": size, "params": params}
+        self.store.create(record)  # JobStoreUnavailable: nothing was queued
+        with self._lock:
+            self._running[video_id] = model
         try:
             job = self.engine.submit(request, listener=self._on_event, job_id=video_id)
         except Exception:
-            self.store.delete(video_id)
+            with self._lock:
+                self._running.pop(video_id, None)
+            try:
+                self.store.delete(video_id)
+            except JobStoreUnavailable:  # gone down meanwhile: the row must not stay queued for ever
+                self._record(video_id, "failed", {"code": "not_queued", "message": "the job could not be queued"},
+                             None, [])
             raise
         job.future.add_done_callback(lambda future: self._encoders.submit(self._finalize, video_id, future))
-        return self.store.get(video_id)
+        try:
+            return self.store.get(video_id) or self._queued(record)
+        except JobStoreUnavailable:  # the job is queued: answer it as created
+            return self._queued(record)
+
+    @staticmethod
+    def _queued(record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "status": "queued", "progress": 0, "completed_at": None, "error": None, "file": None,
+                "params": json.dumps(record["params"])}
 
     def _on_event(self, kind: str, job: Job) -> None:
-        if kind == "started":
-            self.store.mark_running(job.id)
-        elif kind == "progress" and job.total_steps:
-            # 99 at most until the MP4 is written; completed means downloadable.
-            percent = min(99, int(100 * job.step / job.total_steps))
-            if self._progress.get(job.id) != percent:
-                self._progress[job.id] = percent
-                self.store.set_progress(job.id, percent)
+        try:
+            if kind == "started":
+                self.store.mark_running(job.id)
+            elif kind == "progress" and job.total_steps:
+                # 99 at most until the MP4 is written; completed means downloadable.
+                percent = min(99, int(100 * job.step / job.total_steps))
+                if self._progress.get(job.id) != percent:
+                    self._progress[job.id] = percent
+                    self.store.set_progress(job.id, percent)
+        except JobStoreUnavailable as e:  # progress is advisory; the outcome is recorded later
+            logger.warning("video %s: %s", job.id, e)
 
     def _finalize(self, video_id: str, future: concurrent.futures.Future) -> None:
         from diffgen.engine import generation_metadata
         from diffgen.outputs import write_mp4
 
         self._progress.pop(video_id, None)
+        with self._lock:
+            model = self._running.get(video_id)
         stored: list[str] = []
-        part = self.store.video_path(video_id).with_suffix(".part.mp4")
+        part = self.video_path(video_id).with_suffix(".part.mp4")
         try:
             output = future.result()
-            record = self.store.get(video_id)
             for index, frames in enumerate(output.frames):  # one MP4 per output (n > 1: several)
-                path = self.store.video_path(video_id, index)
+                path = self.video_path(video_id, index)
                 part = path.with_suffix(".part.mp4")
-                metadata = None if record is None else generation_metadata(
-                    output.request, seed=output.seed, model=record["model"], output_index=index)
+                metadata = None if model is None else generation_metadata(
+                    output.request, seed=output.seed, model=model, output_index=index)
                 write_mp4(frames, part, output.fps, metadata)
                 self.outputs.put(video_key(video_id, index), part, "video/mp4")
                 stored.append(video_key(video_id, index))
-            if not self.store.finish(video_id, "completed", file=video_file(video_id)):
-                self._delete_stored(stored)  # deleted while it ran
+            outcome = ("completed", None, video_file(video_id))
         except JobError as e:
-            self.store.finish(video_id, "failed", error={"code": e.code, "message": e.message})
+            outcome = ("failed", {"code": e.code, "message": e.message}, None)
         except OutputStoreUnavailable as e:
             logger.error("video %s: %s", video_id, e)
             part.unlink(missing_ok=True)
             self._delete_stored(stored)
-            self.store.finish(video_id, "failed", error={"code": "output_store_unavailable", "message": str(e)})
+            stored = []
+            outcome = ("failed", {"code": "output_store_unavailable", "message": str(e)}, None)
         except Exception as e:
             logger.exception("video %s: cannot write the MP4", video_id)
             part.unlink(missing_ok=True)  # a half-written file must not wait for the next restart
             self._delete_stored(stored)
-            self.store.finish(video_id, "failed", error={"code": "encoding_error",
-                                                          "message": f"cannot write the MP4: {e}"})
+            stored = []
+            outcome = ("failed", {"code": "encoding_error", "message": f"cannot write the MP4: {e}"}, None)
+        self._record(video_id, *outcome, stored)
+
+    def _record(self, video_id: str, status: str, error: dict[str, Any] | None, file: str | None,
+                stored: list[str]) -> None:
+        """Write a job's outcome to the store, or keep it for ``on_beat`` while the store is down."""
+        try:
+            recorded = self.store.finish(video_id, status, error=error, file=file)
+        except JobStoreUnavailable as e:
+            logger.error("video %s is %s; recorded once the job store is back: %s", video_id, status, e)
+            with self._lock:
+                self._unrecorded[video_id] = (status, error, file, stored)
+            return
+        with self._lock:
+            self._running.pop(video_id, None)
+            self._unrecorded.pop(video_id, None)
+        if not recorded:  # deleted while it ran, or failed by a replica that found this one dead
+            self._delete_stored(stored)
+
+    def on_beat(self) -> None:
+        """Run by the lease heartbeat: record the outcomes the store missed; cancel the jobs running here
+        that were deleted (maybe through another replica) or failed by another replica."""
+        with self._lock:
+            unrecorded = list(self._unrecorded.items())
+        for video_id, outcome in unrecorded:
+            self._record(video_id, *outcome)
+        with self._lock:
+            running = [video_id for video_id in self._running if video_id not in self._unrecorded]
+        if running and self.engine is not None:
+            for video_id in set(running) - self.store.active(running):
+                with self._lock:
+                    still_running = video_id in self._running and video_id not in self._unrecorded
+                if still_running and self.engine.cancel(video_id):
+                    logger.info("video %s was deleted or ended elsewhere: cancelled", video_id)
 
     def delete(self, video_id: str) -> bool:
         """Cancel the job if it is queued or running, then forget it and delete its file."""
@@ -243,7 +210,7 @@ class VideoJobs:
         if record is None:
             return False
         if record["status"] in ACTIVE:
-            self.engine.cancel(video_id)
+            self.engine.cancel(video_id)  # running on another replica: that one cancels it on its next beat
         self._delete_stored([video_key(video_id, index)
                              for index in range(max(1, json.loads(record.get("params") or "{}").get("n", 1)))])
         return True
