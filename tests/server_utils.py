@@ -35,13 +35,18 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> ServerProcess:
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting for it to be ready (start several, then ``wait_ready`` each)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "diffgen.entrypoints.cli", "serve", "--model-path", self.model_path,
                    "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port),
                    "--output-dir", str(self.output_dir), "--log-level", "info", *self.extra]
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        self.wait_ready()
         return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> dict:

@@ -134,7 +134,7 @@ class VideoJobs:
                     self._progress[job.id] = percent
                     self.store.set_progress(job.id, percent)
         except JobStoreUnavailable as e:  # progress is advisory; the outcome is recorded later
-            logger.warning("video %s: %s", job.id, e)
+            logger.debug("video %s: progress not recorded: %s", job.id, e)
 
     def _finalize(self, video_id: str, future: concurrent.futures.Future) -> None:
         from diffgen.engine import generation_metadata
@@ -186,6 +186,8 @@ class VideoJobs:
             self._running.pop(video_id, None)
             self._unrecorded.pop(video_id, None)
         if not recorded:  # deleted while it ran, or failed by a replica that found this one dead
+            logger.info("video %s ended here but was deleted or failed elsewhere meanwhile: its outputs are "
+                        "not kept", video_id)
             self._delete_stored(stored)
 
     def on_beat(self) -> None:
