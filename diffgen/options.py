@@ -238,6 +238,9 @@ SAMPLING = OptionGroup("sampling", "sampling", ("generate",), options=(
     Option("image_path", str, "input image file or http(s) URL (repeatable)", repeat=True),
     Option("max_sequence_length", int, "text tokens for the DiT (default: the model's)", low=1, high=4096,
            http="all"),
+    Option("preview_every", int, "a small preview every N denoising steps, projected from the latents (generate: "
+           "PNGs in <output-path>/previews; HTTP: partial images of a stream, previews of video events)",
+           low=1, high=MAX_STEPS, http="all"),
 ))
 
 OUTPUT = OptionGroup("output", "output", ("generate",), options=(

@@ -20,6 +20,7 @@ from diffgen.engine.spec import ModelSpec, resolve
 logger = logging.getLogger(__name__)
 
 ProgressFn = Any  # (step, total) -> None
+PreviewFn = Any  # (step, total, previews: (B, F, h, w, 3) uint8 numpy) -> None
 
 
 class Engine:
@@ -250,11 +251,13 @@ class Engine:
         return self.executor.cancel(job_id)
 
     def generate(self, prompt: str | list[str], *, progress: ProgressFn | None = None,
-                 is_cancelled=None, **params: Any) -> GenerationResult:
+                 is_cancelled=None, preview: PreviewFn | None = None, **params: Any) -> GenerationResult:
         """Generate for one prompt or a list of prompts; blocks until the result is there.
 
         ``progress(step, total)`` is called after every denoising step; ``is_cancelled()`` (in-process
-        Engines; with worker processes use ``submit(...).cancel()``) is polled between steps.
+        Engines; with worker processes use ``submit(...).cancel()``) is polled between steps;
+        ``preview(step, total, images)`` gets the latent previews that ``preview_every=N`` asks for:
+        (B, F, h, w, 3) uint8 arrays at the latent grid's size (B outputs, F latent frames).
 
         ``params``: negative_prompt, height, width, num_inference_steps, guidance_scale, guidance_scale_2,
         true_cfg_scale, seed, num_outputs_per_prompt, num_frames, fps, images, max_sequence_length, return_tensors,
@@ -262,15 +265,19 @@ class Engine:
         LoRA mode).
         """
         request = GenerationRequest.build(prompt, **params)
-        return self.run(request, progress=progress, is_cancelled=is_cancelled)
+        return self.run(request, progress=progress, is_cancelled=is_cancelled, preview=preview)
 
     def run(self, request: GenerationRequest, progress: ProgressFn | None = None,
-            is_cancelled=None) -> GenerationResult:
+            is_cancelled=None, preview: PreviewFn | None = None) -> GenerationResult:
         listener = None
-        if progress is not None:
+        if progress is not None or preview is not None:
             def listener(event: str, job: Job) -> None:
-                if event == "progress":
+                if event != "progress":
+                    return
+                if progress is not None:
                     progress(job.step, job.total_steps)
+                if preview is not None and job.preview is not None and job.preview_step == job.step:
+                    preview(job.step, job.total_steps, job.preview)
         options = {"is_cancelled": is_cancelled} if is_cancelled is not None else {}
         return self.submit(request, listener=listener, **options).result()
 

@@ -67,6 +67,9 @@ class Job:
     total_steps: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
+    #: the latest latent preview ((B, F, h, w, 3) uint8) and the step it shows; see GenerationRequest.preview_every
+    preview: Any = field(default=None, repr=False)
+    preview_step: int = 0
     #: set by cancel(); an in-process job stops at its next denoising step
     cancel_requested: bool = False
     _cancel: Callable[[str], bool] | None = field(default=None, repr=False)
@@ -250,8 +253,10 @@ def run_in_caller(run: Callable[..., Any], request: GenerationRequest, listener:
     job.state, job.started_at = "running", time.monotonic()
     job.notify("started")
 
-    def progress(step: int, total: int) -> None:
+    def progress(step: int, total: int, preview=None) -> None:
         job.step, job.total_steps = step, total
+        if preview is not None:
+            job.preview, job.preview_step = preview, step
         job.notify("progress")
 
     def cancelled() -> bool:

@@ -85,6 +85,7 @@ class Progress:
     step: int
     total: int
     step_seconds: float
+    preview: Any = None  # (B, F, h, w, 3) uint8 numpy previews when the request asked for one at this step
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from diffgen.options import MAX_OUTPUTS, MAX_PROMPT_CHARS, MAX_SEED, check_value
 from diffgen.outputs import output_names, save_outputs
 
 _CHECKED = ("height", "width", "num_inference_steps", "seed", "guidance_scale", "guidance_scale_2", "true_cfg_scale",
-            "num_frames", "fps", "max_sequence_length", "cache", "cache_threshold")
+            "num_frames", "fps", "max_sequence_length", "cache", "cache_threshold", "preview_every")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class GenerationRequest:
     cache: str | None = None  # step cache method ("none" turns the engine's default off); None: the default
     cache_threshold: float | None = None
     loras: dict[str, float] | None = None  # LoRA name -> scale for this request (dynamic LoRA mode); None: defaults
+    preview_every: int | None = None  # a latent preview every N denoising steps (progress's third argument)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod

@@ -493,6 +493,8 @@ class ProcessExecutor(Executor):
             return False
         if isinstance(message, m.Progress):
             job.step, job.total_steps = message.step, message.total
+            if message.preview is not None:
+                job.preview, job.preview_step = message.preview, message.step
             self.metrics.observe("diffgen_step_seconds", message.step_seconds)
             job.notify("progress")
             return False

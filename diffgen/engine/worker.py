@@ -7,7 +7,7 @@ or server threads inherited) and talks to the process executor through two queue
     inbox  (executor -> worker): RunBatch(batch_id, jobs)   Cancel(job_id)   Stop()
                                  ChangeLoRAs(change_id, change)   (made between batches)
     outbox (worker -> executor): Ready(spec, device, loras) LoadFailed(message)
-                                 Started(job_id)            Progress(job_id, step, total, step_seconds)
+                                 Started(job_id)            Progress(job_id, step, total, step_seconds, preview)
                                  Done(job_id, GenerationResult)
                                  Failed(job_id, code, message, param)
                                  BatchDone(batch_id)        LoRAsChanged(change_id, loras, error)
@@ -192,11 +192,11 @@ def _run_one(pipeline, job_id: str, request, cancelled: set[str], outbox, faults
 
     slow = faults and "[[fault:slow]]" in " ".join(request.prompt)
 
-    def progress(step: int, total: int) -> None:
+    def progress(step: int, total: int, preview=None) -> None:
         if slow:
             time.sleep(0.05)
         now = time.perf_counter()
-        outbox.put(Progress(job_id, step, total, now - last[0]))
+        outbox.put(Progress(job_id, step, total, now - last[0], preview))
         last[0] = now
 
     try:

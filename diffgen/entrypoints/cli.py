@@ -140,12 +140,34 @@ def run_generate(options: dict[str, Any]) -> int:
             finish()
             return 0
         try:
-            return _report(engine.generate(prompts, progress=DenoisingBar(), **params), options, save, output_format)
+            return _report(engine.generate(prompts, progress=DenoisingBar(), preview=_preview_writer(options, request),
+                                           **params), options, save, output_format)
         finally:
             finish()
     with Engine.from_pretrained(model_path, **engine_options(options)) as engine:  # closing stops rank processes
-        result = engine.generate(prompts, progress=DenoisingBar(), **params)
+        result = engine.generate(prompts, progress=DenoisingBar(), preview=_preview_writer(options, request), **params)
     return _report(result, options, save, output_format)
+
+
+def _preview_writer(options: dict[str, Any], request):
+    """With --preview-every: a preview callback writing <output-path>/previews/<prompt>-out<i>-step<k>.png
+    (for a video, its middle latent frame); each run overwrites the previews of the last."""
+    if not options.get("preview_every"):
+        return None
+    from PIL import Image
+
+    from diffgen.outputs import safe_stem
+
+    folder = Path(options.get("output_path") or "outputs") / "previews"
+    per_prompt = request.num_outputs_per_prompt
+    stems = [f"{safe_stem(request.prompt[i // per_prompt])}-out{i}" for i in range(request.batch_size)]
+
+    def write(step: int, total: int, previews) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stem, frames in zip(stems, previews, strict=True):
+            Image.fromarray(frames[len(frames) // 2]).save(folder / f"{stem}-step{step:03d}.png")
+
+    return write
 
 
 def _report(result, options: dict[str, Any], save: bool, output_format: str | None) -> int:

@@ -90,9 +90,9 @@ def serve_rank(pipeline, state, connection) -> None:
         _, request = message
         cancel_requested.clear()
 
-        def progress(step: int, total: int) -> None:
+        def progress(step: int, total: int, preview=None) -> None:
             if connection is not None:
-                send(connection, ("progress", step, total))
+                send(connection, ("progress", step, total, preview))
 
         def is_cancelled() -> bool:
             return agreed(cancel_requested.is_set(), state)

@@ -216,7 +216,7 @@ class WorkerGroup(Executor):
                 message = receive(connection)
                 if message[0] == "progress":
                     if progress is not None:
-                        progress(message[1], message[2])
+                        progress(message[1], message[2], message[3])
                 elif message[0] == "done":
                     return message[1]
                 elif message[0] == "failed":

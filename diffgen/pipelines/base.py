@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from diffgen.configs.models import ModelDefaults
@@ -28,7 +29,9 @@ if TYPE_CHECKING:
     from diffgen.engine.lora import LoRAManager
     from diffgen.engine.step_cache import StepCacheConfig, StepCacheSession
 
-ProgressFn = Callable[[int, int], None]
+#: ``progress(step, total, preview)`` after every denoising step; ``preview``: None, or (B, F, h, w, 3) uint8
+#: thumbnails when the request's ``preview_every`` asks for one at this step (diffgen.pipelines.preview)
+ProgressFn = Callable[[int, int, np.ndarray | None], None]
 
 
 @dataclass
@@ -96,6 +99,9 @@ class ComposedPipeline:
     guidance_branches: ClassVar[int] = 1
     #: whether the DiT declares its token layout (shards its tokens with diffgen.parallel.sequence.shard_tokens)
     sequence_parallel: ClassVar[bool] = True
+    #: latents are 2x2 patches as tokens (B, h/2 * w/2, 4C) with the grid in ``state.extras["latent_grid"]``
+    #: (FLUX, Qwen-Image); else the VAE's own (B, C, F, h, w)
+    packed_latents: ClassVar[bool] = False
 
     def __init__(self, components: dict[str, Any], model_path: str, device: torch.device, dtype: torch.dtype,
                  settings: dict[str, Any] | None = None, spec: ModelSpec | None = None):
@@ -166,6 +172,23 @@ class ComposedPipeline:
 
         guidance = self.guidance(state, latents, t, step)
         return guidance.combine(run_branches(guidance))
+
+    def latents_to_grid(self, state: PipelineState, latents: torch.Tensor) -> torch.Tensor:
+        """The sampling latents as the VAE's grid (B, C, F, h, w), in the DiT's units (for previews)."""
+        if self.packed_latents:
+            from diffgen.pipelines.latents import unpack_latents
+
+            return unpack_latents(latents, *state.extras["latent_grid"]).unsqueeze(2)
+        return latents
+
+    def grid_to_latents(self, state: PipelineState, grid: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``latents_to_grid`` for one latent frame; sets what ``decode`` reads from ``state``."""
+        if self.packed_latents:
+            from diffgen.pipelines.latents import pack_latents
+
+            state.extras["latent_grid"] = tuple(grid.shape[-2:])
+            return pack_latents(grid[:, :, 0])
+        return grid
 
     def new_scheduler(self):
         """A fresh copy of the checkpoint's scheduler: schedulers keep a step index, so one per request."""

@@ -27,6 +27,7 @@ class FluxPipeline(ComposedPipeline):
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                            "transformer")
     native_models = {"FluxTransformer2DModel": FluxTransformer}
+    packed_latents = True
 
     @property
     def vae_scale_factor(self) -> int:

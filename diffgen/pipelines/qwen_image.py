@@ -56,6 +56,7 @@ class QwenImagePipeline(ComposedPipeline):
     pipeline_class_names = ("QwenImagePipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
     native_models = {"QwenImageTransformer2DModel": QwenImageTransformer}
+    packed_latents = True
     prompt_template = T2I_TEMPLATE
     template_tokens = 34  # tokens of the template's system part, dropped from the embeddings
     truncate_prompt = True  # T2I cuts the embeddings at max_sequence_length; the edit pipelines do not

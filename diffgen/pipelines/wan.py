@@ -218,13 +218,19 @@ class WanPipeline(ComposedPipeline):
         return GuidanceStep(model, branches, cfg(scale))
 
     # -- decoding ------------------------------------------------------------------------------
-    def decode(self, state: PipelineState) -> None:
-        r = state.request
-        latents = state.latents
+    def _with_clean_first_frame(self, state: PipelineState, latents: torch.Tensor) -> torch.Tensor:
+        """TI2V with an input image: the first latent frame is the image's (the sampler never changed it)."""
         if state.extras.get("condition") is not None and state.extras.get("frame_mask") is not None:
             mask = state.extras["frame_mask"]
             latents = (1 - mask) * state.extras["condition"] + mask * latents
-            state.latents = latents
+        return latents
+
+    def latents_to_grid(self, state: PipelineState, latents: torch.Tensor) -> torch.Tensor:
+        return self._with_clean_first_frame(state, latents)
+
+    def decode(self, state: PipelineState) -> None:
+        r = state.request
+        latents = state.latents = self._with_clean_first_frame(state, state.latents)
         latents = latents.to(self.device, self.vae.dtype)
         mean, inv_std = self._latent_stats(latents.dtype, latents.device)
         latents = latents / inv_std + mean

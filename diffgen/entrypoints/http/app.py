@@ -34,6 +34,7 @@ from diffgen.engine import (
     QueueFullError,
     resolve,
 )
+from diffgen.entrypoints.http.events import ProgressBoard
 from diffgen.entrypoints.http.job_store import JobStoreUnavailable, LeaseKeeper, open_job_store
 from diffgen.entrypoints.http.jobs import ImageFiles, VideoJobs
 from diffgen.entrypoints.http.output_store import OutputStoreUnavailable, open_output_store
@@ -107,7 +108,9 @@ class ServerState:
         outputs = open_output_store(config.output_store, config.output_dir, s3_endpoint_url=config.s3_endpoint_url,
                                     url_ttl=config.image_ttl, public_base_url=config.s3_public_url)
         self.store = open_job_store(config.job_store, config.output_dir, lease=config.job_lease)
-        self.videos = VideoJobs(self.store, outputs, self.engine, self.metrics, staging_dir=config.output_dir)
+        self.progress = ProgressBoard()  # live progress of this server's jobs, for the SSE streams
+        self.videos = VideoJobs(self.store, outputs, self.engine, self.metrics, staging_dir=config.output_dir,
+                                listener=self.progress.on_event)
         self.lease = LeaseKeeper(self.store, on_beat=self.videos.on_beat)
         self.images = ImageFiles(outputs, config.output_dir, ttl=config.image_ttl)
         self.model_id = config.served_model_name or config.model_path

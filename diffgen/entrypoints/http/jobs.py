@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from diffgen.engine import Engine, GenerationRequest, Job, JobError, Metrics
+from diffgen.engine import Engine, GenerationRequest, Job, JobError, JobListener, Metrics
 from diffgen.entrypoints.http.job_store import ACTIVE, JobStore, JobStoreUnavailable
 from diffgen.entrypoints.http.output_store import OutputStore, OutputStoreUnavailable, copy_to_temp
 
@@ -65,8 +65,9 @@ class VideoJobs:
     (the lease heartbeat) once the store is back; the job stays running in the store meanwhile."""
 
     def __init__(self, store: JobStore, outputs: OutputStore, engine: Engine | None, metrics: Metrics,
-                 staging_dir: str | os.PathLike):
+                 staging_dir: str | os.PathLike, listener: JobListener | None = None):
         self.store = store
+        self.listener = listener  # also told of every job event (the live progress of the SSE streams)
         self.outputs = outputs
         self.engine = engine
         self.metrics = metrics
@@ -124,6 +125,8 @@ class VideoJobs:
                 "params": json.dumps(record["params"])}
 
     def _on_event(self, kind: str, job: Job) -> None:
+        if self.listener is not None:
+            self.listener(kind, job)
         try:
             if kind == "started":
                 self.store.mark_running(job.id)

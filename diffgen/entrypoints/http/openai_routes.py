@@ -10,6 +10,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,7 +20,17 @@ from starlette.datastructures import Headers
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
-from diffgen.engine import GenerationRequest, GenerationResult, ModelSpec
+from diffgen.engine import GenerationRequest, GenerationResult, JobError, ModelSpec
+from diffgen.entrypoints.http.events import (
+    HEARTBEAT,
+    HEARTBEAT_S,
+    SSE_HEADERS,
+    STORE_POLL_S,
+    JobProgress,
+    encode_preview,
+    next_snapshot,
+    sse,
+)
 from diffgen.entrypoints.http.jobs import is_video_id, video_key, video_object
 from diffgen.entrypoints.http.output_store import OutputStore
 from diffgen.entrypoints.http.schemas import (
@@ -75,10 +86,13 @@ def _require_kind(spec: ModelSpec, kind: str, model_id: str) -> None:
 
 
 def _check_image_options(body: ImageGenerationBody) -> None:
-    if body.stream:
-        raise invalid("stream", "streaming is not supported; leave stream unset or false")
-    if body.partial_images:
-        raise invalid("partial_images", "partial images are not supported; leave partial_images unset or 0")
+    if body.partial_images and not body.stream:
+        raise invalid("partial_images", "partial_images are sent only in a stream; set stream=true")
+    if body.preview_every is not None and not body.stream:
+        raise invalid("preview_every", "previews of an image are sent only in a stream; set stream=true")
+    if body.partial_images and body.preview_every is not None:
+        raise invalid("preview_every", "give partial_images (how many previews) or preview_every (every how many "
+                      "steps), not both")
     if body.background == "transparent":
         raise invalid("background", "transparent backgrounds are not supported; use 'auto' or 'opaque'")
 
@@ -121,6 +135,8 @@ async def create_image(request: Request):
     state.check_model(body.model)
     _require_kind(state.require_ready(), "image", state.model_id)
     generation = state.resolve(generation)
+    if body.stream:
+        return _stream_images(request, body, generation, "image_generation")
     output = await state.run(generation, request.state.request_id, request)
     return await _images_response(request, body, generation, output)
 
@@ -161,10 +177,15 @@ async def edit_image(request: Request):
     if mask is not None:
         mask = await asyncio.to_thread(lambda: _decode(mask, "mask").convert("RGBA"))
     generation = dataclasses.replace(generation, images=images)
+
+    def keep_unmasked(output: GenerationResult) -> None:
+        if mask is not None:
+            output.images = [composite_with_mask(result, images[0], mask) for result in output.images]
+
+    if body.stream:
+        return _stream_images(request, body, generation, "image_edit", finish=keep_unmasked)
     output = await state.run(generation, request.state.request_id, request)
-    if mask is not None:  # pixel work off the event loop
-        output.images = await asyncio.to_thread(
-            lambda: [composite_with_mask(result, images[0], mask) for result in output.images])
+    await asyncio.to_thread(keep_unmasked, output)  # pixel work off the event loop
     return await _images_response(request, body, generation, output)
 
 
@@ -228,39 +249,128 @@ def composite_with_mask(result: Image.Image, original: Image.Image, mask: Image.
     return Image.composite(original.convert("RGB"), result.convert("RGB"), keep)
 
 
-async def _images_response(request: Request, body: ImageGenerationBody, generation: GenerationRequest,
-                           output: GenerationResult) -> JSONResponse:
+def _encode_outputs(request: Request, body: ImageGenerationBody, output: GenerationResult) -> list[dict[str, Any]]:
+    """The response's ``data`` entries: each image encoded (with its metadata) as b64_json or stored for a url."""
     from diffgen.engine import generation_metadata
     from diffgen.outputs import encode_image
 
     state = _state(request)
     fmt = body.output_format or "png"
     quality = body.output_compression if fmt != "png" else None
+    data = []
+    for index, image in enumerate(output.images):
+        metadata = generation_metadata(output.request, seed=output.seed, model=state.model_id, output_index=index)
+        encoded = encode_image(image, fmt, metadata, quality=quality)
+        if body.response_format == "url":
+            image_id, url = state.images.save(encoded, fmt)
+            data.append({"url": url or f"{_public_base(request)}/v1/images/{image_id}/content",
+                         "revised_prompt": body.prompt})
+        else:
+            data.append({"b64_json": base64.b64encode(encoded).decode("ascii"), "revised_prompt": body.prompt})
+    return data
 
-    def encode_all() -> list[dict[str, Any]]:
-        data = []
-        for index, image in enumerate(output.images):
-            metadata = generation_metadata(output.request, seed=output.seed, model=state.model_id,
-                                           output_index=index)
-            encoded = encode_image(image, fmt, metadata, quality=quality)
-            if body.response_format == "url":
-                image_id, url = state.images.save(encoded, fmt)
-                data.append({"url": url or f"{_public_base(request)}/v1/images/{image_id}/content",
-                             "revised_prompt": body.prompt})
-            else:
-                data.append({"b64_json": base64.b64encode(encoded).decode("ascii"), "revised_prompt": body.prompt})
-        return data
 
-    data = await asyncio.to_thread(encode_all)
+def _usage(output: GenerationResult) -> dict[str, Any]:
     done = output.request
     tokens = len(output.images) * (done.height // 16) * (done.width // 16)
+    return {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+            "output_tokens": tokens, "output_tokens_details": {"image_tokens": tokens, "text_tokens": 0},
+            "total_tokens": tokens}
+
+
+def _stream_error(error: Exception) -> dict[str, Any]:
+    """The error envelope's body for a job that failed after its stream began (the status is already 200)."""
+    if isinstance(error, JobError):
+        client_side = error.code in ("invalid_request", "cancelled")
+        return {"message": error.message, "type": "invalid_request_error" if client_side else "server_error",
+                "param": error.param, "code": error.code}
+    return {"message": f"generation failed: {type(error).__name__}", "type": "server_error", "param": None,
+            "code": "generation_error"}
+
+
+async def _images_response(request: Request, body: ImageGenerationBody, generation: GenerationRequest,
+                           output: GenerationResult) -> JSONResponse:
+    data = await asyncio.to_thread(_encode_outputs, request, body, output)
+    done = output.request
     return JSONResponse({
-        "created": int(time.time()), "id": request.state.request_id, "data": data, "output_format": fmt,
-        "size": f"{done.width}x{done.height}", "background": "opaque", "seed": output.seed,
-        "usage": {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-                  "output_tokens": tokens, "output_tokens_details": {"image_tokens": tokens, "text_tokens": 0},
-                  "total_tokens": tokens},
+        "created": int(time.time()), "id": request.state.request_id, "data": data,
+        "output_format": body.output_format or "png", "size": f"{done.width}x{done.height}", "background": "opaque",
+        "seed": output.seed, "usage": _usage(output),
     })
+
+
+def _stream_images(request: Request, body: ImageGenerationBody, generation: GenerationRequest, kind: str,
+                   finish: Callable[[GenerationResult], None] | None = None) -> StreamingResponse:
+    """``stream=true``: queue the job now (a refusal is still a plain 4xx/429), then answer Server-Sent
+    Events (``kind``: image_generation or image_edit): ``{kind}.progress`` after every step,
+    ``{kind}.partial_image`` for each preview, ``{kind}.completed`` for each image, or one ``error`` event.
+
+    A client that disconnects cancels its own job (nobody can receive its images); other jobs go on."""
+    state = _state(request)
+    limit = body.partial_images or None  # OpenAI's count of partial images; None: every preview_every one
+    if limit:
+        generation = dataclasses.replace(
+            generation, preview_every=max(1, generation.num_inference_steps // (limit + 1)))
+    board, job_id = state.progress, request.state.request_id
+    updates = board.subscribe(job_id)  # before submitting: no event of the job is missed
+    try:
+        job = state.submit(generation, job_id, listener=board.on_event)
+    except BaseException:
+        board.unsubscribe(job_id, updates)
+        raise
+    fmt = body.output_format or "png"
+    common = {"size": f"{generation.width}x{generation.height}", "quality": body.quality or "auto",
+              "background": "opaque", "output_format": fmt}
+
+    def partial_images(snapshot: JobProgress, index: int) -> list[bytes]:
+        events = []
+        for output_index, frames in enumerate(snapshot.preview):
+            encoded = base64.b64encode(encode_preview(frames[len(frames) // 2], fmt)).decode("ascii")
+            events.append(sse(f"{kind}.partial_image", {
+                "b64_json": encoded, "created_at": int(time.time()), **common, "partial_image_index": index,
+                "output_index": output_index, **snapshot.timing()}))
+        return events
+
+    async def events():
+        # Never cancelled here: cancelling an asyncio.wrap_future would cancel the job itself.
+        done = asyncio.wrap_future(job.future)
+        finished, sent = False, 0
+        try:
+            while True:
+                snapshot = await next_snapshot(updates, HEARTBEAT_S, done)
+                if snapshot is None:
+                    if done.done() and updates.empty():
+                        break
+                    yield HEARTBEAT
+                    continue
+                yield sse(f"{kind}.progress", {"created_at": int(time.time()), **snapshot.timing()})
+                if snapshot.preview is not None and snapshot.preview_step == snapshot.step and \
+                        (limit is None or sent < limit):
+                    for event in await asyncio.to_thread(partial_images, snapshot, sent):
+                        yield event
+                    sent += 1
+            try:
+                output = job.result()
+            except Exception as error:
+                finished = True
+                yield sse("error", {"error": _stream_error(error)})
+                return
+            if finish is not None:
+                await asyncio.to_thread(finish, output)
+            data = await asyncio.to_thread(_encode_outputs, request, body, output)
+            total = output.request.num_inference_steps
+            for index, entry in enumerate(data):
+                entry = {k: v for k, v in entry.items() if k != "revised_prompt"}
+                yield sse(f"{kind}.completed", {**entry, "created_at": int(time.time()), **common,
+                                                "usage": _usage(output), "output_index": index, "seed": output.seed,
+                                                "step": total, "total_steps": total})
+            finished = True
+        finally:
+            board.unsubscribe(job_id, updates)
+            if not finished:  # the client left (or the server stops): nobody will read this job's images
+                state.engine.cancel(job_id)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _public_base(request: Request) -> str:
@@ -459,3 +569,52 @@ async def video_content(request: Request, video_id: str):
         raise APIError(404, f"The content of video '{video_id}' is missing from the output store.",
                        param="video_id", code="not_found")
     return response
+
+
+@router.get("/v1/videos/{video_id}/events")
+async def video_events(request: Request, video_id: str):
+    """Server-Sent Events of a video job until it ends: ``video.progress`` (status, percent, and on the
+    replica that runs it step, total_steps, elapsed_s, eta_s), ``video.partial_image`` (a PNG of the middle
+    latent frame of each output, when the job was created with ``preview_every``), then ``video.completed``
+    or ``video.failed`` with the video object. Leaving the stream does not cancel the job (DELETE does)."""
+    state = _state(request)
+    await asyncio.to_thread(_video_record, request, video_id)  # 404 before the stream starts
+
+    async def events():
+        updates = state.progress.subscribe(video_id)
+        try:
+            last, shown, record, read_at, quiet_since = None, 0, None, 0.0, time.monotonic()
+            snapshot = state.progress.get(video_id)  # running here already: its progress so far
+            while True:
+                if record is None or time.monotonic() - read_at >= STORE_POLL_S:
+                    record = await asyncio.to_thread(state.store.get, video_id)
+                    read_at = time.monotonic()
+                    if record is None:
+                        yield sse("error", {"error": {"message": f"The video '{video_id}' was deleted.",
+                                                      "type": "invalid_request_error", "param": "video_id",
+                                                      "code": "not_found"}})
+                        return
+                if record["status"] in ("completed", "failed"):
+                    yield sse(f"video.{record['status']}", video_object(record))
+                    return
+                progress = {"id": video_id, "status": record["status"], "progress": record["progress"],
+                            **(snapshot.timing() if snapshot is not None else {})}
+                key = (record["status"], record["progress"], progress.get("step"))
+                if key != last:
+                    yield sse("video.progress", progress)
+                    last, quiet_since = key, time.monotonic()
+                if snapshot is not None and snapshot.preview is not None and snapshot.preview_step > shown:
+                    shown = snapshot.preview_step
+                    for output_index, frames in enumerate(snapshot.preview):
+                        image = await asyncio.to_thread(encode_preview, frames[len(frames) // 2])
+                        yield sse("video.partial_image", {
+                            "id": video_id, "b64_json": base64.b64encode(image).decode("ascii"),
+                            "output_format": "png", "output_index": output_index, **snapshot.timing()})
+                if time.monotonic() - quiet_since > HEARTBEAT_S:
+                    yield HEARTBEAT
+                    quiet_since = time.monotonic()
+                snapshot = await next_snapshot(updates, STORE_POLL_S) or state.progress.get(video_id)
+        finally:
+            state.progress.unsubscribe(video_id, updates)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -70,6 +70,7 @@ class DenoisingStage:
 
     def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
         from diffgen.layers.block_loop import active_block_hook
+        from diffgen.pipelines.preview import clean_estimate, preview_images, wants_preview
 
         latents = state.latents
         total = len(state.timesteps)
@@ -81,9 +82,12 @@ class DenoisingStage:
                 if step_cache is not None:
                     step_cache.begin_step(i)
                 noise_pred = pipe.predict_noise(state, latents, t, i)
+                preview = None
+                if state.progress is not None and wants_preview(state.request.preview_every, i + 1, total):
+                    preview = preview_images(pipe, state, clean_estimate(latents, noise_pred, t, state.scheduler))
                 latents = state.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if state.progress is not None:
-                    state.progress(i + 1, total)
+                    state.progress(i + 1, total, preview)
         finally:
             active_block_hook.reset(token)
         state.latents = latents
