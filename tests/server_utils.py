@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -117,3 +118,19 @@ def metric(url: str, sample: str) -> float:
         if name == sample:
             return float(value)
     return 0.0
+
+
+def sse_events(response) -> Iterator[tuple[str, dict]]:
+    """The (event, data) pairs of an open httpx streaming response of Server-Sent Events; comments skipped."""
+    import json
+
+    event, data = None, []
+    for line in response.iter_lines():
+        if not line:
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = None, []
+        elif line.startswith("event:"):
+            event = line[len("event:"):].strip()
+        elif line.startswith("data:"):
+            data.append(line[len("data:"):].strip())

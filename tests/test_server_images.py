@@ -12,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from server_utils import ServerProcess, metric, wait_until
+from server_utils import ServerProcess, metric, sse_events, wait_until
 
 SIZE = "64x64"
 STEPS = {"num_inference_steps": 2}
@@ -204,3 +204,64 @@ def test_sigterm_finishes_in_flight_requests(tiny_flux, tmp_path):
         assert process.stop(timeout=360), process.log()
         for future in futures:
             assert len(future.result().data) == 1
+
+
+# -- streaming (stream=true): Server-Sent Events ------------------------------------------------------------
+def test_stream_with_the_openai_client_sends_progress_partial_images_and_the_images(server):
+    """Every step's progress in order, partial_images previews per output (8x8: the latent grid of 64x64),
+    then one completed event per output whose image is the non-streamed one for the same seed."""
+    request = {"prompt": "a lighthouse", "size": SIZE, "n": 2}
+    extra = {"num_inference_steps": 6, "seed": 11}
+    events = list(server.client().images.generate(**request, stream=True, partial_images=2, extra_body=extra))
+    kinds = [event.type for event in events]
+    progress = [event.model_extra["step"] for event in events if event.type == "image_generation.progress"]
+    assert progress[-6:] == [1, 2, 3, 4, 5, 6] and set(progress[:-6]) <= {0}, kinds
+    partial = [event for event in events if event.type == "image_generation.partial_image"]
+    assert [(e.partial_image_index, e.model_extra["output_index"]) for e in partial] == [(0, 0), (0, 1), (1, 0),
+                                                                                          (1, 1)]
+    assert [e.model_extra["step"] for e in partial] == [2, 2, 4, 4]  # 6 steps, 2 partial images: every 2 steps
+    assert all(_decode(e.b64_json).size == (8, 8) for e in partial)
+    done = [event for event in events if event.type == "image_generation.completed"]
+    assert kinds[-2:] == ["image_generation.completed"] * 2 and len(done) == 2
+    plain = server.client().images.generate(**request, extra_body=extra)
+    for event, expected in zip(done, plain.data, strict=True):
+        assert event.size == SIZE and event.output_format == "png"
+        assert np.array_equal(np.asarray(_decode(event.b64_json)), np.asarray(_decode(expected.b64_json)))
+
+
+def test_stream_progress_fields(server):
+    body = {"prompt": "a hill", "size": SIZE, "num_inference_steps": 3, "stream": True, "preview_every": 1}
+    with httpx.stream("POST", f"{server.url}/v1/images/generations", json=body, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(response))
+    steps = [data for kind, data in events if kind == "image_generation.progress" and data["step"] > 0]
+    assert [data["step"] for data in steps] == [1, 2, 3] and {data["total_steps"] for data in steps} == {3}
+    assert all(data["elapsed_s"] >= 0 and data["eta_s"] >= 0 for data in steps)
+    assert steps[-1]["eta_s"] == 0
+    partial = [data for kind, data in events if kind == "image_generation.partial_image"]
+    assert [data["partial_image_index"] for data in partial] == [0, 1]  # steps 1 and 2; none after the last
+    assert all(kind == data["type"] for kind, data in events)
+
+
+def test_a_failing_streamed_job_ends_with_an_error_event(server):
+    with pytest.raises(openai.APIError, match="injected fault"):
+        list(server.client().images.generate(prompt="boom [[fault:raise]]", size=SIZE, stream=True,
+                                             extra_body=STEPS))
+    assert server.client().images.generate(prompt="fine", size=SIZE, extra_body=STEPS).data  # still serving
+
+
+def test_a_client_leaving_a_stream_cancels_its_job_only(server):
+    """The stream's job is cancelled (nobody can receive its images); a job queued behind it completes."""
+    before = metric(server.url, 'diffgen_jobs_total{status="cancelled"}')
+    body = {"prompt": "left behind [[fault:slow]]", "size": SIZE, "num_inference_steps": 200, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/images/generations", json=body, timeout=60) as response:
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(server.client().images.generate, prompt="still wanted", size=SIZE,
+                                extra_body=STEPS)
+            for kind, data in sse_events(response):
+                if kind == "image_generation.progress" and data["step"] >= 2:
+                    break  # leave mid-stream
+            response.close()
+            wait_until(lambda: metric(server.url, 'diffgen_jobs_total{status="cancelled"}') == before + 1,
+                       timeout=60, what="the left stream's job cancelled")
+            assert len(other.result(timeout=120).data) == 1

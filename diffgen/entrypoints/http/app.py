@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -59,6 +59,9 @@ _JOB_ERROR_STATUS = {"invalid_request": 400, "cancelled": 409, "out_of_memory": 
 _NOT_RETRYABLE = {"invalid_request", "cancelled", "out_of_memory", "worker_died", "generation_error"}
 # After --shutdown-timeout: seconds for cancelled jobs to stop and the worker to exit before it is killed.
 SHUTDOWN_GRACE_S = 5.0
+# The playground page's files (served at / and /playground/<name>); nothing else of the folder is served.
+PLAYGROUND_DIR = Path(__file__).parent / "playground"
+PLAYGROUND_FILES = {"playground.js": "text/javascript", "playground.css": "text/css"}
 # The status nginx logs for a client that closed the connection before the answer (never sent).
 CLIENT_CLOSED_REQUEST = 499
 
@@ -363,6 +366,17 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                 "max_queue": config.max_queue, "worker_pids": status.worker_pids,
                 "worker_restarts": status.restarts, "error": status.load_error,
                 "replica_id": state.store.replica.id, "job_store": state.store.describe()}
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        """The playground page (files in the package, no build step); it calls the public API like any client."""
+        return FileResponse(PLAYGROUND_DIR / "index.html", media_type="text/html")
+
+    @app.get("/playground/{name}", include_in_schema=False)
+    async def playground_file(name: str):
+        if name not in PLAYGROUND_FILES:
+            raise APIError(404, f"No playground file '{name}'.", code="not_found")
+        return FileResponse(PLAYGROUND_DIR / name, media_type=PLAYGROUND_FILES[name])
 
     @app.get("/metrics")
     async def metrics():
