@@ -181,6 +181,42 @@ def test_several_outputs_per_video_request(server):
     assert not list((server.output_dir / "videos").glob(f"{video.id}*"))
 
 
+# -- GET /v1/videos/{id}/events: Server-Sent Events -------------------------------------------------------
+# 20 steps of >= 50 ms (the slow marker): the stream, opened right after create, sees the job run.
+WATCHED = {"num_frames": 5, "num_inference_steps": 20, "seed": 5, "preview_every": 4}
+
+
+def test_video_events_stream_progress_previews_then_completed(server):
+    client = server.client()
+    video = _create(client, prompt="a watched boat [[fault:slow]]", **WATCHED)
+    with httpx.stream("GET", f"{server.url}/v1/videos/{video.id}/events", timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(response))
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "video.completed" and events[-1][1]["status"] == "completed"
+    assert events[-1][1]["id"] == video.id and events[-1][1]["progress"] == 100
+    steps = [data["step"] for kind, data in events if kind == "video.progress" and data.get("step")]
+    assert len(steps) >= 5 and steps == sorted(steps) and steps[-1] == 20, steps
+    assert {data["total_steps"] for kind, data in events if kind == "video.progress" and "total_steps" in data} \
+        <= {0, 20}
+    previews = [data for kind, data in events if kind == "video.partial_image"]
+    assert previews and {data["step"] % 4 for data in previews} == {0} and previews[-1]["step"] == 16
+    image = Image.open(io.BytesIO(base64.b64decode(previews[-1]["b64_json"])))
+    assert image.size == (4, 4)  # 32x32 at the VAE's 8x: the latent grid
+    assert client.videos.download_content(video.id).content[4:8] == b"ftyp"
+    # A finished job's stream is its final event alone.
+    with httpx.stream("GET", f"{server.url}/v1/videos/{video.id}/events", timeout=30) as response:
+        assert [kind for kind, _ in sse_events(response)] == ["video.completed"]
+
+
+def test_leaving_a_video_event_stream_does_not_cancel_the_job(server):
+    client = server.client()
+    video = _create(client, prompt="an unwatched boat [[fault:slow]]", **WATCHED)
+    with httpx.stream("GET", f"{server.url}/v1/videos/{video.id}/events", timeout=120) as response:
+        next(sse_events(response))
+    assert _wait(client, video.id).status == "completed"
+
+
 def test_fault_injection_is_announced_at_start_up(server):
     # This server runs with DIFFGEN_FAULT_INJECT=1 (test-only): the worker says so loudly.
     log = server.log_path.read_text(errors="replace")  # the whole log (server.log() keeps its tail)
@@ -244,38 +280,3 @@ def test_full_queue_is_a_429_and_a_worker_that_cannot_restart_fails_the_queue(wa
         assert process.stop(), process.log()
 
 
-
-# -- GET /v1/videos/{id}/events: Server-Sent Events -------------------------------------------------------
-# 20 steps of >= 50 ms (the slow marker): the stream, opened right after create, sees the job run.
-WATCHED = {"num_frames": 5, "num_inference_steps": 20, "seed": 5, "preview_every": 4}
-
-
-def test_video_events_stream_progress_previews_then_completed(server):
-    client = server.client()
-    video = _create(client, prompt="a watched boat [[fault:slow]]", **WATCHED)
-    with httpx.stream("GET", f"{server.url}/v1/videos/{video.id}/events", timeout=120) as response:
-        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-        events = list(sse_events(response))
-    kinds = [kind for kind, _ in events]
-    assert kinds[-1] == "video.completed" and events[-1][1]["status"] == "completed"
-    assert events[-1][1]["id"] == video.id and events[-1][1]["progress"] == 100
-    steps = [data["step"] for kind, data in events if kind == "video.progress" and data.get("step")]
-    assert len(steps) >= 5 and steps == sorted(steps) and steps[-1] == 20, steps
-    assert {data["total_steps"] for kind, data in events if kind == "video.progress" and "total_steps" in data} \
-        <= {0, 20}
-    previews = [data for kind, data in events if kind == "video.partial_image"]
-    assert previews and {data["step"] % 4 for data in previews} == {0} and previews[-1]["step"] == 16
-    image = Image.open(io.BytesIO(base64.b64decode(previews[-1]["b64_json"])))
-    assert image.size == (4, 4)  # 32x32 at the VAE's 8x: the latent grid
-    assert client.videos.download_content(video.id).content[4:8] == b"ftyp"
-    # A finished job's stream is its final event alone.
-    with httpx.stream("GET", f"{server.url}/v1/videos/{video.id}/events", timeout=30) as response:
-        assert [kind for kind, _ in sse_events(response)] == ["video.completed"]
-
-
-def test_leaving_a_video_event_stream_does_not_cancel_the_job(server):
-    client = server.client()
-    video = _create(client, prompt="an unwatched boat [[fault:slow]]", **WATCHED)
-    with httpx.stream("GET", f"{server.url}/v1/videos/{video.id}/events", timeout=120) as response:
-        next(sse_events(response))
-    assert _wait(client, video.id).status == "completed"
