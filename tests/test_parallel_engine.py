@@ -48,9 +48,11 @@ def test_python_api_ulysses_and_tp_equal_one_process_and_a_killed_rank_recovers(
         assert type(engine.executor).__name__ == "WorkerGroup" and len(engine.executor.processes) == 2
         result = engine.generate(PROMPT, return_tensors=True, **REQUEST)
         assert (result.pixels - single.pixels).abs().max().item() <= 1e-5
-        steps = []
-        engine.generate(PROMPT, progress=lambda step, total: steps.append((step, total)), **REQUEST)
+        steps, previews = [], []
+        engine.generate(PROMPT, progress=lambda step, total: steps.append((step, total)), preview_every=1,
+                        preview=lambda step, total, images: previews.append((step, images.shape)), **REQUEST)
         assert steps == [(1, 2), (2, 2)]
+        assert previews == [(1, (1, 1, 6, 10, 3))]  # 48x80 at 8x; from rank 0, over the group's pipe
 
         engine.executor.processes[1].kill()  # a rank dies: its request fails, the group starts again
         with pytest.raises(WorkerGroupError, match="rank"):

@@ -65,6 +65,21 @@ def test_edit_matches_the_engine_and_the_mask_keeps_the_rest(server, edit_model)
     assert not np.array_equal(got[:, :32], np.asarray(source)[:, :32])
 
 
+def test_a_streamed_edit_sends_image_edit_events_and_keeps_the_mask(server):
+    source = _source()
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    events = list(server.client().images.edit(image=("in.png", _png(source), "image/png"),
+                                              mask=("mask.png", _png(mask), "image/png"), prompt="make it green",
+                                              size="64x64", stream=True, partial_images=1, extra_body=PARAMS))
+    kinds = [event.type for event in events]
+    assert kinds.count("image_edit.partial_image") == 1 and kinds[-1] == "image_edit.completed", kinds
+    assert [e.model_extra["step"] for e in events if e.type == "image_edit.progress"][-2:] == [1, 2]
+    got = _pixels(events[-1].b64_json)
+    assert np.array_equal(got[:, 32:], np.asarray(source)[:, 32:])  # composited after the stream's job, too
+    assert not np.array_equal(got[:, :32], np.asarray(source)[:, :32])
+
+
 @pytest.mark.parametrize("name,data,files,param", [
     ("zero images", {"prompt": "x"}, {}, "image"),
     ("non-image upload", {"prompt": "x"}, {"image": ("a.png", b"not a picture", "image/png")}, "image"),
