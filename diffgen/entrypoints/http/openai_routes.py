@@ -31,6 +31,7 @@ from diffgen.entrypoints.http.events import (
     next_snapshot,
     sse,
 )
+from diffgen.entrypoints.http.job_store import JobStoreUnavailable
 from diffgen.entrypoints.http.jobs import is_video_id, video_key, video_object
 from diffgen.entrypoints.http.output_store import OutputStore
 from diffgen.entrypoints.http.schemas import (
@@ -578,17 +579,20 @@ async def video_events(request: Request, video_id: str):
     latent frame of each output, when the job was created with ``preview_every``), then ``video.completed``
     or ``video.failed`` with the video object. Leaving the stream does not cancel the job (DELETE does)."""
     state = _state(request)
-    await asyncio.to_thread(_video_record, request, video_id)  # 404 before the stream starts
+    first = await asyncio.to_thread(_video_record, request, video_id)  # 404 (or 503) before the stream starts
 
     async def events():
         updates = state.progress.subscribe(video_id)
         try:
-            last, shown, record, read_at, quiet_since = None, 0, None, 0.0, time.monotonic()
+            last, shown, record, read_at, quiet_since = None, 0, first, time.monotonic(), time.monotonic()
             snapshot = state.progress.get(video_id)  # running here already: its progress so far
             while True:
-                if record is None or time.monotonic() - read_at >= STORE_POLL_S:
-                    record = await asyncio.to_thread(state.store.get, video_id)
+                if time.monotonic() - read_at >= STORE_POLL_S:
                     read_at = time.monotonic()
+                    try:
+                        record = await asyncio.to_thread(state.store.get, video_id)
+                    except JobStoreUnavailable:  # the database is away: go on with what was last read
+                        pass
                     if record is None:
                         yield sse("error", {"error": {"message": f"The video '{video_id}' was deleted.",
                                                       "type": "invalid_request_error", "param": "video_id",
