@@ -34,6 +34,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROWS: list[tuple[str, ...]] = []
+ROW_KEYS = ("flux", "qwen", "wan-small", "ring-accuracy", "wan-14b", "t5", "vae", "flux-dp")
 HEADER = ("work", "mode", "GPUs", "time (s)", "speed-up", "rel err", "note")
 
 
@@ -61,6 +62,8 @@ def random_weights_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def build(model_cls, config, device, dtype):
     """``model_cls(config)`` in ``dtype`` on ``device`` with random weights; float32 where the loader keeps it."""
+    from diffgen.layers.linear import fuse_projections
+
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -72,8 +75,9 @@ def build(model_cls, config, device, dtype):
     for name, module in model.named_modules():
         if name and any(key == name.split(".")[-1] for key in keep):
             module.float()
-    model = model.to_empty(device=device)
-    return random_weights_(model).eval()
+    model = random_weights_(model.to_empty(device=device)).eval()
+    fuse_projections(model)  # as the loader does: one q/k/v matmul per stream
+    return model
 
 
 def sync(device):
@@ -148,8 +152,6 @@ def mode_list(world: int, heads: int, cfg: bool):
         if cfg:
             modes.append(("CFG-parallel-2", dict(ulysses_degree=1, ring_degree=1, enable_cfg_parallel=True,
                                                  dp_size=dp)))
-        if world == 2:
-            modes.append(("auto (2)", {}))
     if world >= 4:
         modes.append((f"Ulysses-{4 if heads % 4 == 0 else 2}" + ("" if heads % 4 == 0 else " x Ring-2"),
                       dict(ulysses_degree=4, ring_degree=1, enable_cfg_parallel=False) if heads % 4 == 0 else
@@ -279,36 +281,87 @@ def qwen_row(title, rank, world, device, dtype, config, size, repeats):
                   repeats, facts)
 
 
-def text_encoder_tp_row(title, rank, world, device, dtype, config):
-    """Memory per GPU and output of a T5-XXL-sized encoder, whole on each GPU vs tensor-parallel over all."""
+def t5_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random T5 weights scaled as T5's own init: queries by 1/sqrt(d_kv), since T5 attention has no
+    1/sqrt(d) scale. Plain N(0, 1/fan_in) weights make every softmax near-argmax, so a last-bit difference
+    flips it and two bf16 runs of one model disagree completely (rel err ~1): chaos, not a TP error."""
+    random_weights_(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".q.weight"):
+                p.mul_(model.config.d_kv ** -0.5)
+    return model
+
+
+def text_encoder_tp_row(title, rank, world, device, dtype, config, check_float32=False):
+    """Memory per GPU and output of a T5-XXL-sized encoder, whole on each GPU vs tensor-parallel over all;
+    with ``check_float32`` also the same comparison with float32 weights."""
     from transformers import T5EncoderModel
 
     from diffgen.parallel.config import ParallelPlan
     from diffgen.parallel.state import build_state
     from diffgen.parallel.tensor import shard_encoder
 
-    vocab = config.vocab_size
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    model = random_weights_(model.to_empty(device=device)).to(dtype).eval()
-    whole = (torch.cuda.memory_allocated(device) - before) / 2**30 if device.type == "cuda" else float("nan")
-    ids = torch.randint(0, vocab, (1, 512), generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.inference_mode():
-        reference = model(ids).last_hidden_state.float().cpu()
+    ids = torch.randint(0, config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0)).to(device)
     state = build_state(ParallelPlan(num_gpus=world, tp_size=world, cfg_degree=1, ulysses_degree=1, ring_degree=world),
                         device)
-    shard_encoder(model, state.tp)
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    sharded = (torch.cuda.memory_allocated(device) - before) / 2**30 if device.type == "cuda" else float("nan")
-    with torch.inference_mode():
-        out = model(ids).last_hidden_state.float().cpu()
+    for run_dtype in (dtype, torch.float32) if check_float32 and dtype != torch.float32 else (dtype,):
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        with torch.device("meta"):
+            model = T5EncoderModel(config)
+        model = t5_weights_(model.to_empty(device=device)).to(run_dtype).eval()
+        whole = (torch.cuda.memory_allocated(device) - before) / 2**30 if device.type == "cuda" else float("nan")
+        with torch.inference_mode():
+            reference = model(ids).last_hidden_state.float().cpu()
+        shard_encoder(model, state.tp)
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        sharded = (torch.cuda.memory_allocated(device) - before) / 2**30 if device.type == "cuda" else float("nan")
+        with torch.inference_mode():
+            out = model(ids).last_hidden_state.float().cpu()
+        if rank == 0:
+            kind = str(run_dtype).removeprefix("torch.")
+            ROWS.append((title, f"1 GPU (whole, {kind})", "1", "-", "-", "-", f"{whole:.2f} GiB per GPU"))
+            ROWS.append((title, f"TP-{world} ({kind})", str(world), "-", "-", f"{relative_error(out, reference):.1e}",
+                         f"{sharded:.2f} GiB per GPU"))
+        del model
+
+
+def ring_accuracy_row(title, rank, world, device, dtype, config, frames, height, width, text_len=512):
+    """One Wan forward in ``dtype`` on 1 GPU, Ring and Ulysses over all GPUs, each against float32 on 1 GPU:
+    which mode is closer to float32 (the rel err column compares two bf16 runs with each other)."""
+    import copy
+
+    from diffgen.models.dits.wan import WanTransformer
+    from diffgen.parallel.config import ParallelPlan
+    from diffgen.parallel.state import build_state, use_state
+
+    model = build(WanTransformer, config, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(1, config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8, device=device,
+                    generator=gen)
+    text = torch.randn(1, text_len, config.text_dim, device=device, generator=gen)
+    timestep = torch.tensor([900.0], device=device)
+
+    def forward(net, run_dtype):
+        with torch.inference_mode():
+            return net(x.to(run_dtype), timestep, text.to(run_dtype)).float()
+
+    float32 = one_gpu = None
     if rank == 0:
-        ROWS.append((title, "1 GPU (whole)", "1", "-", "-", "-", f"{whole:.2f} GiB per GPU"))
-        ROWS.append((title, f"TP-{world}", str(world), "-", "-", f"{relative_error(out, reference):.1e}",
-                     f"{sharded:.2f} GiB per GPU"))
-    del model
+        with use_state(None):
+            float32 = forward(copy.deepcopy(model).float(), torch.float32)
+            one_gpu = forward(model, dtype)
+        ROWS.append((title, "1 GPU", "1", "-", "-", f"{relative_error(one_gpu, float32):.1e}", "vs float32 on 1 GPU"))
+    for name, degrees in ((f"Ring-{world}", dict(ring_degree=world)), (f"Ulysses-{world}", dict(ulysses_degree=world))):
+        plan = ParallelPlan(num_gpus=world, **{"ulysses_degree": 1, "ring_degree": 1, **degrees})
+        state = build_state(plan, device)
+        with use_state(state):
+            out = forward(model, dtype)
+        if rank == 0:
+            kind = str(dtype).removeprefix("torch.")
+            ROWS.append((title, name, str(world), "-", "-", f"{relative_error(out, float32):.1e}",
+                         f"vs float32 on 1 GPU ({relative_error(out, one_gpu):.1e} vs 1 GPU {kind})"))
 
 
 def vae_row(title, rank, world, device, frames, height, width, vae_config):
@@ -363,6 +416,16 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
     torch.set_grad_enabled(False)
     started = time.perf_counter()
 
+    printed = 0
+
+    def print_new_rows() -> None:
+        """Each row as soon as it is measured: a run stopped by a time limit keeps what it measured."""
+        nonlocal printed
+        if rank == 0:
+            for r in ROWS[printed:]:
+                print("| " + " | ".join(r) + " |", flush=True)
+            printed = len(ROWS)
+
     def row(name, fn, *fn_args):
         _log(rank, f"[{time.perf_counter() - started:6.1f}s] {name}")
         try:
@@ -374,50 +437,64 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            print_new_rows()
         return None
+
+    def run_rows(rows) -> None:
+        """``rows``: (key, title, fn, args); with --only, the keys it names, in this order."""
+        results = {}
+        for key, title, fn, fn_args in rows:
+            if args.only and key not in args.only:
+                continue
+            if key == "flux-dp":  # the replicas serve the model and inputs of the flux row
+                if results.get("flux") is None:
+                    continue
+                fn_args = (*results["flux"], *fn_args)
+            results[key] = row(title, fn, title, rank, world, device, *fn_args)
+        results.clear()
 
     if args.tiny:  # every row's code path on tiny configs (the CPU test)
         wan = WanConfig(num_attention_heads=4, attention_head_dim=12, ffn_dim=64, num_layers=2, text_dim=32,
                         freq_dim=32)
-        row("tiny Wan CFG step", wan_step_row, "tiny Wan CFG step", rank, world, device, dtype, wan, 9, 48, 80, 1, 16)
         flux = FluxConfig(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                           joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), in_channels=16,
                           guidance_embeds=True)
-        flux_run = row("tiny FLUX forward", flux_row, "tiny FLUX forward", rank, world, device, dtype, flux, 80, 1, 8)
-        if flux_run is not None:
-            row("tiny FLUX dp", flux_dp_row, "tiny FLUX", rank, world, device, *flux_run, 4, 1)
         qwen = QwenImageConfig(num_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                axes_dims_rope=(4, 6, 6), in_channels=16, out_channels=4)
-        row("tiny Qwen true-CFG step", qwen_row, "tiny Qwen true-CFG step", rank, world, device, dtype, qwen, 80, 1)
         t5 = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                       feed_forward_proj="gated-gelu", is_encoder_decoder=False)
-        row("tiny T5 TP", text_encoder_tp_row, "tiny T5 encoder", rank, world, device, dtype, t5)
-        row("tiny Wan VAE decode", vae_row, "tiny Wan VAE decode", rank, world, device, 5, 256, 48,
-            dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True]))
+        run_rows([
+            ("flux", "tiny FLUX forward", flux_row, (dtype, flux, 80, 1, 8)),
+            ("flux-dp", "tiny FLUX", flux_dp_row, (4, 1)),
+            ("qwen", "tiny Qwen true-CFG step", qwen_row, (dtype, qwen, 80, 1)),
+            ("wan-small", "tiny Wan CFG step", wan_step_row, (dtype, wan, 9, 48, 80, 1, 16)),
+            ("ring-accuracy", "tiny Wan forward vs float32", ring_accuracy_row, (dtype, wan, 9, 48, 80, 16)),
+            ("t5", "tiny T5 encoder", text_encoder_tp_row, (dtype, t5, True)),
+            ("vae", "tiny Wan VAE decode", vae_row,
+             (5, 256, 48, dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True]))),
+        ])
     else:
-
         quick = args.quick
         frames = 21 if quick else 81
-        row("Wan2.1-T2V-14B CFG step", wan_step_row, f"Wan2.1-T2V-14B 720x1280x{frames} CFG step", rank, world,
-            device, dtype, WanConfig(), frames, 720, 1280, 1)
-        row("Wan2.1-T2V-1.3B CFG step", wan_step_row, f"Wan2.1-T2V-1.3B 480x832x{frames} CFG step", rank, world,
-            device, dtype, WanConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30), frames, 480, 832, 2)
         size = 512 if quick else 1024
-        flux = row("FLUX.1-dev forward", flux_row, f"FLUX.1-dev {size}² forward", rank, world, device, dtype,
-                   FluxConfig(guidance_embeds=True), size, 3)
-        if flux is not None:
-            row("FLUX.1-dev dp", flux_dp_row, "FLUX.1-dev", rank, world, device, *flux, 8 if quick else 16, 4)
-        del flux
-        row("Qwen-Image true-CFG step", qwen_row, f"Qwen-Image {size}² true-CFG step", rank, world, device, dtype,
-            QwenImageConfig(), size, 2)
         xxl = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
                    is_encoder_decoder=False)
-        row("T5-XXL TP", text_encoder_tp_row, "T5-XXL encoder", rank, world, device, dtype,
-            T5Config(vocab_size=32128, **xxl))
-        row("UMT5-XXL TP", text_encoder_tp_row, "UMT5-XXL-sized encoder (T5 layers, 256k vocab)", rank, world,
-            device, dtype, T5Config(vocab_size=256384, **xxl))
-        row("Wan VAE decode", vae_row, f"Wan VAE decode {frames} frames 720p", rank, world, device, frames, 720,
-            1280, {})
+        wan_1_3b = WanConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30)
+        run_rows([  # the rows asked of a 2-GPU machine first
+            ("flux", f"FLUX.1-dev {size}² forward", flux_row, (dtype, FluxConfig(guidance_embeds=True), size, 3)),
+            ("qwen", f"Qwen-Image {size}² true-CFG step", qwen_row, (dtype, QwenImageConfig(), size, 2)),
+            ("wan-small", f"Wan2.1-T2V-1.3B 480x832x{frames} CFG step", wan_step_row,
+             (dtype, wan_1_3b, frames, 480, 832, 2)),
+            ("ring-accuracy", "Wan2.1-T2V-1.3B 480x832x21 forward vs float32", ring_accuracy_row,
+             (dtype, wan_1_3b, 21, 480, 832)),
+            ("wan-14b", f"Wan2.1-T2V-14B 720x1280x{frames} CFG step", wan_step_row,
+             (dtype, WanConfig(), frames, 720, 1280, 1)),
+            ("t5", "T5-XXL encoder", text_encoder_tp_row, (dtype, T5Config(vocab_size=32128, **xxl), True)),
+            ("t5", "UMT5-XXL-sized encoder (T5 layers, 256k vocab)", text_encoder_tp_row,
+             (dtype, T5Config(vocab_size=256384, **xxl))),
+            ("vae", f"Wan VAE decode {frames} frames 720p", vae_row, (frames, 720, 1280, {})),
+            ("flux-dp", "FLUX.1-dev", flux_dp_row, (8 if quick else 16, 4)),
+        ])
     if rank == 0:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"\n## bench/parallel.py: {world} x {name}, torch {torch.__version__}, "
@@ -437,7 +514,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny configs (with --device cpu: the CPU test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-gpus", type=int, default=None, help="processes (default: all visible GPUs, max 4)")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated rows, in the bench's order: {', '.join(ROW_KEYS)} (default: all)")
     args = parser.parse_args()
+    if args.only:
+        args.only = args.only.split(",")
+        unknown = sorted(set(args.only) - set(ROW_KEYS))
+        if unknown:
+            parser.error(f"--only: {', '.join(unknown)} not among {', '.join(ROW_KEYS)}")
     world = args.num_gpus or (min(torch.cuda.device_count(), 4) if args.device == "cuda" else 2)
     if world < 2:
         raise SystemExit("bench/parallel.py needs at least 2 GPUs (or --device cpu)")

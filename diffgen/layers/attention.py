@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +74,59 @@ def attention(
         return sdpa(query, key, value, mask)
     text_q, text_k, text_v = replicated
     text_len = text_q.shape[1]
-    if mask is not None:
-        mask = torch.cat([mask, mask.new_ones(query.shape[0], key.shape[1])], dim=1)
-    out = sdpa(torch.cat([text_q, query], 1), torch.cat([text_k, key], 1), torch.cat([text_v, value], 1), mask)
+    out = joint_sdpa(torch.cat([text_q, query], 1), (text_k, text_v), (key, value), mask)
     return out[:, text_len:], out[:, :text_len]
+
+
+def joint_sdpa(query: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor],
+               text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``query`` against the keys/values [text, tokens]; ``text_mask`` (B, T) bool marks the text keys to attend to.
+
+    On CUDA a mask that only cuts padding off the end of each text row is not given to the kernel: each
+    row attends to its real text keys alone (rows of equal length in one call), so the mask-free
+    cuDNN/flash kernels run. Any other mask, and every mask on the CPU (exact to the reference), goes to SDPA.
+    """
+    (text_k, text_v), (key, value) = text_kv, kv
+    lengths = None if text_mask is None or query.device.type != "cuda" else _text_lengths(text_mask)
+    if text_mask is None or (lengths is not None and min(lengths) == text_k.shape[1]):
+        return sdpa(query, torch.cat([text_k, key], 1), torch.cat([text_v, value], 1))
+    if lengths is None:
+        mask = torch.cat([text_mask, text_mask.new_ones(key.shape[0], key.shape[1])], dim=1)
+        return sdpa(query, torch.cat([text_k, key], 1), torch.cat([text_v, value], 1), mask)
+    return sdpa_by_text_length(query, text_kv, kv, lengths)
+
+
+def sdpa_by_text_length(query: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor],
+                        kv: tuple[torch.Tensor, torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    """:func:`joint_sdpa` where row b attends to its first ``lengths[b]`` text keys: mask-free calls, one per length."""
+    (text_k, text_v), (key, value) = text_kv, kv
+    out = query.new_empty(query.shape[:3] + value.shape[3:])
+    for length in sorted(set(lengths)):
+        rows = [row for row, n in enumerate(lengths) if n == length]
+        pick = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+        out[pick] = sdpa(query[pick], torch.cat([text_k[pick, :length], key[pick]], 1),
+                         torch.cat([text_v[pick, :length], value[pick]], 1))
+    return out
+
+
+_lengths_seen: tuple[weakref.ref, int | None, list[int] | None] | None = None
+
+
+def _text_lengths(text_mask: torch.Tensor) -> list[int] | None:
+    """Each row's number of text keys when every row is ones then zeros (padding at the end), else None.
+
+    Reading the mask waits for the GPU: a DiT passes the same mask to every block, so it is read once.
+    """
+    global _lengths_seen
+    version = None if text_mask.is_inference() else text_mask._version  # inference tensors keep no version
+    if _lengths_seen is not None and _lengths_seen[0]() is text_mask and _lengths_seen[1] == version:
+        return _lengths_seen[2]
+    mask = text_mask.bool()
+    counts = mask.sum(1)
+    prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < counts[:, None]
+    lengths = counts.tolist() if bool((prefix == mask).all()) and bool((counts > 0).all()) else None
+    _lengths_seen = (weakref.ref(text_mask), version, lengths)
+    return lengths
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

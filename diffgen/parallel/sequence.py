@@ -107,22 +107,40 @@ def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.T
     return out
 
 
-def _ulysses_scatter_heads(x: torch.Tensor, axis: parallel_state.Axis) -> torch.Tensor:
-    """(B, n, H, D) tokens of this rank -> (B, u*n, H/u, D): the group's tokens, this rank's heads."""
-    b, n, h, d = x.shape
-    u = axis.size
-    send = x.view(b, n, u, h // u, d).permute(2, 0, 1, 3, 4)  # slot = destination's head group
+def _ulysses_scatter_heads(tensors: tuple[torch.Tensor, ...], axis: parallel_state.Axis) -> list[torch.Tensor]:
+    """Each (B, n, H, D) tokens of this rank -> (B, u*n, H/u, D): the group's tokens, this rank's heads.
+
+    q, k and v travel in one all-to-all (one collective instead of three: at FLUX/Qwen-Image sizes
+    a collective's fixed cost, not its bytes, is what Ulysses pays).
+    """
+    b, n, h, d = tensors[0].shape
+    u, count = axis.size, len(tensors)
+    send = tensors[0].new_empty(u, count, b, n, h // u, d)  # slot = destination's head group
+    for index, x in enumerate(tensors):
+        send[:, index].copy_(x.view(b, n, u, h // u, d).permute(2, 0, 1, 3, 4))
     received = _all_to_all(send, axis.group, u)  # slot = source's token chunk
-    return received.permute(1, 0, 2, 3, 4).reshape(b, u * n, h // u, d)
+    return list(received.permute(1, 2, 0, 3, 4, 5).reshape(count, b, u * n, h // u, d).unbind(0))
 
 
-def _ulysses_gather_heads(x: torch.Tensor, axis: parallel_state.Axis) -> torch.Tensor:
-    """Inverse of :func:`_ulysses_scatter_heads`: (B, u*n, H/u, D) -> (B, n, H, D)."""
+def _ulysses_gather_heads(x: torch.Tensor, axis: parallel_state.Axis,
+                          replicated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverse of :func:`_ulysses_scatter_heads`: (B, u*n, H/u, D) -> (B, n, H, D).
+
+    ``replicated`` (B, T, H/u, D), this rank's heads of the replicated tokens' output, rides in the same
+    all-to-all (appended to every destination's slot) and comes back whole: (B, T, H, D).
+    """
     b, un, hu, d = x.shape
-    u = axis.size
-    send = x.view(b, u, un // u, hu, d).permute(1, 0, 2, 3, 4)  # slot = destination's token chunk
+    u, n = axis.size, un // axis.size
+    text_len = 0 if replicated is None else replicated.shape[1]
+    send = x.new_empty(u, b, n + text_len, hu, d)  # slot = destination's token chunk (+ the text)
+    send[:, :, :n].copy_(x.view(b, u, n, hu, d).transpose(0, 1))
+    if replicated is not None:
+        send[:, :, n:].copy_(replicated.unsqueeze(0).expand(u, -1, -1, -1, -1))
     received = _all_to_all(send, axis.group, u)  # slot = source's head group
-    return received.permute(1, 2, 0, 3, 4).reshape(b, un // u, u * hu, d)
+    out = received[:, :, :n].permute(1, 2, 0, 3, 4).reshape(b, n, u * hu, d)
+    if replicated is None:
+        return out, None
+    return out, received[:, :, n:].permute(1, 2, 0, 3, 4).reshape(b, text_len, u * hu, d)
 
 
 def _heads_of(x: torch.Tensor, axis: parallel_state.Axis) -> torch.Tensor:
@@ -130,17 +148,16 @@ def _heads_of(x: torch.Tensor, axis: parallel_state.Axis) -> torch.Tensor:
     return x.chunk(axis.size, dim=2)[axis.rank]
 
 
-def _gather_heads(x: torch.Tensor, axis: parallel_state.Axis) -> torch.Tensor:
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(axis.size)]
-    dist.all_gather(parts, x, group=axis.group)
-    return torch.cat(parts, dim=2)
-
-
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     from diffgen.layers.attention import sdpa
 
     return sdpa(q, k, v, mask)
+
+
+def _joint_sdpa(query, text_kv, kv, text_mask):
+    from diffgen.layers.attention import joint_sdpa
+
+    return joint_sdpa(query, text_kv, kv, text_mask)
 
 
 def _sdpa_with_lse(q, k, v, mask):
@@ -161,7 +178,7 @@ def sequence_parallel_attention(shard: TokenShard, q: torch.Tensor, k: torch.Ten
     uly, ring = state.ulysses, state.ring
     text_len = replicated[0].shape[1] if replicated is not None else 0
     if uly.size > 1:
-        q, k, v = (_ulysses_scatter_heads(t, uly) for t in (q, k, v))
+        q, k, v = _ulysses_scatter_heads((q, k, v), uly)
         if replicated is not None:
             replicated = tuple(_heads_of(t, uly) for t in replicated)
     # Tokens of this ring rank: chunks ring_rank*u .. ring_rank*u + u - 1, contiguous.
@@ -170,21 +187,15 @@ def sequence_parallel_attention(shard: TokenShard, q: torch.Tensor, k: torch.Ten
     if ring.size == 1:
         valid = shard.valid_in(0, block)
         if replicated is not None:
-            q = torch.cat([replicated[0], q], 1)
-            k = torch.cat([replicated[1], k[:, :valid]], 1)
-            v = torch.cat([replicated[2], v[:, :valid]], 1)
-            key_mask = None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], valid)], 1)
+            out = _joint_sdpa(torch.cat([replicated[0], q], 1), replicated[1:], (k[:, :valid], v[:, :valid]), mask)
         else:
-            k, v, key_mask = k[:, :valid], v[:, :valid], None
-        out = _sdpa(q, k, v, key_mask)
+            out = _sdpa(q, k[:, :valid], v[:, :valid], None)
     else:
         out = _ring_attention(shard, ring, q, k, v, replicated, mask, block)
 
     text_out, out = out.split([text_len, out.shape[1] - text_len], dim=1)
     if uly.size > 1:
-        out = _ulysses_gather_heads(out, uly)
-        if replicated is not None:
-            text_out = _gather_heads(text_out, uly)
+        out, text_out = _ulysses_gather_heads(out, uly, text_out if replicated is not None else None)
     return out if replicated is None else (out, text_out)
 
 
