@@ -34,7 +34,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROWS: list[tuple[str, ...]] = []
-ROW_KEYS = ("flux", "qwen", "wan-small", "ring-accuracy", "wan-14b", "t5", "vae", "flux-dp")
+ROW_KEYS = ("flux", "qwen", "wan-small", "ring-accuracy", "wan-14b", "t5", "vae", "flux-dp", "flux-graph")
 HEADER = ("work", "mode", "GPUs", "time (s)", "speed-up", "rel err", "note")
 
 
@@ -86,33 +86,79 @@ def sync(device):
 
 
 def timed(fn, device, repeats: int):
-    times, out = [], None
+    """(fastest seconds, host seconds to enqueue that run, output). Enqueue close to the whole time: host-bound."""
+    runs, out = [], None
     for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
         out = fn()
+        queued = time.perf_counter()
         sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times), out
+        runs.append((time.perf_counter() - start, queued - start))
+    seconds, enqueue = min(runs)
+    return seconds, enqueue, out
+
+
+def graphed(step, device):
+    """``step`` captured in one CUDA graph (collectives included); the result replays it: no host work per kernel."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return ((out.float() - reference.float()).norm() / reference.float().norm().clamp(min=1e-12)).item()
 
 
-def compare_modes(title, rank, world, device, modes, step, warm, repeats, facts):
-    """Baseline on rank 0 alone, then each mode (a ParallelConfig kwargs dict) over the whole world."""
+def _graphed_everywhere(step, device):
+    """:func:`graphed` on every rank, or an error on every rank (a rank replaying collectives alone would hang)."""
+    try:
+        replay, error = graphed(step, device), None
+    except Exception as caught:  # noqa: BLE001
+        replay, error = None, caught
+        traceback.print_exc()
+    captured = torch.tensor([0 if error else 1], device=device)
+    dist.all_reduce(captured, op=dist.ReduceOp.MIN)
+    if not captured.item():
+        raise RuntimeError(f"CUDA graph capture failed on a rank: {error}")
+    return replay
+
+
+def compare_modes(title, rank, world, device, modes, step, warm, repeats, facts, cuda_graph=False):
+    """Baseline on rank 0 alone, then each mode (a ParallelConfig kwargs dict) over the whole world.
+
+    ``cuda_graph``: the baseline and each mode replayed from a CUDA graph instead (GPU time without the
+    host's per-kernel cost; an experiment: the pipelines run eager)."""
     from diffgen.parallel.config import ParallelConfig, make_plan
     from diffgen.parallel.state import build_state, use_state
+
+    def host_note(enqueue, seconds):
+        return f"host {enqueue * 1e3:.0f} ms" if device.type == "cuda" and enqueue > 0.8 * seconds else ""
 
     baseline = reference = None
     try:
         if rank == 0:
             with use_state(None):
                 warm()
-                baseline, reference = timed(step, device, repeats)
+                baseline, enqueue, reference = timed(step, device, repeats)
             reference = reference.cpu()
-            ROWS.append((title, "1 GPU", "1", f"{baseline:.3f}", "1.00x", "-", ""))
+            if cuda_graph and device.type == "cuda":
+                with use_state(None):
+                    baseline, enqueue, out = timed(graphed(step, device), device, repeats)
+                err = f"{relative_error(out.cpu(), reference):.1e}"  # the graph against the eager run
+            ROWS.append((title, "1 GPU, CUDA graph" if cuda_graph else "1 GPU", "1", f"{baseline:.3f}", "1.00x",
+                         err if cuda_graph else "-", host_note(enqueue, baseline)))
     except Exception as error:  # noqa: BLE001
         ROWS.append((title, "1 GPU", "1", "error", "", "", _short(error)))
         traceback.print_exc()
@@ -121,17 +167,22 @@ def compare_modes(title, rank, world, device, modes, step, warm, repeats, facts)
         try:
             plan = make_plan(ParallelConfig(num_gpus=world, **degrees), facts)
             state = build_state(plan, device)
+            variants = [(name, step)]
             with use_state(state):
                 warm()
-                seconds, out = timed(step, device, repeats)
-            flag = torch.tensor([seconds], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            seconds = flag.item()
-            if rank == 0:
-                err = relative_error(out.cpu(), reference) if reference is not None else float("nan")
-                speed = f"{baseline / seconds:.2f}x" if baseline else "-"
-                ROWS.append((title, name, str(plan.num_gpus // plan.dp_size), f"{seconds:.3f}", speed,
-                             f"{err:.1e}", plan.describe().split(": ", 1)[1]))
+                if cuda_graph and device.type == "cuda":
+                    variants = [(f"{name}, CUDA graph", _graphed_everywhere(step, device))]
+                for label, fn in variants:
+                    seconds, enqueue, out = timed(fn, device, repeats)
+                    flag = torch.tensor([seconds], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    seconds = flag.item()
+                    if rank == 0:
+                        err = relative_error(out.cpu(), reference) if reference is not None else float("nan")
+                        speed = f"{baseline / seconds:.2f}x" if baseline else "-"
+                        note = ", ".join(filter(None, [plan.describe().split(": ", 1)[1], host_note(enqueue, seconds)]))
+                        ROWS.append((title, label, str(plan.num_gpus // plan.dp_size), f"{seconds:.3f}", speed,
+                                     f"{err:.1e}", note))
         except Exception as error:  # noqa: BLE001
             if rank == 0:
                 ROWS.append((title, name, str(world), "error", "", "", _short(error)))
@@ -195,7 +246,7 @@ def wan_step_row(title, rank, world, device, dtype, config, frames, height, widt
                   repeats, facts)
 
 
-def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=512):
+def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=512, cuda_graph=False):
     from diffgen.models.dits.flux import FluxTransformer
     from diffgen.parallel.config import ModelFacts
 
@@ -221,8 +272,10 @@ def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=
 
     facts = ModelFacts(title, config.num_attention_heads, 1)
     modes = [m for m in mode_list(world, config.num_attention_heads, False) if "Ring" not in m[0] or world == 2]
-    compare_modes(title, rank, world, device, modes, step, warm, repeats, facts)
-    return model, inputs
+    if cuda_graph:
+        modes = [m for m in modes if m[0].startswith("Ulysses")]
+    compare_modes(title, rank, world, device, modes, step, warm, repeats, facts, cuda_graph=cuda_graph)
+    return None if cuda_graph else (model, inputs)
 
 
 def flux_dp_row(name, rank, world, device, model, inputs, requests, steps):
@@ -383,12 +436,12 @@ def vae_row(title, rank, world, device, frames, height, width, vae_config):
     with torch.inference_mode():
         if rank == 0:
             vae.decode(small)
-            baseline, reference = timed(lambda: vae.decode(latents, return_dict=False)[0], device, 1)
+            baseline, _, reference = timed(lambda: vae.decode(latents, return_dict=False)[0], device, 1)
             reference = reference.cpu()
             ROWS.append((title, "1 GPU", "1", f"{baseline:.3f}", "1.00x", "-", ""))
         dist.barrier()
         decode_rows(vae, vae.decode, small, state.replica)
-        seconds, out = timed(lambda: decode_rows(vae, vae.decode, latents, state.replica), device, 1)
+        seconds, _, out = timed(lambda: decode_rows(vae, vae.decode, latents, state.replica), device, 1)
     slowest = torch.tensor([seconds], device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     if rank == 0:
@@ -494,6 +547,8 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
              (dtype, T5Config(vocab_size=256384, **xxl))),
             ("vae", f"Wan VAE decode {frames} frames 720p", vae_row, (frames, 720, 1280, {})),
             ("flux-dp", "FLUX.1-dev", flux_dp_row, (8 if quick else 16, 4)),
+            ("flux-graph", f"FLUX.1-dev {size}² forward", flux_row,
+             (dtype, FluxConfig(guidance_embeds=True), size, 3, 512, True)),
         ])
     if rank == 0:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

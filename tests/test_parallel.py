@@ -25,6 +25,9 @@ IMAGE_REQUEST = dict(prompt="a red fox in the snow", height=48, width=80, num_in
 VIDEO_REQUEST = dict(prompt="a red fox in the snow", negative_prompt="blurry", height=48, width=80, num_frames=9,
                      num_inference_steps=2, seed=7, max_sequence_length=16, guidance_scale=4.0)
 
+HUNYUAN_REQUEST = dict(prompt="a red fox in the snow", height=48, width=80, num_frames=9, num_inference_steps=2,
+                       seed=7, guidance_scale=6.0)
+
 ULYSSES_2 = {"ulysses_degree": 2, "ring_degree": 1, "enable_cfg_parallel": False, "dp_size": 2}
 RING_2 = {"ulysses_degree": 1, "ring_degree": 2, "enable_cfg_parallel": False, "dp_size": 2}
 USP_2x2 = {"ulysses_degree": 2, "ring_degree": 2, "enable_cfg_parallel": False}
@@ -61,13 +64,17 @@ def _cases(paths: dict[str, str]) -> list[dict]:
         # joint attention over [text, video] like FLUX, the text (Qwen2.5-VL + glyph tokens) masked per prompt
         ("hunyuan15", {**VIDEO_REQUEST, "prompt": 'a sign that says "fox"', "max_sequence_length": None},
          {"usp-2x2": USP_2x2, "cfg-x-ulysses-2": CFG_ULYSSES}),
+        # HunyuanVideo (v1): 45 video tokens, text replicated; I2V's first-frame tokens (15) span ranks 0 and 1 of 4
+        ("hunyuan", HUNYUAN_REQUEST, {"ulysses-2": ULYSSES_2, "ring-2": RING_2}),
+        ("hunyuan-i2v", {**HUNYUAN_REQUEST, "images": [_input_image()]}, {"usp-2x2": USP_2x2}),
     ]
     return [{"name": f"{family}/{mode}", "model": paths[family], "request": request, "parallel": parallel}
             for family, request, modes in matrix for mode, parallel in modes.items()]
 
 
 CASE_NAMES = [case["name"] for case in _cases({family: "" for family in (
-    "flux", "qwen-image", "qwen-image-edit-2511", "wan-t2v", "wan-i2v", "wan22-a14b", "wan22-ti2v", "hunyuan15")})]
+    "flux", "qwen-image", "qwen-image-edit-2511", "wan-t2v", "wan-i2v", "wan22-a14b", "wan22-ti2v", "hunyuan15",
+    "hunyuan", "hunyuan-i2v")})]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +100,7 @@ def test_parallel_output_equals_single_process(parity_results, case):
 
 WAN = ModelFacts("Wan2.1-T2V-14B", heads=40, guidance_branches=2)
 FLUX = ModelFacts("FLUX.1-dev", heads=24, guidance_branches=1)
-HUNYUAN = ModelFacts("HunyuanVideo", heads=24, guidance_branches=1, sequence_parallel=False)
+NO_LAYOUT = ModelFacts("NoLayout", heads=24, guidance_branches=1, sequence_parallel=False)  # a DiT without shard_tokens
 
 
 @pytest.mark.parametrize("model,config,expected", [
@@ -106,7 +113,7 @@ HUNYUAN = ModelFacts("HunyuanVideo", heads=24, guidance_branches=1, sequence_par
     (WAN, ParallelConfig(num_gpus=4, ulysses_degree=4), dict(cfg_degree=1, ulysses_degree=4, ring_degree=1)),
     (WAN, ParallelConfig(num_gpus=4, ring_degree=2), dict(cfg_degree=2, ulysses_degree=1, ring_degree=2)),
     (WAN, ParallelConfig(num_gpus=2, tp_size=2), dict(cfg_degree=2, tp_size=2)),
-    (HUNYUAN, ParallelConfig(num_gpus=2, dp_size=2), dict(dp_size=2, ulysses_degree=1, ring_degree=1)),
+    (NO_LAYOUT, ParallelConfig(num_gpus=2, dp_size=2), dict(dp_size=2, ulysses_degree=1, ring_degree=1)),
 ])
 def test_automatic_and_partial_plans(model, config, expected):
     plan = make_plan(config, model)
@@ -123,8 +130,8 @@ def test_automatic_and_partial_plans(model, config, expected):
     (FLUX, ParallelConfig(num_gpus=3, dp_size=2), "--dp-size 2 does not divide --num-gpus 3"),
     (FLUX, ParallelConfig(num_gpus=2, tp_size=4), "--tp-size 4 does not divide"),
     (FLUX, ParallelConfig(num_gpus=0), "--num-gpus: 0 is not a positive integer"),
-    (HUNYUAN, ParallelConfig(num_gpus=2), "--num-gpus 2: HunyuanVideo does not support sequence parallelism yet"),
-    (HUNYUAN, ParallelConfig(num_gpus=2, ring_degree=2), "--ring-degree: HunyuanVideo does not support"),
+    (NO_LAYOUT, ParallelConfig(num_gpus=2), "--num-gpus 2: NoLayout does not support sequence parallelism yet"),
+    (NO_LAYOUT, ParallelConfig(num_gpus=2, ring_degree=2), "--ring-degree: NoLayout does not support"),
 ])
 def test_bad_combinations_fail_with_one_clear_error(model, config, message):
     with pytest.raises(ParallelConfigError, match=message.replace("(", r"\(")):

@@ -112,6 +112,61 @@ def test_server_with_replicas_of_two_ranks(tiny_flux, single_engine, tmp_path):
         assert server.stop(), server.log()
 
 
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+def test_server_worker_that_is_a_group_shows_its_plan_and_cancels_a_queued_job(tiny_checkpoint, tmp_path):
+    """One worker of 2 ranks (no --dtype): /server_info shows the group, its plan and its rank processes; the model
+    card the dtype the ranks loaded (auto: float32 on the CPU), not the option's spelling; a job deleted while
+    queued behind a running one never starts, the running one is cancelled on every rank, and the group then
+    serves the next job."""
+    import httpx
+    from server_utils import ServerProcess, metric, wait_until
+
+    server = ServerProcess(tiny_checkpoint("wan-t2v"), tmp_path / "out", "--num-gpus", "2", "--ulysses-degree", "2",
+                           env={"DIFFGEN_FAULT_INJECT": "1"})
+    server.wait_ready = functools.partial(ServerProcess.wait_ready, server, timeout=600)
+    server.start()
+    try:
+        info = httpx.get(f"{server.url}/server_info").json()
+        (group,) = info["worker_groups"]
+        assert group["worker"] == 0 and group["plan"] == "2 GPU(s), Ulysses 2", info
+        assert len(set(group["rank_pids"])) == 2 and not set(group["rank_pids"]) & set(info["worker_pids"]), info
+        for pid in group["rank_pids"]:
+            os.kill(pid, 0)  # the rank processes exist
+        card = httpx.get(f"{server.url}/v1/models").json()["data"][0]
+        assert (card["dit_precision"], card["vae_precision"]) == ("float32", "float32"), card
+
+        client = server.client()
+        small = {"num_frames": 5, "num_inference_steps": 2, "seed": 3}
+        running = client.videos.create(prompt="a slow boat [[fault:slow]]", size="32x32",
+                                       extra_body={**small, "num_inference_steps": 200})
+        wait_until(lambda: client.videos.retrieve(running.id).status == "in_progress", timeout=300, what="running")
+        queued = client.videos.create(prompt="a boat on a lake", size="32x32", extra_body=small)
+        assert client.videos.retrieve(queued.id).status == "queued"
+        assert client.videos.delete(queued.id).deleted
+        assert client.videos.delete(running.id).deleted
+        after = client.videos.create(prompt="a boat on a lake", size="32x32", extra_body=small)
+        assert wait_until(lambda: (v := client.videos.retrieve(after.id)).status in ("completed", "failed") and v,
+                          timeout=300, what="the next job").status == "completed"
+        assert metric(server.url, 'diffgen_jobs_total{status="cancelled"}') == 2
+        assert metric(server.url, "diffgen_queue_wait_seconds_count") == 2  # the queued job never started
+        assert httpx.get(f"{server.url}/server_info").json()["worker_restarts"] == 0
+    finally:
+        assert server.stop(), server.log()
+
+
+def test_serve_with_a_bad_combination_exits_with_one_error_before_loading(tiny_checkpoint, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "diffgen.entrypoints.cli", "serve", "--model-path",
+                          tiny_checkpoint("qwen-image"), "--device", "cpu", "--num-gpus", "2", "--ulysses-degree", "2",
+                          "--port", "0", "--output-dir", str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: --ulysses-degree 2 does not divide ckpt's 3 attention heads; allowed: 1, 3 (use --ring-degree "
+        "for the rest)"], run.stderr
+    assert not list(tmp_path.iterdir())  # nothing started: no output folder content
+
+
 def test_two_torchrun_launches_meet_on_localhost(tiny_flux, single, tmp_path):
     port = str(_free_port())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(

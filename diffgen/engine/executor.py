@@ -113,6 +113,8 @@ class ExecutorStatus:
     device: str | None = None
     dit_precision: str | None = None  # the DiT's dtype, or "fp8" when quantized
     vae_precision: str | None = None
+    # workers that are groups of ranks (one process per GPU): {"worker": index, "plan": ..., "rank_pids": [...]}
+    worker_groups: list[dict] = field(default_factory=list)
 
 
 class Executor:

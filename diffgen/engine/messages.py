@@ -48,6 +48,8 @@ class Ready:
     dit_precision: str = "float32"  # the DiT's dtype, or "fp8" when quantized (for the model card)
     vae_precision: str = "float32"
     loras: tuple[dict[str, Any], ...] = ()  # the LoRAs it loaded (--lora-path), as LoRAManager.describe rows
+    parallel_plan: str | None = None  # a worker that is a group of ranks: its plan ("2 GPU(s), Ulysses 2")
+    rank_pids: tuple[int, ...] = ()  # and the process ids of its ranks
 
 
 @dataclass(frozen=True)

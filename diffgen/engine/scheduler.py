@@ -82,6 +82,7 @@ class WorkerHandle:
         self.batch_id: str | None = None
         self.receiver: threading.Thread | None = None  # the executor's thread reading ``outbox``
         self.loras: tuple[dict[str, Any], ...] = ()  # the LoRAs it holds, as it last reported them
+        self.group: dict | None = None  # a worker that is a group of ranks: its plan and rank pids, once ready
 
     def spawn(self, ctx: Any, options: dict[str, Any]) -> list[Any]:
         """The (not yet started) processes of this worker; the first one talks to the executor."""
@@ -209,7 +210,12 @@ class ProcessExecutor(Executor):
                               queue_depth=self.queue_depth(), running=self.running_count(), restarts=self.restarts,
                               worker_pids=self.worker_pids(), device=self.device,
                               dit_precision=self.precisions[0] if self.precisions else None,
-                              vae_precision=self.precisions[1] if self.precisions else None)
+                              vae_precision=self.precisions[1] if self.precisions else None,
+                              worker_groups=self.worker_groups())
+
+    def worker_groups(self) -> list[dict]:
+        with self._lock:
+            return [dict(w.group, worker=w.index) for w in self._workers if w.group is not None]
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -457,6 +463,8 @@ class ProcessExecutor(Executor):
 
                     # a restarted worker loaded the start-up LoRAs: bring it to the current ones first
                     worker.inbox.put(m.ChangeLoRAs(None, LoRAChange.sync(self._loras)))
+                if message.parallel_plan is not None:
+                    worker.group = {"plan": message.parallel_plan, "rank_pids": list(message.rank_pids)}
                 worker.ready = True
                 self._changed.notify_all()
             logger.info("worker %d ready: %s on %s", worker.index, message.spec.name, message.device)

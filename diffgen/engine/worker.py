@@ -78,10 +78,12 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
         return
     quantized = options.get("engine_options", {}).get("quantize")
     loras = tuple(_loras(pipeline))
-    if hasattr(pipeline, "plan"):  # a WorkerGroup: its ranks hold the pipeline in the options' dtype
-        dtype = options.get("engine_options", {}).get("dtype") or "auto"
-        outbox.put(Ready(spec=pipeline.spec, device=pipeline.info.device, dit_precision=quantized or dtype,
-                         vae_precision=options.get("engine_options", {}).get("vae_dtype") or dtype, loras=loras))
+    if hasattr(pipeline, "plan"):  # a WorkerGroup: rank 0 reported the dtypes its pipeline loaded in
+        outbox.put(Ready(spec=pipeline.spec, device=pipeline.info.device,
+                         dit_precision=quantized or pipeline.info.dit_precision,
+                         vae_precision=pipeline.info.vae_precision, loras=loras,
+                         parallel_plan=pipeline.plan.describe().split(": ", 1)[1],
+                         rank_pids=tuple(process.pid for process in pipeline.processes)))
     else:
         outbox.put(Ready(spec=pipeline.spec, device=str(pipeline.device),
                          dit_precision=quantized or str(pipeline.dtype).removeprefix("torch."),

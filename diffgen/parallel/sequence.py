@@ -49,6 +49,12 @@ class TokenShard:
         """How many real (not padding) tokens lie in positions [start, start + size)."""
         return max(0, min(size, self.length - start))
 
+    def count_below(self, end: int) -> int:
+        """How many of this rank's tokens have a global index below ``end`` (for a span at the start, e.g. a
+        first frame): they are this shard's first ones."""
+        start = self.axis.rank * self.chunk if self.degree > 1 else 0
+        return max(0, min(self.chunk, end - start, self.length - start))
+
     def split(self, tensor, dim: int = 1, prefix: int = 0):
         """This rank's part of a per-token tensor (or of each tensor of a tuple, e.g. RoPE cos/sin).
 

@@ -165,7 +165,9 @@ def main() -> None:
 
         info = RemotePipeline(model_path=spec["options"]["model_path"], spec=pipeline.spec,
                               output_kind=pipeline.output_kind, pipeline_class=type(pipeline),
-                              device=f"{pipeline.device} x {spec['world_size']}", loras=describe_loras(pipeline))
+                              device=f"{pipeline.device} x {spec['world_size']}", loras=describe_loras(pipeline),
+                              dit_precision=str(pipeline.dtype).removeprefix("torch."),
+                              vae_precision=str(pipeline.vae.dtype).removeprefix("torch."))
         connection = Client(spec["address"], authkey=spec["authkey"])
         send(connection, ("ready", state.dp.rank, info))
     serve_rank(pipeline, state, connection)

@@ -175,9 +175,11 @@ class WorkerGroup(Executor):
         self.close()
 
     def status(self) -> ExecutorStatus:
+        info = self.info
         return ExecutorStatus(ready=not self._broken, running=len(self._jobs), restarts=self.restarts,
-                              worker_pids=[p.pid for p in self.processes],
-                              device=self.info.device if self.info else None)
+                              worker_pids=[p.pid for p in self.processes], device=info.device if info else None,
+                              dit_precision=info.dit_precision if info else None,
+                              vae_precision=info.vae_precision if info else None)
 
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, request, listener: JobListener | None = None, job_id: str | None = None,
@@ -297,6 +299,8 @@ class RemotePipeline:
     pipeline_class: type
     device: str
     loras: list = field(default_factory=list)  # the LoRAs the ranks loaded at start (LoRAManager.describe rows)
+    dit_precision: str = "float32"  # the ranks' DiT dtype (what --dtype auto chose)
+    vae_precision: str = "float32"
 
     @property
     def defaults(self) -> Any:

@@ -55,7 +55,6 @@ class HunyuanVideoPipeline(ComposedPipeline):
                            "transformer")
     native_models = {"HunyuanVideoTransformer3DModel": HunyuanVideoTransformer}
     output_kind = "video"
-    sequence_parallel = False  # its DiT does not shard its tokens yet: --dp-size only
 
     @classmethod
     def describe(cls, checkpoint) -> ModelSpec:

@@ -364,8 +364,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                 "output_kind": spec.output_kind if spec else None, "task_type": spec.task_type if spec else None,
                 "device": status.device, "queue_depth": status.queue_depth, "running": status.running,
                 "max_queue": config.max_queue, "worker_pids": status.worker_pids,
-                "worker_restarts": status.restarts, "error": status.load_error,
-                "replica_id": state.store.replica.id, "job_store": state.store.describe()}
+                "worker_groups": status.worker_groups, "worker_restarts": status.restarts,
+                "error": status.load_error, "replica_id": state.store.replica.id, "job_store": state.store.describe()}
 
     @app.get("/", include_in_schema=False)
     async def playground():

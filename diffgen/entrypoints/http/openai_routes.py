@@ -99,13 +99,19 @@ def _check_image_options(body: ImageGenerationBody) -> None:
 
 
 # -- models ------------------------------------------------------------------------------------
+def _gpus(status) -> int:
+    """One per worker process, except that a worker that is a group of ranks counts its ranks."""
+    return len(status.worker_pids) - len(status.worker_groups) + sum(len(g["rank_pids"])
+                                                                     for g in status.worker_groups)
+
+
 def _model_card(state) -> dict[str, Any]:
     status, spec = state.engine.status(), state.spec
     on_gpu = status.device is not None and status.device.startswith("cuda")
     return {"id": state.model_id, "object": "model", "created": 0, "owned_by": "diffgen",
             "output_kind": spec.output_kind if spec else None, "ready": status.ready,
             "task_type": spec.task_type if spec else None,
-            "num_gpus": len(status.worker_pids) if on_gpu else 0,
+            "num_gpus": _gpus(status) if on_gpu else 0,
             "dit_precision": status.dit_precision, "vae_precision": status.vae_precision}
 
 

@@ -29,6 +29,7 @@ from diffgen.layers.joint_attention import JointAttention
 from diffgen.layers.modulation import AdaLayerNorm, modulate
 from diffgen.layers.norm import layer_norm_no_affine
 from diffgen.layers.rope import multi_axis_rope
+from diffgen.parallel.sequence import shard_tokens
 
 
 @dataclass
@@ -275,6 +276,9 @@ class HunyuanVideoTransformer(nn.Module):
         text_mask = None if bool(encoder_attention_mask.all()) else encoder_attention_mask.bool()
         context = self.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask, text_mask)
         rope = hunyuan_rope(grid, self.config.rope_axes_dim, self.config.rope_theta, context.shape[1], x.device)
+        tokens = shard_tokens(x.shape[1])  # sequence parallel: this rank's video tokens (text stays whole)
+        x, rope = tokens.split(x), tokens.split(rope, dim=0, prefix=context.shape[1])
+        first_frame_tokens = tokens.count_below(first_frame_tokens)
 
         text_len = context.shape[1]
         extra = (text_mask, temb, rope, first_frame_temb, first_frame_tokens)
@@ -286,7 +290,7 @@ class HunyuanVideoTransformer(nn.Module):
         x = joint[:, text_len:]
 
         scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first
-        x = self.proj_out(modulate(self.norm_out.norm(x), shift, scale))
+        x = tokens.gather(self.proj_out(modulate(self.norm_out.norm(x), shift, scale)))
 
         # tokens (B, F'*H'*W', C*pt*p*p) -> (B, C, F, H, W)
         x = x.reshape(batch, *grid, -1, p_t, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
