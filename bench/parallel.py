@@ -1,14 +1,20 @@
 """Multi-GPU bench: each parallel mode against the 1-GPU baseline, in one run on one machine.
 
-    python bench/parallel.py            # every visible GPU (2 or 4); ~6-8 minutes on H100/H200
-    python bench/parallel.py --quick    # smaller shapes (21 frames, 512²), ~2 minutes
+    python bench/parallel.py            # every visible GPU (2 or 4); ~3 minutes on 2 x H100
+    python bench/parallel.py --only flux,flux-graph,qwen   # some rows (--help lists them, in run order)
+    python bench/parallel.py --quick    # smaller shapes (21 frames, 512²)
     python bench/parallel.py --tiny --device cpu   # tiny configs on 2 gloo processes (the test suite runs this)
 
 Real model configs with random bf16 weights (meta init, then filled on the GPU with one seed so every
-rank holds the same weights); no checkpoint and no diffusers needed except for the VAE row. One
-process per GPU (spawned here); the baseline runs on rank 0 while the others wait. Every row is in
-its own try/except: a failure prints an error row and the rest still run. ``rel err`` is
-||mode - 1 GPU|| / ||1 GPU|| of the step's output (bf16; the target is <= 2e-2).
+rank holds the same weights; q/k/v projections fused as the loader fuses them); no checkpoint and no
+diffusers needed except for the VAE row. One process per GPU (spawned here); the baseline runs on rank 0
+while the others wait. Every row is in its own try/except: a failure prints an error row and the rest
+still run; rows are printed as they are measured, so a run cut short keeps what it measured.
+``rel err`` is ||mode - 1 GPU|| / ||1 GPU|| of the step's output (bf16); the "vs float32" row compares
+1 GPU, Ring and Ulysses in bf16 with the same model in float32. A ``host N ms`` note: the host took
+that long to enqueue the step, over 80% of its time: the GPU waited on Python (host-bound).
+``flux-graph`` replays the FLUX forward from a CUDA graph (collectives included), an experiment that
+shows the GPU time without the host's per-kernel cost; the pipelines themselves run eager.
 
 FLUX dp-size 2: each replica is an independent process with its own model running its share of
 16 requests (4 denoising forwards each); scheduler overhead is not included.
@@ -34,7 +40,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROWS: list[tuple[str, ...]] = []
-ROW_KEYS = ("flux", "qwen", "wan-small", "ring-accuracy", "wan-14b", "t5", "vae", "flux-dp", "flux-graph")
+ROW_KEYS = ("flux", "flux-dp", "flux-graph", "qwen", "wan-small", "wan-14b", "ring-accuracy", "t5", "vae")
 HEADER = ("work", "mode", "GPUs", "time (s)", "speed-up", "rel err", "note")
 
 
@@ -499,12 +505,13 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
         for key, title, fn, fn_args in rows:
             if args.only and key not in args.only:
                 continue
-            if key == "flux-dp":  # the replicas serve the model and inputs of the flux row
+            if key == "flux-dp":  # the replicas serve the model and inputs of the flux row (then freed)
                 if results.get("flux") is None:
                     continue
-                fn_args = (*results["flux"], *fn_args)
+                fn_args = (*results.pop("flux"), *fn_args)
             results[key] = row(title, fn, title, rank, world, device, *fn_args)
-        results.clear()
+            if key == "flux" and args.only and "flux-dp" not in args.only:
+                results.pop("flux")
 
     if args.tiny:  # every row's code path on tiny configs (the CPU test)
         wan = WanConfig(num_attention_heads=4, attention_head_dim=12, ffn_dim=64, num_layers=2, text_dim=32,
@@ -533,22 +540,22 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
         xxl = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
                    is_encoder_decoder=False)
         wan_1_3b = WanConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30)
-        run_rows([  # the rows asked of a 2-GPU machine first
-            ("flux", f"FLUX.1-dev {size}² forward", flux_row, (dtype, FluxConfig(guidance_embeds=True), size, 3)),
+        flux = FluxConfig(guidance_embeds=True)
+        run_rows([  # in this order: a run cut short by a time limit keeps the first rows
+            ("flux", f"FLUX.1-dev {size}² forward", flux_row, (dtype, flux, size, 3)),
+            ("flux-dp", "FLUX.1-dev", flux_dp_row, (8 if quick else 16, 4)),
+            ("flux-graph", f"FLUX.1-dev {size}² forward", flux_row, (dtype, flux, size, 3, 512, True)),
             ("qwen", f"Qwen-Image {size}² true-CFG step", qwen_row, (dtype, QwenImageConfig(), size, 2)),
             ("wan-small", f"Wan2.1-T2V-1.3B 480x832x{frames} CFG step", wan_step_row,
              (dtype, wan_1_3b, frames, 480, 832, 2)),
-            ("ring-accuracy", "Wan2.1-T2V-1.3B 480x832x21 forward vs float32", ring_accuracy_row,
-             (dtype, wan_1_3b, 21, 480, 832)),
             ("wan-14b", f"Wan2.1-T2V-14B 720x1280x{frames} CFG step", wan_step_row,
              (dtype, WanConfig(), frames, 720, 1280, 1)),
+            ("ring-accuracy", "Wan2.1-T2V-1.3B 480x832x9 forward vs float32", ring_accuracy_row,
+             (dtype, wan_1_3b, 9, 480, 832)),
             ("t5", "T5-XXL encoder", text_encoder_tp_row, (dtype, T5Config(vocab_size=32128, **xxl), True)),
             ("t5", "UMT5-XXL-sized encoder (T5 layers, 256k vocab)", text_encoder_tp_row,
              (dtype, T5Config(vocab_size=256384, **xxl))),
             ("vae", f"Wan VAE decode {frames} frames 720p", vae_row, (frames, 720, 1280, {})),
-            ("flux-dp", "FLUX.1-dev", flux_dp_row, (8 if quick else 16, 4)),
-            ("flux-graph", f"FLUX.1-dev {size}² forward", flux_row,
-             (dtype, FluxConfig(guidance_embeds=True), size, 3, 512, True)),
         ])
     if rank == 0:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

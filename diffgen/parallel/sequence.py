@@ -113,45 +113,42 @@ def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.T
     return out
 
 
-def _ulysses_scatter_heads(tensors: tuple[torch.Tensor, ...], axis: parallel_state.Axis) -> list[torch.Tensor]:
-    """Each (B, n, H, D) tokens of this rank -> (B, u*n, H/u, D): the group's tokens, this rank's heads.
+def _ulysses_scatter_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           replicated: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                           axis: parallel_state.Axis) -> torch.Tensor:
+    """(B, n, H, D) q, k, v of this rank's tokens -> (3, B, T + u*n, H/u, D): q, k and v of [the replicated
+    tokens, the group's tokens] for this rank's heads, the sequence attention reads.
 
-    q, k and v travel in one all-to-all (one collective instead of three: at FLUX/Qwen-Image sizes
-    a collective's fixed cost, not its bytes, is what Ulysses pays).
+    q, k and v travel in one all-to-all, and land in place beside the text: at FLUX/Qwen-Image sizes a
+    collective's and an op's fixed cost, not their bytes, is what Ulysses pays (docs/benchmarks.md).
     """
-    b, n, h, d = tensors[0].shape
-    u, count = axis.size, len(tensors)
-    send = tensors[0].new_empty(u, count, b, n, h // u, d)  # slot = destination's head group
-    for index, x in enumerate(tensors):
-        send[:, index].copy_(x.view(b, n, u, h // u, d).permute(2, 0, 1, 3, 4))
-    received = _all_to_all(send, axis.group, u)  # slot = source's token chunk
-    return list(received.permute(1, 2, 0, 3, 4, 5).reshape(count, b, u * n, h // u, d).unbind(0))
-
-
-def _ulysses_gather_heads(x: torch.Tensor, axis: parallel_state.Axis,
-                          replicated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inverse of :func:`_ulysses_scatter_heads`: (B, u*n, H/u, D) -> (B, n, H, D).
-
-    ``replicated`` (B, T, H/u, D), this rank's heads of the replicated tokens' output, rides in the same
-    all-to-all (appended to every destination's slot) and comes back whole: (B, T, H, D).
-    """
-    b, un, hu, d = x.shape
-    u, n = axis.size, un // axis.size
-    text_len = 0 if replicated is None else replicated.shape[1]
-    send = x.new_empty(u, b, n + text_len, hu, d)  # slot = destination's token chunk (+ the text)
-    send[:, :, :n].copy_(x.view(b, u, n, hu, d).transpose(0, 1))
+    b, n, h, d = q.shape
+    u, hu = axis.size, h // axis.size
+    text_len = 0 if replicated is None else replicated[0].shape[1]
+    send = torch.stack([t.view(b, n, u, hu, d).permute(2, 0, 1, 3, 4) for t in (q, k, v)], dim=1)
+    received = _all_to_all(send, axis.group, u)  # (u: source's token chunk, 3, B, n, H/u, D)
+    joint = q.new_empty(3, b, text_len + u * n, hu, d)
+    joint[:, :, text_len:].view(3, b, u, n, hu, d).copy_(received.permute(1, 2, 0, 3, 4, 5))
     if replicated is not None:
-        send[:, :, n:].copy_(replicated.unsqueeze(0).expand(u, -1, -1, -1, -1))
-    received = _all_to_all(send, axis.group, u)  # slot = source's head group
-    out = received[:, :, :n].permute(1, 2, 0, 3, 4).reshape(b, n, u * hu, d)
-    if replicated is None:
-        return out, None
-    return out, received[:, :, n:].permute(1, 2, 0, 3, 4).reshape(b, text_len, u * hu, d)
+        joint[:, :, :text_len].copy_(torch.stack(replicated)[:, :, :, axis.rank * hu:(axis.rank + 1) * hu])
+    return joint
 
 
-def _heads_of(x: torch.Tensor, axis: parallel_state.Axis) -> torch.Tensor:
-    """This Ulysses rank's heads of a replicated (B, T, H, D) tensor."""
-    return x.chunk(axis.size, dim=2)[axis.rank]
+def _ulysses_gather_heads(out: torch.Tensor, text_len: int,
+                          axis: parallel_state.Axis) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_ulysses_scatter_heads` for attention's output (B, T + u*n, H/u, D): this rank's
+    tokens (B, n, H, D) and the replicated tokens' output (B, T, H, D), both in one all-to-all."""
+    b, length, hu, d = out.shape
+    u = axis.size
+    n = (length - text_len) // u
+    send = torch.cat([out[:, text_len:].unflatten(1, (u, n)).transpose(0, 1),  # slot = destination's chunk
+                      out[:, :text_len].unsqueeze(0).expand(u, -1, -1, -1, -1)], dim=2)  # + the text, to all
+    received = _all_to_all(send, axis.group, u)  # (u: source's head group, B, n + T, H/u, D)
+
+    def all_heads(part: torch.Tensor) -> torch.Tensor:
+        return part.permute(1, 2, 0, 3, 4).reshape(b, part.shape[2], u * hu, d)
+
+    return all_heads(received[:, :, :n]), all_heads(received[:, :, n:])
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -183,32 +180,38 @@ def sequence_parallel_attention(shard: TokenShard, q: torch.Tensor, k: torch.Ten
     state = parallel_state.current()
     uly, ring = state.ulysses, state.ring
     text_len = replicated[0].shape[1] if replicated is not None else 0
-    if uly.size > 1:
-        q, k, v = _ulysses_scatter_heads((q, k, v), uly)
-        if replicated is not None:
-            replicated = tuple(_heads_of(t, uly) for t in replicated)
+    joint = None
+    if uly.size > 1:  # queries, keys and values of [text, the Ulysses group's tokens], this rank's heads
+        joint = _ulysses_scatter_heads(q, k, v, replicated, uly)
+        q, k, v = joint.unbind(0)
+        text_kv = (k[:, :text_len], v[:, :text_len]) if replicated is not None else None
+        k, v = k[:, text_len:], v[:, text_len:]
+    else:
+        text_kv = replicated[1:] if replicated is not None else None
+        q = torch.cat([replicated[0], q], 1) if replicated is not None else q
     # Tokens of this ring rank: chunks ring_rank*u .. ring_rank*u + u - 1, contiguous.
-    block = q.shape[1]
+    block = k.shape[1]
 
     if ring.size == 1:
-        valid = shard.valid_in(0, block)
-        if replicated is not None:
-            out = _joint_sdpa(torch.cat([replicated[0], q], 1), replicated[1:], (k[:, :valid], v[:, :valid]), mask)
+        keys = shard.valid_in(0, block)  # padding sits at the end of the sequence: cut, no mask needed
+        if text_kv is None:
+            out = _sdpa(q, k[:, :keys], v[:, :keys], None)
+        elif joint is not None and mask is None:  # text and tokens already side by side
+            out = _sdpa(q, joint[1, :, :text_len + keys], joint[2, :, :text_len + keys], None)
         else:
-            out = _sdpa(q, k[:, :valid], v[:, :valid], None)
+            out = _joint_sdpa(q, text_kv, (k[:, :keys], v[:, :keys]), mask)
     else:
-        out = _ring_attention(shard, ring, q, k, v, replicated, mask, block)
+        out = _ring_attention(shard, ring, q, k, v, text_kv, mask, block)
 
-    text_out, out = out.split([text_len, out.shape[1] - text_len], dim=1)
     if uly.size > 1:
-        out, text_out = _ulysses_gather_heads(out, uly, text_out if replicated is not None else None)
+        out, text_out = _ulysses_gather_heads(out, text_len, uly)
+    else:
+        text_out, out = out.split([text_len, out.shape[1] - text_len], dim=1)
     return out if replicated is None else (out, text_out)
 
 
-def _ring_attention(shard, ring, q, k, v, replicated, mask, block):
+def _ring_attention(shard, ring, q, k, v, text_kv, mask, block):
     """Queries [text, own block] against the text keys and every ring rank's block, merged by log-sum-exp."""
-    if replicated is not None:
-        q = torch.cat([replicated[0], q], 1)
     merged_out = merged_lse = None
 
     def merge(out: torch.Tensor, lse: torch.Tensor):
@@ -224,8 +227,8 @@ def _ring_attention(shard, ring, q, k, v, replicated, mask, block):
         merged_out = torch.nan_to_num(merged_out * weight_old) + torch.nan_to_num(out * weight_new)
         merged_lse = new_lse
 
-    if replicated is not None:
-        merge(*_sdpa_with_lse(q, replicated[1], replicated[2], mask))
+    if text_kv is not None:
+        merge(*_sdpa_with_lse(q, text_kv[0], text_kv[1], mask))
     kv = torch.stack([k, v])
     for step in range(ring.size):
         source = (ring.rank - step) % ring.size
