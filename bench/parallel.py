@@ -547,7 +547,7 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
             ("flux-graph", f"FLUX.1-dev {size}² forward", flux_row, (dtype, flux, size, 3, 512, True)),
             ("qwen", f"Qwen-Image {size}² true-CFG step", qwen_row, (dtype, QwenImageConfig(), size, 2)),
             ("wan-small", f"Wan2.1-T2V-1.3B 480x832x{frames} CFG step", wan_step_row,
-             (dtype, wan_1_3b, frames, 480, 832, 1)),
+             (dtype, wan_1_3b, frames, 480, 832, 2)),
             ("ring-accuracy", "Wan2.1-T2V-1.3B 480x832x9 forward vs float32", ring_accuracy_row,
              (dtype, wan_1_3b, 9, 480, 832)),
             ("t5", "T5-XXL encoder", text_encoder_tp_row, (dtype, T5Config(vocab_size=32128, **xxl), True)),
