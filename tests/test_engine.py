@@ -74,7 +74,7 @@ def test_a_worker_job_cancelled_while_queued_fails_alone(tiny_flux):
     workers.executor.spec = read_model_spec(tiny_flux)
 
     class Busy:  # a worker that has the model loaded and is busy: submissions wait in the queue
-        ready, gone, batch_id, batch, load_error, pids = True, False, "busy", {}, None, [None]
+        ready, gone, batch_id, batch, load_error, pids, group = True, False, "busy", {}, None, [None], None
 
     workers.executor._workers.append(Busy())
     first, second = workers.submit(_request()), workers.submit(_request())
