@@ -146,7 +146,7 @@ def test_server_worker_that_is_a_group_shows_its_plan_and_cancels_a_queued_job(t
         assert client.videos.delete(running.id).deleted
         after = client.videos.create(prompt="a boat on a lake", size="32x32", extra_body=small)
         assert wait_until(lambda: (v := client.videos.retrieve(after.id)).status in ("completed", "failed") and v,
-                          timeout=300, what="the next job").status == "completed"
+                          timeout=600, what="the next job").status == "completed"
         assert metric(server.url, 'diffgen_jobs_total{status="cancelled"}') == 2
         assert metric(server.url, "diffgen_queue_wait_seconds_count") == 2  # the queued job never started
         assert httpx.get(f"{server.url}/server_info").json()["worker_restarts"] == 0
