@@ -157,4 +157,5 @@ def test_row_split_vae_decode_equals_the_whole_decode(tiny_checkpoint, tmp_path)
     for family, entry in json.loads(out.read_text()).items():
         assert entry["shape_equal"], family
         assert entry["diff"] <= TOLERANCE, (family, entry)
+        assert entry["diff_native"] <= TOLERANCE, (family, entry)  # diffgen's chunked decoder, split the same way
         assert entry["diff_halo_1"] > 1e-3, (family, entry)  # a too-small halo shows: the test sees seams

@@ -12,11 +12,15 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 _DISABLE_ENV = "DIFFGEN_DISABLE_TRITON"
 
 
 _enabled: bool | None = None  # None: on where Triton imports, unless DIFFGEN_DISABLE_TRITON is set
+_disabled: frozenset[str] = frozenset()  # kernels left out (benchmarks measure each one's gain)
+#: the kernel families, as ``use_fused_kernel`` and ``set_fused_kernels`` name them
+KERNELS = ("norm_rope", "modulation", "channel_norm")
 
 
 @functools.cache
@@ -28,15 +32,19 @@ def _triton_available() -> bool:
     return True
 
 
-def set_fused_kernels(enabled: bool | None) -> None:
-    """Force the Triton kernels on or off for this process (None: the default); benchmarks compare both."""
-    global _enabled
-    _enabled = enabled
+def set_fused_kernels(enabled: bool | None, disabled: tuple[str, ...] = ()) -> None:
+    """Force the Triton kernels on or off for this process (None: the default), leaving out the ``disabled``
+    families (of :data:`KERNELS`); benchmarks compare them."""
+    global _enabled, _disabled
+    unknown = set(disabled) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {', '.join(KERNELS)}")
+    _enabled, _disabled = enabled, frozenset(disabled)
 
 
-def use_fused_kernel(x: torch.Tensor) -> bool:
+def use_fused_kernel(x: torch.Tensor, kernel: str = "") -> bool:
     """True where the Triton path applies: a CUDA tensor, Triton importable, not inside torch.compile."""
-    if not x.is_cuda or torch.compiler.is_compiling():
+    if not x.is_cuda or torch.compiler.is_compiling() or kernel in _disabled:
         return False
     enabled = _enabled if _enabled is not None else os.environ.get(_DISABLE_ENV, "") in ("", "0")
     return enabled and _triton_available()
@@ -84,7 +92,69 @@ def _kernels():
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * WIDTH + cols[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=mask)
 
-    return {"rms_rope": rms_rope_kernel, "next_power_of_2": triton.next_power_of_2}
+    @triton.jit
+    def channel_rms_norm_kernel(x_ptr, gamma_ptr, out_ptr, n_rows, rows_per_batch, stride_xb, stride_ob, scale, eps,
+                                WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, SILU: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        mask = (rows < n_rows)[:, None] & (cols < WIDTH)[None, :]
+        b = (rows // rows_per_batch).to(tl.int64)
+        r = (rows % rows_per_batch).to(tl.int64)
+        x = tl.load(x_ptr + (b * stride_xb + r * WIDTH)[:, None] + cols[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        # F.normalize in float32, rounded; then * scale and * gamma, each rounded as the plain ops round
+        norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)
+        y = (x / norm[:, None]).to(dtype).to(tl.float32)
+        y = (y * scale).to(dtype).to(tl.float32)
+        gamma = tl.load(gamma_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
+        y = (y * gamma[None, :]).to(dtype).to(tl.float32)
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(out_ptr + (b * stride_ob + r * WIDTH)[:, None] + cols[None, :], y.to(dtype), mask=mask)
+
+    @triton.jit
+    def layer_norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, n_rows, seq_len, stride_x, stride_mb,
+                                   stride_ms, eps, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+                                   ROUND: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < WIDTH
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / WIDTH
+        centered = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / WIDTH + eps)
+        y = centered * rstd
+        mod = (row // seq_len) * stride_mb + (row % seq_len) * stride_ms + cols
+        shift = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        if ROUND:  # the plain path's ops in x's dtype: norm, 1 + scale, product, sum each rounded
+            y = y.to(dtype).to(tl.float32)
+            y = (y * (1.0 + scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        else:
+            y = y * (1.0 + scale)
+        tl.store(out_ptr + row * WIDTH + cols, (y + shift).to(dtype), mask=mask)
+
+    @triton.jit
+    def gated_add_kernel(x_ptr, gate_ptr, y_ptr, out_ptr, seq_len, stride_x, stride_y, stride_gb, stride_gs,
+                         WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < WIDTH
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + (row // seq_len) * stride_gb + (row % seq_len) * stride_gs + cols, mask=mask,
+                       other=0.0).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        update = gate * y
+        if ROUND:
+            update = update.to(dtype).to(tl.float32)
+        tl.store(out_ptr + row * WIDTH + cols, (x + update).to(dtype), mask=mask)
+
+    return {"rms_rope": rms_rope_kernel, "channel_rms_norm": channel_rms_norm_kernel,
+            "layer_norm_modulate": layer_norm_modulate_kernel, "gated_add": gated_add_kernel,
+            "next_power_of_2": triton.next_power_of_2}
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, cos: torch.Tensor,
@@ -116,3 +186,115 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float | Non
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def channel_rms_norm_plain(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False) -> torch.Tensor:
+    """diffusers' Wan VAE norm: ``F.normalize`` over the channels (dim 1, float32 for half inputs), rounded to
+    x's dtype, times ``scale`` and ``gamma``; then SiLU if asked."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    y = F.normalize(x.float() if half else x, dim=1).to(x.dtype) * scale * gamma
+    return F.silu(y) if silu else y
+
+
+def _channel_rows(t: torch.Tensor) -> bool:
+    """Whether each sample of ``t`` (B, C, *spatial) is dense rows of C channels (channels-last; a frame slice too)."""
+    expected = t.shape[1]
+    for dim in range(t.ndim - 1, 1, -1):
+        if t.shape[dim] > 1 and t.stride(dim) != expected:
+            return False
+        expected *= t.shape[dim]
+    return t.stride(1) == 1 or t.shape[1] == 1
+
+
+def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`channel_rms_norm_plain` (+ SiLU), written to ``out`` if given; on CUDA one Triton pass
+    (:func:`channel_rms_norm_triton`) instead of the plain path's four to eight."""
+    if not use_fused_kernel(x, "channel_norm") or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        y = channel_rms_norm_plain(x, gamma, scale, silu)
+        return y if out is None else out.copy_(y)
+    return channel_rms_norm_triton(x, gamma, scale, silu, out)
+
+
+def channel_rms_norm_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel behind :func:`channel_rms_norm`: rows of channels, channels-last (a copy makes x so)."""
+    channels_last = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
+    if not _channel_rows(x):
+        x = x.contiguous(memory_format=channels_last)
+    target = out if out is not None and _channel_rows(out) and out.dtype == x.dtype else None
+    if target is None:
+        target = torch.empty_like(x, memory_format=channels_last)
+    kernels = _kernels()
+    width = x.shape[1]
+    rows_per_batch = x[0, 0].numel()
+    n_rows = x.shape[0] * rows_per_batch
+    block = kernels["next_power_of_2"](width)
+    rows = max(1, 4096 // block)
+    kernels["channel_rms_norm"][(triton_cdiv(n_rows, rows),)](
+        x, gamma.reshape(-1), target, n_rows, rows_per_batch, x.stride(0), target.stride(0), float(scale), 1e-12,
+        WIDTH=width, BLOCK=block, ROWS=rows, SILU=silu, num_warps=4)
+    if out is not None and target is not out:
+        return out.copy_(target)
+    return target
+
+
+def _per_token(t: torch.Tensor, batch: int, seq_len: int) -> tuple[torch.Tensor, int, int]:
+    """A (B, D), (B, 1, D) or (B, S, D) modulation vector as (tensor, batch stride, token stride)."""
+    if t.ndim == 2:
+        t = t.unsqueeze(1)
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, (t.stride(0) if t.shape[0] > 1 else 0), (t.stride(1) if t.shape[1] > 1 else 0)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, S, D) with unit channel stride and rows evenly strided (a copy otherwise)."""
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1)):
+        x = x.contiguous()
+    return x
+
+
+def layer_norm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                               round_steps: bool) -> torch.Tensor:
+    """One pass of LayerNorm (no affine) over x (B, S, D) then ``* (1 + scale) + shift``; a new (B, S, D) tensor.
+
+    ``round_steps``: round after the norm and after each op to x's dtype, as the plain ops on half tensors do;
+    otherwise (float32 plain path) round once at the end.
+    """
+    kernels = _kernels()
+    x = _rows(x)
+    batch, seq_len, width = x.shape
+    shift, scale = (t.unsqueeze(1) if t.ndim == 2 else t for t in (shift, scale))
+    if shift.shape != scale.shape or shift.stride() != scale.stride():  # one index for both
+        common = torch.broadcast_shapes(shift.shape, scale.shape)
+        shift, scale = shift.expand(common).contiguous(), scale.expand(common).contiguous()
+    shift, stride_mb, stride_ms = _per_token(shift, batch, seq_len)
+    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
+    if scale.stride() != shift.stride():
+        scale = scale.expand_as(shift).contiguous()
+        shift = shift.contiguous()
+        shift, stride_mb, stride_ms = _per_token(shift, batch, seq_len)
+    out = torch.empty(batch, seq_len, width, dtype=x.dtype, device=x.device)
+    block = kernels["next_power_of_2"](width)
+    kernels["layer_norm_modulate"][(batch * seq_len,)](
+        x, shift, scale, out, batch * seq_len, seq_len, x.stride(1), stride_mb, stride_ms, eps,
+        WIDTH=width, BLOCK=block, ROUND=round_steps, num_warps=min(16, max(4, block // 256)))
+    return out
+
+
+def gated_add_triton(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, round_steps: bool) -> torch.Tensor:
+    """x + gate * y in one pass, x and y (B, S, D), gate (B, D) or (B, 1|S, D); a new tensor in x's dtype.
+
+    ``round_steps``: round the product to x's dtype before the sum, as the plain ops on half tensors do.
+    """
+    kernels = _kernels()
+    x, y = _rows(x), _rows(y)
+    batch, seq_len, width = x.shape
+    gate, stride_gb, stride_gs = _per_token(gate, batch, seq_len)
+    out = torch.empty(batch, seq_len, width, dtype=x.dtype, device=x.device)
+    block = min(2048, kernels["next_power_of_2"](width))
+    kernels["gated_add"][(batch * seq_len, triton_cdiv(width, block))](
+        x, gate, y, out, seq_len, x.stride(1), y.stride(1), stride_gb, stride_gs,
+        WIDTH=width, BLOCK=block, ROUND=round_steps, num_warps=4)
+    return out

@@ -59,7 +59,7 @@ def norm_and_rope(x: torch.Tensor, norm: torch.nn.Module | None, cos: torch.Tens
 
     fusable = norm is None or (isinstance(norm, RMSNorm) and (norm.weight is None or norm.weight.dtype == x.dtype
                                                                 or norm.weight.dtype == torch.float32))
-    if fusable and use_fused_kernel(x):
+    if fusable and use_fused_kernel(x, "norm_rope"):
         weight = None if norm is None else norm.weight
         round_before_scale = (weight is not None and norm.round_before_scale and weight.dtype == x.dtype
                               and x.dtype in (torch.float16, torch.bfloat16))

@@ -70,7 +70,9 @@ def decode_rows(vae, whole_decode, z: torch.Tensor, axis: parallel_state.Axis, h
     def crop(module, args, kwargs):
         return (args[0][..., low:high, :], *args[1:]), kwargs
 
-    handle = vae.decoder.up_blocks[0].register_forward_pre_hook(crop, with_kwargs=True)
+    from diffgen.models.vaes.wan import decoder_of
+
+    handle = decoder_of(vae).up_blocks[0].register_forward_pre_hook(crop, with_kwargs=True)
     try:
         out = whole_decode(z, return_dict=False)[0]
     finally:

@@ -9,6 +9,8 @@ prediction to the norm of the conditional one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from PIL import Image
 
@@ -16,6 +18,7 @@ from diffgen.configs.qwen_image import QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_E
 from diffgen.engine.spec import ModelSpec, area_fit_size
 from diffgen.models.dits.qwen_image import QwenImageTransformer
 from diffgen.models.encoders.qwen_vl import QwenVLProcessor, encode_qwen_vl_prompts
+from diffgen.models.vaes.wan import channels_last_conv3d, use_native_decoder
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
 from diffgen.pipelines.guidance import GuidanceStep, norm_preserving_cfg
 from diffgen.pipelines.latents import (
@@ -61,6 +64,13 @@ class QwenImagePipeline(ComposedPipeline):
     template_tokens = 34  # tokens of the template's system part, dropped from the embeddings
     truncate_prompt = True  # T2I cuts the embeddings at max_sequence_length; the edit pipelines do not
     guidance_branches = 2  # true CFG, as the model cards run it (with a negative prompt)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.device.type == "cuda":
+            channels_last_conv3d(self.vae.decoder)
+            channels_last_conv3d(self.vae.post_quant_conv)
+        use_native_decoder(self.vae)  # its VAE is Wan2.1's network: one frame, fused norms, channels-last
 
     @property
     def vae_scale_factor(self) -> int:

@@ -96,6 +96,7 @@ def run_vae_cases(rank: int, world_size: int, vae_folders: dict[str, str], out_p
     (1 row), which must differ, so that the comparison is known to see the seams."""
     import diffusers
 
+    from diffgen.models.vaes.wan import use_native_decoder
     from diffgen.parallel.config import ParallelPlan
     from diffgen.parallel.state import build_state
     from diffgen.parallel.vae import decode_rows, decoder_halo
@@ -113,7 +114,10 @@ def run_vae_cases(rank: int, world_size: int, vae_folders: dict[str, str], out_p
             whole = vae.decode(z, return_dict=False)[0]
             split = decode_rows(vae, vae.decode, z, state.replica)
             seams = decode_rows(vae, vae.decode, z, state.replica, halo=1)
+            use_native_decoder(vae)  # the same split through diffgen's own decoder
+            native_split = decode_rows(vae, vae.decode, z, state.replica)
         results[name] = {"rows": rows, "halo": halo, "diff": (split - whole).abs().max().item(),
+                         "diff_native": (native_split - whole).abs().max().item(),
                          "diff_halo_1": (seams - whole).abs().max().item(), "shape_equal": split.shape == whole.shape}
     if rank == 0:
         with open(out_path, "w") as f:

@@ -1,0 +1,1 @@
+"""Native VAE decoders (over the diffusers VAEs' own weights)."""

@@ -1,0 +1,221 @@
+"""diffgen's Wan-family VAE decoder (several latent frames per call) against diffusers' decode.
+
+CPU, float32: Wan2.1, Wan2.2 (residual up blocks, 2x2 patches) and Qwen-Image VAEs, several frame
+counts, chunk sizes and a batch of 2, in both memory layouts; the parameter sharing and strictness;
+the Triton norm+SiLU path in Triton's CPU interpreter. GPU: the kernel against the plain path and
+the decoder against diffusers in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffgen.models.vaes.wan import NATIVE_VAE_ENV, WanVAEDecoder, use_native_decoder
+
+
+def _observable(vae):
+    """Norm scales and biases made distinct, so a swapped or dropped one changes the video."""
+    from diffgen.testing.randomize import randomize_constant_parameters
+
+    return randomize_constant_parameters(vae, "vae").eval()
+
+
+def _wan21():
+    from diffgen.testing.tiny_wan import wan21_vae
+
+    return _observable(wan21_vae())
+
+
+def _wan22():
+    from diffgen.testing.tiny_wan import wan22_vae
+
+    return _observable(wan22_vae())
+
+
+def _qwen():
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    return _observable(AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                              temperal_downsample=[False, True, True]))
+
+
+VAES = {"wan2.1": _wan21, "wan2.2": _wan22, "qwen-image": _qwen}
+
+
+def _latents(vae, frames: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, vae.config.z_dim, frames, 4, 5, generator=generator)
+
+
+@pytest.mark.parametrize("family", list(VAES))
+@pytest.mark.parametrize("frames", [1, 2, 5])
+def test_native_decoder_equals_diffusers_decode(family, frames):
+    vae = VAES[family]()
+    z = _latents(vae, frames, batch=2 if frames == 2 else 1)
+    native = WanVAEDecoder.from_vae(vae)
+    with torch.inference_mode():
+        expected = vae.decode(z, return_dict=False)[0]
+        assert 0.05 < expected.abs().mean() and (expected.abs() < 1).float().mean() > 0.9  # not saturated
+        for chunk in (1, 2, 3, None):  # 1 is diffusers' schedule; None: the default (all 5 at this size)
+            native.chunk_frames = chunk
+            got = native(z)
+            assert got.shape == expected.shape
+            # float32: the same sums, in another order (larger convolutions)
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=0, msg=f"{family} chunk {chunk}")
+
+
+@pytest.mark.parametrize("family", list(VAES))
+def test_channels_last_activations_give_the_same_video(family):
+    vae = VAES[family]()
+    z = _latents(vae, 4, seed=1)
+    native = WanVAEDecoder.from_vae(vae, chunk_frames=2)
+    with torch.inference_mode():
+        expected = vae.decode(z, return_dict=False)[0]
+        native.channels_last = True  # the CUDA layout, here on the CPU
+        got = native(z)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+
+
+def test_chunk_size_follows_the_pixel_budget():
+    from diffgen.models.vaes.wan import CHUNK_PIXELS
+
+    native = WanVAEDecoder.from_vae(_wan21())
+    z_480p = torch.zeros(1, 16, 21, 60, 104)
+    assert native.frames_per_chunk(z_480p) == CHUNK_PIXELS // (4 * 480 * 832) >= 1
+    assert native.frames_per_chunk(torch.zeros(1, 16, 21, 600, 1000)) == 1  # never less than one frame
+
+
+def test_decoder_shares_the_vae_parameters_strictly():
+    vae = _wan21()
+    native = WanVAEDecoder.from_vae(vae)
+    theirs = dict(vae.named_parameters())
+    for name, param in native.named_parameters():
+        assert param is theirs[name]  # the very objects: .to() / offload of the VAE moves them for both
+    vae.to(torch.float64)
+    assert native.decoder.conv_in.weight.dtype == torch.float64
+    z = _latents(vae, 2).double()
+    with torch.inference_mode():
+        # float64 throughout, except diffusers' upsampling, which runs in float32
+        torch.testing.assert_close(native(z), vae.decode(z, return_dict=False)[0], atol=1e-6, rtol=0)
+
+    del vae.decoder.up_blocks[0].resnets[0].norm1.gamma  # a structure that does not fit is named, not guessed
+    with pytest.raises(ValueError, match=r"missing \['decoder\.up_blocks\.0\.resnets\.0\.norm1\.gamma'\]"):
+        WanVAEDecoder.from_vae(vae)
+
+
+def test_use_native_decoder_switches_decode_and_leaves_the_vae_alone(monkeypatch):
+    from diffusers import AutoencoderKL
+
+    vae = _wan21()
+    names = set(vae.state_dict())
+    z = _latents(vae, 3)
+    with torch.inference_mode():
+        expected = vae.decode(z, return_dict=False)[0]
+        native = use_native_decoder(vae)
+        assert native is not None and vae.decode == native.decode
+        assert use_native_decoder(vae) is native  # once
+        torch.testing.assert_close(vae.decode(z, return_dict=False)[0], expected, atol=2e-5, rtol=0)
+        torch.testing.assert_close(vae.decode(z).sample, expected, atol=2e-5, rtol=0)
+    assert set(vae.state_dict()) == names  # not a submodule: saving, LoRA and offload see the same VAE
+
+    monkeypatch.setenv(NATIVE_VAE_ENV, "0")
+    assert use_native_decoder(_wan21()) is None
+    monkeypatch.delenv(NATIVE_VAE_ENV)
+    flux_vae = AutoencoderKL(block_out_channels=(8,), layers_per_block=1, norm_num_groups=8, latent_channels=4)
+    assert use_native_decoder(flux_vae) is None  # GroupNorm 2-D VAE: another network
+
+
+def test_pipelines_decode_through_the_native_decoder(tiny_checkpoint):
+    from diffgen.loader.components import load_pipeline
+
+    for family in ("wan-t2v", "qwen-image"):
+        pipeline = load_pipeline(tiny_checkpoint(family), device="cpu")
+        assert pipeline.vae.decode == pipeline.vae.native_decoder.decode, family
+
+
+_INTERPRETER_CHECK = """
+import torch
+import diffgen.models.vaes.wan as wan
+from diffgen.layers.fused import channel_rms_norm_plain, channel_rms_norm_triton
+from tests.test_wan_vae import VAES, _latents
+
+torch.manual_seed(0)
+worst = 0.0
+for shape, silu in [((1, 96, 3, 5, 7), True), ((2, 40, 4, 3, 5), False), ((2, 24, 6, 6), False)]:
+    layout = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    x = (torch.randn(shape) * 3).contiguous(memory_format=layout)
+    gamma = torch.randn(shape[1], *([1] * (len(shape) - 2)))
+    expected = channel_rms_norm_plain(x, gamma, shape[1] ** 0.5, silu)
+    worst = max(worst, (channel_rms_norm_triton(x, gamma, shape[1] ** 0.5, silu) - expected).abs().max().item())
+    worst = max(worst, (channel_rms_norm_triton(x.contiguous(), gamma, shape[1] ** 0.5, silu)
+                        - expected).abs().max().item())
+    if len(shape) == 5:  # into the frames after a 2-frame context, as the decoder writes a convolution's input
+        buffer = torch.full((shape[0], shape[1], shape[2] + 2, *shape[3:]), float("nan"))
+        buffer = buffer.contiguous(memory_format=layout)
+        channel_rms_norm_triton(x, gamma, shape[1] ** 0.5, silu, out=buffer[:, :, 2:])
+        assert buffer[:, :, :2].isnan().all()
+        worst = max(worst, (buffer[:, :, 2:] - expected).abs().max().item())
+wan.channel_rms_norm = channel_rms_norm_triton  # the whole decoder through the kernel
+for family, build in VAES.items():
+    vae = build()
+    z = _latents(vae, 4)
+    native = wan.WanVAEDecoder.from_vae(vae, chunk_frames=3)
+    native.channels_last = True
+    with torch.inference_mode():
+        worst = max(worst, (native(z) - vae.decode(z, return_dict=False)[0]).abs().max().item())
+print(worst)
+"""
+
+
+def test_triton_channel_norm_in_the_cpu_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed here (it comes with CUDA builds of torch)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 2e-5  # float32: only the summation order differs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel runs on CUDA only)")
+@pytest.mark.parametrize("shape", [(1, 96, 16, 60, 104), (2, 384, 3, 30, 52), (1, 1024, 2, 8, 8), (3, 384, 20, 26)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_triton_channel_norm_matches_plain_path_on_gpu(shape, silu):
+    from diffgen.layers.fused import channel_rms_norm, channel_rms_norm_plain, use_fused_kernel
+
+    torch.manual_seed(0)
+    layout = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    x = (torch.randn(shape, device="cuda") * 3).bfloat16().contiguous(memory_format=layout)
+    gamma = torch.randn(shape[1], *([1] * (len(shape) - 2)), device="cuda").bfloat16()
+    assert use_fused_kernel(x)
+    x[:, :, 0] = 0  # all-zero rows: F.normalize's eps, no NaN
+    got = channel_rms_norm(x, gamma, shape[1] ** 0.5, silu)
+    expected = channel_rms_norm_plain(x, gamma, shape[1] ** 0.5, silu)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=1e-2)
+    assert (got != expected).float().mean().item() < 0.01  # bf16: almost every element bit-equal
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", list(VAES))
+def test_native_decoder_matches_diffusers_in_bf16_on_gpu(family):
+    from diffgen.models.vaes.wan import channels_last_conv3d
+
+    vae = VAES[family]().cuda().bfloat16()
+    z = _latents(vae, 5).cuda().bfloat16()
+    with torch.inference_mode():
+        reference = vae.float().decode(z.float(), return_dict=False)[0]  # float32: the truth both approximate
+        vae.bfloat16()
+        theirs = vae.decode(z, return_dict=False)[0].float()
+        channels_last_conv3d(vae)
+        ours = WanVAEDecoder.from_vae(vae, chunk_frames=2)(z).float()
+    error = lambda out: ((out - reference).norm() / reference.norm()).item()  # noqa: E731
+    assert error(ours) <= max(2 * error(theirs), 1e-2), (error(ours), error(theirs))
