@@ -143,11 +143,11 @@ def native_over(native_cls, config, reference: torch.nn.Module, fused: bool) -> 
     return model
 
 
-def with_kernels(enabled: bool, fn):
+def with_kernels(enabled: bool, fn, disabled: tuple[str, ...] = ()):
     from diffgen.layers.fused import set_fused_kernels
 
     def run():
-        set_fused_kernels(enabled)
+        set_fused_kernels(enabled, disabled)
         try:
             return fn()
         finally:
@@ -212,16 +212,19 @@ def bench_flux(args, device, dtype):
     cfg = FLUX["tiny" if args.tiny else "real"]
     reference = build_direct(FluxTransformer2DModel, cfg["dit"], device, dtype)
     unfused = native_over(FluxTransformer, FluxConfig(**cfg["dit"]), reference, fused=False)
-    fused = native_over(FluxTransformer, FluxConfig(**cfg["dit"]), reference, fused=True)
+    fused = native_over(FluxTransformer, FluxConfig(**cfg["dit"]), reference, fused=True) if args.fused_qkv else None
     inputs = flux_inputs(cfg, device, dtype)
     section = f"FLUX.1-dev DiT forward {cfg['height']}x{cfg['width']}, {cfg['text_len']} text tokens"
     variants = {
         "diffusers eager": lambda: reference(**inputs, return_dict=False)[0],
         "diffgen plain eager": with_kernels(False, lambda: unfused(**inputs)),
-        "diffgen default (Triton norm/rope)": with_kernels(True, lambda: unfused(**inputs)),
-        "diffgen fused qkv, no Triton": with_kernels(False, lambda: fused(**inputs)),
-        "diffgen fused qkv + Triton norm/rope": with_kernels(True, lambda: fused(**inputs)),
+        "diffgen Triton norm/rope only (the default before)": with_kernels(True, lambda: unfused(**inputs),
+                                                                           disabled=("modulation",)),
+        "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)":
+            with_kernels(True, lambda: unfused(**inputs)),
     }
+    if args.fused_qkv:
+        variants["diffgen fused qkv + Triton kernels"] = with_kernels(True, lambda: fused(**inputs))
     time_rows(section, variants, device, args, reference_name="diffusers eager")
     if not args.skip_compile:
         begin = time.perf_counter()
@@ -231,10 +234,11 @@ def bench_flux(args, device, dtype):
         torch.cuda.synchronize() if device.type == "cuda" else None
         RESULTS.setdefault(section, {})["compile + first call s"] = time.perf_counter() - begin
         print(f"[flux] compile + first forward: {time.perf_counter() - begin:.1f} s", flush=True)
-        compile_repeated_blocks(fused)
         compiled = {"diffgen compiled (serve default)": lambda: unfused(**inputs),
-                    "diffgen compiled, fused qkv": lambda: fused(**inputs),
                     "diffusers eager": variants["diffusers eager"]}
+        if fused is not None:
+            compile_repeated_blocks(fused)
+            compiled["diffgen compiled, fused qkv"] = lambda: fused(**inputs)
         time_rows(section + ", compiled", compiled, device, args, reference_name="diffusers eager", warmup=3)
     if not args.quick:
         flux_request(args, cfg, reference, unfused, device, dtype)
@@ -297,7 +301,7 @@ def bench_wan(args, device, dtype):
     cfg = WAN["tiny" if args.tiny else "real"]
     reference = build_direct(WanTransformer3DModel, cfg["dit"], device, dtype)
     unfused = native_over(WanTransformer, WanConfig(**cfg["dit"]), reference, fused=False)
-    fused = native_over(WanTransformer, WanConfig(**cfg["dit"]), reference, fused=True)
+    fused = native_over(WanTransformer, WanConfig(**cfg["dit"]), reference, fused=True) if args.fused_qkv else None
     g = torch.Generator(device).manual_seed(0)
     latents = torch.randn(1, 16, (cfg["frames"] - 1) // 4 + 1, cfg["height"] // 8, cfg["width"] // 8,
                           device=device, dtype=dtype, generator=g)
@@ -314,10 +318,14 @@ def bench_wan(args, device, dtype):
     variants = {
         "diffusers eager (direct build)": cfg_step(lambda *a: reference(*a, return_dict=False)[0]),
         "diffgen plain eager": with_kernels(False, cfg_step(unfused)),
-        "diffgen default (Triton norm/rope)": with_kernels(True, cfg_step(unfused)),
-        "diffgen fused qkv + Triton norm/rope": with_kernels(True, cfg_step(fused)),
+        "diffgen Triton norm/rope only (the default before)": with_kernels(True, cfg_step(unfused),
+                                                                           disabled=("modulation",)),
+        "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)": with_kernels(True, cfg_step(unfused)),
     }
+    if args.fused_qkv:
+        variants["diffgen fused qkv + Triton kernels"] = with_kernels(True, cfg_step(fused))
     one_forward_diffs("wan", {"diffusers": lambda: reference(latents, timestep, text[:1], return_dict=False)[0],
+                              "diffgen plain": with_kernels(False, lambda: unfused(latents, timestep, text[:1])),
                               "diffgen default": with_kernels(True, lambda: unfused(latents, timestep, text[:1]))})
     time_rows(section, variants, device, args, reference_name="diffusers eager (direct build)")
     if not args.skip_compile:
@@ -331,31 +339,63 @@ def bench_wan(args, device, dtype):
 
 @guarded("vae")
 def bench_vae(args, device, dtype):
-    from diffusers import AutoencoderKLWan
+    """Wan VAE decode: diffusers (plain, channels-last weights) vs diffgen's decoder (chunk sizes, kernel on/off);
+    the same for Qwen-Image's VAE on one 1024² image. Every row's error is against diffusers in float32."""
+    from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
 
     cfg = WAN["tiny" if args.tiny else "real"]
     vae = build_direct(AutoencoderKLWan, cfg["vae"], device, dtype)
     z = torch.randn(1, 16, (cfg["frames"] - 1) // 4 + 1, cfg["height"] // 8, cfg["width"] // 8, device=device,
                     dtype=dtype, generator=torch.Generator(device).manual_seed(0))
-
-    def decode(model):
-        return lambda: model.decode(z, return_dict=False)[0]
-
     section = f"Wan VAE decode {cfg['frames']} frames {cfg['height']}x{cfg['width']}"
-    variants = {"diffusers plain": decode(vae)}
-    if device.type == "cuda":
-        import copy
+    vae_decode_rows(section, vae, z, device, args, chunks=(1, 2, 3, 7, 21) if not args.tiny else (1, 3))
+    qwen_cfg = dict(cfg["vae"])
+    size = 64 if args.tiny else 1024
+    qwen = build_direct(AutoencoderKLQwenImage, qwen_cfg, device, dtype)
+    z = torch.randn(1, 16, 1, size // 8, size // 8, device=device, dtype=dtype,
+                    generator=torch.Generator(device).manual_seed(1))
+    vae_decode_rows(f"Qwen-Image VAE decode {size}x{size}", qwen, z, device, args, chunks=())
 
-        # cuDNN's conv3d wants NDHWC: with the weights (and the input) channels-last it skips the
-        # NCDHW<->NDHWC transposes around each convolution, if the elementwise ops keep the layout.
-        channels_last = copy.deepcopy(vae)
-        for module in channels_last.modules():
-            if isinstance(module, torch.nn.Conv3d):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+
+def vae_decode_rows(section, vae, z, device, args, chunks) -> None:
+    import copy
+
+    from diffgen.models.vaes.wan import WanVAEDecoder, channels_last_conv3d
+
+    with torch.inference_mode():  # the float32 reference, then dropped
+        reference = copy.deepcopy(vae).float().decode(z.float(), return_dict=False)[0]
+    truth = {"float32": reference}
+    variants = {"diffusers plain": lambda: vae.decode(z, return_dict=False)[0]}
+    if device.type == "cuda":
+        last = copy.deepcopy(vae)
+        channels_last_conv3d(last)  # what diffgen ran before its own decoder
         z_last = z.contiguous(memory_format=torch.channels_last_3d)
-        variants["diffusers, conv3d weights + input channels_last_3d"] = (
-            lambda: channels_last.decode(z_last, return_dict=False)[0])
-    time_rows(section, variants, device, args, reference_name="diffusers plain", warmup=1)
+        variants["diffusers, conv3d weights channels-last (diffgen before)"] = (
+            lambda: last.decode(z_last, return_dict=False)[0])
+        native_vae = last
+    else:
+        native_vae = vae
+    default = WanVAEDecoder.from_vae(native_vae)
+    variants["diffgen decoder, default chunk (Triton norm+SiLU)"] = with_kernels(True, lambda: default(z))
+    variants["diffgen decoder, default chunk, no Triton"] = with_kernels(False, lambda: default(z))
+    for chunk in chunks:
+        decoder = WanVAEDecoder.from_vae(native_vae, chunk_frames=chunk)
+        variants[f"diffgen decoder, {chunk} latent frames per call"] = with_kernels(True, lambda d=decoder: d(z))
+    with torch.inference_mode():
+        for name, fn in variants.items():
+            value = relative(fn(), truth["float32"])
+            RESULTS.setdefault(section, {})[f"{name} rel err vs float32"] = value
+            print(f"[{section}] {name}: relative error vs diffusers float32 {value:.2e}", flush=True)
+    del truth, reference
+    time_rows(section, variants, device, args, warmup=1)
+    if device.type == "cuda" and args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            variants["diffgen decoder, default chunk (Triton norm+SiLU)"]()
+            torch.cuda.synchronize(device)
+        print(f"[{section}] profile of the diffgen decoder (default chunk):")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
 
 
 # -- Qwen-Image ------------------------------------------------------------------------------------
@@ -386,6 +426,7 @@ def bench_qwen(args, device, dtype):
     theirs = true_cfg(lambda c: reference(hidden_states=x, encoder_hidden_states=c, timestep=t,
                                           img_shapes=[shapes], return_dict=False)[0])
     ours = with_kernels(True, true_cfg(lambda c: ours_model(x, t, c, shapes)))
+    before = with_kernels(True, true_cfg(lambda c: ours_model(x, t, c, shapes)), disabled=("modulation",))
     plain = with_kernels(False, true_cfg(lambda c: ours_model(x, t, c, shapes)))
     forward = {"diffusers": lambda: reference(hidden_states=x, encoder_hidden_states=text[:1], timestep=t,
                                               img_shapes=[shapes], return_dict=False)[0],
@@ -394,7 +435,9 @@ def bench_qwen(args, device, dtype):
     one_forward_diffs("qwen", forward)
     section = f"Qwen-Image true-CFG step (2 forwards) {cfg['height']}x{cfg['width']}, {cfg['text_len']} text tokens"
     time_rows(section, {"diffusers eager": theirs, "diffgen plain eager": plain,
-                        "diffgen default (Triton norm/rope)": ours}, device, args, reference_name="diffusers eager")
+                        "diffgen Triton norm/rope only (the default before)": before,
+                        "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)": ours},
+              device, args, reference_name="diffusers eager")
     if not args.skip_compile:
         compile_repeated_blocks(ours_model)
         forward.pop("diffgen plain")
@@ -469,6 +512,9 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--load-gb", type=float, default=8.0, help="size of the load test's shards")
     parser.add_argument("--json", help="write all numbers here")
+    parser.add_argument("--fused-qkv", action="store_true", help="also time the concatenated projections (off by "
+                        "default: they measured slower)")
+    parser.add_argument("--profile", action="store_true", help="print a kernel profile of the sections that have one")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 5)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

@@ -207,3 +207,97 @@ def test_channels_last_vae_weights_change_only_the_layout():
         assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs)
         got = vae.decode(z.contiguous(memory_format=torch.channels_last_3d), return_dict=False)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # float32: summation order only
+
+
+# -- AdaLN norm + modulate and the gated residual ------------------------------------------------------
+MODULATION_SHAPES = {"per-sample (B, D)": lambda b, s, d: (b, d), "(B, 1, D)": lambda b, s, d: (b, 1, d),
+                     "per-token (B, S, D)": lambda b, s, d: (b, s, d)}
+
+
+def _modulation_inputs(batch, seq, dim, kind, dtype=torch.float32, device="cpu", mod_dtype=None):
+    generator = torch.Generator(device).manual_seed(seq * 7 + dim)
+    x = (torch.randn(batch, seq, dim, generator=generator, device=device) * 2 + 0.5).to(dtype)
+    mods = [(torch.randn(MODULATION_SHAPES[kind](batch, seq, dim), generator=generator, device=device) * 0.5)
+            .to(mod_dtype or dtype) for _ in range(3)]
+    return x, *mods
+
+
+def _plain_modulate(norm, x, shift, scale, float32):
+    from diffgen.layers.modulation import modulate
+
+    return modulate(norm(x.float()), shift, scale).type_as(x) if float32 else modulate(norm(x), shift, scale)
+
+
+def _plain_gated(x, gate, y, float32):
+    gate = gate.unsqueeze(1) if gate.ndim == 2 else gate
+    return (x.float() + y * gate).type_as(x) if float32 else x + gate * y
+
+
+@pytest.mark.parametrize("kind", list(MODULATION_SHAPES))
+@pytest.mark.parametrize("float32", [False, True])
+def test_norm_modulate_and_gated_add_on_cpu_are_the_plain_path(kind, float32):
+    from diffgen.layers.modulation import gated_add, norm_modulate
+    from diffgen.layers.norm import FP32LayerNorm, layer_norm_no_affine
+
+    dtype = torch.bfloat16
+    x, shift, scale, gate = _modulation_inputs(2, 9, 32, kind, dtype, mod_dtype=torch.float32 if float32 else dtype)
+    norm = FP32LayerNorm(32, 1e-6, elementwise_affine=False) if float32 else layer_norm_no_affine(32)
+    assert torch.equal(norm_modulate(norm, x, shift, scale, float32=float32),
+                       _plain_modulate(norm, x, shift, scale, float32))
+    y = torch.randn_like(x)
+    assert torch.equal(gated_add(x, gate, y, float32=float32), _plain_gated(x, gate, y, float32))
+
+
+_MODULATION_INTERPRETER_CHECK = """
+import torch
+from diffgen.layers.fused import gated_add_triton, layer_norm_modulate_triton
+from diffgen.layers.norm import layer_norm_no_affine
+from tests.test_fused import MODULATION_SHAPES, _modulation_inputs, _plain_gated, _plain_modulate
+
+worst = 0.0
+for kind in MODULATION_SHAPES:
+    for batch, seq, dim in [(2, 5, 24), (1, 3, 40)]:
+        x, shift, scale, gate = _modulation_inputs(batch, seq, dim, kind)
+        norm = layer_norm_no_affine(dim)
+        for round_steps in (True, False):  # rounding to float32 is a no-op: both equal the float32 plain path
+            got = layer_norm_modulate_triton(x, shift, scale, norm.eps, round_steps)
+            worst = max(worst, (got - _plain_modulate(norm, x, shift, scale, False)).abs().max().item())
+            y = torch.randn(batch, 2 * seq, dim)[:, ::2]  # a strided view, as attention outputs can be
+            got = gated_add_triton(x, gate, y, round_steps)
+            worst = max(worst, (got - _plain_gated(x, gate, y, False)).abs().max().item())
+print(worst)
+"""
+
+
+def test_modulation_kernels_in_the_cpu_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed here (it comes with CUDA builds of torch)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _MODULATION_INTERPRETER_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5  # float32: only the summation order differs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels run on CUDA only)")
+@pytest.mark.parametrize("shape", [(1, 4608, 3072), (2, 333, 1536), (1, 77, 5120), (2, 512, 3072)])
+@pytest.mark.parametrize("kind", list(MODULATION_SHAPES))
+@pytest.mark.parametrize("float32", [False, True], ids=["bf16-ops", "float32-ops"])
+def test_modulation_kernels_match_plain_path_on_gpu(shape, kind, float32):
+    from diffgen.layers.fused import use_fused_kernel
+    from diffgen.layers.modulation import gated_add, norm_modulate
+    from diffgen.layers.norm import FP32LayerNorm, layer_norm_no_affine
+
+    dtype = torch.bfloat16
+    x, shift, scale, gate = _modulation_inputs(*shape, kind, dtype, "cuda", torch.float32 if float32 else dtype)
+    norm = FP32LayerNorm(shape[-1], 1e-6, elementwise_affine=False) if float32 else layer_norm_no_affine(shape[-1])
+    y = torch.randn(shape, device="cuda").to(dtype)
+    assert use_fused_kernel(x)
+    with torch.no_grad():
+        for got, expected in [(norm_modulate(norm, x, shift, scale, float32=float32),
+                               _plain_modulate(norm, x, shift, scale, float32)),
+                              (gated_add(x, gate, y, float32=float32), _plain_gated(x, gate, y, float32))]:
+            assert got.dtype == expected.dtype == dtype and got.shape == expected.shape
+            torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=1e-2)
+            assert (got != expected).float().mean().item() < 0.01  # bf16: almost every element bit-equal

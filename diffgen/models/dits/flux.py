@@ -15,7 +15,7 @@ from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.joint_attention import JointAttention
 from diffgen.layers.linear import fuse_linears
-from diffgen.layers.modulation import AdaLayerNorm, modulate
+from diffgen.layers.modulation import AdaLayerNorm, gated_add, norm_modulate
 from diffgen.layers.norm import layer_norm_no_affine
 from diffgen.layers.rope import multi_axis_rope
 from diffgen.parallel.sequence import shard_tokens
@@ -73,13 +73,13 @@ class FluxDoubleBlock(nn.Module):
     def forward(self, x, context, temb, rope):
         shift, scale, gate, shift_ff, scale_ff, gate_ff = self.norm1(temb)
         c_shift, c_scale, c_gate, c_shift_ff, c_scale_ff, c_gate_ff = self.norm1_context(temb)
-        attn_x, attn_c = self.attn(modulate(self.norm1.norm(x), shift, scale), rope,
-                                   context=modulate(self.norm1_context.norm(context), c_shift, c_scale))
-        x = x + gate.unsqueeze(1) * attn_x
-        x = x + gate_ff.unsqueeze(1) * self.ff(modulate(self.norm2(x), shift_ff, scale_ff))
-        context = context + c_gate.unsqueeze(1) * attn_c
-        context = context + c_gate_ff.unsqueeze(1) * self.ff_context(
-            modulate(self.norm2_context(context), c_shift_ff, c_scale_ff))
+        attn_x, attn_c = self.attn(norm_modulate(self.norm1.norm, x, shift, scale), rope,
+                                   context=norm_modulate(self.norm1_context.norm, context, c_shift, c_scale))
+        x = gated_add(x, gate, attn_x)
+        x = gated_add(x, gate_ff, self.ff(norm_modulate(self.norm2, x, shift_ff, scale_ff)))
+        context = gated_add(context, c_gate, attn_c)
+        context = gated_add(context, c_gate_ff, self.ff_context(
+            norm_modulate(self.norm2_context, context, c_shift_ff, c_scale_ff)))
         if context.dtype == torch.float16:
             context = context.clip(-65504, 65504)
         return x, context
@@ -107,14 +107,14 @@ class FluxSingleBlock(nn.Module):
 
     def forward(self, x, temb, rope, text_len):
         shift, scale, gate = self.norm(temb)
-        h = modulate(self.norm.norm(x), shift, scale)
+        h = norm_modulate(self.norm.norm, x, shift, scale)
         if hasattr(self, "to_qkv_mlp"):
             q, k, v, mlp = self.to_qkv_mlp(h).split([self.dim, self.dim, self.dim, self.mlp_dim], dim=-1)
             attn = self.attn.attend(q, k, v, rope, text_len=text_len)
         else:
             attn, mlp = self.attn(h, rope, text_len=text_len), self.proj_mlp(h)
         out = self.proj_out(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=2))
-        x = x + gate.unsqueeze(1) * out
+        x = gated_add(x, gate, out)
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
@@ -168,4 +168,4 @@ class FluxTransformer(nn.Module):
         x = joint[:, text_len:]
 
         scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first
-        return tokens.gather(self.proj_out(modulate(self.norm_out.norm(x), shift, scale)))
+        return tokens.gather(self.proj_out(norm_modulate(self.norm_out.norm, x, shift, scale)))

@@ -20,7 +20,7 @@ from torch import nn
 from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.joint_attention import JointAttention
-from diffgen.layers.modulation import AdaLayerNorm, modulate
+from diffgen.layers.modulation import AdaLayerNorm, gated_add, norm_modulate
 from diffgen.layers.norm import RMSNorm, layer_norm_no_affine
 from diffgen.layers.rope import multi_axis_rope
 from diffgen.parallel.sequence import shard_tokens
@@ -95,13 +95,14 @@ class QwenImageBlock(nn.Module):
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = img_params.chunk(6, dim=-1)
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = txt_params.chunk(6, dim=-1)
 
-        attn_x, attn_c = self.attn(modulate(self.img_norm1(x), shift, scale), rope,
-                                   context=modulate(self.txt_norm1(context), c_shift, c_scale),
+        attn_x, attn_c = self.attn(norm_modulate(self.img_norm1, x, shift, scale), rope,
+                                   context=norm_modulate(self.txt_norm1, context, c_shift, c_scale),
                                    context_mask=context_mask)
-        x = x + gate * attn_x
-        context = context + c_gate * attn_c
-        x = x + gate_mlp * self.img_mlp(modulate(self.img_norm2(x), shift_mlp, scale_mlp))
-        context = context + c_gate_mlp * self.txt_mlp(modulate(self.txt_norm2(context), c_shift_mlp, c_scale_mlp))
+        x = gated_add(x, gate, attn_x)
+        context = gated_add(context, c_gate, attn_c)
+        x = gated_add(x, gate_mlp, self.img_mlp(norm_modulate(self.img_norm2, x, shift_mlp, scale_mlp)))
+        context = gated_add(context, c_gate_mlp,
+                            self.txt_mlp(norm_modulate(self.txt_norm2, context, c_shift_mlp, c_scale_mlp)))
         if context.dtype == torch.float16:
             context, x = context.clip(-65504, 65504), x.clip(-65504, 65504)
         return x, context
@@ -197,4 +198,4 @@ class QwenImageTransformer(nn.Module):
         if is_condition is not None:
             temb = temb.chunk(2, dim=0)[0]
         scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first
-        return tokens.gather(self.proj_out(modulate(self.norm_out.norm(x), shift, scale)))
+        return tokens.gather(self.proj_out(norm_modulate(self.norm_out.norm, x, shift, scale)))

@@ -24,7 +24,7 @@ from diffgen.layers.attention import attention
 from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.linear import fuse_linears
-from diffgen.layers.modulation import modulate
+from diffgen.layers.modulation import gated_add, norm_modulate
 from diffgen.layers.norm import FP32LayerNorm, RMSNorm
 from diffgen.layers.rope import multi_axis_rope, norm_and_rope
 from diffgen.parallel.sequence import shard_tokens
@@ -191,14 +191,14 @@ class WanBlock(nn.Module):
         shift, scale, gate, ff_shift, ff_scale, ff_gate = (
             self.scale_shift_table.unsqueeze(0) + modulation.float()).unbind(dim=2)
 
-        h = modulate(self.norm1(x.float()), shift, scale).type_as(x)
-        x = (x.float() + self.attn1(h, rope=rope) * gate).type_as(x)
+        h = norm_modulate(self.norm1, x, shift, scale, float32=True)
+        x = gated_add(x, gate, self.attn1(h, rope=rope), float32=True)
 
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context=text, image_context=image)
 
-        h = modulate(self.norm3(x.float()), ff_shift, ff_scale).type_as(x)
-        return (x.float() + self.ffn(h).float() * ff_gate).type_as(x)
+        h = norm_modulate(self.norm3, x, ff_shift, ff_scale, float32=True)
+        return gated_add(x, ff_gate, self.ffn(h), float32=True)
 
 
 class WanTransformer(nn.Module):
@@ -249,7 +249,7 @@ class WanTransformer(nn.Module):
         ], conditioning=modulation)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(dim=2)
-        x = modulate(self.norm_out(x.float()), shift, scale).type_as(x)
+        x = norm_modulate(self.norm_out, x, shift, scale, float32=True)
         x = tokens.gather(self.proj_out(x))
 
         # tokens (B, F'*H'*W', pt*ph*pw*C) -> (B, C, F, H, W)
