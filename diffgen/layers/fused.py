@@ -114,6 +114,16 @@ def _kernels():
         tl.store(out_ptr + (b * stride_ob + r * WIDTH)[:, None] + cols[None, :], y.to(dtype), mask=mask)
 
     @triton.jit
+    def round_bf16(v):
+        """float32 -> the nearest bfloat16 (ties to even), kept in float32. Integer ops: a cast pair would let the
+        compiler fuse the product and the next sum into one bf16 FMA and skip the rounding the plain ops do."""
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    globals()["round_bf16"] = round_bf16  # kernels find the jit functions they call among the module's globals
+
+    @triton.jit
     def layer_norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, n_rows, seq_len, stride_x, stride_mb,
                                    stride_ms, eps, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
                                    ROUND: tl.constexpr):
@@ -129,12 +139,11 @@ def _kernels():
         shift = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
         dtype = out_ptr.dtype.element_ty
-        if ROUND:  # the plain path's ops in x's dtype: norm, 1 + scale, product, sum each rounded
-            y = y.to(dtype).to(tl.float32)
-            y = (y * (1.0 + scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        if ROUND:  # the plain path's ops in bfloat16: norm, 1 + scale, product, sum each rounded
+            y = round_bf16(round_bf16(round_bf16(y) * round_bf16(1.0 + scale)) + shift)
         else:
-            y = y * (1.0 + scale)
-        tl.store(out_ptr + row * WIDTH + cols, (y + shift).to(dtype), mask=mask)
+            y = y * (1.0 + scale) + shift
+        tl.store(out_ptr + row * WIDTH + cols, y.to(dtype), mask=mask)
 
     @triton.jit
     def gated_add_kernel(x_ptr, gate_ptr, y_ptr, out_ptr, seq_len, stride_x, stride_y, stride_gb, stride_gs,
@@ -147,10 +156,11 @@ def _kernels():
         gate = tl.load(gate_ptr + (row // seq_len) * stride_gb + (row % seq_len) * stride_gs + cols, mask=mask,
                        other=0.0).to(tl.float32)
         dtype = out_ptr.dtype.element_ty
-        update = gate * y
-        if ROUND:
-            update = update.to(dtype).to(tl.float32)
-        tl.store(out_ptr + row * WIDTH + cols, (x + update).to(dtype), mask=mask)
+        if ROUND:  # the plain path rounds the bfloat16 product before the sum
+            out = round_bf16(x + round_bf16(gate * y))
+        else:
+            out = x + gate * y
+        tl.store(out_ptr + row * WIDTH + cols, out.to(dtype), mask=mask)
 
     return {"rms_rope": rms_rope_kernel, "channel_rms_norm": channel_rms_norm_kernel,
             "layer_norm_modulate": layer_norm_modulate_kernel, "gated_add": gated_add_kernel,
@@ -259,7 +269,7 @@ def layer_norm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torc
                                round_steps: bool) -> torch.Tensor:
     """One pass of LayerNorm (no affine) over x (B, S, D) then ``* (1 + scale) + shift``; a new (B, S, D) tensor.
 
-    ``round_steps``: round after the norm and after each op to x's dtype, as the plain ops on half tensors do;
+    ``round_steps``: round after the norm and after each op to bfloat16 (x's dtype), as the plain ops do;
     otherwise (float32 plain path) round once at the end.
     """
     kernels = _kernels()
@@ -279,14 +289,15 @@ def layer_norm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torc
     block = kernels["next_power_of_2"](width)
     kernels["layer_norm_modulate"][(batch * seq_len,)](
         x, shift, scale, out, batch * seq_len, seq_len, x.stride(1), stride_mb, stride_ms, eps,
-        WIDTH=width, BLOCK=block, ROUND=round_steps, num_warps=min(16, max(4, block // 256)))
+        WIDTH=width, BLOCK=block, ROUND=round_steps and x.dtype == torch.bfloat16,
+        num_warps=min(16, max(4, block // 256)))
     return out
 
 
 def gated_add_triton(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, round_steps: bool) -> torch.Tensor:
     """x + gate * y in one pass, x and y (B, S, D), gate (B, D) or (B, 1|S, D); a new tensor in x's dtype.
 
-    ``round_steps``: round the product to x's dtype before the sum, as the plain ops on half tensors do.
+    ``round_steps``: round the product to bfloat16 (x's dtype) before the sum, as the plain ops do.
     """
     kernels = _kernels()
     x, y = _rows(x), _rows(y)
@@ -296,5 +307,5 @@ def gated_add_triton(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, round
     block = min(2048, kernels["next_power_of_2"](width))
     kernels["gated_add"][(batch * seq_len, triton_cdiv(width, block))](
         x, gate, y, out, seq_len, x.stride(1), y.stride(1), stride_gb, stride_gs,
-        WIDTH=width, BLOCK=block, ROUND=round_steps, num_warps=4)
+        WIDTH=width, BLOCK=block, ROUND=round_steps and x.dtype == torch.bfloat16, num_warps=4)
     return out

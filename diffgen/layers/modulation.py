@@ -75,5 +75,7 @@ def _fusable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, float32: bool) -
         return False
     if not use_fused_kernel(x, "modulation"):
         return False
+    if not float32 and x.dtype == torch.float16:  # the kernels round intermediates to bfloat16 only
+        return False
     allowed = (x.dtype, torch.float32) if float32 else (x.dtype,)
     return a.dtype in allowed and b.dtype in allowed and a.shape[-1] == x.shape[-1]
