@@ -155,6 +155,17 @@ def with_kernels(enabled: bool, fn, disabled: tuple[str, ...] = ()):
     return run
 
 
+def with_cudnn_benchmark(fn):
+    def run():
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            return fn()
+        finally:
+            torch.backends.cudnn.benchmark = previous
+    return run
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -381,6 +392,14 @@ def vae_decode_rows(section, vae, z, device, args, chunks) -> None:
     for chunk in chunks:
         decoder = WanVAEDecoder.from_vae(native_vae, chunk_frames=chunk)
         variants[f"diffgen decoder, {chunk} latent frames per call"] = with_kernels(True, lambda d=decoder: d(z))
+    if device.type == "cuda":  # cuDNN's autotuner: the profile showed sm80 conv kernels chosen for the chunks
+        variants["diffgen decoder, default chunk, cudnn.benchmark"] = with_cudnn_benchmark(
+            variants["diffgen decoder, default chunk (Triton norm+SiLU)"])
+        if chunks:
+            variants[f"diffgen decoder, {chunks[-1]} latent frames per call, cudnn.benchmark"] = with_cudnn_benchmark(
+                variants[f"diffgen decoder, {chunks[-1]} latent frames per call"])
+        variants["diffusers, channels-last, cudnn.benchmark"] = with_cudnn_benchmark(
+            variants["diffusers, conv3d weights channels-last (diffgen before)"])
     with torch.inference_mode():
         for name, fn in variants.items():
             value = relative(fn(), truth["float32"])
