@@ -131,6 +131,12 @@ PERFORMANCE = OptionGroup("performance", "performance", ("generate", "serve"), e
            choices=("fp8",)),
 ))
 
+WARM_UP = OptionGroup("warm_up", "warm-up", ("serve",), engine=True, options=(
+    Option("warmup_sizes", str, "sizes the compiled DiT is warmed up at before the server takes requests, "
+           "WIDTHxHEIGHT[,WIDTHxHEIGHT...] (default: the model's own size); requests at other sizes compile on "
+           "first use", metavar="WxH[,WxH...]"),
+))
+
 STEP_CACHE = OptionGroup("step_cache", "step cache", ("generate", "serve"), engine=True, options=(
     Option("cache", str, "skip most DiT blocks on steps that change little: first-block (any model), teacache "
            "(FLUX, HunyuanVideo, Wan2.1) or taylorseer (first-block's decision; the skipped blocks' residual is "
@@ -254,8 +260,8 @@ OUTPUT = OptionGroup("output", "output", ("generate",), options=(
            "--output-file-name is refused)"),
 ))
 
-GROUPS: dict[str, OptionGroup] = {g.name: g for g in (MODEL, PERFORMANCE, PARALLELISM, STEP_CACHE, MEMORY, LORA,
-                                                      REQUEST, SERVER, LOGGING, SAMPLING, OUTPUT)}
+GROUPS: dict[str, OptionGroup] = {g.name: g for g in (MODEL, PERFORMANCE, WARM_UP, PARALLELISM, STEP_CACHE, MEMORY,
+                                                      LORA, REQUEST, SERVER, LOGGING, SAMPLING, OUTPUT)}
 
 
 def all_options() -> dict[str, Option]:

@@ -44,3 +44,40 @@ def test_warm_up_runs_a_short_request_also_for_edit_models(tiny_checkpoint):
             request, **kw)
         engine.warm_up(sizes=[(32, 48)])
         assert [(r.height, r.width, r.num_inference_steps) for r in calls] == [(32, 48, 2)]
+
+
+def test_warmup_sizes_parse_as_the_http_size_field():
+    import pytest
+
+    from diffgen.engine.loading import parse_warmup_sizes
+    from diffgen.errors import DiffgenError
+
+    assert parse_warmup_sizes("1024x1024, 1344x768") == [(1024, 1024), (768, 1344)]  # WIDTHxHEIGHT -> (h, w)
+    assert parse_warmup_sizes(None) is None and parse_warmup_sizes([(64, 32)]) == [(64, 32)]
+    with pytest.raises(DiffgenError, match=r"--warmup-sizes: '1024' is not of the form WIDTHxHEIGHT"):
+        parse_warmup_sizes("1024x1024,1024")
+    with pytest.raises(DiffgenError, match=r"'8x64': each side must be between 16 and 4096"):
+        parse_warmup_sizes("8x64")
+    args = build_parser().parse_args(["serve", "--model-path", "x", "--warmup-sizes", "512x512,768x512"])
+    assert args.warmup_sizes == "512x512,768x512"
+
+
+def test_serving_engine_warms_up_at_the_configured_sizes(tiny_checkpoint, monkeypatch):
+    """A compiled serving engine (compile forced on CPU here) runs one warm-up request per size before returning."""
+    import pytest
+
+    from diffgen import Engine
+    from diffgen.engine import loading
+    from diffgen.errors import DiffgenError
+
+    seen = []
+    monkeypatch.setattr(loading, "warm_up", lambda pipeline, sizes=None, run=None: seen.append(sizes))
+    monkeypatch.setattr(loading, "logger", type("L", (), {"warning": lambda *a: seen.append("warned")}))
+    monkeypatch.setattr("diffgen.engine.optimize.apply_compile", lambda components: 0)  # no Inductor on CPU tests
+    Engine.from_pretrained(tiny_checkpoint("flux"), device="cpu", compile=True, serving=True,
+                           warmup_sizes="48x32,64x64")
+    assert seen == [[(32, 48), (64, 64)]]
+    Engine.from_pretrained(tiny_checkpoint("flux"), device="cpu", serving=True, warmup_sizes="48x32")
+    assert seen[-1] == "warned"  # not compiled: nothing to warm up, and the user is told
+    with pytest.raises(DiffgenError, match="--warmup-sizes"):
+        Engine.with_workers(tiny_checkpoint("flux"), device="cpu", warmup_sizes="48by32")

@@ -49,13 +49,14 @@ class Engine:
                         lora_mode: str | None = None, serving: bool = False, num_gpus: int | None = None,
                         ulysses_degree: int | None = None, ring_degree: int | None = None,
                         enable_cfg_parallel: bool | None = None, tp_size: int | None = None,
-                        dp_size: int | None = None) -> Engine:
+                        dp_size: int | None = None, warmup_sizes: str | list[tuple[int, int]] | None = None) -> Engine:
         """Load the model into this process. ``model_path``: a hub id (``org/name``) or a local folder.
 
         ``compile``: torch.compile each DiT block (slower first request per shape, faster steps).
         None (the default) decides by use: compiled on CUDA when ``serving``, eager otherwise.
         ``serving``: the engine will answer many requests: with compilation on, it warms up at the
-        model's default size before returning, so no request waits for the compiler.
+        model's default size (or at each of ``warmup_sizes``, "1024x1024,1344x768": WIDTHxHEIGHT) before
+        returning, so no request waits for the compiler.
         ``quantize``: "fp8" stores the DiT's large linears in float8 with per-channel scales (fp8
         tensor-core matmuls on Hopper/Ada; changes the numbers slightly, so no longer bit-equal to diffusers).
         ``vae_dtype``: the VAE's dtype when it should differ from ``dtype`` (Wan's model cards decode in float32).
@@ -92,13 +93,13 @@ class Engine:
                            quantize=quantize, vae_dtype=_dtype_name(vae_dtype), cache=cache,
                            cache_threshold=cache_threshold, cache_warmup=cache_warmup,
                            cache_order=cache_order, offload=offload, lora_path=lora_path, lora_mode=lora_mode,
-                           serving=serving)
+                           serving=serving, warmup_sizes=warmup_sizes)
             return cls(WorkerGroup(str(model_path), options, plan), str(model_path), revision)
         pipeline = load_model(model_path, device=device, dtype=dtype, revision=revision,
                               attention_backend=attention_backend, compile=compile, quantize=quantize,
                               vae_dtype=vae_dtype, cache=cache, cache_threshold=cache_threshold,
                               cache_warmup=cache_warmup, cache_order=cache_order, offload=offload,
-                              lora_path=lora_path, lora_mode=lora_mode, serving=serving)
+                              lora_path=lora_path, lora_mode=lora_mode, serving=serving, warmup_sizes=warmup_sizes)
         return cls(InProcessExecutor(pipeline), str(model_path), revision)
 
     # -- LoRAs: changed in every process that holds the model, between requests ------------------
@@ -165,11 +166,13 @@ class Engine:
         Parallelism options (``num_gpus``, ``dp_size``, degrees): one worker per replica (``dp_size``), each
         a group of ``num_gpus / dp_size`` processes when that is more than one.
         """
+        from diffgen.engine.loading import parse_warmup_sizes
         from diffgen.engine.optimize import check_compile_options
         from diffgen.engine.scheduler import ProcessExecutor
         from diffgen.options import parallel_option_names
 
         check_compile_options(model_options.get("compile"), model_options.get("lora_mode"))
+        parse_warmup_sizes(model_options.get("warmup_sizes"))  # a bad value fails here, before any worker starts
 
         if any(model_options.get(name) is not None for name in parallel_option_names()):
             # Checked once here, before any worker starts: each worker is one replica (``dp_size`` of them),

@@ -3,8 +3,12 @@ compilation). Used by the in-process executor and by every worker process alike.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def load_model(model_path: str, device: Any = None, dtype: Any = None, revision: str | None = None,
@@ -12,17 +16,19 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
                vae_dtype: Any = None, cache: str | None = None, cache_threshold: float | None = None,
                cache_warmup: int | None = None, cache_order: int | None = None, offload: str | None = None,
                lora_path: list[str] | None = None, lora_mode: str | None = None,
-               serving: bool = False):
+               serving: bool = False, warmup_sizes: str | list[tuple[int, int]] | None = None):
     """A loaded :class:`~diffgen.pipelines.base.ComposedPipeline` with the options of ``Engine.from_pretrained``.
 
     ``compile`` None decides by use: compiled on CUDA when ``serving`` (then warmed up at the model's
-    default size before returning, so no request waits for the compiler), eager otherwise.
+    default size, or at each of ``warmup_sizes``, before returning, so no request waits for the
+    compiler), eager otherwise.
     """
     from diffgen.engine.optimize import apply_compile, apply_quantization, check_compile_options, resolve_compile
     from diffgen.layers.attention import set_attention_backend
     from diffgen.loader.components import load_pipeline
 
     check_compile_options(compile, lora_mode)
+    sizes = parse_warmup_sizes(warmup_sizes)  # a bad value fails before anything loads
 
     if attention_backend:
         set_attention_backend(attention_backend)
@@ -60,8 +66,30 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
             path, scale, component = parse_lora_spec(spec)
             load_lora(pipeline, path, scale=scale, component=component)
     if compiled and serving:
-        warm_up(pipeline)  # compile now (or load from the disk cache), not in the first request
+        warm_up(pipeline, sizes)  # compile now (or load from the disk cache), not in the first request
+    elif sizes:
+        logger.warning("diffgen: --warmup-sizes has no effect: the DiT is not compiled (it warms up compiled serving)")
     return pipeline
+
+
+def parse_warmup_sizes(value: str | list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+    """"1024x1024,1344x768" (WIDTHxHEIGHT, as the HTTP ``size`` field) -> [(height, width), ...]; None stays None."""
+    from diffgen.errors import DiffgenError
+    from diffgen.options import MAX_SIDE
+
+    if value is None or isinstance(value, list):
+        return value
+    sizes = []
+    for text in value.split(","):
+        match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", text.strip())
+        if not match:
+            raise DiffgenError(f"--warmup-sizes: {text.strip()!r} is not of the form WIDTHxHEIGHT (e.g. 1024x1024); "
+                               "several sizes are separated by commas")
+        width, height = int(match.group(1)), int(match.group(2))
+        if not (16 <= width <= MAX_SIDE and 16 <= height <= MAX_SIDE):
+            raise DiffgenError(f"--warmup-sizes: {text.strip()!r}: each side must be between 16 and {MAX_SIDE} pixels")
+        sizes.append((height, width))
+    return sizes
 
 
 def warm_up(pipeline, sizes: list[tuple[int, int]] | None = None, run: Any = None) -> None:
