@@ -250,6 +250,13 @@ class Engine:
         """
         return self.executor.submit(self.resolve(request), listener=listener, job_id=job_id, **executor_options)
 
+    def submit_many(self, requests: list[GenerationRequest], listener: JobListener | None = None) -> list[Job]:
+        """Resolve every request (InvalidRequestError before any runs), then submit them together: an in-process
+        Engine runs compatible ones as one batch (one DiT forward per step for all) and returns finished Jobs;
+        worker processes batch them as they batch any concurrent jobs. Each Job's ``result()`` is its own."""
+        resolved = [self.resolve(request) for request in requests]
+        return self.executor.submit_many(resolved, listener=listener)
+
     def cancel(self, job_id: str) -> bool:
         return self.executor.cancel(job_id)
 

@@ -133,6 +133,10 @@ class Executor:
     def cancel(self, job_id: str) -> bool:
         raise NotImplementedError
 
+    def submit_many(self, requests: list[GenerationRequest], listener: JobListener | None = None) -> list[Job]:
+        """Submit several (resolved) requests at once; an executor that batches runs them together."""
+        return [self.submit(request, listener=listener) for request in requests]
+
     def status(self) -> ExecutorStatus:
         raise NotImplementedError
 
@@ -241,8 +245,52 @@ class InProcessExecutor(Executor):
         job.cancel_requested = True
         return True
 
+    def submit_many(self, requests: list[GenerationRequest], listener: JobListener | None = None,
+                    max_batch_size: int | None = None) -> list[Job]:
+        """Run the requests in the caller's thread, compatible ones sharing each denoising forward (up to
+        ``max_batch_size``, default all); returns their finished Jobs. One request's failure is its own."""
+        from diffgen.engine.batching import BatchMember, ContinuousBatcher
+
+        batcher = ContinuousBatcher(self.pipeline, max_batch_size or len(requests))
+        jobs = []
+        for request in requests:
+            job = Job(id=uuid.uuid4().hex, request=request, listener=listener, _cancel=self.cancel)
+            self._running[job.id] = job
+            jobs.append(job)
+            batcher.add(BatchMember(
+                job.id, request, on_done=_settle(job, self._running),
+                on_failed=_settle(job, self._running, failed=True), progress=_job_progress(job),
+                is_cancelled=lambda job=job: job.cancel_requested, on_start=lambda job=job: _job_started(job)))
+        batcher.run_until_idle()
+        return jobs
+
     def status(self) -> ExecutorStatus:
         return ExecutorStatus(ready=True, running=len(self._running), device=str(self.pipeline.device))
+
+
+def _job_started(job: Job) -> None:
+    job.state, job.started_at = "running", time.monotonic()
+    job.notify("started")
+
+
+def _job_progress(job: Job) -> Callable[..., None]:
+    def progress(step: int, total: int, preview=None) -> None:
+        job.step, job.total_steps = step, total
+        if preview is not None:
+            job.preview, job.preview_step = preview, step
+        job.notify("progress")
+    return progress
+
+
+def _settle(job: Job, running: dict[str, Job], failed: bool = False) -> Callable[[Any], None]:
+    def settle(outcome: Any) -> None:
+        job.state = "finished"
+        running.pop(job.id, None)
+        if failed:
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+    return settle
 
 
 def run_in_caller(run: Callable[..., Any], request: GenerationRequest, listener: JobListener | None,
@@ -252,14 +300,8 @@ def run_in_caller(run: Callable[..., Any], request: GenerationRequest, listener:
     finished Job. Shared by the executors that run a request synchronously (in-process, worker group)."""
     job = Job(id=job_id or uuid.uuid4().hex, request=request, listener=listener, _cancel=cancel)
     running[job.id] = job
-    job.state, job.started_at = "running", time.monotonic()
-    job.notify("started")
-
-    def progress(step: int, total: int, preview=None) -> None:
-        job.step, job.total_steps = step, total
-        if preview is not None:
-            job.preview, job.preview_step = preview, step
-        job.notify("progress")
+    _job_started(job)
+    progress = _job_progress(job)
 
     def cancelled() -> bool:
         return job.cancel_requested or (is_cancelled is not None and is_cancelled())

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 #: ``progress(step, total, preview)`` after every denoising step; ``preview``: None, or (B, F, h, w, 3) uint8
 #: thumbnails when the request's ``preview_every`` asks for one at this step (diffgen.pipelines.preview)
 ProgressFn = Callable[[int, int, np.ndarray | None], None]
+#: (step, total, the request's latents after that step), for each denoising step of one request
+StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass
@@ -44,6 +46,7 @@ class PipelineState:
     seed: int
     progress: ProgressFn | None = None
     is_cancelled: Callable[[], bool] | None = None
+    step_callback: StepCallback | None = None
     # Keyword arguments of the DiT for the conditional and (with guidance) unconditional branch.
     cond: dict[str, Any] = field(default_factory=dict)
     uncond: dict[str, Any] | None = None
@@ -64,6 +67,14 @@ class PipelineState:
     def check_cancelled(self) -> None:
         if self.is_cancelled is not None and self.is_cancelled():
             raise CancelledError(f"request {self.request.request_id} was cancelled")
+
+    def report_step(self, step: int, total: int, preview: np.ndarray | None = None) -> None:
+        """After denoising step ``step`` of ``total``: this request's progress (with its preview, if one was made
+        at this step) and step callbacks."""
+        if self.progress is not None:
+            self.progress(step, total, preview)
+        if self.step_callback is not None:
+            self.step_callback(step, total, self.latents)
 
 
 class PipelineStage:
@@ -102,6 +113,9 @@ class ComposedPipeline:
     #: latents are 2x2 patches as tokens (B, h/2 * w/2, 4C) with the grid in ``state.extras["latent_grid"]``
     #: (FLUX, Qwen-Image); else the VAE's own (B, C, F, h, w)
     packed_latents: ClassVar[bool] = False
+    #: whether several requests may share denoising forwards (rows of one batch, see diffgen.pipelines.denoiser):
+    #: the pipeline's ``guidance`` gives branches whose rows are independent. False: its requests run one by one.
+    supports_batching: ClassVar[bool] = True
 
     def __init__(self, components: dict[str, Any], model_path: str, device: torch.device, dtype: torch.dtype,
                  settings: dict[str, Any] | None = None, spec: ModelSpec | None = None):
@@ -194,22 +208,62 @@ class ComposedPipeline:
         """A fresh copy of the checkpoint's scheduler: schedulers keep a step index, so one per request."""
         return type(self.scheduler).from_config(self.scheduler.config)
 
+    def batch_key(self, request: GenerationRequest) -> tuple | None:
+        """Requests with equal keys may share denoising forwards (at any step of their own schedules); None:
+        this request runs alone. Different LoRA scales or a step cache (whose decisions are per request) never
+        share a forward; prompts, seeds, guidance, negative prompts and step counts may differ."""
+        if not self.supports_batching or self.resolve_step_cache(request) is not None:
+            return None
+        loras = tuple(sorted(request.loras.items())) if request.loras else None
+        return (request.height, request.width, request.num_frames, loras)
+
+    def lora_context(self, request: GenerationRequest) -> contextlib.AbstractContextManager:
+        """The request's LoRA scales active (dynamic mode) while its stages and forwards run."""
+        return self.loras.activated(request.loras) if self.loras is not None else contextlib.nullcontext()
+
     # -- running -------------------------------------------------------------------------------
     def run(self, request: GenerationRequest, progress: ProgressFn | None = None,
-            is_cancelled: Callable[[], bool] | None = None) -> GenerationResult:
+            is_cancelled: Callable[[], bool] | None = None,
+            step_callback: StepCallback | None = None) -> GenerationResult:
+        state = self.new_state(request, progress, is_cancelled, step_callback)
+        self.run_stages(state, self.stages())
+        return self.make_result(state)
+
+    def new_state(self, request: GenerationRequest, progress: ProgressFn | None = None,
+                  is_cancelled: Callable[[], bool] | None = None,
+                  step_callback: StepCallback | None = None) -> PipelineState:
         seed = request.seed if request.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        state = PipelineState(request=request, device=self.device, dtype=self.dtype, seed=seed,
-                              progress=progress, is_cancelled=is_cancelled)
-        loras = self.loras.activated(request.loras) if self.loras is not None else contextlib.nullcontext()
-        with torch.inference_mode(), loras:
-            for stage in self.stages():
+        return PipelineState(request=request, device=self.device, dtype=self.dtype, seed=seed, progress=progress,
+                             is_cancelled=is_cancelled, step_callback=step_callback)
+
+    def prepare(self, state: PipelineState) -> None:
+        """The stages before denoising (validation, encoding, latents, timesteps): the request is ready to join
+        a :class:`~diffgen.pipelines.denoiser.Denoiser`."""
+        stages = self.stages()
+        self.run_stages(state, stages[:self._denoising_index(stages)])
+
+    def finish(self, state: PipelineState) -> GenerationResult:
+        """The stages after denoising (decoding) and the result."""
+        stages = self.stages()
+        self.run_stages(state, stages[self._denoising_index(stages) + 1:])
+        return self.make_result(state)
+
+    def run_stages(self, state: PipelineState, stages: list[PipelineStage]) -> None:
+        with torch.inference_mode(), self.lora_context(state.request):
+            for stage in stages:
                 state.check_cancelled()
                 start = time.perf_counter()
                 stage(self, state)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                state.timings[stage.name] = state.timings.get(stage.name, 0.0) + time.perf_counter() - start
-        return self.make_result(state)
+                if stage.name != "denoising":  # the Denoiser times its rows itself
+                    state.timings[stage.name] = state.timings.get(stage.name, 0.0) + time.perf_counter() - start
+
+    @staticmethod
+    def _denoising_index(stages: list[PipelineStage]) -> int:
+        from diffgen.pipelines.stages import DenoisingStage
+
+        return next(i for i, stage in enumerate(stages) if isinstance(stage, DenoisingStage))
 
     def make_result(self, state: PipelineState) -> GenerationResult:
         from diffgen.outputs import to_uint8

@@ -88,7 +88,8 @@ class FluxPipeline(ComposedPipeline):
         inputs = {"hidden_states": latents, "timestep": t.expand(latents.shape[0]).to(latents.dtype) / 1000,
                   "guidance": state.extras.get("guidance")}
         branches = [{**inputs, **kwargs} for kwargs in (state.cond, state.uncond) if kwargs is not None]
-        return GuidanceStep(self.transformer, branches, cfg(state.request.true_cfg_scale))
+        return GuidanceStep(self.transformer, branches, cfg(state.request.true_cfg_scale),
+                            shared=frozenset({"txt_ids", "img_ids"}))
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, state: PipelineState) -> None:

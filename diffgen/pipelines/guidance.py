@@ -4,14 +4,16 @@ A pipeline's ``guidance(state, latents, t, step)`` returns a :class:`GuidanceSte
 complete set of DiT keyword arguments per branch (conditional first) and the ``combine`` that turns
 the branches' predictions into the one the sampler steps with. :func:`run_branches` evaluates them:
 in sequence on one process, or one branch per rank of the CFG-parallel group followed by an
-all-gather. Because a branch is plain keyword arguments, running branches (or several requests) as
-rows of one batch, or skipping a step from a cache, are further strategies of the same function.
+all-gather. Because a branch is plain keyword arguments, :func:`run_batched` runs the branches of
+several requests as rows of one forward: tensors are concatenated on the batch axis, everything else
+(and the tensors a step names ``shared``) must be equal to share a forward, and a text tensor named
+in ``text_padding`` may differ in length: it is padded at the end with masked tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +32,11 @@ class GuidanceStep:
     #: applied to each branch's output before combining (and before the CFG all-gather), e.g. dropping
     #: the edit-input tokens that are not denoised
     select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: tensor arguments that are the same for every row (position ids): passed once, never concatenated
+    shared: frozenset[str] = frozenset()
+    #: text tensor argument -> its (B, T) key-mask argument: rows of different text lengths are padded at
+    #: the end and masked (a mask of None means every token counts)
+    text_padding: dict[str, str] = field(default_factory=dict)
 
 
 def only_branch(predictions: list[torch.Tensor]) -> torch.Tensor:
@@ -73,3 +80,99 @@ def run_branches(step: GuidanceStep) -> list[torch.Tensor]:
     predictions = [torch.empty_like(mine) for _ in range(group.size)]
     dist.all_gather(predictions, mine, group=group.group)
     return predictions
+
+
+def run_batched(steps: list[GuidanceStep]) -> list[list[torch.Tensor]]:
+    """Each step's branch predictions (as :func:`run_branches` gives them), computed with as few forwards as
+    possible: every branch of every step that fits the same forward (same model, equal shared arguments,
+    equal row shapes up to the padded text length) becomes rows of one batch.
+
+    Rows are independent in every DiT (per-row timesteps, modulation and attention; padded text keys are
+    masked), so a request's prediction equals its prediction alone up to floating-point rounding.
+    """
+    calls = [(i, kwargs) for i, step in enumerate(steps) for kwargs in step.branches]
+    groups: list[list[int]] = []  # indices into calls
+    for index, (i, kwargs) in enumerate(calls):
+        for group in groups:
+            first_step, first = calls[group[0]]
+            if _fit_together(steps[first_step], first, steps[i], kwargs):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    outputs: list[torch.Tensor | None] = [None] * len(calls)
+    for group in groups:
+        step = steps[calls[group[0]][0]]
+        members = [calls[index][1] for index in group]
+        batched = step.model(**_concatenate(step, members))
+        rows = [_rows(kwargs, step) for kwargs in members]
+        for index, output in zip(group, batched.split(rows), strict=True):
+            outputs[index] = output
+    predictions: list[list[torch.Tensor]] = [[] for _ in steps]
+    for (i, _), output in zip(calls, outputs, strict=True):
+        select = steps[i].select or (lambda x: x)
+        predictions[i].append(select(output))
+    return predictions
+
+
+def _rows(kwargs: dict[str, Any], step: GuidanceStep) -> int:
+    return next(value.shape[0] for name, value in kwargs.items()
+                if isinstance(value, torch.Tensor) and name not in step.shared)
+
+
+def _fit_together(step_a: GuidanceStep, a: dict[str, Any], step_b: GuidanceStep, b: dict[str, Any]) -> bool:
+    if step_a.model is not step_b.model or a.keys() != b.keys() or step_a.shared != step_b.shared:
+        return False
+    masks = set(step_a.text_padding.values())
+    for name, x in a.items():
+        y = b[name]
+        if name in masks:  # rebuilt when the texts are padded
+            continue
+        if name in step_a.shared or not isinstance(x, torch.Tensor):
+            if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+                return False
+            if isinstance(x, torch.Tensor):
+                if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                    return False
+            elif x != y:
+                return False
+            continue
+        if not isinstance(y, torch.Tensor) or x.dtype != y.dtype or x.ndim != y.ndim:
+            return False
+        same_from = 2 if name in step_a.text_padding else 1  # a padded text may differ in length (dim 1)
+        if x.shape[same_from:] != y.shape[same_from:]:
+            return False
+    return True
+
+
+def _concatenate(step: GuidanceStep, members: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(members) == 1:
+        return members[0]
+    masks = {mask: text for text, mask in step.text_padding.items()}
+    batched: dict[str, Any] = {}
+    for name, first in members[0].items():
+        if name in masks:
+            continue
+        if name in step.shared or not isinstance(first, torch.Tensor):
+            batched[name] = first
+        elif name in step.text_padding:
+            batched[name], batched[step.text_padding[name]] = _pad_text(
+                [kwargs[name] for kwargs in members], [kwargs.get(step.text_padding[name]) for kwargs in members])
+        else:
+            batched[name] = torch.cat([kwargs[name] for kwargs in members])
+    return batched
+
+
+def _pad_text(texts: list[torch.Tensor], masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Texts (B_i, T_i, ...) padded with zeros to the longest, with their key masks; None when no token is masked."""
+    length = max(text.shape[1] for text in texts)
+    if all(mask is None for mask in masks) and all(text.shape[1] == length for text in texts):
+        return torch.cat(texts), None
+    padded, padded_masks = [], []
+    for text, mask in zip(texts, masks, strict=True):
+        if mask is None:
+            mask = torch.ones(text.shape[:2], dtype=torch.int64, device=text.device)
+        extra = length - text.shape[1]
+        padded.append(torch.cat([text, text.new_zeros(text.shape[0], extra, *text.shape[2:])], dim=1))
+        padded_masks.append(torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1))
+    return torch.cat(padded), torch.cat(padded_masks)

@@ -134,7 +134,8 @@ class QwenImagePipeline(ComposedPipeline):
         branches = [{**inputs, **kwargs} for kwargs in (state.cond, state.uncond) if kwargs is not None]
         output_tokens = latents.shape[1]  # the edit inputs' tokens follow; they are not denoised
         return GuidanceStep(self.transformer, branches, norm_preserving_cfg(state.request.true_cfg_scale),
-                            select=lambda prediction: prediction[:, :output_tokens])
+                            select=lambda prediction: prediction[:, :output_tokens],
+                            text_padding={"encoder_hidden_states": "encoder_hidden_states_mask"})
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, state: PipelineState) -> None:

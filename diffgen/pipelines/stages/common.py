@@ -64,35 +64,22 @@ class TimestepsStage:
 
 
 class DenoisingStage:
-    """The sampling loop: predict, step, report progress, honour cancellation between steps."""
+    """The sampling loop of one request: predict, step, report progress, honour cancellation between steps.
+    (Several requests at once: diffgen.engine.batching drives the same Denoiser with more rows.)"""
 
     name = "denoising"
 
     def __call__(self, pipe: ComposedPipeline, state: PipelineState) -> None:
-        from diffgen.layers.block_loop import active_block_hook
-        from diffgen.pipelines.preview import clean_estimate, preview_images, wants_preview
+        from diffgen.pipelines.denoiser import Denoiser
 
-        latents = state.latents
-        total = len(state.timesteps)
-        step_cache = pipe.step_cache_session(state.request, total)
-        token = active_block_hook.set(step_cache)  # this request's cache state, nobody else's
-        try:
-            for i, t in enumerate(state.timesteps):
-                state.check_cancelled()
-                if step_cache is not None:
-                    step_cache.begin_step(i)
-                noise_pred = pipe.predict_noise(state, latents, t, i)
-                preview = None
-                if state.progress is not None and wants_preview(state.request.preview_every, i + 1, total):
-                    preview = preview_images(pipe, state, clean_estimate(latents, noise_pred, t, state.scheduler))
-                latents = state.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if state.progress is not None:
-                    state.progress(i + 1, total, preview)
-        finally:
-            active_block_hook.reset(token)
-        state.latents = latents
-        if step_cache is not None:
-            state.timings.update(step_cache.timings())
+        denoiser = Denoiser(pipe)
+        row = denoiser.start(state)
+        while not row.done:
+            state.check_cancelled()
+            error = denoiser.step([row])[0]
+            if error is not None:
+                raise error
+        denoiser.finish(row)
 
 
 class DecodingStage:

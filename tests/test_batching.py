@@ -1,0 +1,270 @@
+"""Tensor batching and step-level continuous batching: each request's output equals its output alone.
+
+Every case runs N different requests (prompts of different lengths, seeds, guidance scales, negative
+prompts, step counts) through one Denoiser and compares each with the same request run alone, in
+float32 on CPU. The DiT's forwards are counted, so a "batch" that secretly runs requests one by one
+fails: compatible requests must share one forward per step.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from diffgen import Engine
+from diffgen.engine.batching import BatchMember, ContinuousBatcher
+from diffgen.engine.request import GenerationRequest
+from diffgen.errors import CancelledError, InvalidRequestError
+
+TOLERANCE = {"atol": 2e-5, "rtol": 1e-5}  # float32 rounding of batched matmuls (measured <= 2e-6)
+
+
+def _image(width: int, height: int) -> Image.Image:
+    pixels = torch.linspace(0, 255, width * height * 3).reshape(height, width, 3).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+# family -> (size and frame settings shared by the batch, the requests' own settings)
+CASES = {
+    "flux": ({"height": 32, "width": 48, "num_inference_steps": 3}, [
+        {"prompt": "a red fox", "seed": 1, "guidance_scale": 3.5},
+        {"prompt": "a very long prompt about a lighthouse on a cliff at dawn", "seed": 2, "guidance_scale": 6.0},
+        {"prompt": "true cfg", "seed": 3, "negative_prompt": "blurry", "true_cfg_scale": 2.0},
+    ]),
+    "flux-schnell": ({"height": 32, "width": 32, "num_inference_steps": 2}, [
+        {"prompt": "a cat", "seed": 4}, {"prompt": "a dog on a skateboard", "seed": 5},
+    ]),
+    "qwen-image": ({"height": 32, "width": 48, "num_inference_steps": 3}, [
+        {"prompt": "short", "seed": 1},
+        {"prompt": "a much longer prompt with many more tokens than the first one has", "seed": 2,
+         "negative_prompt": "ugly", "true_cfg_scale": 4.0},
+        {"prompt": "medium length prompt", "seed": 3, "negative_prompt": "a long negative prompt, blurry, dark",
+         "true_cfg_scale": 2.5},
+    ]),
+    "wan-t2v": ({"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 3}, [
+        {"prompt": "waves", "seed": 1, "guidance_scale": 5.0},
+        {"prompt": "a bird flying over a lake", "seed": 2, "guidance_scale": 1.0},  # no CFG: one branch
+        {"prompt": "rain", "seed": 3, "guidance_scale": 3.0, "negative_prompt": "sunny"},
+    ]),
+    "wan-i2v": ({"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}, [
+        {"prompt": "it moves", "seed": 1, "images": [_image(32, 32)]},
+        {"prompt": "it turns around slowly", "seed": 2, "images": [_image(40, 40)], "guidance_scale": 4.0},
+    ]),
+    # Two experts: with different step counts, rows sit on different experts at the same iteration.
+    "wan22-a14b": ({"height": 32, "width": 32, "num_frames": 5}, [
+        {"prompt": "a", "seed": 1, "num_inference_steps": 4, "guidance_scale": 4.0, "guidance_scale_2": 2.0},
+        {"prompt": "b c d", "seed": 2, "num_inference_steps": 6, "guidance_scale": 3.0, "guidance_scale_2": 1.5},
+    ]),
+    "wan22-ti2v": ({"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}, [
+        {"prompt": "text only", "seed": 1},
+        {"prompt": "from a first frame", "seed": 2, "images": [_image(32, 32)]},
+    ]),
+    "fastwan-t2v": ({"height": 32, "width": 32, "num_frames": 5}, [
+        {"prompt": "distilled", "seed": 1}, {"prompt": "three steps, fresh noise each", "seed": 2},
+    ]),
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_checkpoint):
+    cache: dict[str, Engine] = {}
+
+    def get(family: str) -> Engine:
+        if family not in cache:
+            cache[family] = Engine.from_pretrained(tiny_checkpoint(family), device="cpu", dtype="float32")
+        return cache[family]
+    return get
+
+
+def _requests(family: str) -> list[GenerationRequest]:
+    shared, own = CASES[family]
+    return [GenerationRequest.build(**{**shared, **kwargs, "return_tensors": True}) for kwargs in own]
+
+
+class ForwardCounter:
+    """Counts the calls of the pipeline's DiT(s) and the rows each saw."""
+
+    def __init__(self, pipe):
+        self.calls, self.rows = 0, []
+        self._handles = [model.register_forward_pre_hook(self._hook, with_kwargs=True)
+                         for model in _dits(pipe)]
+
+    def _hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.calls += 1
+        self.rows.append(hidden.shape[0])
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _dits(pipe) -> list[torch.nn.Module]:
+    return [pipe.components[name] for name in ("transformer", "transformer_2") if pipe.components.get(name) is not None]
+
+
+def _alone(engine: Engine, request: GenerationRequest):
+    return engine.submit(request).result()
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_a_batch_of_different_requests_equals_each_alone(engines, family):
+    engine = engines(family)
+    requests = _requests(family)
+    counter = ForwardCounter(engine.pipeline)
+    try:
+        alone = [_alone(engine, request) for request in requests]
+        alone_calls, counter.calls, counter.rows = counter.calls, 0, []
+        jobs = engine.submit_many(requests)
+    finally:
+        counter.remove()
+    for job, expected in zip(jobs, alone, strict=True):
+        result = job.result()
+        torch.testing.assert_close(result.latents, expected.latents, **TOLERANCE)
+        assert result.seed == expected.seed and set(result.timings) == set(expected.timings)
+    # One forward per step for all of them (per expert in use at that step), never one per request or branch.
+    steps = max(job.result().request.num_inference_steps for job in jobs)
+    assert counter.calls <= steps * len(_dits(engine.pipeline)) and counter.calls < alone_calls, counter.rows
+    assert max(counter.rows) >= len(requests), counter.rows
+
+
+def test_fastwan_rows_share_the_forward(engines):
+    engine = engines("fastwan-t2v")
+    counter = ForwardCounter(engine.pipeline)
+    try:
+        engine.submit_many(_requests("fastwan-t2v"))
+    finally:
+        counter.remove()
+    assert counter.rows == [2, 2, 2]  # 3 DMD steps, both requests in each forward
+
+
+def test_hunyuan_video_declares_no_batching_and_runs_one_by_one(engines):
+    engine = engines("hunyuan")
+    requests = [GenerationRequest.build(prompt, seed=seed, height=32, width=32, num_frames=5, num_inference_steps=2,
+                                        return_tensors=True) for prompt, seed in (("a", 1), ("b c", 2))]
+    assert not engine.pipeline.supports_batching and engine.pipeline.batch_key(requests[0]) is None
+    alone = [_alone(engine, request) for request in requests]
+    counter = ForwardCounter(engine.pipeline)
+    try:
+        jobs = engine.submit_many(requests)
+    finally:
+        counter.remove()
+    assert counter.rows == [1, 1, 1, 1]
+    for job, expected in zip(jobs, alone, strict=True):
+        assert torch.equal(job.result().latents, expected.latents)
+
+
+def _member(request, outcomes, index, **kwargs) -> BatchMember:
+    return BatchMember(str(index), request, on_done=lambda r: outcomes.__setitem__(index, r),
+                       on_failed=lambda e: outcomes.__setitem__(index, e), **kwargs)
+
+
+def _flux(steps: int, seed: int, prompt: str, **kwargs) -> GenerationRequest:
+    return GenerationRequest.build(prompt, height=32, width=48, num_inference_steps=steps, seed=seed,
+                                   return_tensors=True, **kwargs)
+
+
+def test_a_request_joining_mid_flight_equals_itself_alone(engines):
+    engine = engines("flux")
+    long = _flux(6, 1, "a long request", guidance_scale=3.0)
+    short = _flux(2, 2, "a short one that joins at step 2", guidance_scale=5.0)
+    later = _flux(3, 3, "joins at step 3", negative_prompt="bad", true_cfg_scale=1.5)
+    alone = [_alone(engine, r) for r in (long, short, later)]
+    outcomes: dict[int, object] = {}
+    batcher = ContinuousBatcher(engine.pipeline, max_batch_size=4)
+    counter = ForwardCounter(engine.pipeline)
+    try:
+        batcher.add(_member(long, outcomes, 0))
+        batcher.run_step()
+        batcher.run_step()
+        batcher.add(_member(short, outcomes, 1))
+        batcher.run_step()
+        batcher.add(_member(later, outcomes, 2))
+        batcher.run_until_idle()
+    finally:
+        counter.remove()
+    for index, expected in enumerate(alone):
+        torch.testing.assert_close(outcomes[index].latents, expected.latents, **TOLERANCE)
+    # long, long, long + short, long + short + later (2 branches; short leaves), long + later twice (both done)
+    assert counter.rows == [1, 1, 2, 4, 3, 3], counter.rows
+    assert outcomes[1].timings["denoising"] < outcomes[0].timings["denoising"]
+
+
+def test_cancelling_one_request_leaves_the_others_unchanged(engines):
+    engine = engines("qwen-image")
+    requests = [GenerationRequest.build(prompt, height=32, width=32, num_inference_steps=4, seed=seed,
+                                        return_tensors=True)
+                for prompt, seed in (("one", 1), ("two, to be cancelled after two steps", 2), ("three", 3))]
+    alone = {i: _alone(engine, requests[i]) for i in (0, 2)}
+    cancel = threading.Event()
+    seen: list[tuple[int, int]] = []
+    outcomes: dict[int, object] = {}
+
+    def progress(step: int, total: int) -> None:
+        seen.append((step, total))
+        if step == 2:
+            cancel.set()
+
+    batcher = ContinuousBatcher(engine.pipeline, max_batch_size=3)
+    batcher.add(_member(requests[0], outcomes, 0))
+    batcher.add(_member(requests[1], outcomes, 1, progress=progress, is_cancelled=cancel.is_set))
+    batcher.add(_member(requests[2], outcomes, 2))
+    batcher.run_until_idle()
+    assert isinstance(outcomes[1], CancelledError) and seen == [(1, 4), (2, 4)]
+    for i in (0, 2):
+        torch.testing.assert_close(outcomes[i].latents, alone[i].latents, **TOLERANCE)
+
+
+def test_a_failed_batched_forward_is_retried_one_by_one_and_a_bad_request_fails_alone(engines):
+    engine = engines("flux")
+    good = [_flux(3, seed, f"prompt {seed}") for seed in (1, 2)]
+    bad = _flux(3, 3, "bad", loras={"missing": 1.0})  # refused when prepared: no LoRA is loaded
+    alone = [_alone(engine, r) for r in good]
+    failures = []
+
+    def out_of_memory(states):
+        failures.append(len(states))
+        raise torch.cuda.OutOfMemoryError("injected: the batch does not fit")
+
+    outcomes: dict[int, object] = {}
+    batcher = ContinuousBatcher(engine.pipeline, max_batch_size=4, before_batched_forward=out_of_memory)
+    for index, request in enumerate((bad, *good)):
+        batcher.add(_member(request, outcomes, index))
+    batcher.run_until_idle()
+    assert failures == [2]  # tried once together, then one by one until the batch drained
+    assert isinstance(outcomes[0], InvalidRequestError) and outcomes[0].field == "loras"
+    torch.testing.assert_close(outcomes[1].latents, alone[0].latents, **TOLERANCE)
+    torch.testing.assert_close(outcomes[2].latents, alone[1].latents, **TOLERANCE)
+
+
+def test_requests_that_cannot_share_a_forward_wait_their_turn(engines):
+    engine = engines("flux")
+    first, other_size, cached = _flux(2, 1, "a"), GenerationRequest.build(
+        "b", height=48, width=48, num_inference_steps=2, seed=2, return_tensors=True), _flux(
+        2, 3, "c", cache="first-block")
+    assert engine.pipeline.batch_key(cached) is None
+    assert engine.pipeline.batch_key(first) != engine.pipeline.batch_key(other_size)
+    counter = ForwardCounter(engine.pipeline)
+    try:
+        jobs = engine.submit_many([first, other_size, cached])
+    finally:
+        counter.remove()
+    assert counter.rows == [1] * 6 and all(job.result().latents is not None for job in jobs)
+
+
+def test_the_step_callback_gets_each_request_s_latents(engines):
+    engine = engines("flux")
+    requests = [_flux(2, 1, "a"), _flux(3, 2, "b")]
+    seen: dict[int, list] = {0: [], 1: []}
+    outcomes: dict[int, object] = {}
+    batcher = ContinuousBatcher(engine.pipeline, max_batch_size=2)
+    for i, request in enumerate(requests):
+        batcher.add(_member(request, outcomes, i,
+                            step_callback=lambda step, total, latents, i=i: seen[i].append((step, total, latents))))
+    batcher.run_until_idle()
+    assert [(s, t) for s, t, _ in seen[0]] == [(1, 2), (2, 2)]
+    assert [(s, t) for s, t, _ in seen[1]] == [(1, 3), (2, 3), (3, 3)]
+    assert torch.equal(seen[1][-1][2], outcomes[1].latents) and seen[0][0][2].shape[0] == 1
