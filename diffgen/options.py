@@ -186,7 +186,10 @@ SERVER = OptionGroup("server", "server", ("serve",), options=(
     Option("port", int, "port", default=30000, low=0, high=65535),
     Option("output_dir", str, "folder for video files, URL images and the job database", default="outputs/server"),
     Option("max_queue", int, "jobs that may wait for the GPU; more get HTTP 429", default=64, low=1),
-    Option("max_batch_size", int, "compatible waiting jobs dispatched together", default=4, low=1, high=64),
+    Option("max_batch_size", int, "requests denoised together, one DiT forward per step for all (they join and "
+           "leave the batch between steps; 1: one by one)", default=4, low=1, high=64),
+    Option("batch_wait_cap", float, "seconds the oldest waiting job lets newer jobs join running batches; then none "
+           "joins until it has started (fairness)", default=10.0, low=0.0),
     Option("api_key", str, "require 'Authorization: Bearer <key>' (or set DIFFGEN_API_KEY)"),
     Option("served_model_name", str, "model id reported by /v1/models (default: --model-path)"),
     Option("shutdown_timeout", float, "seconds to let running jobs finish on SIGTERM", default=30.0, low=0.0),

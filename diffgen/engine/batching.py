@@ -118,10 +118,10 @@ class ContinuousBatcher:
             if member.is_cancelled is not None and member.is_cancelled():
                 self._fail(member, CancelledError(f"request {member.request.request_id} was cancelled"))
                 continue
-            if member.on_start is not None:
-                member.on_start()
             state = self.pipe.new_state(member.request, member.progress, member.is_cancelled, member.step_callback)
             try:
+                if member.on_start is not None:
+                    member.on_start()
                 self.pipe.prepare(state)
             except Exception as error:
                 self._fail(member, error)

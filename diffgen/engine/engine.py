@@ -156,12 +156,13 @@ class Engine:
     @classmethod
     def with_workers(cls, model_path: str, *, max_queue: int | None = None, max_batch_size: int | None = None,
                      num_workers: int = 1, metrics: Metrics | None = None, max_restarts: int | None = None,
-                     restart_window: float = 600.0,
+                     restart_window: float = 600.0, batch_wait_cap: float | None = None,
                      **model_options: Any) -> Engine:
         """An Engine whose model runs in worker processes behind a bounded queue (call ``start()``).
 
         ``model_options``: the keyword arguments of ``from_pretrained``, passed to every worker.
-        ``max_queue`` / ``max_batch_size``: None takes the ``diffgen serve`` defaults (diffgen.options).
+        ``max_queue`` / ``max_batch_size`` / ``batch_wait_cap``: None takes the ``diffgen serve`` defaults
+        (diffgen.options).
         ``max_restarts`` within ``restart_window`` seconds: how often dying workers are restarted.
         Parallelism options (``num_gpus``, ``dp_size``, degrees): one worker per replica (``dp_size``), each
         a group of ``num_gpus / dp_size`` processes when that is more than one.
@@ -185,7 +186,8 @@ class Engine:
             num_workers = plan.dp_size
         executor = ProcessExecutor({"model_path": str(model_path), "engine_options": model_options},
                                    max_queue=max_queue, max_batch_size=max_batch_size, num_workers=num_workers,
-                                   max_restarts=max_restarts, restart_window=restart_window, metrics=metrics)
+                                   max_restarts=max_restarts, restart_window=restart_window, metrics=metrics,
+                                   batch_wait_cap=batch_wait_cap)
         return cls(executor, str(model_path), model_options.get("revision"))
 
     # -- lifecycle (worker processes) -------------------------------------------------------------

@@ -87,11 +87,11 @@ class Job:
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with the same key may run as one batch (same shapes and settings, any prompt and seed)."""
+        """Requests with the same key may share denoising forwards in a worker (same size, frames, LoRA scales and
+        step cache; any prompt, seed, guidance or step count). The worker's pipeline has the last word
+        (``ComposedPipeline.batch_key``): what it refuses to share waits there for the batch to drain."""
         r = self.request
-        return (r.height, r.width, r.num_inference_steps, r.guidance_scale, r.guidance_scale_2, r.true_cfg_scale,
-                r.num_frames, r.fps, r.max_sequence_length, r.num_outputs_per_prompt, len(r.prompt),
-                len(r.images), r.negative_prompt is not None, r.cache, r.cache_threshold,
+        return (r.height, r.width, r.num_frames, r.cache, r.cache_threshold,
                 tuple(sorted(r.loras.items())) if r.loras is not None else None)
 
     def notify(self, event: str) -> None:

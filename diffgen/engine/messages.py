@@ -21,7 +21,8 @@ class QueuedRequest:
 
 @dataclass(frozen=True)
 class RunBatch:
-    """Run these requests one after another (a batch is the unit of dispatch)."""
+    """Run these requests: they join the worker's running batch between denoising steps when they can share
+    its forwards (continuous batching), else they wait in the worker's queue, in order."""
 
     batch_id: str
     jobs: tuple[QueuedRequest, ...]
@@ -50,6 +51,7 @@ class Ready:
     loras: tuple[dict[str, Any], ...] = ()  # the LoRAs it loaded (--lora-path), as LoRAManager.describe rows
     parallel_plan: str | None = None  # a worker that is a group of ranks: its plan ("2 GPU(s), Ulysses 2")
     rank_pids: tuple[int, ...] = ()  # and the process ids of its ranks
+    batch_capacity: int = 1  # requests the worker denoises together at most (1: it runs them one by one)
 
 
 @dataclass(frozen=True)

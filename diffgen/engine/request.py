@@ -101,8 +101,9 @@ class GenerationRequest:
         return len(self.prompt) * self.num_outputs_per_prompt
 
 
-#: entries of ``timings`` that count DiT forwards instead of measuring seconds
-TIMING_COUNTS = ("cache_forwards_computed", "cache_forwards_reused")
+#: entries of ``timings`` that count instead of measuring seconds: DiT forwards computed / reused by the step
+#: cache; the most requests that shared a denoising forward with this one (itself included)
+TIMING_COUNTS = ("cache_forwards_computed", "cache_forwards_reused", "batched_requests")
 
 
 def stage_seconds(timings: dict[str, float]) -> dict[str, float]:

@@ -8,11 +8,14 @@ serve`` starts one; data-parallel replicas are more). A "worker" is whatever ``w
 one process today; a group of processes (one per GPU, rank 0 receiving the executor's messages and
 answering for the group) fits the same :class:`WorkerHandle` interface.
 
-Batching: jobs whose requests agree on everything but prompt and seed (same size, steps, guidance,
-frames, outputs, input-image use) that wait together go to a worker as one batch of up to
-``max_batch_size``. The worker runs a batch as separate pipeline calls, one request after another,
-so a batched result is identical to the same request run alone; the batch is the unit of dispatch
-(one round trip per batch) and the place where true tensor batching can be added later.
+Batching (step-level, continuous): jobs that may share denoising forwards (same size, frames and LoRA
+scales: ``Job.batch_key``; prompts, seeds, guidance and step counts may differ) go to a worker
+together, up to the capacity it reported (``--max-batch-size``, or 1 for a model or worker group that
+does not batch). While a worker runs, waiting jobs of its batch's key are sent to it at once and join
+its batch between two denoising steps; each leaves when its own steps are done, so a short request
+never waits for a long one. Fairness: jobs are taken in arrival order, and once the oldest waiting job
+has waited ``--batch-wait-cap`` seconds, no job joins a running batch any more until it has started
+(the batches drain and it goes first).
 
 Failures: a request that fails in the worker fails alone. If a worker process dies, the jobs it held
 fail with a clear message and the worker is restarted (the model is loaded again); jobs still waiting
@@ -80,6 +83,8 @@ class WorkerHandle:
         self.load_error: str | None = None
         self.batch: dict[str, Job] = {}  # jobs sent and not yet finished
         self.batch_id: str | None = None
+        self.capacity = 1  # jobs it denoises together at most (from its Ready message)
+        self.batch_key: tuple | None = None  # the key of the jobs it runs
         self.receiver: threading.Thread | None = None  # the executor's thread reading ``outbox``
         self.loras: tuple[dict[str, Any], ...] = ()  # the LoRAs it holds, as it last reported them
         self.group: dict | None = None  # a worker that is a group of ranks: its plan and rank pids, once ready
@@ -126,14 +131,16 @@ class ProcessExecutor(Executor):
 
     def __init__(self, options: dict[str, Any], max_queue: int | None = None, max_batch_size: int | None = None,
                  num_workers: int = 1, max_restarts: int | None = None, restart_window: float = 600.0,
-                 metrics: Metrics | None = None, worker_factory: WorkerFactory = WorkerHandle):
+                 metrics: Metrics | None = None, worker_factory: WorkerFactory = WorkerHandle,
+                 batch_wait_cap: float | None = None):
         from diffgen.options import option
 
         max_queue = option("max_queue").default if max_queue is None else max_queue
         max_batch_size = option("max_batch_size").default if max_batch_size is None else max_batch_size
+        self.batch_wait_cap = option("batch_wait_cap").default if batch_wait_cap is None else batch_wait_cap
         if max_restarts is None:  # test-only override of the default (docs/server.md)
             max_restarts = int(os.environ.get(MAX_RESTARTS_ENV, DEFAULT_MAX_RESTARTS))
-        self.options = dict(options, num_workers=num_workers)
+        self.options = dict(options, num_workers=num_workers, max_batch_size=max_batch_size)
         self.worker_factory = worker_factory
         self.spec = None
         self.device: str | None = None
@@ -399,33 +406,50 @@ class ProcessExecutor(Executor):
     def _dispatch_loop(self) -> None:
         while True:
             with self._lock:
-                worker = self._idle_worker()
-                while not (worker is not None and self._waiting) and not (self._stopping and not self._jobs):
-                    self._changed.wait(timeout=1.0)
-                    worker = self._idle_worker()
-                if self._stopping and not self._jobs:
+                plan = self._next_dispatch()
+                while plan is None and not (self._stopping and not self._jobs):
+                    self._changed.wait(timeout=0.5)  # also lets the wait cap take effect as time passes
+                    plan = self._next_dispatch()
+                if plan is None:
                     return
-                batch = self._take_batch()
+                worker, batch = plan
                 batch_id = uuid.uuid4().hex
                 for job in batch:
                     job.state, job.worker = "running", worker.index
                     worker.batch[job.id] = job
-                worker.batch_id = batch_id
+                worker.batch_id, worker.batch_key = batch_id, batch[0].batch_key
                 worker.inbox.put(m.RunBatch(batch_id, tuple(m.QueuedRequest(job.id, job.request) for job in batch)))
                 self.metrics.inc("diffgen_batches_total")
                 self.metrics.inc("diffgen_batched_jobs_total", len(batch))
 
-    def _idle_worker(self) -> WorkerHandle | None:
-        for worker in self._workers:
-            if worker.ready and not worker.gone and worker.batch_id is None:
-                return worker
+    def _next_dispatch(self) -> tuple[WorkerHandle, list[Job]] | None:
+        """(worker, jobs) to send now, or None: an idle worker takes the oldest job and those that may share its
+        forwards; a running one takes waiting jobs of its key that fit (unless the oldest waited too long)."""
+        if not self._waiting:
+            return None
+        live = [w for w in self._workers if w.ready and not w.gone]
+        idle = next((w for w in live if not w.batch), None)
+        if idle is not None:
+            return idle, self._take_batch(min(idle.capacity, self.max_batch_size))
+        if time.monotonic() - self._waiting[0].submitted_at > self.batch_wait_cap:
+            return None  # no more joining: the running batches drain and the oldest job goes next
+        for worker in live:
+            room = min(worker.capacity, self.max_batch_size) - len(worker.batch)
+            if room <= 0:
+                continue
+            joining = [job for job in self._waiting if job.batch_key == worker.batch_key][:room]
+            if joining:
+                for job in joining:
+                    self._waiting.remove(job)
+                return worker, joining
         return None
 
-    def _take_batch(self) -> list[Job]:
+    def _take_batch(self, limit: int | None = None) -> list[Job]:
+        limit = self.max_batch_size if limit is None else limit
         first = self._waiting.popleft()
         batch = [first]
         for job in list(self._waiting):
-            if len(batch) >= self.max_batch_size:
+            if len(batch) >= limit:
                 break
             if job.batch_key == first.batch_key:
                 self._waiting.remove(job)
@@ -465,7 +489,7 @@ class ProcessExecutor(Executor):
                     worker.inbox.put(m.ChangeLoRAs(None, LoRAChange.sync(self._loras)))
                 if message.parallel_plan is not None:
                     worker.group = {"plan": message.parallel_plan, "rank_pids": list(message.rank_pids)}
-                worker.ready = True
+                worker.ready, worker.capacity = True, max(1, message.batch_capacity)
                 self._changed.notify_all()
             logger.info("worker %d ready: %s on %s", worker.index, message.spec.name, message.device)
             return False
@@ -488,7 +512,8 @@ class ProcessExecutor(Executor):
             return False
         if isinstance(message, m.BatchDone):
             with self._lock:
-                worker.batch_id = None
+                if worker.batch_id == message.batch_id:
+                    worker.batch_id = None
                 self._changed.notify_all()
             return False
         job = worker.batch.get(message.job_id)
@@ -508,9 +533,12 @@ class ProcessExecutor(Executor):
             return False
         with self._lock:
             worker.batch.pop(job.id, None)
+            self._changed.notify_all()  # room in the worker's batch
         if isinstance(message, m.Done):
             for stage, seconds in stage_seconds(message.result.timings).items():
                 self.metrics.observe("diffgen_stage_seconds", seconds, stage=stage)
+            if "batched_requests" in message.result.timings:
+                self.metrics.observe("diffgen_batched_requests", message.result.timings["batched_requests"])
             elapsed = time.monotonic() - (job.started_at or job.submitted_at)
             self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
             # The worker sent the outputs only; the request (with its input images) is the front end's.
@@ -587,7 +615,9 @@ class ProcessExecutor(Executor):
         m.describe("diffgen_stage_seconds", "histogram", "Seconds per pipeline stage")
         m.describe("diffgen_queue_wait_seconds", "histogram", "Seconds from submission to start")
         m.describe("diffgen_batches_total", "counter", "Batches dispatched to workers")
-        m.describe("diffgen_batched_jobs_total", "counter", "Jobs dispatched (divide by batches: mean batch size)")
+        m.describe("diffgen_batched_jobs_total", "counter", "Jobs dispatched (divide by batches: jobs sent at once)")
+        m.describe("diffgen_batched_requests", "histogram",
+                   "Per finished job: the most requests that shared one of its denoising forwards")
         m.gauge("diffgen_queue_depth", self.queue_depth)
         m.gauge("diffgen_running_jobs", self.running_count)
         m.gauge("diffgen_worker_ready", lambda: sum(w.ready for w in list(self._workers)))

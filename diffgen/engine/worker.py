@@ -13,14 +13,20 @@ or server threads inherited) and talks to the process executor through two queue
                                  BatchDone(batch_id)        LoRAsChanged(change_id, loras, error)
 
 A listener thread drains the inbox so that a cancel reaches the worker while a batch runs; the main
-thread runs the pipeline and checks the cancel set between denoising steps. A failure of one request
-(any exception, CUDA out of memory included) is reported for that request only; the loop goes on.
-The worker holds a loaded pipeline, never an Engine: Engine -> executor -> worker -> pipeline.
+thread runs the pipeline and checks the cancel set between denoising steps. A loaded pipeline runs its
+jobs through a :class:`~diffgen.engine.batching.ContinuousBatcher`: jobs sent while others run join
+the running batch between two denoising steps (up to ``max_batch_size``, the capacity the worker
+reports in ``Ready``) and leave when their own steps are done; ``BatchDone`` follows the last job of
+each ``RunBatch``. A worker group (several GPUs) runs its jobs one after another. A failure of one
+request (any exception, CUDA out of memory included) is reported for that request only; the loop
+goes on. The worker holds a loaded pipeline, never an Engine: Engine -> executor -> worker -> pipeline.
 
 Fault injection, for tests only (docs/server.md): when the worker's environment has
 ``DIFFGEN_FAULT_INJECT=1`` (a WARNING is logged at start-up), a prompt containing ``[[fault:raise]]``
 makes the pipeline call raise, ``[[fault:oom]]`` raise ``torch.cuda.OutOfMemoryError``,
-``[[fault:exit]]`` kill the worker process and ``[[fault:slow]]`` add 50 ms to every denoising step.
+``[[fault:exit]]`` kill the worker process, ``[[fault:slow]]`` add 50 ms to every denoising step and
+``[[fault:batch-oom]]`` raise ``torch.cuda.OutOfMemoryError`` from any denoising forward that request
+shares with others (alone it runs normally: the batcher's one-by-one retry then succeeds).
 Nothing in a request can turn it on; without the variable these markers are ordinary prompt text.
 """
 
@@ -35,6 +41,7 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from diffgen.engine.messages import (
@@ -78,7 +85,9 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
         return
     quantized = options.get("engine_options", {}).get("quantize")
     loras = tuple(_loras(pipeline))
-    if hasattr(pipeline, "plan"):  # a WorkerGroup: rank 0 reported the dtypes its pipeline loaded in
+    group = hasattr(pipeline, "plan")
+    capacity = 1 if group or not pipeline.supports_batching else options.get("max_batch_size", 1)
+    if group:  # a WorkerGroup: rank 0 reported the dtypes its pipeline loaded in
         outbox.put(Ready(spec=pipeline.spec, device=pipeline.info.device,
                          dit_precision=quantized or pipeline.info.dit_precision,
                          vae_precision=pipeline.info.vae_precision, loras=loras,
@@ -87,7 +96,8 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
     else:
         outbox.put(Ready(spec=pipeline.spec, device=str(pipeline.device),
                          dit_precision=quantized or str(pipeline.dtype).removeprefix("torch."),
-                         vae_precision=str(pipeline.vae.dtype).removeprefix("torch."), loras=loras))
+                         vae_precision=str(pipeline.vae.dtype).removeprefix("torch."), loras=loras,
+                         batch_capacity=capacity))
 
     batches: queue.Queue = queue.Queue()
     cancelled: set[str] = set()
@@ -113,6 +123,9 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
     if faults:
         logger.warning("%s=1: fault injection is ON in worker %d (test-only: [[fault:...]] prompts break requests)",
                        FAULT_ENV, worker_id)
+    if not group:
+        _serve_batched(pipeline, capacity, batches, cancelled, outbox, faults)
+        return
     while True:
         message = batches.get()
         if isinstance(message, Stop):
@@ -125,6 +138,85 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
             _run_one(pipeline, queued.job_id, queued.request, cancelled, outbox, faults)
             cancelled.discard(queued.job_id)
         outbox.put(BatchDone(message.batch_id))
+
+
+def _serve_batched(pipeline, capacity: int, batches: queue.Queue, cancelled: set[str], outbox, faults: bool) -> None:
+    """The main loop of a worker with a loaded pipeline: take messages between denoising steps, step the batch."""
+    from diffgen.engine.batching import ContinuousBatcher
+
+    batcher = ContinuousBatcher(pipeline, capacity, before_batched_forward=_batch_fault if faults else None)
+    unfinished: dict[str, set[str]] = {}  # batch id -> its jobs still running or waiting
+    backlog: deque = deque()  # messages taken from the inbox, in order, not yet acted on
+    stopping = False
+
+    def settled(batch_id: str, job_id: str) -> None:
+        cancelled.discard(job_id)
+        unfinished[batch_id].discard(job_id)
+        if not unfinished[batch_id]:
+            del unfinished[batch_id]
+            outbox.put(BatchDone(batch_id))
+
+    while True:
+        if batcher.idle and not backlog:
+            if stopping:
+                return
+            backlog.append(batches.get())  # nothing to do until a message comes
+        while True:
+            try:
+                backlog.append(batches.get_nowait())
+            except queue.Empty:
+                break
+        while backlog:
+            message = backlog[0]
+            if isinstance(message, ChangeLoRAs):
+                if not batcher.idle:
+                    break  # after the jobs sent before it, never during a request: the batch drains first
+                outbox.put(_change_loras(pipeline, message))
+            elif isinstance(message, Stop):
+                stopping = True
+            else:
+                assert isinstance(message, RunBatch)
+                unfinished[message.batch_id] = {queued.job_id for queued in message.jobs}
+                for queued in message.jobs:
+                    batcher.add(_member(queued.job_id, queued.request, cancelled, outbox, faults,
+                                        lambda batch_id=message.batch_id, job_id=queued.job_id: settled(batch_id,
+                                                                                                      job_id)))
+            backlog.popleft()
+        batcher.run_step()
+
+
+def _member(job_id: str, request, cancelled: set[str], outbox, faults: bool, settled) -> Any:
+    """One job as a member of the worker's batch: its messages to the executor and its cancel flag."""
+    from diffgen.engine.batching import BatchMember
+
+    last = [time.perf_counter()]
+    slow = faults and "[[fault:slow]]" in " ".join(request.prompt)
+
+    def start() -> None:
+        outbox.put(Started(job_id))
+        last[0] = time.perf_counter()
+        if faults:
+            _inject_fault(request)
+
+    def progress(step: int, total: int, preview=None) -> None:
+        if slow:
+            time.sleep(0.05)
+        now = time.perf_counter()
+        outbox.put(Progress(job_id, step, total, now - last[0], preview))
+        last[0] = now
+
+    def done(result) -> None:
+        # The input images stay with the front end (it sent them); only the outputs travel back.
+        outbox.put(Done(job_id, dataclasses.replace(result, request=dataclasses.replace(result.request, images=[]))))
+        settled()
+
+    def failed(error: BaseException) -> None:
+        outbox.put(_failure(job_id, error))
+        settled()
+        _free_memory()
+
+    return BatchMember(job_id, request, on_done=done, on_failed=failed, progress=progress,
+                       is_cancelled=lambda: job_id in cancelled, on_start=start)
 
 
 def _load(worker_id: int, options: dict[str, Any]):
@@ -182,10 +274,7 @@ def _change_loras(pipeline, message: ChangeLoRAs) -> LoRAsChanged:
 
 
 def _run_one(pipeline, job_id: str, request, cancelled: set[str], outbox, faults: bool) -> None:
-    import torch
-
-    from diffgen.errors import CancelledError, DiffgenError, InvalidRequestError
-
+    """One job on a worker group, alone."""
     if job_id in cancelled:
         outbox.put(Failed(job_id, "cancelled", "the job was cancelled"))
         return
@@ -209,22 +298,43 @@ def _run_one(pipeline, job_id: str, request, cancelled: set[str], outbox, faults
         result = dataclasses.replace(result, request=dataclasses.replace(result.request, images=[]))
         outbox.put(Done(job_id, result))
         return
-    except CancelledError:
-        outbox.put(Failed(job_id, "cancelled", "the job was cancelled"))
-    except torch.cuda.OutOfMemoryError:
-        outbox.put(Failed(job_id, "out_of_memory", "the GPU ran out of memory for this request; try a smaller "
-                          "size, fewer outputs or fewer frames"))
-    except InvalidRequestError as e:
-        outbox.put(Failed(job_id, "invalid_request", str(e), e.field))
-    except DiffgenError as e:
-        outbox.put(Failed(job_id, "invalid_request", str(e)))
     except Exception as e:  # one request's failure must not take the worker down
-        logger.exception("request %s failed", job_id)
-        outbox.put(Failed(job_id, "generation_error", f"generation failed: {type(e).__name__}: {e}"))
-    # Reached only on failure: free what the failed request held on the GPU.
+        outbox.put(_failure(job_id, e))
+    _free_memory()  # reached only on failure: free what the failed request held on the GPU
+
+
+def _failure(job_id: str, error: BaseException) -> Failed:
+    """The Failed message for a request's error."""
+    import torch
+
+    from diffgen.errors import CancelledError, DiffgenError, InvalidRequestError
+
+    if isinstance(error, CancelledError):
+        return Failed(job_id, "cancelled", "the job was cancelled")
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return Failed(job_id, "out_of_memory", "the GPU ran out of memory for this request; try a smaller "
+                      "size, fewer outputs or fewer frames")
+    if isinstance(error, InvalidRequestError):
+        return Failed(job_id, "invalid_request", str(error), error.field)
+    if isinstance(error, DiffgenError):
+        return Failed(job_id, "invalid_request", str(error))
+    logger.error("request %s failed", job_id, exc_info=error)
+    return Failed(job_id, "generation_error", f"generation failed: {type(error).__name__}: {error}")
+
+
+def _free_memory() -> None:
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _batch_fault(states) -> None:
+    import torch
+
+    if len(states) > 1 and any("[[fault:batch-oom]]" in " ".join(state.request.prompt) for state in states):
+        raise torch.cuda.OutOfMemoryError(f"injected out-of-memory of a batched forward ({FAULT_ENV})")
 
 
 def _inject_fault(request) -> None:

@@ -51,7 +51,7 @@ def run_serve(options: dict[str, Any]) -> int:
     api_key = values.get("api_key") or os.environ.get(API_KEY_ENV) or None
     config = ServerConfig(
         model_path=model_path, engine_options=engine_options(values), output_dir=values["output_dir"],
-        max_queue=values["max_queue"], max_batch_size=values["max_batch_size"],
+        max_queue=values["max_queue"], max_batch_size=values["max_batch_size"], batch_wait_cap=values["batch_wait_cap"],
         api_key=api_key, shutdown_timeout=float(values["shutdown_timeout"]),
         served_model_name=values.get("served_model_name"), max_body_bytes=int(float(values["max_upload_mb"]) * 2**20),
         image_ttl=float(values["image_ttl"]),

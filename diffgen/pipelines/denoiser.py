@@ -34,6 +34,7 @@ class DenoisingRow:
     state: PipelineState
     step_cache: StepCacheSession | None = None
     index: int = 0  # the next step of this request's schedule
+    batched: int = 1  # the most requests that shared one of its forwards
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -65,6 +66,8 @@ class Denoiser:
             predictions = [self._predict_alone(rows[0])]
         else:
             predictions = self._predict_together(rows)
+        for row in rows:
+            row.batched = max(row.batched, len(rows))
         errors: list[BaseException | None] = []
         for row, prediction in zip(rows, predictions, strict=True):
             try:
@@ -80,6 +83,7 @@ class Denoiser:
         if state.device.type == "cuda":
             torch.cuda.synchronize(state.device)
         state.timings["denoising"] = state.timings.get("denoising", 0.0) + time.perf_counter() - row.started
+        state.timings["batched_requests"] = float(row.batched)
         if row.step_cache is not None:
             state.timings.update(row.step_cache.timings())
 

@@ -75,6 +75,7 @@ class ServerConfig:
     output_dir: str = "outputs/server"
     max_queue: int = 64
     max_batch_size: int = 4
+    batch_wait_cap: float | None = None  # None: the --batch-wait-cap default (diffgen.options)
     api_key: str | None = None
     shutdown_timeout: float = 30.0
     served_model_name: str | None = None
@@ -95,7 +96,7 @@ class ServerConfig:
     def build_engine(self) -> Engine:
         """The Engine ``diffgen serve`` runs: the model in worker processes behind a bounded queue."""
         return Engine.with_workers(self.model_path, max_queue=self.max_queue, max_batch_size=self.max_batch_size,
-                                   **self.engine_options)
+                                   batch_wait_cap=self.batch_wait_cap, **self.engine_options)
 
 
 class ServerState:
