@@ -268,3 +268,37 @@ def test_the_step_callback_gets_each_request_s_latents(engines):
     assert [(s, t) for s, t, _ in seen[0]] == [(1, 2), (2, 2)]
     assert [(s, t) for s, t, _ in seen[1]] == [(1, 3), (2, 3), (3, 3)]
     assert torch.equal(seen[1][-1][2], outcomes[1].latents) and seen[0][0][2].shape[0] == 1
+
+
+class _RunningWorker:
+    """Stands in for a worker process with the model loaded, running the jobs in ``batch``."""
+
+    def __init__(self, capacity: int, key: tuple | None):
+        self.index, self.ready, self.gone, self.load_error = 0, True, False, None
+        self.batch: dict = {"running": object()}
+        self.batch_id, self.batch_key, self.capacity = "b", key, capacity
+
+
+def test_waiting_jobs_join_a_running_batch_until_the_oldest_waited_past_the_cap():
+    from diffgen.engine.scheduler import ProcessExecutor
+
+    scheduler = ProcessExecutor({"model_path": "unused"}, max_batch_size=4, batch_wait_cap=30.0)
+    worker = _RunningWorker(capacity=4, key=None)
+    scheduler._workers.append(worker)
+    other = scheduler.submit(GenerationRequest.build("other size", height=64, width=64))
+    joining = [scheduler.submit(GenerationRequest.build(f"s{i}", height=32, width=32, num_inference_steps=2 + i,
+                                                        guidance_scale=1.0 + i)) for i in range(4)]
+    worker.batch_key = joining[0].batch_key
+    assert scheduler.options["max_batch_size"] == 4 and joining[0].batch_key == joining[3].batch_key
+    with scheduler._lock:
+        target, jobs = scheduler._next_dispatch()  # room for 3: the first three of its key, in order
+        assert target is worker and [j.id for j in jobs] == [j.id for j in joining[:3]]
+        for job in jobs:
+            worker.batch[job.id] = job
+        assert scheduler._next_dispatch() is None  # full
+        worker.batch.pop(jobs[0].id)
+        other.submitted_at -= 31  # the oldest waiting job (another size) has waited past the cap
+        assert scheduler._next_dispatch() is None  # nobody joins any more: the batch drains for it
+        worker.batch.clear()
+        target, jobs = scheduler._next_dispatch()
+    assert target is worker and [j.id for j in jobs] == [other.id]

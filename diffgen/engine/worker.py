@@ -124,7 +124,7 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
         logger.warning("%s=1: fault injection is ON in worker %d (test-only: [[fault:...]] prompts break requests)",
                        FAULT_ENV, worker_id)
     if not group:
-        _serve_batched(pipeline, capacity, batches, cancelled, outbox, faults)
+        serve_pipeline(pipeline, capacity, batches, cancelled, outbox, faults)
         return
     while True:
         message = batches.get()
@@ -140,8 +140,9 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
         outbox.put(BatchDone(message.batch_id))
 
 
-def _serve_batched(pipeline, capacity: int, batches: queue.Queue, cancelled: set[str], outbox, faults: bool) -> None:
-    """The main loop of a worker with a loaded pipeline: take messages between denoising steps, step the batch."""
+def serve_pipeline(pipeline, capacity: int, batches: queue.Queue, cancelled: set[str], outbox, faults: bool) -> None:
+    """The main loop of a worker with a loaded pipeline (also run in a thread by bench/batching.py): take the
+    inbox's messages (RunBatch, Stop) between denoising steps, step the batch, answer on ``outbox``."""
     from diffgen.engine.batching import ContinuousBatcher
 
     batcher = ContinuousBatcher(pipeline, capacity, before_batched_forward=_batch_fault if faults else None)

@@ -1,0 +1,26 @@
+"""bench/batching.py in its tiny CPU mode: every row's code path runs through the worker loop, and the
+batched rows really shared forwards (the "max shared" column)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_batching_tiny_cpu_mode():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "batching.py"), "--tiny", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()
+            if line.startswith("| FLUX") or line.startswith("| Wan")]
+    modes = {(row[0].split(",")[0].split(" during")[0], row[1]) for row in rows}
+    assert ("FLUX 32x32 2 steps", "batching off") in modes and ("FLUX 32x32 2 steps", "batching on (max 4)") in modes
+    assert ("FLUX 2-step requests", "alone (idle worker)") in modes
+    shared = {row[1]: row[6] for row in rows if row[0].startswith("FLUX 32x32")}
+    assert shared["batching off"] == "1" and int(shared["batching on (max 4)"]) > 1, run.stdout
+    assert any(row[1] == "2 request(s): 1 forward of 4 rows" for row in rows if row[0].startswith("Wan")), run.stdout
