@@ -44,6 +44,12 @@ CASES = {
         {"prompt": "medium length prompt", "seed": 3, "negative_prompt": "a long negative prompt, blurry, dark",
          "true_cfg_scale": 2.5},
     ]),
+    # Edits share a forward when their inputs have the same latent size (the input tokens ride in each row).
+    "qwen-image-edit-2511": ({"num_inference_steps": 2}, [
+        {"prompt": "make it blue", "seed": 1, "images": [_image(32, 32)]},
+        {"prompt": "turn it into a watercolor painting", "seed": 2, "images": [_image(32, 32).rotate(90)],
+         "negative_prompt": "dull", "true_cfg_scale": 3.0},
+    ]),
     "wan-t2v": ({"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 3}, [
         {"prompt": "waves", "seed": 1, "guidance_scale": 5.0},
         {"prompt": "a bird flying over a lake", "seed": 2, "guidance_scale": 1.0},  # no CFG: one branch
@@ -64,6 +70,17 @@ CASES = {
     ]),
     "fastwan-t2v": ({"height": 32, "width": 32, "num_frames": 5}, [
         {"prompt": "distilled", "seed": 1}, {"prompt": "three steps, fresh noise each", "seed": 2},
+    ]),
+    # Prompts keep their own text lengths (shared padding dropped): padded again with masked tokens.
+    "hunyuan": ({"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2}, [
+        {"prompt": "a", "seed": 1, "guidance_scale": 3.0},
+        {"prompt": "a much longer prompt than the first one", "seed": 2, "guidance_scale": 6.0,
+         "negative_prompt": "low quality", "true_cfg_scale": 4.0},
+    ]),
+    "hunyuan15": ({"height": 48, "width": 80, "num_frames": 9, "num_inference_steps": 2}, [
+        {"prompt": "short", "seed": 1, "guidance_scale": 1.0},
+        {"prompt": 'a sign that says "OPEN" in a window, longer prompt', "seed": 2, "guidance_scale": 5.0,
+         "negative_prompt": "blurry"},
     ]),
 }
 
@@ -141,10 +158,11 @@ def test_fastwan_rows_share_the_forward(engines):
     assert counter.rows == [2, 2, 2]  # 3 DMD steps, both requests in each forward
 
 
-def test_hunyuan_video_declares_no_batching_and_runs_one_by_one(engines):
-    engine = engines("hunyuan")
-    requests = [GenerationRequest.build(prompt, seed=seed, height=32, width=32, num_frames=5, num_inference_steps=2,
-                                        return_tensors=True) for prompt, seed in (("a", 1), ("b c", 2))]
+def test_hunyuan_video_i2v_declares_no_batching_and_runs_one_by_one(engines):
+    engine = engines("hunyuan-i2v")
+    requests = [GenerationRequest.build(prompt, seed=seed, images=[_image(48, 32)], height=32, width=48, num_frames=5,
+                                        num_inference_steps=2, max_sequence_length=700, return_tensors=True)
+                for prompt, seed in (("a", 1), ("b c", 2))]
     assert not engine.pipeline.supports_batching and engine.pipeline.batch_key(requests[0]) is None
     alone = [_alone(engine, request) for request in requests]
     counter = ForwardCounter(engine.pipeline)

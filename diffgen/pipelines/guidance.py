@@ -168,10 +168,11 @@ def _pad_text(texts: list[torch.Tensor], masks: list[torch.Tensor | None]) -> tu
     length = max(text.shape[1] for text in texts)
     if all(mask is None for mask in masks) and all(text.shape[1] == length for text in texts):
         return torch.cat(texts), None
+    dtype = next((mask.dtype for mask in masks if mask is not None), torch.int64)
     padded, padded_masks = [], []
     for text, mask in zip(texts, masks, strict=True):
         if mask is None:
-            mask = torch.ones(text.shape[:2], dtype=torch.int64, device=text.device)
+            mask = torch.ones(text.shape[:2], dtype=dtype, device=text.device)
         extra = length - text.shape[1]
         padded.append(torch.cat([text, text.new_zeros(text.shape[0], extra, *text.shape[2:])], dim=1))
         padded_masks.append(torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1))

@@ -28,6 +28,7 @@ from diffgen.errors import ModelLoadError
 from diffgen.models.dits.hunyuan_video import HunyuanVideoTransformer
 from diffgen.models.encoders.llava_llama import encode_llava_prompt
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.guidance import GuidanceStep, cfg
 from diffgen.pipelines.latents import image_to_tensor, vae_tiling_wanted
 from diffgen.pipelines.stages import draw_noise
 
@@ -55,7 +56,6 @@ class HunyuanVideoPipeline(ComposedPipeline):
                            "transformer")
     native_models = {"HunyuanVideoTransformer3DModel": HunyuanVideoTransformer}
     output_kind = "video"
-    supports_batching = False  # its guidance is not yet declared through the guidance seam: requests run one by one
 
     @classmethod
     def describe(cls, checkpoint) -> ModelSpec:
@@ -115,14 +115,13 @@ class HunyuanVideoPipeline(ComposedPipeline):
         state.scheduler, state.timesteps = scheduler, scheduler.timesteps
 
     # -- denoising -----------------------------------------------------------------------------
-    def predict_noise(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        x, timestep = latents.to(self.dtype), t.expand(latents.shape[0]).to(latents.dtype)
-        guidance = state.extras.get("guidance")
-        pred = self.transformer(x, timestep, guidance=guidance, **state.cond)
-        if state.uncond is not None:
-            neg = self.transformer(x, timestep, guidance=guidance, **state.uncond)
-            pred = neg + state.request.true_cfg_scale * (pred - neg)
-        return pred
+    def guidance(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> GuidanceStep:
+        inputs = {"hidden_states": latents.to(self.dtype), "timestep": t.expand(latents.shape[0]).to(latents.dtype),
+                  "guidance": state.extras.get("guidance")}
+        branches = [{**inputs, **kwargs} for kwargs in (state.cond, state.uncond) if kwargs is not None]
+        # prompts keep their own lengths (drop_shared_padding): padded again with masked tokens to share a forward
+        return GuidanceStep(self.transformer, branches, cfg(state.request.true_cfg_scale),
+                            text_padding={"encoder_hidden_states": "encoder_attention_mask"})
 
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, state: PipelineState) -> None:
@@ -174,6 +173,8 @@ class HunyuanVideoImageToVideoPipeline(HunyuanVideoPipeline):
         latents = state.latents * t + image * (1 - t)
         latents[:, :, :1] = image
         state.latents = latents
+
+    supports_batching = False  # its first latent frame is pinned after the guidance combine (predict_noise below)
 
     def predict_noise(self, state: PipelineState, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         pred = super().predict_noise(state, latents, t, step)

@@ -169,7 +169,9 @@ class HunyuanVideo15Pipeline(ComposedPipeline):
             end = state.timesteps[step + 1] if step + 1 < len(state.timesteps) else t.new_zeros(())
             inputs["timestep_r"] = end.expand(batch).to(self.dtype)
         branches = [{**inputs, **kwargs} for kwargs in (state.cond, state.uncond) if kwargs is not None]
-        return GuidanceStep(self.transformer, branches, cfg(state.request.guidance_scale))
+        # prompts keep their own lengths (drop_shared_padding): padded again with masked tokens to share a forward
+        return GuidanceStep(self.transformer, branches, cfg(state.request.guidance_scale),
+                            text_padding={"encoder_hidden_states": "encoder_attention_mask"})
 
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, state: PipelineState) -> None:
