@@ -82,6 +82,12 @@ CASES = {
         {"prompt": 'a sign that says "OPEN" in a window, longer prompt', "seed": 2, "guidance_scale": 5.0,
          "negative_prompt": "blurry"},
     ]),
+    # Step-distilled I2V: each row also embeds the end of its own step (timestep_r); no CFG.
+    "hunyuan15-i2v-distilled": ({"num_frames": 9}, [
+        {"prompt": "it moves", "seed": 1, "images": [_image(56, 40)], "num_inference_steps": 3},
+        {"prompt": "it turns around, slowly", "seed": 2, "images": [_image(56, 40).rotate(180)],
+         "num_inference_steps": 2},
+    ]),
 }
 
 
