@@ -227,7 +227,7 @@ def test_cancelling_one_request_leaves_the_others_unchanged(engines):
     seen: list[tuple[int, int]] = []
     outcomes: dict[int, object] = {}
 
-    def progress(step: int, total: int) -> None:
+    def progress(step: int, total: int, preview=None) -> None:
         seen.append((step, total))
         if step == 2:
             cancel.set()
