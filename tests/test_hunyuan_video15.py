@@ -203,7 +203,22 @@ def test_bad_input_is_one_line_error(tiny_checkpoint, capsys, family, args, fiel
     assert code == 2 and err.startswith("error: ") and field in err and "\n" not in err
 
 
-def test_i2v_takes_one_image(tiny_checkpoint, input_image):
+def test_i2v_takes_one_image_and_an_asked_size(tiny_checkpoint, input_image):
+    """An asked size overrides the bucket: the image is scaled to cover it and centre-cropped."""
     engine = Engine.from_pretrained(tiny_checkpoint("hunyuan15-i2v"), device="cpu")
     with pytest.raises(InvalidRequestError, match="at most 1 input image"):
         engine.generate(PROMPTS[1], images=[input_image, input_image])
+    result = engine.generate(PROMPTS[1], images=[input_image], height=32, width=64, num_frames=5,
+                             num_inference_steps=1, seed=0, return_tensors=True)
+    assert result.pixels.shape == (1, 5, 32, 64, 3)
+
+
+def test_resize_and_crop_is_what_diffusers_does(input_image):
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    from diffgen.pipelines.hunyuan_video15 import resize_and_crop
+
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=16, do_resize=False)
+    for width, height in ((64, 48), (48, 64), (96, 32)):
+        expected = processor.resize(input_image, height=height, width=width, resize_mode="crop")
+        assert np.array_equal(np.asarray(resize_and_crop(input_image, width, height)), np.asarray(expected))
