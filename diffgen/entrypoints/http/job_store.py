@@ -18,6 +18,7 @@ JobStoreUnavailable (answered HTTP 503).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ class JobStoreUnavailable(Exception):
     """The job database cannot be reached or refused the statement (answered HTTP 503)."""
 
 
+@functools.lru_cache(maxsize=1)
 def _process_space() -> str:
     """Where a PID means one process: this machine (boot) and PID namespace. Two replicas with the same
     value can check each other's PIDs; containers sharing a host name (host networking) cannot."""
@@ -483,7 +485,7 @@ def open_job_store(job_store: str | None, output_dir: str | os.PathLike, lease: 
                 raise ValueError(f"{redact(job_store)}: give the host, as in postgresql://user:pass@host:5432/db")
             return PostgresJobStore(job_store, replica, lease)
         raise ValueError(f"give postgresql://user:pass@host:port/db or sqlite:///path, not {redact(job_store)!r}")
-    except (ValueError, ImportError, JobStoreUnavailable, sqlite3.Error) as e:
+    except (ValueError, ImportError, JobStoreUnavailable, sqlite3.Error, OSError) as e:
         raise DiffgenError(f"--job-store: {e}") from None
 
 
@@ -499,7 +501,6 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-lease", daemon=True)
         self._healthy_since: float | None = time.monotonic()
-        self.lost = 0  # times the database was found unreachable
 
     def start(self) -> None:
         self._thread.start()
@@ -523,9 +524,8 @@ class LeaseKeeper:
             for code, ids in self.store.recover(include_expired=settled).items():
                 logger.warning("marked %d video job(s) of dead replicas as failed (%s)", len(ids), code)
         except JobStoreUnavailable as e:
-            if self._healthy_since is not None:
+            if self._healthy_since is not None:  # once per outage
                 logger.error("%s", e)
-                self.lost += 1
             self._healthy_since = None
         except Exception:  # the heartbeat must outlive any bug in one beat
             logger.exception("job lease heartbeat")
