@@ -149,8 +149,11 @@ class PostgresServer:
             nobody = pwd.getpwnam("nobody")
             os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
             self._as_user = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
-        subprocess.run([*self._as_user, str(self.bin / "initdb"), "-D", str(self.data), "-U", self.USER,
-                        "--auth=trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+        initdb = [str(self.bin / "initdb"), "-D", str(self.data), "-U", self.USER, "--auth=trust", "-E", "UTF8",
+                  "--no-sync"]
+        made = subprocess.run([*self._as_user, *initdb], capture_output=True, text=True, cwd=self.root)
+        if made.returncode != 0:
+            raise RuntimeError(f"initdb failed ({made.returncode}): {made.stdout[-2000:]}{made.stderr[-2000:]}")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.USER}:unused-password@127.0.0.1:{self.port}/{database}"
@@ -160,7 +163,7 @@ class PostgresServer:
         self.process = subprocess.Popen(
             [*self._as_user, str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.root),
              "-h", "127.0.0.1", "-p", str(self.port), "-F", "-c", "max_connections=200"],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root)  # a folder the server's user may enter
         wait_until(self._ready, timeout=60, what="PostgreSQL ready")
         return self
 

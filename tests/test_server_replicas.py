@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"),
 ]
 SMALL = {"num_frames": 5, "num_inference_steps": 2, "seed": 3}
-LEASE = "3"  # seconds; short, so that the tests see leases expire (or not) within seconds
+LEASE = "5"  # seconds; short, so that the tests see leases expire (or not) within seconds
 
 
 def _slow(steps: int) -> dict:
@@ -154,7 +154,7 @@ def test_a_paused_replica_loses_its_job_when_its_lease_expires_and_a_killed_one_
     assert _finished(on_b, again.id).status == "completed"
 
     # A is killed mid-job: B fails its job at once (A's process is gone); a restarted A serves the old jobs.
-    killed = _create(on_a, "a killed boat [[fault:slow]]", _slow(40))
+    killed = _create(on_a, "a killed boat [[fault:slow]]", _slow(60))
     _running(on_b, killed.id)
     a.kill()
     lost = _finished(on_b, killed.id, timeout=60)
@@ -175,7 +175,7 @@ def test_a_database_that_goes_down_is_answered_503_and_the_replicas_recover(repl
     mp4 = on_b.videos.download_content(first.id).content
     before = {v.id for v in on_b.videos.list(limit=100)}
     completed = metric(a.url, 'diffgen_jobs_total{status="completed"}')
-    running = _create(on_a, "a slow boat [[fault:slow]]", _slow(40))
+    running = _create(on_a, "a slow boat [[fault:slow]]", _slow(60))  # still running when the database stops
     _running(on_a, running.id)
 
     postgres.stop()
@@ -192,13 +192,13 @@ def test_a_database_that_goes_down_is_answered_503_and_the_replicas_recover(repl
             assert response.headers["retry-after"] == "5"
         assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200  # the server keeps running
     # The running job ends while the database is down: A keeps its outcome.
-    wait_until(lambda: metric(a.url, 'diffgen_jobs_total{status="completed"}') == completed + 1, timeout=120,
+    wait_until(lambda: metric(a.url, 'diffgen_jobs_total{status="completed"}') == completed + 1, timeout=300,
                what="the slow job ended on A")
     wait_until(lambda: f"video {running.id} is completed; recorded once the job store is back" in
                a.log_path.read_text(errors="replace"), timeout=60, what="A kept the outcome")
 
     postgres.start()
-    assert _finished(on_b, running.id, timeout=60).status == "completed"
+    assert _finished(on_b, running.id, timeout=120).status == "completed"
     assert on_b.videos.download_content(running.id).content[4:8] == b"ftyp"
     assert on_a.videos.download_content(first.id).content == mp4
     # Nothing half-written: the refused create left no job, the refused delete deleted nothing.
