@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# diffgen's cache (fitted preview projections, compile caches) goes to a folder of this test session, never the
+# user's home: servers and workers started by the tests inherit it.
+os.environ.setdefault("DIFFGEN_CACHE_DIR", tempfile.mkdtemp(prefix="diffgen-test-cache-"))
 
 
 def _quiet() -> None:

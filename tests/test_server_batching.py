@@ -91,8 +91,9 @@ def test_cancelling_one_request_of_a_batch_leaves_the_others_unchanged(server, e
         other = pool.submit(_generate, server, "also stays", 7, 12)
         wait_until(lambda: server.info()["running"] >= 2, timeout=120, what="two jobs running")
         with pytest.raises(httpx.TimeoutException):  # the client gives up: its job is cancelled
+            # Slow steps (>= 50 ms each) keep the abandoned job running well past the client's 2 s on any machine.
             httpx.post(f"{server.url}/v1/images/generations", timeout=2,
-                       json={"prompt": "abandoned", "size": SIZE, "num_inference_steps": 200, "seed": 3})
+                       json={"prompt": "abandoned [[fault:slow]]", "size": SIZE, "num_inference_steps": 200, "seed": 3})
         wait_until(lambda: metric(server.url, 'diffgen_jobs_total{status="cancelled"}') == cancelled + 1,
                    timeout=120, what="the abandoned job cancelled")
         long_pixels, other_pixels = _pixels(long.result().data[0].b64_json), _pixels(other.result().data[0].b64_json)
