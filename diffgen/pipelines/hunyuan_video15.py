@@ -29,7 +29,7 @@ from diffgen.models.dits.hunyuan_video15 import HunyuanVideo15Transformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
 from diffgen.pipelines.guidance import GuidanceStep, cfg
 from diffgen.pipelines.hunyuan_video import drop_shared_padding
-from diffgen.pipelines.latents import image_to_tensor, vae_tiling_wanted
+from diffgen.pipelines.latents import decode_videos_one_by_one, image_to_tensor, vae_tiling_wanted
 from diffgen.pipelines.stages import draw_noise
 
 #: Decode in tiles whenever a frame is larger than one tile (256 px): untiled, a 720p 121-frame decode
@@ -176,11 +176,8 @@ class HunyuanVideo15Pipeline(ComposedPipeline):
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, state: PipelineState) -> None:
         r = state.request
-        self.vae.use_tiling = vae_tiling_wanted(r.height, r.width, VAE_TILING_MIN_PIXELS)
-        latents = state.latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        # One video at a time (VAE slicing): peak memory of one output whatever the batch.
-        video = torch.cat([self.vae.decode(sample, return_dict=False)[0] for sample in latents.split(1)])
-        state.pixels = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()
+        tiling = vae_tiling_wanted(r.height, r.width, VAE_TILING_MIN_PIXELS)
+        state.pixels = decode_videos_one_by_one(self.vae, state.latents, tiling)
 
 
 @register_pipeline

@@ -54,6 +54,15 @@ def vae_tiling_wanted(height: int, width: int, min_pixels: int) -> bool:
     return height * width > min_pixels
 
 
+def decode_videos_one_by_one(vae, latents: torch.Tensor, tiling: bool) -> torch.Tensor:
+    """Scaled video latents (B, C, F, h, w) -> pixels (B, F, H, W, 3) in [0, 1], one video at a time (VAE
+    slicing: the peak memory of one output whatever the batch), spatially tiled when ``tiling``."""
+    vae.use_tiling = tiling
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    video = torch.cat([vae.decode(sample, return_dict=False)[0] for sample in latents.split(1)])
+    return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()
+
+
 def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
     """PIL image -> (1, 3, H, W) float32 in [-1, 1]; ``size`` (height, width) resizes with Lanczos first."""
     image = image.convert("RGB")
