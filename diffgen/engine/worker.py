@@ -190,25 +190,16 @@ def _member(job_id: str, request, cancelled: set[str], outbox, faults: bool, set
     """One job as a member of the worker's batch: its messages to the executor and its cancel flag."""
     from diffgen.engine.batching import BatchMember
 
-    last = [time.perf_counter()]
-    slow = faults and "[[fault:slow]]" in " ".join(request.prompt)
+    progress = _ProgressReporter(job_id, request, outbox, faults)
 
     def start() -> None:
         outbox.put(Started(job_id))
-        last[0] = time.perf_counter()
+        progress.restart()
         if faults:
             _inject_fault(request)
 
-    def progress(step: int, total: int, preview=None) -> None:
-        if slow:
-            time.sleep(0.05)
-        now = time.perf_counter()
-        outbox.put(Progress(job_id, step, total, now - last[0], preview))
-        last[0] = now
-
     def done(result) -> None:
-        # The input images stay with the front end (it sent them); only the outputs travel back.
-        outbox.put(Done(job_id, dataclasses.replace(result, request=dataclasses.replace(result.request, images=[]))))
+        outbox.put(Done(job_id, _outputs_only(result)))
         settled()
 
     def failed(error: BaseException) -> None:
@@ -280,28 +271,41 @@ def _run_one(pipeline, job_id: str, request, cancelled: set[str], outbox, faults
         outbox.put(Failed(job_id, "cancelled", "the job was cancelled"))
         return
     outbox.put(Started(job_id))
-    last = [time.perf_counter()]
-
-    slow = faults and "[[fault:slow]]" in " ".join(request.prompt)
-
-    def progress(step: int, total: int, preview=None) -> None:
-        if slow:
-            time.sleep(0.05)
-        now = time.perf_counter()
-        outbox.put(Progress(job_id, step, total, now - last[0], preview))
-        last[0] = now
-
+    progress = _ProgressReporter(job_id, request, outbox, faults)
     try:
         if faults:
             _inject_fault(request)
         result = pipeline.run(request, progress=progress, is_cancelled=lambda: job_id in cancelled)
-        # The input images stay with the front end (it sent them); only the outputs travel back.
-        result = dataclasses.replace(result, request=dataclasses.replace(result.request, images=[]))
-        outbox.put(Done(job_id, result))
+        outbox.put(Done(job_id, _outputs_only(result)))
         return
     except Exception as e:  # one request's failure must not take the worker down
         outbox.put(_failure(job_id, e))
     _free_memory()  # reached only on failure: free what the failed request held on the GPU
+
+
+class _ProgressReporter:
+    """A job's per-step progress callback: Progress messages with the time since the last one (and, under fault
+    injection, 50 ms more per step for ``[[fault:slow]]`` prompts)."""
+
+    def __init__(self, job_id: str, request, outbox, faults: bool) -> None:
+        self.job_id, self.outbox = job_id, outbox
+        self.slow = faults and "[[fault:slow]]" in " ".join(request.prompt)
+        self.restart()
+
+    def restart(self) -> None:
+        self.last = time.perf_counter()
+
+    def __call__(self, step: int, total: int, preview=None) -> None:
+        if self.slow:
+            time.sleep(0.05)
+        now = time.perf_counter()
+        self.outbox.put(Progress(self.job_id, step, total, now - self.last, preview))
+        self.last = now
+
+
+def _outputs_only(result):
+    """The result without the request's input images: they stay with the front end (it sent them)."""
+    return dataclasses.replace(result, request=dataclasses.replace(result.request, images=[]))
 
 
 def _failure(job_id: str, error: BaseException) -> Failed:
