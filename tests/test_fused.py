@@ -87,6 +87,7 @@ def test_fused_projections_give_the_same_forward(build):
     assert fuse_projections(fused) == expected_fusions
     assert not any(name.endswith(("to_k.weight", "proj_mlp.weight")) for name in fused.state_dict())
     assert names_on_disk == set(plain.state_dict())  # the unfused model (what loading checks) is untouched
+    assert fuse_projections(fused) == 0  # a second call (e.g. a pipeline built from fused components) is a no-op
     with torch.no_grad():
         assert torch.equal(fused(**inputs), plain(**inputs))
 

@@ -147,6 +147,21 @@ def test_ulysses_on_a_checkpoint_reads_its_head_count(tiny_checkpoint):
     assert (plan.cfg_degree, plan.ulysses_degree, plan.ring_degree) == (2, 1, 1)
 
 
+def test_distilled_checkpoint_plans_one_guidance_branch(tiny_checkpoint):
+    """The distilled HunyuanVideo-1.5 (guider scale 1.0) runs one branch: --num-gpus 2 alone is Ulysses, not CFG-2,
+    and --enable-cfg-parallel is refused before loading; the same pipeline class with CFG plans CFG-2."""
+    from diffgen.engine.engine import Engine
+    from diffgen.parallel.runtime import plan_for_model
+
+    distilled, with_cfg = tiny_checkpoint("hunyuan15-i2v-distilled"), tiny_checkpoint("hunyuan15-i2v")
+    plan = plan_for_model(ParallelConfig(num_gpus=2), distilled)
+    assert (plan.cfg_degree, plan.ulysses_degree * plan.ring_degree) == (1, 2)
+    plan = plan_for_model(ParallelConfig(num_gpus=2), with_cfg)
+    assert (plan.cfg_degree, plan.ulysses_degree * plan.ring_degree) == (2, 1)
+    with pytest.raises(ParallelConfigError, match="--enable-cfg-parallel: ckpt runs one guidance branch"):
+        Engine.from_pretrained(distilled, device="cpu", num_gpus=2, enable_cfg_parallel=True)
+
+
 def test_row_split_vae_decode_equals_the_whole_decode(tiny_checkpoint, tmp_path):
     """2 gloo processes split the latent rows (pieces of uneven size) of Wan2.1's, Wan2.2's and Qwen-Image's VAE."""
     from diffgen.testing.parallel import run_vae_cases, spawn

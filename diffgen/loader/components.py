@@ -125,15 +125,24 @@ def read_model_spec(model_path: str, revision: str | None = None):
     Raises ModelLoadError for a path that is neither a pipeline folder nor a reachable hub id, or an
     unsupported pipeline class: what a front end checks before it starts workers.
     """
-    from diffgen.pipelines.base import pipeline_for
+    checkpoint = read_checkpoint_info(model_path, revision)
+    return checkpoint_pipeline_class(checkpoint).describe(checkpoint)
 
+
+def read_checkpoint_info(model_path: str, revision: str | None = None) -> CheckpointInfo:
+    """The JSON files of a checkpoint (model_index.json, component configs on demand), without any weights."""
     local = Path(model_path).expanduser()
     if local.exists() or not _looks_like_hub_id(str(model_path)):
         folder = resolve_model_path(local)  # raises the precise error for a missing / bad folder
-        checkpoint = CheckpointInfo.from_folder(folder, str(model_path))
-    else:
-        checkpoint = _hub_checkpoint(str(model_path), revision)
-    return pipeline_for(checkpoint.index.get("_class_name", "?"), Path(str(model_path))).describe(checkpoint)
+        return CheckpointInfo.from_folder(folder, str(model_path))
+    return _hub_checkpoint(str(model_path), revision)
+
+
+def checkpoint_pipeline_class(checkpoint: CheckpointInfo):
+    """The pipeline class that runs ``checkpoint`` (ModelLoadError for an unsupported one)."""
+    from diffgen.pipelines.base import pipeline_for
+
+    return pipeline_for(checkpoint.index.get("_class_name", "?"), Path(checkpoint.model_path))
 
 
 def _looks_like_hub_id(text: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -14,25 +13,14 @@ logger = logging.getLogger(__name__)
 
 
 def read_model_facts(model_path: str, revision: str | None = None) -> ModelFacts:
-    """Heads and guidance branches of a checkpoint, from its model_index.json and transformer config only."""
-    from diffgen.loader.resolve import read_model_index
-    from diffgen.pipelines.base import pipeline_for
+    """Heads and guidance branches of a checkpoint, from its JSON files only (no weights)."""
+    from diffgen.loader.components import checkpoint_pipeline_class, read_checkpoint_info
 
-    local = Path(model_path).expanduser()
-    if local.exists():
-        index_path = local / "model_index.json"
-        config_path = local / "transformer" / "config.json"
-        read_model_index(local)
-    else:
-        from huggingface_hub import hf_hub_download
-
-        index_path = Path(hf_hub_download(str(model_path), "model_index.json", revision=revision))
-        config_path = Path(hf_hub_download(str(model_path), "transformer/config.json", revision=revision))
-    index = json.loads(index_path.read_text())
-    pipeline_cls = pipeline_for(index.get("_class_name", "?"), local)
-    config = json.loads(config_path.read_text())
-    return ModelFacts(name=Path(str(model_path)).name, heads=int(config.get("num_attention_heads", 1)),
-                      guidance_branches=pipeline_cls.guidance_branches,
+    checkpoint = read_checkpoint_info(model_path, revision)
+    pipeline_cls = checkpoint_pipeline_class(checkpoint)
+    heads = int(checkpoint.config("transformer").get("num_attention_heads", 1))
+    return ModelFacts(name=Path(str(model_path)).name, heads=heads,
+                      guidance_branches=pipeline_cls.default_guidance_branches(checkpoint),
                       sequence_parallel=pipeline_cls.sequence_parallel)
 
 

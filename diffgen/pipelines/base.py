@@ -148,6 +148,12 @@ class ComposedPipeline:
         """The model's spec, from the checkpoint's JSON files only (the front end has no weights)."""
         raise NotImplementedError
 
+    @classmethod
+    def default_guidance_branches(cls, checkpoint: CheckpointInfo) -> int:
+        """The guidance branches this checkpoint runs at its default settings (the CFG-parallel plan reads it):
+        ``guidance_branches`` unless a pipeline reads otherwise from the checkpoint's files."""
+        return cls.guidance_branches
+
     def stages(self) -> list[PipelineStage]:
         from diffgen.pipelines import stages as S
 

@@ -59,6 +59,11 @@ def resize_and_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     return canvas
 
 
+def guidance_scale(checkpoint) -> float:
+    """The checkpoint's default guidance scale: its guider config's (1.0 without one, as diffusers)."""
+    return float(checkpoint.config("guider").get("guidance_scale", 1.0))
+
+
 def model_defaults(checkpoint, task: str):
     """Defaults from the checkpoint's files: size bucket of its target size, guider scale, distillation."""
     transformer = checkpoint.config("transformer")
@@ -66,7 +71,7 @@ def model_defaults(checkpoint, task: str):
     width, height = aspect_bucket_size(*presets.DEFAULT_ASPECT, target, presets.SIZE_MULTIPLE)
     distilled = bool(transformer.get("use_meanflow"))
     name = f"HunyuanVideo-1.5-{height}p-{task}" + ("-step-distilled" if distilled else "")
-    guidance = checkpoint.config("guider").get("guidance_scale", 1.0)
+    guidance = guidance_scale(checkpoint)
     steps = presets.STEP_DISTILLED_STEPS if distilled else 50
     return presets.defaults(name, width, height, guidance, steps), target
 
@@ -84,6 +89,11 @@ class HunyuanVideo15Pipeline(ComposedPipeline):
     def describe(cls, checkpoint) -> ModelSpec:
         defaults, _ = model_defaults(checkpoint, "T2V")
         return ModelSpec(defaults, "video", "T2V")
+
+    @classmethod
+    def default_guidance_branches(cls, checkpoint) -> int:
+        """One branch where the guider's scale is 1.0 (the distilled checkpoints): CFG is off by default."""
+        return 1 if math.isclose(guidance_scale(checkpoint), 1.0) else 2
 
     @property
     def vae_scale_spatial(self) -> int:

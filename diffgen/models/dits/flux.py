@@ -97,8 +97,10 @@ class FluxSingleBlock(nn.Module):
         self.proj_out = nn.Linear(dim + self.mlp_dim, dim)
 
     def fuse_projections(self) -> int:
-        """q, k, v and the MLP input all read ``h``: one (dim -> 3*dim + mlp_dim) matmul after loading."""
-        fused = fuse_linears(*(getattr(self.attn, name, None) for name in ("to_q", "to_k", "to_v")), self.proj_mlp)
+        """q, k, v and the MLP input all read ``h``: one (dim -> 3*dim + mlp_dim) matmul after loading.
+        A block already fused has none of them left: nothing to do (0)."""
+        fused = fuse_linears(*(getattr(self.attn, name, None) for name in ("to_q", "to_k", "to_v")),
+                             getattr(self, "proj_mlp", None))
         if fused is None:
             return 0
         del self.attn.to_q, self.attn.to_k, self.attn.to_v, self.proj_mlp
