@@ -60,7 +60,8 @@ def attention(
     ``replicated``: (q, k, v) of tokens every rank holds whole (text), placed before ``query``'s
     tokens in the sequence; the result is then (output, replicated output). Image/video tokens are
     never concatenated with text by the caller, so that inside a sequence-parallel shard (see
-    :mod:`diffgen.parallel.sequence`) they can be distributed while the text stays whole.
+    :mod:`diffgen.parallel.sequence`) they can be distributed while the text stays whole (or, where
+    the DiT split its text too, ``shard_tokens(text_length=...)``, this rank's text chunk).
     ``mask``: boolean key mask (B, S_kv), True = attend; with ``replicated``, (B, T) over its keys only.
     ``replicated_kv``: the keys/values are complete on every rank (cross-attention to text): each rank
     attends with its own queries, no communication.

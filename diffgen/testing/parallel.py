@@ -127,37 +127,45 @@ def run_vae_cases(rank: int, world_size: int, vae_folders: dict[str, str], out_p
 ATTENTION_LAYOUTS = {"ulysses-2": dict(ulysses_degree=2, ring_degree=1, dp_size=2),
                      "ring-2": dict(ulysses_degree=1, ring_degree=2, dp_size=2),
                      "usp-2x2": dict(ulysses_degree=2, ring_degree=2, dp_size=1)}
-ATTENTION_TEXTS = ("none", "text", "text+mask")
+#: replicated text, or split over the group with the tokens (shard_tokens(text_length=...)); "even": 16 tokens and
+#: 8 text tokens, which every degree divides (no padding to cut)
+ATTENTION_TEXTS = ("none", "text", "text+mask", "split-text", "split-text+mask", "split-text-even")
 
 
 def run_attention_cases(rank: int, world_size: int, out_path: str) -> None:
-    """attention() over a shard of 15 random tokens (no degree divides them) vs over the whole sequence, for each
-    layout and text case; writes ``{"layout/text": max abs diff}`` (text output included where there is text)."""
+    """attention() over a shard of 15 random tokens and 5 text tokens (no degree divides them) vs over the whole
+    sequence, for each layout and text case; writes ``{"layout/text": max abs diff}`` (text output included where
+    there is text)."""
     from diffgen.layers.attention import attention
     from diffgen.parallel.config import ParallelPlan
     from diffgen.parallel.sequence import shard_tokens
     from diffgen.parallel.state import build_state, use_state
 
     generator = torch.Generator().manual_seed(0)
-    batch, tokens, text_len, heads, dim = 2, 15, 5, 4, 8
-    q, k, v = (torch.randn(batch, tokens, heads, dim, generator=generator) for _ in range(3))
-    text = tuple(torch.randn(batch, text_len, heads, dim, generator=generator) for _ in range(3))
-    mask = torch.ones(batch, text_len, dtype=torch.bool)
-    mask[1, 3:] = False
+    batch, heads, dim = 2, 4, 8
     results = {}
     for layout, degrees in ATTENTION_LAYOUTS.items():
         state = build_state(ParallelPlan(num_gpus=world_size, cfg_degree=1, **degrees), torch.device("cpu"))
         for text_case in ATTENTION_TEXTS:
+            tokens, text_len = (16, 8) if text_case.endswith("even") else (15, 5)
+            q, k, v = (torch.randn(batch, tokens, heads, dim, generator=generator) for _ in range(3))
+            text = tuple(torch.randn(batch, text_len, heads, dim, generator=generator) for _ in range(3))
+            mask = torch.ones(batch, text_len, dtype=torch.bool)
+            mask[1, 3:] = False
             replicated = None if text_case == "none" else text
-            key_mask = mask if text_case == "text+mask" else None
+            key_mask = mask if text_case.endswith("+mask") else None
+            split_text = text_case.startswith("split")
             expected = attention(q, k, v, replicated=replicated, mask=key_mask)
             with use_state(state):
-                shard = shard_tokens(tokens)
+                shard = shard_tokens(tokens, text_length=text_len if split_text else 0)
+                if split_text:
+                    replicated = tuple(shard.split_text(t) for t in text)
                 got = attention(shard.split(q), shard.split(k), shard.split(v), replicated=replicated, mask=key_mask)
                 if replicated is None:
                     got, expected = (shard.gather(got),), (expected,)
                 else:
-                    got = (shard.gather(got[0]), got[1])
+                    text_out = shard.gather_text(got[1])
+                    got = (shard.gather(got[0]), text_out)
             diffs = [(a - b).abs().max().item() for a, b in zip(got, expected, strict=True)]
             results[f"{layout}/{text_case}"] = max(diffs)
     if rank == 0:

@@ -158,8 +158,10 @@ class FluxTransformer(nn.Module):
         context = self.context_embedder(encoder_hidden_states)
         rope = multi_axis_rope(torch.cat([txt_ids, img_ids], 0), self.config.axes_dims_rope, self.config.rope_theta)
         rope = tuple(t.to(x.device) for t in rope)
-        tokens = shard_tokens(x.shape[1])  # sequence parallel: this rank's image tokens (text stays whole)
-        x, rope = tokens.split(x), tokens.split(rope, dim=0, prefix=txt_ids.shape[0])
+        # Sequence parallel: this rank's image and text tokens (the text runs through every block's linears too)
+        tokens = shard_tokens(x.shape[1], text_length=context.shape[1])
+        x, context = tokens.split(x), tokens.split_text(context)
+        rope = tokens.split(rope, dim=0, prefix=txt_ids.shape[0])
 
         text_len = context.shape[1]
         (joint,) = run_blocks(self, (x, context), [
