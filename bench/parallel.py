@@ -15,6 +15,11 @@ still run; rows are printed as they are measured, so a run cut short keeps what 
 that long to enqueue the step, over 80% of its time: the GPU waited on Python (host-bound).
 ``flux-graph`` replays the FLUX forward from a CUDA graph (collectives included), an experiment that
 shows the GPU time without the host's per-kernel cost; the pipelines themselves run eager.
+``flux-compile`` compiles each block as the server does by default (``compile_repeated_blocks``; each mode
+compiles again in its warm-up), ``flux-compile-graph`` replays the compiled forward from a CUDA graph.
+The FLUX rows also run Ulysses-2 with the text replicated (FLUX before it split its text over the group).
+``qwen-mask``: one Qwen-Image forward of two prompts of different lengths (200 and 120 text tokens, the
+shorter one padded and masked), 1 GPU against Ulysses-2: the padded-text path on CUDA.
 
 FLUX dp-size 2: each replica is an independent process with its own model running its share of
 16 requests (one denoising forward each: throughput, not latency); scheduler overhead is not included.
@@ -29,6 +34,7 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
     os.environ[_name] = _value
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -40,7 +46,8 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROWS: list[tuple[str, ...]] = []
-ROW_KEYS = ("flux", "flux-dp", "flux-graph", "qwen", "wan-small", "ring-accuracy", "t5", "vae", "wan-14b")
+ROW_KEYS = ("flux", "flux-dp", "flux-graph", "flux-compile", "flux-compile-graph", "qwen", "qwen-mask", "wan-small",
+            "ring-accuracy", "t5", "vae", "wan-14b")
 HEADER = ("work", "mode", "GPUs", "time (s)", "speed-up", "rel err", "note")
 
 
@@ -169,12 +176,12 @@ def compare_modes(title, rank, world, device, modes, step, warm, repeats, facts,
         ROWS.append((title, "1 GPU", "1", "error", "", "", _short(error)))
         traceback.print_exc()
     dist.barrier()
-    for name, degrees in modes:
+    for name, degrees, *context in modes:  # context: an optional context manager factory the mode runs in
         try:
             plan = make_plan(ParallelConfig(num_gpus=world, **degrees), facts)
             state = build_state(plan, device)
             variants = [(name, step)]
-            with use_state(state):
+            with use_state(state), (context[0]() if context else contextlib.nullcontext()):
                 warm()
                 if cuda_graph and device.type == "cuda":
                     variants = [(f"{name}, CUDA graph", _graphed_everywhere(step, device))]
@@ -252,11 +259,33 @@ def wan_step_row(title, rank, world, device, dtype, config, frames, height, widt
                   repeats, facts)
 
 
-def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=512, cuda_graph=False):
+@contextlib.contextmanager
+def flux_text_replicated():
+    """FLUX as it was before it split its text over the group: every rank runs the whole text."""
+    import diffgen.models.dits.flux as flux
+    from diffgen.parallel import sequence
+
+    flux.shard_tokens = lambda length, text_length=0: sequence.shard_tokens(length)
+    try:
+        yield
+    finally:
+        flux.shard_tokens = sequence.shard_tokens
+
+
+def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=512, cuda_graph=False,
+             compiled=None):
+    """``compiled``: "inductor" compiles the blocks as the server does; another torch.compile backend
+    (the CPU test: "aot_eager", which traces the collectives without a C++ compiler) compiles them with it."""
+    from diffgen.engine.optimize import compile_repeated_blocks
     from diffgen.models.dits.flux import FluxTransformer
     from diffgen.parallel.config import ModelFacts
 
     model = build(FluxTransformer, config, device, dtype)
+    if compiled == "inductor":
+        compile_repeated_blocks(model)
+    elif compiled:
+        for block in (*model.transformer_blocks, *model.single_transformer_blocks):
+            block.compile(backend=compiled)
     gen = torch.Generator(device=device).manual_seed(1)
     grid = size // 16
     inputs = dict(
@@ -275,13 +304,17 @@ def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=
 
     def warm():
         step()
+        if compiled:
+            step()
 
     facts = ModelFacts(title, config.num_attention_heads, 1)
     modes = [m for m in mode_list(world, config.num_attention_heads, False) if "Ring" not in m[0] or world == 2]
-    if cuda_graph:
+    if cuda_graph or compiled:
         modes = [m for m in modes if m[0].startswith("Ulysses")]
+    if world == 2:
+        modes.append(("Ulysses-2, text replicated (before)", modes[0][1], flux_text_replicated))
     compare_modes(title, rank, world, device, modes, step, warm, repeats, facts, cuda_graph=cuda_graph)
-    return None if cuda_graph else (model, inputs)
+    return None if cuda_graph or compiled else (model, inputs)
 
 
 def flux_dp_row(name, rank, world, device, model, inputs, requests, steps):
@@ -338,6 +371,35 @@ def qwen_row(title, rank, world, device, dtype, config, size, repeats):
     facts = ModelFacts(title, config.num_attention_heads, 2)
     compare_modes(title, rank, world, device, mode_list(world, config.num_attention_heads, True), step, warm,
                   repeats, facts)
+
+
+def qwen_mask_row(title, rank, world, device, dtype, config, size, repeats, lengths=(200, 120)):
+    """One Qwen-Image forward of two prompts of different text lengths (the shorter padded, masked)."""
+    from diffgen.models.dits.qwen_image import QwenImageTransformer
+    from diffgen.parallel.config import ModelFacts
+
+    model = build(QwenImageTransformer, config, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(1)
+    grid = size // 16
+    longest = max(lengths)
+    mask = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    inputs = dict(hidden_states=torch.randn(len(lengths), grid * grid, config.in_channels, device=device,
+                                            generator=gen, dtype=dtype),
+                  timestep=torch.full((len(lengths),), 0.9, device=device),
+                  encoder_hidden_states=torch.randn(len(lengths), longest, config.joint_attention_dim, device=device,
+                                                    generator=gen, dtype=dtype),
+                  image_shapes=[(1, grid, grid)], encoder_hidden_states_mask=mask.long())
+
+    def step():
+        with torch.inference_mode():
+            return model(**inputs)
+
+    def warm():
+        step()
+
+    facts = ModelFacts(title, config.num_attention_heads, 1)
+    modes = [m for m in mode_list(world, config.num_attention_heads, False) if m[0] == "Ulysses-2"]
+    compare_modes(title, rank, world, device, modes, step, warm, repeats, facts)
 
 
 def t5_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -526,7 +588,9 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
         run_rows([
             ("flux", "tiny FLUX forward", flux_row, (dtype, flux, 80, 1, 8)),
             ("flux-dp", "tiny FLUX", flux_dp_row, (4, 1)),
+            ("flux-compile", "tiny FLUX forward, compiled", flux_row, (dtype, flux, 80, 1, 8, False, "aot_eager")),
             ("qwen", "tiny Qwen true-CFG step", qwen_row, (dtype, qwen, 80, 1)),
+            ("qwen-mask", "tiny Qwen forward, 2 prompts, padded text", qwen_mask_row, (dtype, qwen, 80, 1, (7, 4))),
             ("wan-small", "tiny Wan CFG step", wan_step_row, (dtype, wan, 9, 48, 80, 1, 16)),
             ("ring-accuracy", "tiny Wan forward vs float32", ring_accuracy_row, (dtype, wan, 9, 48, 80, 16)),
             ("t5", "tiny T5 encoder", text_encoder_tp_row, (dtype, t5, True)),
@@ -545,7 +609,13 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
             ("flux", f"FLUX.1-dev {size}² forward", flux_row, (dtype, flux, size, 3)),
             ("flux-dp", "FLUX.1-dev", flux_dp_row, (8 if quick else 16, 1)),
             ("flux-graph", f"FLUX.1-dev {size}² forward", flux_row, (dtype, flux, size, 3, 512, True)),
+            ("flux-compile", f"FLUX.1-dev {size}² forward, compiled", flux_row,
+             (dtype, flux, size, 3, 512, False, "inductor")),
+            ("flux-compile-graph", f"FLUX.1-dev {size}² forward, compiled", flux_row,
+             (dtype, flux, size, 3, 512, True, "inductor")),
             ("qwen", f"Qwen-Image {size}² true-CFG step", qwen_row, (dtype, QwenImageConfig(), size, 2)),
+            ("qwen-mask", f"Qwen-Image {size}² forward, 2 prompts (200 / 120 text tokens)", qwen_mask_row,
+             (dtype, QwenImageConfig(), size, 3)),
             ("wan-small", f"Wan2.1-T2V-1.3B 480x832x{frames} CFG step", wan_step_row,
              (dtype, wan_1_3b, frames, 480, 832, 2)),
             ("ring-accuracy", "Wan2.1-T2V-1.3B 480x832x9 forward vs float32", ring_accuracy_row,

@@ -20,7 +20,8 @@ def test_bench_parallel_tiny_cpu_mode():
             if line.startswith("| tiny")]
     works = {row[0] for row in rows}
     assert works == {"tiny Wan CFG step", "tiny FLUX forward", "tiny FLUX 4 requests x 1 steps",
-                     "tiny Qwen true-CFG step", "tiny T5 encoder", "tiny Wan VAE decode",
+                     "tiny FLUX forward, compiled", "tiny Qwen true-CFG step",
+                     "tiny Qwen forward, 2 prompts, padded text", "tiny T5 encoder", "tiny Wan VAE decode",
                      "tiny Wan forward vs float32"}, run.stdout
     assert not [row for row in rows if row[3] == "error"], run.stdout
     errors = [float(row[5]) for row in rows if row[5] not in ("-", "")]
