@@ -46,7 +46,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROWS: list[tuple[str, ...]] = []
-ROW_KEYS = ("flux", "flux-dp", "flux-graph", "flux-compile", "flux-compile-graph", "qwen", "qwen-mask", "wan-small",
+ROW_KEYS = ("flux", "flux-dp", "flux-graph", "qwen", "qwen-mask", "wan-small", "flux-compile", "flux-compile-graph",
             "ring-accuracy", "t5", "vae", "wan-14b")
 HEADER = ("work", "mode", "GPUs", "time (s)", "speed-up", "rel err", "note")
 
@@ -609,15 +609,15 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
             ("flux", f"FLUX.1-dev {size}² forward", flux_row, (dtype, flux, size, 3)),
             ("flux-dp", "FLUX.1-dev", flux_dp_row, (8 if quick else 16, 1)),
             ("flux-graph", f"FLUX.1-dev {size}² forward", flux_row, (dtype, flux, size, 3, 512, True)),
-            ("flux-compile", f"FLUX.1-dev {size}² forward, compiled", flux_row,
-             (dtype, flux, size, 3, 512, False, "inductor")),
-            ("flux-compile-graph", f"FLUX.1-dev {size}² forward, compiled", flux_row,
-             (dtype, flux, size, 3, 512, True, "inductor")),
             ("qwen", f"Qwen-Image {size}² true-CFG step", qwen_row, (dtype, QwenImageConfig(), size, 2)),
             ("qwen-mask", f"Qwen-Image {size}² forward, 2 prompts (200 / 120 text tokens)", qwen_mask_row,
              (dtype, QwenImageConfig(), size, 3)),
             ("wan-small", f"Wan2.1-T2V-1.3B 480x832x{frames} CFG step", wan_step_row,
              (dtype, wan_1_3b, frames, 480, 832, 2)),
+            ("flux-compile", f"FLUX.1-dev {size}² forward, compiled", flux_row,
+             (dtype, flux, size, 3, 512, False, "inductor")),
+            ("flux-compile-graph", f"FLUX.1-dev {size}² forward, compiled", flux_row,
+             (dtype, flux, size, 3, 512, True, "inductor")),
             ("ring-accuracy", "Wan2.1-T2V-1.3B 480x832x9 forward vs float32", ring_accuracy_row,
              (dtype, wan_1_3b, 9, 480, 832)),
             ("t5", "T5-XXL encoder", text_encoder_tp_row, (dtype, T5Config(vocab_size=32128, **xxl), True)),
