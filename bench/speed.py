@@ -2,7 +2,7 @@
 
     python bench/speed.py --sections flux,load         # one or more of: flux, wan, vae, qwen, load
     python bench/speed.py --quick                      # fewer repeats, no whole-request rows
-    python bench/speed.py --tiny                       # tiny configs on CPU: checks the script itself
+    python bench/speed.py --tiny                       # tiny configs on CPU (aot_eager): checks the script itself
 
 diffusers' models are built directly at the real configs with random bf16 weights (as ``from_pretrained``
 leaves them: bf16, with diffusers' float32 modules kept in float32), not on the meta device over
@@ -11,7 +11,10 @@ projections on top (``DIFFGEN_FUSE_PROJECTIONS=1``, off by default: it measured 
 
 - ``diffgen plain eager``: diffgen before this work (plain PyTorch q/k norm + RoPE).
 - ``diffgen default``: what ``diffgen generate`` runs on CUDA (eager, Triton norm+RoPE kernel).
-- ``diffgen compiled``: what ``diffgen serve`` runs (compiled blocks).
+- ``diffgen compiled``: compiled blocks without graphs (``diffgen serve`` before CUDA graphs).
+- ``diffgen compiled + CUDA graph``: what ``diffgen serve`` runs now (diffgen/engine/cuda_graphs.py).
+- ``--inductor NAME``: diffgen's compiled rows with Inductor options (``coordinate-descent``,
+  ``max-autotune``: GEMM templates with their epilogues fused, autotuned), to decide whether they pay.
 - ``... fused qkv ...``: the concatenated projections, with and without the Triton kernel.
 
 Every row runs in its own try/except: a failure prints and the rest goes on. Peak memory is the
@@ -166,6 +169,71 @@ def with_cudnn_benchmark(fn):
     return run
 
 
+INDUCTOR_OPTIONS = {
+    "default": None,
+    "coordinate-descent": {"coordinate_descent_tuning": True},
+    "max-autotune": {"max_autotune": True, "max_autotune_gemm": True, "epilogue_fusion": True,
+                     "coordinate_descent_tuning": True},
+}
+
+
+def compile_blocks(model, args) -> None:
+    """Compile ``model``'s blocks as serve does (disk cache), with ``--inductor``'s options."""
+    from diffgen.engine.optimize import compile_repeated_blocks, use_persistent_compile_cache
+
+    use_persistent_compile_cache()
+    compile_repeated_blocks(model, INDUCTOR_OPTIONS[args.inductor])
+
+
+def with_graphs(model, fn):
+    """``fn`` with ``model``'s forward replayed from CUDA graphs (captured on the second call of a shape)."""
+    from diffgen.engine.cuda_graphs import install_cuda_graphs
+
+    if model.__dict__.get("forward") is None and torch.cuda.is_available():
+        install_cuda_graphs(model)
+    return fn
+
+
+def without_graphs(fn):
+    from diffgen.engine.cuda_graphs import graphs_disabled
+
+    def run():
+        with graphs_disabled():
+            return fn()
+    return run
+
+
+def kernel_profile(section: str, fn, device) -> None:
+    """Where one call's GPU time goes: matmuls, attention, the rest (top kernels printed)."""
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        fn()
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if any(k in name for k in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "addmm", "triton_tem")):
+            kind = "matmul"
+        elif any(k in name for k in ("attention", "fmha", "flash", "cudnn", "sdpa")):
+            kind = "attention"
+        elif "memcpy" in name or "memset" in name:
+            kind = "copies"
+        else:
+            kind = "other (elementwise, norms)"
+        totals[kind] = totals.get(kind, 0.0) + us
+    summary = {kind: round(us / 1000, 2) for kind, us in sorted(totals.items())}
+    RESULTS.setdefault(section, {})["profile ms"] = summary
+    print(f"[{section}] GPU time by kind (ms): {summary}, sum {sum(totals.values()) / 1000:.1f}", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -236,23 +304,44 @@ def bench_flux(args, device, dtype):
     }
     if args.fused_qkv:
         variants["diffgen fused qkv + Triton kernels"] = with_kernels(True, lambda: fused(**inputs))
-    time_rows(section, variants, device, args, reference_name="diffusers eager")
+    if args.graphs and device.type == "cuda":
+        eager_graphed = native_over(FluxTransformer, FluxConfig(**cfg["dit"]), reference, fused=False)
+        variants["diffgen default + CUDA graph"] = with_graphs(
+            eager_graphed, with_kernels(True, lambda: eager_graphed(**inputs)))
+    if not args.skip_eager:
+        time_rows(section, variants, device, args, reference_name="diffusers eager")
     if not args.skip_compile:
         begin = time.perf_counter()
-        compile_repeated_blocks(unfused)
+        compile_blocks(unfused, args)
         with torch.inference_mode():
             unfused(**inputs)
         torch.cuda.synchronize() if device.type == "cuda" else None
         RESULTS.setdefault(section, {})["compile + first call s"] = time.perf_counter() - begin
-        print(f"[flux] compile + first forward: {time.perf_counter() - begin:.1f} s", flush=True)
-        compiled = {"diffgen compiled (serve default)": lambda: unfused(**inputs),
-                    "diffusers eager": variants["diffusers eager"]}
+        print(f"[flux] compile ({args.inductor}) + first forward: {time.perf_counter() - begin:.1f} s", flush=True)
+        compiled = {"diffusers eager": variants["diffusers eager"],
+                    f"diffgen compiled ({args.inductor})": without_graphs(lambda: unfused(**inputs))}
+        if args.graphs:
+            compiled[f"diffgen compiled ({args.inductor}) + CUDA graph (serve default)"] = with_graphs(
+                unfused, lambda: unfused(**inputs))
         if fused is not None:
             compile_repeated_blocks(fused)
             compiled["diffgen compiled, fused qkv"] = lambda: fused(**inputs)
         time_rows(section + ", compiled", compiled, device, args, reference_name="diffusers eager", warmup=3)
+        if args.profile:
+            kernel_profile(section + f", compiled ({args.inductor}), no graph", without_graphs(
+                lambda: unfused(**inputs)), device)
     if not args.quick:
         flux_request(args, cfg, reference, unfused, device, dtype)
+    if args.diffusers_compiled and not args.skip_compile:
+        begin = time.perf_counter()
+        reference.compile_repeated_blocks(fullgraph=True)
+        with torch.inference_mode():
+            reference(**inputs, return_dict=False)
+        print(f"[flux] diffusers compile_repeated_blocks + first forward: {time.perf_counter() - begin:.1f} s",
+              flush=True)
+        rows = {"diffusers compiled (compile_repeated_blocks)": variants["diffusers eager"],
+                f"diffgen compiled ({args.inductor}) + CUDA graph (serve default)": lambda: unfused(**inputs)}
+        time_rows(section + ", both compiled", rows, device, args, warmup=3)
 
 
 def flux_request(args, cfg, reference, unfused, device, dtype):
@@ -291,9 +380,14 @@ def flux_request(args, cfg, reference, unfused, device, dtype):
                 num_inference_steps=cfg["steps"], guidance_scale=3.5, max_sequence_length=cfg["text_len"])
     request = GenerationRequest.build(seed=0, **call)
     ours = FluxPipeline(dict(transformer=unfused, **shared), "random", device, dtype)
-    variants = {"diffusers eager": lambda: theirs(generator=torch.Generator("cpu").manual_seed(0), **call),
-                ("diffgen compiled (serve default)" if not args.skip_compile else "diffgen default"):
-                    with_kernels(True, lambda: ours.run(request))}
+    variants = {"diffusers eager": lambda: theirs(generator=torch.Generator("cpu").manual_seed(0), **call)}
+    if args.skip_compile:
+        variants["diffgen default"] = with_kernels(True, lambda: ours.run(request))
+    else:
+        variants[f"diffgen compiled ({args.inductor})"] = without_graphs(with_kernels(True, lambda: ours.run(request)))
+        if args.graphs:
+            variants[f"diffgen compiled ({args.inductor}) + CUDA graph (serve default)"] = with_graphs(
+                unfused, with_kernels(True, lambda: ours.run(request)))
     section = f"FLUX.1-dev request {cfg['height']}x{cfg['width']}, {cfg['steps']} steps (encode+denoise+decode)"
     with torch.inference_mode():
         stats = ab_medians(variants, device, warmup=1, repeats=max(2, args.repeats // 2))
@@ -306,7 +400,6 @@ def flux_request(args, cfg, reference, unfused, device, dtype):
 def bench_wan(args, device, dtype):
     from diffusers import WanTransformer3DModel
 
-    from diffgen.engine.optimize import compile_repeated_blocks
     from diffgen.models.dits.wan import WanConfig, WanTransformer
 
     cfg = WAN["tiny" if args.tiny else "real"]
@@ -338,14 +431,21 @@ def bench_wan(args, device, dtype):
     one_forward_diffs("wan", {"diffusers": lambda: reference(latents, timestep, text[:1], return_dict=False)[0],
                               "diffgen plain": with_kernels(False, lambda: unfused(latents, timestep, text[:1])),
                               "diffgen default": with_kernels(True, lambda: unfused(latents, timestep, text[:1]))})
-    time_rows(section, variants, device, args, reference_name="diffusers eager (direct build)")
+    if not args.skip_eager:
+        time_rows(section, variants, device, args, reference_name="diffusers eager (direct build)")
     if not args.skip_compile:
-        compile_repeated_blocks(unfused)
+        compile_blocks(unfused, args)
         one_forward_diffs("wan", {"diffusers": lambda: reference(latents, timestep, text[:1], return_dict=False)[0],
-                                  "diffgen compiled": lambda: unfused(latents, timestep, text[:1])})
-        compiled = {"diffgen compiled (serve default)": cfg_step(unfused),
-                    "diffusers eager (direct build)": variants["diffusers eager (direct build)"]}
+                                  "diffgen compiled": without_graphs(lambda: unfused(latents, timestep, text[:1])),
+                                  "diffgen compiled + CUDA graph": with_graphs(
+                                      unfused, lambda: [unfused(latents, timestep, text[:1]) for _ in range(2)][-1])})
+        compiled = {"diffusers eager (direct build)": variants["diffusers eager (direct build)"],
+                    f"diffgen compiled ({args.inductor})": without_graphs(cfg_step(unfused))}
+        if args.graphs:
+            compiled[f"diffgen compiled ({args.inductor}) + CUDA graph (serve default)"] = cfg_step(unfused)
         time_rows(section + ", compiled", compiled, device, args, warmup=2)
+        if args.profile:
+            kernel_profile(section + ", compiled, no graph", without_graphs(cfg_step(unfused)), device)
 
 
 @guarded("vae")
@@ -422,7 +522,6 @@ def vae_decode_rows(section, vae, z, device, args, chunks) -> None:
 def bench_qwen(args, device, dtype):
     from diffusers import QwenImageTransformer2DModel
 
-    from diffgen.engine.optimize import compile_repeated_blocks
     from diffgen.models.dits.qwen_image import QwenImageConfig, QwenImageTransformer
 
     cfg = QWEN["tiny" if args.tiny else "real"]
@@ -453,17 +552,25 @@ def bench_qwen(args, device, dtype):
                "diffgen default": with_kernels(True, lambda: ours_model(x, t, text[:1], shapes))}
     one_forward_diffs("qwen", forward)
     section = f"Qwen-Image true-CFG step (2 forwards) {cfg['height']}x{cfg['width']}, {cfg['text_len']} text tokens"
-    time_rows(section, {"diffusers eager": theirs, "diffgen plain eager": plain,
-                        "diffgen Triton norm/rope only (the default before)": before,
-                        "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)": ours},
-              device, args, reference_name="diffusers eager")
+    if not args.skip_eager:
+        time_rows(section, {"diffusers eager": theirs, "diffgen plain eager": plain,
+                            "diffgen Triton norm/rope only (the default before)": before,
+                            "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)": ours},
+                  device, args, reference_name="diffusers eager")
     if not args.skip_compile:
-        compile_repeated_blocks(ours_model)
+        compile_blocks(ours_model, args)
         forward.pop("diffgen plain")
-        forward["diffgen compiled"] = forward.pop("diffgen default")
+        compiled_forward = forward.pop("diffgen default")
+        forward["diffgen compiled"] = without_graphs(compiled_forward)
+        forward["diffgen compiled + CUDA graph"] = with_graphs(
+            ours_model, lambda: [compiled_forward() for _ in range(2)][-1])
         one_forward_diffs("qwen", forward)
-        time_rows(section + ", compiled", {"diffgen compiled (serve default)": ours, "diffusers eager": theirs},
-                  device, args)
+        rows = {"diffusers eager": theirs, f"diffgen compiled ({args.inductor})": without_graphs(ours)}
+        if args.graphs:
+            rows[f"diffgen compiled ({args.inductor}) + CUDA graph (serve default)"] = ours
+        time_rows(section + ", compiled", rows, device, args)
+        if args.profile:
+            kernel_profile(section + ", compiled, no graph", without_graphs(ours), device)
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -534,12 +641,20 @@ def main() -> None:
     parser.add_argument("--fused-qkv", action="store_true", help="also time the concatenated projections (off by "
                         "default: they measured slower)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of the sections that have one")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="leave out the CUDA-graph rows")
+    parser.add_argument("--inductor", default="default", choices=tuple(INDUCTOR_OPTIONS),
+                        help="Inductor options of diffgen's compiled rows")
+    parser.add_argument("--skip-eager", action="store_true", help="leave out the eager rows (a compiled-only run)")
+    parser.add_argument("--diffusers-compiled", action="store_true",
+                        help="FLUX: also diffusers' compile_repeated_blocks against diffgen's serve default")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 5)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    if args.tiny:
-        args.skip_compile = True
+    if args.tiny and device.type == "cpu":  # the compiled rows' logic with Dynamo's capture, no C++ kernels built
+        compile_module = torch.nn.Module.compile
+        torch.nn.Module.compile = lambda self, **kw: compile_module(self, **{**kw, "backend": "aot_eager",
+                                                                             "options": None})
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     RESULTS["meta"] = {"card": card, "torch": torch.__version__, "args": vars(args)}
     for name in args.sections.split(","):

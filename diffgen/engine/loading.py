@@ -23,7 +23,13 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
     default size, or at each of ``warmup_sizes``, before returning, so no request waits for the
     compiler), eager otherwise.
     """
-    from diffgen.engine.optimize import apply_compile, apply_quantization, check_compile_options, resolve_compile
+    from diffgen.engine.optimize import (
+        apply_compile,
+        apply_cuda_graphs,
+        apply_quantization,
+        check_compile_options,
+        resolve_compile,
+    )
     from diffgen.layers.attention import set_attention_backend
     from diffgen.loader.components import load_pipeline
 
@@ -57,6 +63,8 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
     compiled = resolve_compile(compile, pipeline.device, serving and offload in (None, "none"), lora_mode)
     if compiled:
         apply_compile(pipeline.components)
+        if serving and offload in (None, "none"):
+            apply_cuda_graphs(pipeline.components)  # captured on each signature's second forward (warm-up)
     set_step_cache(pipeline, cache, cache_threshold, cache_warmup, cache_order)
     if lora_mode is not None or lora_path:
         from diffgen.engine.lora import LoRAManager, parse_lora_spec

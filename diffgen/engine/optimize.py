@@ -13,17 +13,18 @@ CACHE_DIR_ENV = "DIFFGEN_CACHE_DIR"
 DIT_COMPONENTS = ("transformer", "transformer_2")
 
 
-def compile_repeated_blocks(model: nn.Module) -> int:
+def compile_repeated_blocks(model: nn.Module, options: dict | None = None) -> int:
     """torch.compile each block of the DiT's block lists in place; returns how many were compiled.
 
     Compiling one block at a time (rather than the whole model) keeps compile time to a few blocks'
-    worth, since identical blocks share the compiled code.
+    worth, since identical blocks share the compiled code. ``options``: Inductor options (bench/speed.py
+    measures some; the default is Inductor's own).
     """
     count = 0
     for child in model.children():
         if isinstance(child, nn.ModuleList):
             for block in child:
-                block.compile(fullgraph=False)
+                block.compile(fullgraph=False, **({"options": options} if options else {}))
                 count += 1
     return count
 
@@ -102,3 +103,22 @@ def apply_compile(components: dict) -> int:
     use_persistent_compile_cache()
     return sum(compile_repeated_blocks(components[name]) for name in DIT_COMPONENTS
                if isinstance(components.get(name), nn.Module))
+
+
+def apply_cuda_graphs(components: dict) -> int:
+    """Replay the (compiled) DiTs' forwards from CUDA graphs (diffgen.engine.cuda_graphs); returns how many DiTs.
+
+    For a server on CUDA whose DiT stays on its device: each input signature is captured on its second
+    forward (the warm-up's second step for the warmed sizes). ``DIFFGEN_CUDA_GRAPHS=0`` leaves them off.
+    """
+    from diffgen.engine.cuda_graphs import cuda_graphs_enabled, install_cuda_graphs
+
+    if not cuda_graphs_enabled():
+        return 0
+    count = 0
+    for name in DIT_COMPONENTS:
+        model = components.get(name)
+        if isinstance(model, nn.Module) and next(model.parameters()).device.type == "cuda":
+            install_cuda_graphs(model)
+            count += 1
+    return count

@@ -102,6 +102,11 @@ def attach_offloader(model: nn.Module, offloader: BlockOffloader | None) -> None
         _OFFLOADERS[model] = offloader
 
 
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether ``model``'s blocks stream their weights in as they run (layerwise offload)."""
+    return model in _OFFLOADERS
+
+
 def run_blocks(model: nn.Module, hidden: Hidden, segments: Sequence[BlockSegment],
                conditioning: torch.Tensor | None = None) -> Hidden:
     """Run all blocks of ``model`` over ``hidden``; returns the hidden state in the last segment's form.
