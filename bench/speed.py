@@ -80,6 +80,7 @@ def record(section: str, name: str, stats: dict, peak_gib: float | None = None, 
     ROWS.append((section, name, f"{stats['median'] * scale:.1f} {unit}",
                  f"{stats['min'] * scale:.1f}..{stats['max'] * scale:.1f}",
                  "" if peak_gib is None else f"{peak_gib:.1f} GiB"))
+    print("row: | " + " | ".join(ROWS[-1]) + " |", flush=True)  # kept if a later row is cut off
 
 
 def guarded(section: str):
