@@ -192,13 +192,12 @@ def test_graphs_are_installed_for_a_compiled_server_on_cuda_only(tiny_checkpoint
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_replay_is_bit_equal_to_the_forward_it_captured(dtype):
+def test_cuda_graph_replay_is_bit_equal_to_the_forward_it_captured(tiny_checkpoint, dtype):
     """A real capture of the tiny FLUX DiT (eager with the Triton kernels, then compiled blocks): replays equal the
     plain forward bit for bit at new inputs, and a second shape gets its own graph."""
     from diffgen.engine.optimize import compile_repeated_blocks
-    from diffgen.testing.tiny import build_tiny_pipeline
 
-    model = build_tiny_pipeline("flux")["transformer"].to("cuda", dtype).eval().requires_grad_(False)
+    model = Engine.from_pretrained(tiny_checkpoint("flux"), device="cuda", dtype=dtype).pipeline.transformer
     for compiled in (False, True):
         if compiled:
             compile_repeated_blocks(model)
