@@ -198,7 +198,7 @@ def test_cuda_graph_replay_is_bit_equal_to_the_forward_it_captured(tiny_checkpoi
     from diffgen.engine.optimize import compile_repeated_blocks
 
     model = Engine.from_pretrained(tiny_checkpoint("flux"), device="cuda", dtype=dtype).pipeline.transformer
-    for compiled in (False, True):
+    for compiled in (False, True) if dtype == torch.bfloat16 else (False,):  # one Inductor compile keeps it short
         if compiled:
             compile_repeated_blocks(model)
         forward = install_cuda_graphs(model)

@@ -26,7 +26,7 @@ from diffgen.layers.attention import attention
 from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.joint_attention import JointAttention
-from diffgen.layers.modulation import AdaLayerNorm, modulate
+from diffgen.layers.modulation import AdaLayerNorm, gated_add, modulate, norm_modulate
 from diffgen.layers.norm import layer_norm_no_affine
 from diffgen.layers.rope import multi_axis_rope
 from diffgen.parallel.sequence import shard_tokens
@@ -79,23 +79,27 @@ class FirstFrame:
     vectors: tuple[torch.Tensor, ...]
 
 
-def modulate_tokens(x, shift, scale, first: FirstFrame | None = None, shift_index: int = 0, scale_index: int = 1):
-    """AdaLN modulation; with ``first``, its span uses that set's vectors (diffusers' token-replace norms)."""
+def norm_modulate_tokens(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                         first: FirstFrame | None = None, shift_index: int = 0, scale_index: int = 1) -> torch.Tensor:
+    """AdaLN ``modulate(norm(x))`` (one fused pass on CUDA); with ``first``, its span uses that set's vectors
+    (diffusers' token-replace norms)."""
     if first is None:
-        return modulate(x, shift, scale)
+        return norm_modulate(norm, x, shift, scale)
+    x = norm(x)
     a, b = first.start, first.start + first.count
     return torch.cat([modulate(x[:, :a], shift, scale),
                       modulate(x[:, a:b], first.vectors[shift_index], first.vectors[scale_index]),
                       modulate(x[:, b:], shift, scale)], dim=1)
 
 
-def gate_tokens(y: torch.Tensor, gate: torch.Tensor, first: FirstFrame | None = None, gate_index: int = 2):
-    """``y * gate`` per token; with ``first``, its span uses that set's gate."""
+def add_gated_tokens(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first: FirstFrame | None = None,
+                     gate_index: int = 2) -> torch.Tensor:
+    """The gated residual ``x + y * gate`` (one fused pass on CUDA); with ``first``, its span uses that set's gate."""
     if first is None:
-        return y * gate.unsqueeze(1)
+        return gated_add(x, gate, y)
     a, b = first.start, first.start + first.count
-    return torch.cat([y[:, :a] * gate.unsqueeze(1), y[:, a:b] * first.vectors[gate_index].unsqueeze(1),
-                      y[:, b:] * gate.unsqueeze(1)], dim=1)
+    return x + torch.cat([y[:, :a] * gate.unsqueeze(1), y[:, a:b] * first.vectors[gate_index].unsqueeze(1),
+                          y[:, b:] * gate.unsqueeze(1)], dim=1)
 
 
 class TimestepTextEmbedding(nn.Module):
@@ -190,15 +194,15 @@ class DoubleStreamBlock(nn.Module):
         shift, scale, gate, shift_ff, scale_ff, gate_ff = self.norm1(temb)
         c_shift, c_scale, c_gate, c_shift_ff, c_scale_ff, c_gate_ff = self.norm1_context(temb)
         first = None if first_frame_temb is None else FirstFrame(0, first_frame_tokens, self.norm1(first_frame_temb))
-        attn_x, attn_c = self.attn(modulate_tokens(self.norm1.norm(x), shift, scale, first), rope,
-                                   context=modulate(self.norm1_context.norm(context), c_shift, c_scale),
+        attn_x, attn_c = self.attn(norm_modulate_tokens(self.norm1.norm, x, shift, scale, first), rope,
+                                   context=norm_modulate(self.norm1_context.norm, context, c_shift, c_scale),
                                    context_mask=context_mask)
-        x = x + gate_tokens(attn_x, gate, first)
-        h = modulate_tokens(self.norm2(x), shift_ff, scale_ff, first, shift_index=3, scale_index=4)
-        x = x + gate_tokens(self.ff(h), gate_ff, first, gate_index=5)
-        context = context + attn_c * c_gate.unsqueeze(1)
-        context = context + c_gate_ff.unsqueeze(1) * self.ff_context(
-            modulate(self.norm2_context(context), c_shift_ff, c_scale_ff))
+        x = add_gated_tokens(x, attn_x, gate, first)
+        h = norm_modulate_tokens(self.norm2, x, shift_ff, scale_ff, first, shift_index=3, scale_index=4)
+        x = add_gated_tokens(x, self.ff(h), gate_ff, first, gate_index=5)
+        context = gated_add(context, c_gate, attn_c)
+        context = gated_add(context, c_gate_ff, self.ff_context(
+            norm_modulate(self.norm2_context, context, c_shift_ff, c_scale_ff)))
         return x, context
 
 
@@ -217,11 +221,11 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.norm(temb)
         first = (None if first_frame_temb is None
                  else FirstFrame(text_len, first_frame_tokens, self.norm(first_frame_temb)))
-        h = modulate_tokens(self.norm.norm(x), shift, scale, first)
+        h = norm_modulate_tokens(self.norm.norm, x, shift, scale, first)
         mlp = nn.functional.gelu(self.proj_mlp(h), approximate="tanh")
         attn = self.attn(h, rope, context_mask=context_mask, text_len=text_len)
         out = self.proj_out(torch.cat([attn, mlp], dim=2))
-        return x + gate_tokens(out, gate, first)
+        return add_gated_tokens(x, out, gate, first)
 
 
 class PatchEmbed(nn.Module):
@@ -290,7 +294,7 @@ class HunyuanVideoTransformer(nn.Module):
         x = joint[:, text_len:]
 
         scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first
-        x = tokens.gather(self.proj_out(modulate(self.norm_out.norm(x), shift, scale)))
+        x = tokens.gather(self.proj_out(norm_modulate(self.norm_out.norm, x, shift, scale)))
 
         # tokens (B, F'*H'*W', C*pt*p*p) -> (B, C, F, H, W)
         x = x.reshape(batch, *grid, -1, p_t, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)

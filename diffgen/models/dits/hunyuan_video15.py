@@ -25,7 +25,7 @@ from torch import nn
 
 from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import MLPEmbedder, sinusoidal_embedding
-from diffgen.layers.modulation import AdaLayerNorm, modulate
+from diffgen.layers.modulation import AdaLayerNorm, norm_modulate
 from diffgen.models.dits.hunyuan_video import DoubleStreamBlock, PatchEmbed, TokenRefiner, hunyuan_rope
 from diffgen.parallel.sequence import shard_tokens
 
@@ -180,7 +180,7 @@ class HunyuanVideo15Transformer(nn.Module):
         ], conditioning=temb)
 
         scale, shift = self.norm_out(temb)  # diffusers' AdaLayerNormContinuous stores scale first
-        x = tokens.gather(self.proj_out(modulate(self.norm_out.norm(x), shift, scale)))
+        x = tokens.gather(self.proj_out(norm_modulate(self.norm_out.norm, x, shift, scale)))
 
         # tokens (B, F'*H'*W', C*pt*p*p) -> (B, C, F, H, W)
         x = x.reshape(batch, *grid, -1, p_t, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
