@@ -486,36 +486,59 @@ def ring_accuracy_row(title, rank, world, device, dtype, config, frames, height,
 
 
 def vae_row(title, rank, world, device, frames, height, width, vae_config):
-    """The Wan VAE decode on one GPU, then with its latent rows split over every GPU (diffgen/parallel/vae.py)."""
+    """The Wan VAE decode on one GPU, then with each frame split over every GPU (diffgen/parallel/vae.py): through
+    diffusers' frame-by-frame decoder and through diffgen's, each with the split of before (latent rows, the first
+    up block's halo kept to the end) and the split of now (the longer axis, each up block's own halo)."""
     from diffusers import AutoencoderKLWan
 
+    from diffgen.models.vaes.wan import channels_last_conv3d, use_native_decoder
     from diffgen.parallel.config import ParallelPlan
     from diffgen.parallel.state import build_state
-    from diffgen.parallel.vae import decode_rows, decoder_halo
+    from diffgen.parallel.vae import decode_split, stage_halos
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = random_weights_(AutoencoderKLWan(**vae_config).to(device, dtype).eval())
     gen = torch.Generator(device=device).manual_seed(2)
     latents = torch.randn(1, vae.config.z_dim, (frames - 1) // 4 + 1, height // 8, width // 8, device=device,
                           dtype=dtype, generator=gen)
-    small = latents[:, :, :2, :, :24].contiguous()
+    small = latents[:, :, :2, :24, :24].contiguous()
     state = build_state(ParallelPlan(num_gpus=world, ring_degree=world), device)
-    reference = baseline = None
-    with torch.inference_mode():
-        if rank == 0:
-            vae.decode(small)
-            baseline, _, reference = timed(lambda: vae.decode(latents, return_dict=False)[0], device, 1)
-            reference = reference.cpu()
-            ROWS.append((title, "1 GPU", "1", f"{baseline:.3f}", "1.00x", "-", ""))
-        dist.barrier()
-        decode_rows(vae, vae.decode, small, state.replica)
-        seconds, _, out = timed(lambda: decode_rows(vae, vae.decode, latents, state.replica), device, 1)
-    slowest = torch.tensor([seconds], device=device)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        ROWS.append((title, f"rows split {world}", str(world), f"{slowest.item():.3f}",
-                     f"{baseline / slowest.item():.2f}x", f"{relative_error(out.cpu(), reference):.1e}",
-                     f"halo {decoder_halo(vae)} latent rows of {latents.shape[-2]}"))
+    halos = stage_halos(vae)
+    before = [halos[0] * 2**k for k in range(len(halos))]
+    longer = -1 if latents.shape[-1] > latents.shape[-2] else -2
+    splits = (("rows split, first halo throughout (before)", dict(dim=-2, halos=before)),
+              ("rows split, per-block halos", dict(dim=-2)),
+              (f"{'columns' if longer == -1 else 'rows'} split, per-block halos (now)", dict(dim=longer)))
+    halo_note = f"halos {'/'.join(map(str, halos))} px at each up block's input; {tuple(latents.shape[-2:])} latent"
+    repeats = 1 if device.type == "cpu" else 2
+    for decoder in ("diffusers", "diffgen"):
+        if decoder == "diffgen":
+            if device.type == "cuda":
+                channels_last_conv3d(vae)
+            use_native_decoder(vae)
+        repeats_here = 1 if decoder == "diffusers" else repeats  # diffusers' decode: seconds per call
+        reference = baseline = None
+        with torch.inference_mode():
+            if rank == 0:
+                vae.decode(small)
+                baseline, _, reference = timed(lambda: vae.decode(latents, return_dict=False)[0], device,
+                                               repeats_here)
+                reference = reference.cpu()
+                ROWS.append((title, f"{decoder} decoder, 1 GPU", "1", f"{baseline:.3f}", "1.00x", "-", ""))
+            dist.barrier()
+            for name, split in splits:
+                decode_split(vae, vae.decode, small, state.replica, **split)
+                seconds, _, out = timed(lambda split=split: decode_split(vae, vae.decode, latents, state.replica,
+                                                                         **split), device, repeats_here)
+                slowest = torch.tensor([seconds], device=device)
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                if rank == 0:
+                    ROWS.append((title, f"{decoder} decoder, {name}", str(world), f"{slowest.item():.3f}",
+                                 f"{baseline / slowest.item():.2f}x", f"{relative_error(out.cpu(), reference):.1e}",
+                                 halo_note if "now" in name else ""))
+                del out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # -- driver ---------------------------------------------------------------------------------------------------
@@ -595,7 +618,7 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
             ("ring-accuracy", "tiny Wan forward vs float32", ring_accuracy_row, (dtype, wan, 9, 48, 80, 16)),
             ("t5", "tiny T5 encoder", text_encoder_tp_row, (dtype, t5, True)),
             ("vae", "tiny Wan VAE decode", vae_row,
-             (5, 256, 48, dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True]))),
+             (5, 48, 256, dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True]))),
         ])
     else:
         quick = args.quick

@@ -4,7 +4,7 @@ One spawned set of 4 processes runs every case (process start-up dominates on 2 
 2-degree case fills the other two ranks with a second replica (--dp-size 2), which must agree too.
 Sizes are chosen so that the token counts (15, 45, ...) divide by neither 2 nor 4: padding is exercised.
 Every case also decodes through the parallel VAE path (Wan, Qwen-Image); at these sizes the latent is too
-small to split, which test_row_split_vae_decode_equals_the_whole_decode covers with taller latents.
+small to split, which test_split_vae_decode_equals_the_whole_decode covers with larger latents.
 TP cases check the text encoder really was sharded (a parity pass with an unsharded encoder proves nothing).
 """
 
@@ -166,15 +166,22 @@ def test_distilled_checkpoint_plans_one_guidance_branch(tiny_checkpoint):
         Engine.from_pretrained(distilled, device="cpu", num_gpus=2, enable_cfg_parallel=True)
 
 
-def test_row_split_vae_decode_equals_the_whole_decode(tiny_checkpoint, tmp_path):
-    """2 gloo processes split the latent rows (pieces of uneven size) of Wan2.1's, Wan2.2's and Qwen-Image's VAE."""
+def test_split_vae_decode_equals_the_whole_decode(tiny_checkpoint, tmp_path):
+    """2 gloo processes split the latent rows or columns (pieces of uneven size) of Wan2.1's, Wan2.2's and
+    Qwen-Image's VAE, through diffusers' decoder and diffgen's; each up block keeps only the halo it needs."""
     from diffgen.testing.parallel import run_vae_cases, spawn
 
     folders = {family: f"{tiny_checkpoint(family)}/vae" for family in ("wan-t2v", "wan22-ti2v", "qwen-image")}
     out = tmp_path / "vae.json"
     spawn(2, run_vae_cases, folders, str(out))
     for family, entry in json.loads(out.read_text()).items():
-        assert entry["shape_equal"], family
-        assert entry["diff"] <= TOLERANCE, (family, entry)
-        assert entry["diff_native"] <= TOLERANCE, (family, entry)  # diffgen's chunked decoder, split the same way
-        assert entry["diff_halo_1"] > 1e-3, (family, entry)  # a too-small halo shows: the test sees seams
+        assert entry["halos"][0] > entry["halos"][-1] > 1, (family, entry)  # the halo shrinks along the up path
+        assert entry["default axis"] <= TOLERANCE, (family, entry)
+        for decoder in ("diffusers", "native"):
+            for axis in ("rows", "columns"):
+                key = f"{decoder}/{axis}"
+                assert entry[key] <= TOLERANCE, (family, key, entry)
+                assert entry[f"{key}/uniform"] <= TOLERANCE, (family, key, entry)
+                # a thin halo at the first block, one pixel short at the last: seams show, the halos are applied
+                assert entry[f"{key}/first halo 1"] > 1e-3, (family, key, entry)
+                assert entry[f"{key}/last short"] > 1e-3, (family, key, entry)

@@ -34,7 +34,7 @@ def plan_for_model(config: ParallelConfig, model_path: str, revision: str | None
 
 def prepare_pipeline(pipeline, state) -> None:
     """Make a loaded pipeline use this rank's groups beyond the DiT: tensor-parallel text encoders and the
-    row-split VAE decode (which follows whatever parallel state is current when it runs)."""
+    split VAE decode (which follows whatever parallel state is current when it runs)."""
     from diffgen.parallel.vae import install_parallel_decode
 
     if state.tp.size > 1:

@@ -92,33 +92,51 @@ def run_parity_cases(rank: int, world_size: int, cases: list[dict], out_path: st
 
 
 def run_vae_cases(rank: int, world_size: int, vae_folders: dict[str, str], out_path: str) -> None:
-    """Row-split decode of random latents vs the whole decode, for each VAE folder; also with a too-small halo
-    (1 row), which must differ, so that the comparison is known to see the seams."""
+    """Split decodes of random latents vs the whole decode, for each VAE folder, through diffusers' decoder and
+    diffgen's: split along the rows and along the columns (lengths the degree does not divide), with the
+    default per-block halos and with the old scheme (the first block's halo kept to the end). Also with a halo
+    of 1 at the first up block and one pixel short at the last, which must differ: the comparison sees the seams,
+    and the last block really gets its own (smaller) halo. (One pixel short at the first block changes the output
+    by ~1e-6 only: its farthest pixel reaches the output through the corner taps of ~25 random convolutions.)"""
     import diffusers
 
     from diffgen.models.vaes.wan import use_native_decoder
     from diffgen.parallel.config import ParallelPlan
     from diffgen.parallel.state import build_state
-    from diffgen.parallel.vae import decode_rows, decoder_halo
+    from diffgen.parallel.vae import decode_split, stage_halos
 
     state = build_state(ParallelPlan(num_gpus=world_size, ring_degree=world_size), torch.device("cpu"))
     results = {}
     for name, folder in vae_folders.items():
         config = json.loads(open(os.path.join(folder, "config.json")).read())
         vae = getattr(diffusers, config["_class_name"]).from_pretrained(folder, dtype=torch.float32).eval()
-        halo = decoder_halo(vae)
-        rows = 4 * halo + 3  # uneven pieces
+        halos = stage_halos(vae)
+        first_thin = [1, *halos[1:]]
+        last_short = [*halos[:-1], halos[-1] - 1]
+        uniform = [halos[0] * 2**k for k in range(len(halos))]  # the first block's halo, never cut down
+        length = 4 * halos[0] + 3  # uneven pieces
         generator = torch.Generator().manual_seed(0)
-        z = torch.randn(1, vae.config.z_dim, 2, rows, 6, generator=generator)
-        with torch.inference_mode():
-            whole = vae.decode(z, return_dict=False)[0]
-            split = decode_rows(vae, vae.decode, z, state.replica)
-            seams = decode_rows(vae, vae.decode, z, state.replica, halo=1)
-            use_native_decoder(vae)  # the same split through diffgen's own decoder
-            native_split = decode_rows(vae, vae.decode, z, state.replica)
-        results[name] = {"rows": rows, "halo": halo, "diff": (split - whole).abs().max().item(),
-                         "diff_native": (native_split - whole).abs().max().item(),
-                         "diff_halo_1": (seams - whole).abs().max().item(), "shape_equal": split.shape == whole.shape}
+        shapes = {"rows": (length, 6), "columns": (5, length)}
+        latents = {axis: torch.randn(1, vae.config.z_dim, 2, *shape, generator=generator)
+                   for axis, shape in shapes.items()}
+        entry = results[name] = {"length": length, "halos": halos}
+        for decoder in ("diffusers", "native"):
+            if decoder == "native":
+                use_native_decoder(vae)
+            for axis, z in latents.items():
+                dim = -2 if axis == "rows" else -1
+                with torch.inference_mode():
+                    whole = vae.decode(z, return_dict=False)[0]
+                    key = f"{decoder}/{axis}"
+                    for variant, variant_halos in (("", None), ("/uniform", uniform), ("/first halo 1", first_thin),
+                                                   ("/last short", last_short)):
+                        split = decode_split(vae, vae.decode, z, state.replica, dim=dim, halos=variant_halos)
+                        assert split.shape == whole.shape, (split.shape, whole.shape)
+                        entry[key + variant] = (split - whole).abs().max().item()
+        with torch.inference_mode():  # the default axis: the longer one (here the columns)
+            z = latents["columns"]
+            entry["default axis"] = (decode_split(vae, vae.decode, z, state.replica)
+                                     - vae.decode(z, return_dict=False)[0]).abs().max().item()
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -275,6 +275,9 @@ class WanVAEDecoder(nn.Module):
         z_dim = config["z_dim"]
         self.patch_size = config.get("patch_size")
         self.chunk_frames = chunk_frames
+        #: the part of each output frame this process computes (a split decode, diffgen/parallel/vae.py, lowers
+        #: it while it runs, so that a chunk holds as many frames as this process's memory allows)
+        self.frame_share = 1.0
         self.post_quant_conv = CausalConv3d(z_dim, z_dim, 1)
         self.decoder = Decoder(
             dim=config.get("decoder_base_dim") or config["base_dim"], z_dim=z_dim, dim_mult=list(config["dim_mult"]),
@@ -306,7 +309,8 @@ class WanVAEDecoder(nn.Module):
         if self.chunk_frames is not None:
             return self.chunk_frames
         scale = self.config.get("scale_factor_spatial") or 8
-        frame_pixels = 4 * z.shape[-2] * z.shape[-1] * scale * scale  # 4 output frames per latent frame
+        # 4 output frames per latent frame
+        frame_pixels = max(1, int(4 * z.shape[-2] * z.shape[-1] * scale * scale * self.frame_share))
         budget = CHUNK_PIXELS
         if z.is_cuda:
             free, _ = torch.cuda.mem_get_info(z.device)
