@@ -451,8 +451,10 @@ def bench_wan(args, device, dtype):
 
 @guarded("vae")
 def bench_vae(args, device, dtype):
-    """Wan VAE decode: diffusers (plain, channels-last weights) vs diffgen's decoder (chunk sizes, kernel on/off);
-    the same for Qwen-Image's VAE on one 1024² image. Every row's error is against diffusers in float32."""
+    """Wan VAE decode: diffusers vs diffgen's decoder before this round (every convolution adds its bias, nearest
+    upsampling then a 3x3 conv), with the biases folded into the next pass, with the sub-pixel upsampling, and
+    with both (the default); with --vae-sweep also chunk sizes, kernels off and cuDNN's autotuner. The same for
+    Qwen-Image's VAE on one 1024² image. Every row's error is against diffusers in float32."""
     from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
 
     cfg = WAN["tiny" if args.tiny else "real"]
@@ -469,6 +471,13 @@ def bench_vae(args, device, dtype):
     vae_decode_rows(f"Qwen-Image VAE decode {size}x{size}", qwen, z, device, args, chunks=())
 
 
+#: diffgen's decoder variants: (fold_biases, subpixel_upsample); None: the default (folded where the kernels run)
+DECODER_VARIANTS = {"diffgen decoder before (bias adds, nearest upsampling)": (False, False),
+                    "diffgen decoder, biases folded": (None, False),
+                    "diffgen decoder, sub-pixel upsampling": (False, True),
+                    "diffgen decoder now (both; default)": (None, True)}
+
+
 def vae_decode_rows(section, vae, z, device, args, chunks) -> None:
     import copy
 
@@ -482,25 +491,26 @@ def vae_decode_rows(section, vae, z, device, args, chunks) -> None:
         last = copy.deepcopy(vae)
         channels_last_conv3d(last)  # what diffgen ran before its own decoder
         z_last = z.contiguous(memory_format=torch.channels_last_3d)
-        variants["diffusers, conv3d weights channels-last (diffgen before)"] = (
-            lambda: last.decode(z_last, return_dict=False)[0])
+        if args.vae_sweep:
+            variants["diffusers, conv3d weights channels-last (diffgen before)"] = (
+                lambda: last.decode(z_last, return_dict=False)[0])
         native_vae = last
     else:
         native_vae = vae
-    default = WanVAEDecoder.from_vae(native_vae)
-    variants["diffgen decoder, default chunk (Triton norm+SiLU)"] = with_kernels(True, lambda: default(z))
-    variants["diffgen decoder, default chunk, no Triton"] = with_kernels(False, lambda: default(z))
-    for chunk in chunks:
-        decoder = WanVAEDecoder.from_vae(native_vae, chunk_frames=chunk)
-        variants[f"diffgen decoder, {chunk} latent frames per call"] = with_kernels(True, lambda d=decoder: d(z))
-    if device.type == "cuda":  # cuDNN's autotuner: the profile showed sm80 conv kernels chosen for the chunks
-        variants["diffgen decoder, default chunk, cudnn.benchmark"] = with_cudnn_benchmark(
-            variants["diffgen decoder, default chunk (Triton norm+SiLU)"])
-        if chunks:
-            variants[f"diffgen decoder, {chunks[-1]} latent frames per call, cudnn.benchmark"] = with_cudnn_benchmark(
-                variants[f"diffgen decoder, {chunks[-1]} latent frames per call"])
-        variants["diffusers, channels-last, cudnn.benchmark"] = with_cudnn_benchmark(
-            variants["diffusers, conv3d weights channels-last (diffgen before)"])
+    for name, (fold, subpixel) in DECODER_VARIANTS.items():
+        decoder = WanVAEDecoder.from_vae(native_vae)
+        decoder.fold_biases, decoder.subpixel_upsample = fold, subpixel
+        variants[name] = with_kernels(True, lambda d=decoder: d(z))
+    default = variants["diffgen decoder now (both; default)"]
+    if args.vae_sweep:
+        variants["diffgen decoder, default chunk, no Triton"] = with_kernels(False, default)
+        for chunk in chunks:
+            decoder = WanVAEDecoder.from_vae(native_vae, chunk_frames=chunk)
+            variants[f"diffgen decoder, {chunk} latent frames per call"] = with_kernels(True, lambda d=decoder: d(z))
+        if device.type == "cuda":  # cuDNN's autotuner: the profile showed sm80 conv kernels chosen for the chunks
+            variants["diffgen decoder, default chunk, cudnn.benchmark"] = with_cudnn_benchmark(default)
+            variants["diffusers, channels-last, cudnn.benchmark"] = with_cudnn_benchmark(
+                variants["diffusers, conv3d weights channels-last (diffgen before)"])
     with torch.inference_mode():
         for name, fn in variants.items():
             value = relative(fn(), truth["float32"])
@@ -511,11 +521,12 @@ def vae_decode_rows(section, vae, z, device, args, chunks) -> None:
     if device.type == "cuda" and args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-            variants["diffgen decoder, default chunk (Triton norm+SiLU)"]()
-            torch.cuda.synchronize(device)
-        print(f"[{section}] profile of the diffgen decoder (default chunk):")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+        for name in ("diffgen decoder before (bias adds, nearest upsampling)", "diffgen decoder now (both; default)"):
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+                variants[name]()
+                torch.cuda.synchronize(device)
+            print(f"[{section}] profile of the {name}:")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70))
 
 
 # -- Qwen-Image ------------------------------------------------------------------------------------
@@ -648,6 +659,7 @@ def main() -> None:
     parser.add_argument("--skip-eager", action="store_true", help="leave out the eager rows (a compiled-only run)")
     parser.add_argument("--diffusers-compiled", action="store_true",
                         help="FLUX: also diffusers' compile_repeated_blocks against diffgen's serve default")
+    parser.add_argument("--vae-sweep", action="store_true", help="vae: also chunk sizes, kernels off, cuDNN autotuner")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 5)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

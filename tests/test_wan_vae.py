@@ -71,6 +71,46 @@ def test_native_decoder_equals_diffusers_decode(family, frames):
 
 
 @pytest.mark.parametrize("family", list(VAES))
+@pytest.mark.parametrize("fold_biases, subpixel", [(True, True), (False, False), (True, False)],
+                         ids=["biases folded", "diffusers' upsampling", "folded, diffusers' upsampling"])
+def test_decoder_variants_equal_diffusers_decode(family, fold_biases, subpixel):
+    """The default on the CPU is biases in the convolutions and sub-pixel upsampling (the test above); the CUDA
+    default folds the biases into the next pass (here through the plain fallbacks), and benchmarks run
+    diffusers' upsampling for comparison: every combination decodes the same video."""
+    vae = VAES[family]()
+    z = _latents(vae, 5, batch=2, seed=2)
+    native = WanVAEDecoder.from_vae(vae)
+    native.fold_biases, native.subpixel_upsample = fold_biases, subpixel
+    with torch.inference_mode():
+        expected = vae.decode(z, return_dict=False)[0]
+        for chunk in (1, 3):
+            native.chunk_frames = chunk
+            torch.testing.assert_close(native(z), expected, atol=2e-5, rtol=0, msg=f"{family} chunk {chunk}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsampled_conv_equals_conv_of_the_upsampled_input(channels_last):
+    """The sub-pixel form of nearest 2x upsampling + 3x3 conv, odd sizes, all four phases and every border:
+    float64, so only the summation order differs."""
+    from diffgen.models.vaes.wan import Upsample2x, UpsampledConv2d
+
+    torch.manual_seed(0)
+    conv = UpsampledConv2d(5, 3).double()
+    x = torch.randn(2, 5, 7, 4, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv2d(Upsample2x()(x), conv.weight, conv.bias, padding=1)
+        got = conv(x)
+        assert got.shape == (2, 3, 14, 8) and got.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+        conv.weight[0, 0, 2, 1] += 1.0  # a changed weight is seen (the phase kernels are cached per weight version)
+        expected = torch.nn.functional.conv2d(Upsample2x()(x), conv.weight, conv.bias, padding=1)
+        torch.testing.assert_close(conv(x), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("family", list(VAES))
 def test_channels_last_activations_give_the_same_video(family):
     vae = VAES[family]()
     z = _latents(vae, 4, seed=1)
@@ -142,7 +182,7 @@ def test_pipelines_decode_through_the_native_decoder(tiny_checkpoint):
 _INTERPRETER_CHECK = """
 import torch
 import diffgen.models.vaes.wan as wan
-from diffgen.layers.fused import channel_rms_norm_plain, channel_rms_norm_triton
+from diffgen.layers.fused import bias_residual_add_triton, channel_rms_norm_plain, channel_rms_norm_triton
 from tests.test_wan_vae import VAES, _latents
 
 torch.manual_seed(0)
@@ -161,14 +201,28 @@ for shape, silu in [((1, 96, 3, 5, 7), True), ((2, 40, 4, 3, 5), False), ((2, 24
         channel_rms_norm_triton(x, gamma, shape[1] ** 0.5, silu, out=buffer[:, :, 2:])
         assert buffer[:, :, :2].isnan().all()
         worst = max(worst, (buffer[:, :, 2:] - expected).abs().max().item())
-wan.channel_rms_norm = channel_rms_norm_triton  # the whole decoder through the kernel
+for shape in [(1, 96, 3, 5, 7), (2, 40, 4, 3, 5), (2, 24, 6, 6)]:  # the biases folded into the next pass
+    layout = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    x = (torch.randn(shape) * 3).contiguous(memory_format=layout)
+    gamma, bias = torch.randn(shape[1], *([1] * (len(shape) - 2))), torch.randn(shape[1])
+    residual = torch.randn(shape).contiguous(memory_format=layout)
+    expected = channel_rms_norm_plain(x, gamma, shape[1] ** 0.5, True, bias)
+    got = channel_rms_norm_triton(x, gamma, shape[1] ** 0.5, True, bias=bias)
+    worst = max(worst, (got - expected).abs().max().item())
+    expected = x + bias.view(-1, *([1] * (len(shape) - 2))) + residual
+    for r in (residual, residual.contiguous()):  # the residual in either layout
+        worst = max(worst, (bias_residual_add_triton(x.clone(), bias, r) - expected).abs().max().item())
+wan.channel_rms_norm = channel_rms_norm_triton  # the whole decoder through the kernels
+wan.bias_residual_add = bias_residual_add_triton
 for family, build in VAES.items():
     vae = build()
     z = _latents(vae, 4)
     native = wan.WanVAEDecoder.from_vae(vae, chunk_frames=3)
     native.channels_last = True
-    with torch.inference_mode():
-        worst = max(worst, (native(z) - vae.decode(z, return_dict=False)[0]).abs().max().item())
+    for fold in (False, True):
+        native.fold_biases = fold
+        with torch.inference_mode():
+            worst = max(worst, (native(z) - vae.decode(z, return_dict=False)[0]).abs().max().item())
 print(worst)
 """
 
@@ -204,6 +258,29 @@ def test_triton_channel_norm_matches_plain_path_on_gpu(shape, silu):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels run on CUDA only)")
+@pytest.mark.parametrize("shape", [(1, 96, 16, 60, 104), (2, 384, 3, 30, 52), (3, 192, 20, 26)])
+def test_folded_bias_kernels_equal_the_separate_adds_on_gpu(shape):
+    """The bias of a convolution added in the norm kernel / in the residual add rounds as PyTorch's own bias add
+    (then the norm, then the residual add) rounds: bit-equal in bf16, up to the norm's summation order."""
+    from diffgen.layers.fused import bias_residual_add, channel_rms_norm, channel_rms_norm_plain
+
+    torch.manual_seed(0)
+    layout = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    x = (torch.randn(shape, device="cuda") * 3).bfloat16().contiguous(memory_format=layout)
+    residual = torch.randn(shape, device="cuda").bfloat16().contiguous(memory_format=layout)
+    gamma = torch.randn(shape[1], *([1] * (len(shape) - 2)), device="cuda").bfloat16()
+    bias = torch.randn(shape[1], device="cuda").bfloat16()
+    per_channel = bias.view(-1, *([1] * (len(shape) - 2)))
+    got = channel_rms_norm(x, gamma, shape[1] ** 0.5, True, bias=bias)
+    expected = channel_rms_norm_plain(x + per_channel, gamma, shape[1] ** 0.5, True)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=1e-2)
+    assert (got != expected).float().mean().item() < 0.01
+    got = bias_residual_add(x.clone(), bias, residual)
+    assert torch.equal(got, (x + per_channel) + residual)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", list(VAES))
 def test_native_decoder_matches_diffusers_in_bf16_on_gpu(family):
@@ -216,6 +293,10 @@ def test_native_decoder_matches_diffusers_in_bf16_on_gpu(family):
         vae.bfloat16()
         theirs = vae.decode(z, return_dict=False)[0].float()
         channels_last_conv3d(vae)
-        ours = WanVAEDecoder.from_vae(vae, chunk_frames=2)(z).float()
+        native = WanVAEDecoder.from_vae(vae, chunk_frames=2)
+        ours = native(z).float()  # biases folded, sub-pixel upsampling
+        native.fold_biases, native.subpixel_upsample = False, False
+        before = native(z).float()
     error = lambda out: ((out - reference).norm() / reference.norm()).item()  # noqa: E731
     assert error(ours) <= max(2 * error(theirs), 1e-2), (error(ours), error(theirs))
+    assert error(before) <= max(2 * error(theirs), 1e-2), (error(before), error(theirs))

@@ -93,8 +93,9 @@ def _kernels():
                  mask=mask)
 
     @triton.jit
-    def channel_rms_norm_kernel(x_ptr, gamma_ptr, out_ptr, n_rows, rows_per_batch, stride_xb, stride_ob, scale, eps,
-                                WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, SILU: tl.constexpr):
+    def channel_rms_norm_kernel(x_ptr, gamma_ptr, bias_ptr, out_ptr, n_rows, rows_per_batch, stride_xb, stride_ob,
+                                scale, eps, WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                                SILU: tl.constexpr, HAS_BIAS: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         mask = (rows < n_rows)[:, None] & (cols < WIDTH)[None, :]
@@ -103,6 +104,9 @@ def _kernels():
         x = tl.load(x_ptr + (b * stride_xb + r * WIDTH)[:, None] + cols[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
         dtype = out_ptr.dtype.element_ty
+        if HAS_BIAS:  # the previous convolution's bias, rounded in as its own add would round it
+            bias = tl.load(bias_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
+            x = (x + bias[None, :]).to(dtype).to(tl.float32)
         # F.normalize in float32, rounded; then * scale and * gamma, each rounded as the plain ops round
         norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)
         y = (x / norm[:, None]).to(dtype).to(tl.float32)
@@ -112,6 +116,22 @@ def _kernels():
         if SILU:
             y = y / (1.0 + tl.exp(-y))
         tl.store(out_ptr + (b * stride_ob + r * WIDTH)[:, None] + cols[None, :], y.to(dtype), mask=mask)
+
+    @triton.jit
+    def bias_residual_add_kernel(x_ptr, bias_ptr, y_ptr, n_rows, rows_per_batch, stride_xb, stride_yb,
+                                 WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        mask = (rows < n_rows)[:, None] & (cols < WIDTH)[None, :]
+        b = (rows // rows_per_batch).to(tl.int64)
+        r = (rows % rows_per_batch).to(tl.int64)
+        x_offsets = (b * stride_xb + r * WIDTH)[:, None] + cols[None, :]
+        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + (b * stride_yb + r * WIDTH)[:, None] + cols[None, :], mask=mask, other=0.0)
+        bias = tl.load(bias_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
+        dtype = x_ptr.dtype.element_ty
+        x = (x + bias[None, :]).to(dtype).to(tl.float32)  # rounded as the bias add and the residual add round
+        tl.store(x_ptr + x_offsets, (x + y.to(tl.float32)).to(dtype), mask=mask)
 
     @triton.jit
     def round_bf16(v):
@@ -163,6 +183,7 @@ def _kernels():
         tl.store(out_ptr + row * WIDTH + cols, out.to(dtype), mask=mask)
 
     return {"rms_rope": rms_rope_kernel, "channel_rms_norm": channel_rms_norm_kernel,
+            "bias_residual_add": bias_residual_add_kernel,
             "layer_norm_modulate": layer_norm_modulate_kernel, "gated_add": gated_add_kernel,
             "next_power_of_2": triton.next_power_of_2}
 
@@ -198,12 +219,20 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def channel_rms_norm_plain(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False) -> torch.Tensor:
+def channel_rms_norm_plain(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """diffusers' Wan VAE norm: ``F.normalize`` over the channels (dim 1, float32 for half inputs), rounded to
-    x's dtype, times ``scale`` and ``gamma``; then SiLU if asked."""
+    x's dtype, times ``scale`` and ``gamma``; then SiLU if asked. ``bias`` (C,): added to x first (the bias of
+    the convolution that made x, when it was left out of that convolution)."""
+    if bias is not None:
+        x = x + _per_channel(bias, x)
     half = x.dtype in (torch.float16, torch.bfloat16)
     y = F.normalize(x.float() if half else x, dim=1).to(x.dtype) * scale * gamma
     return F.silu(y) if silu else y
+
+
+def _per_channel(bias: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return bias.view(-1, *([1] * (like.ndim - 2)))
 
 
 def _channel_rows(t: torch.Tensor) -> bool:
@@ -217,17 +246,17 @@ def _channel_rows(t: torch.Tensor) -> bool:
 
 
 def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`channel_rms_norm_plain` (+ SiLU), written to ``out`` if given; on CUDA one Triton pass
-    (:func:`channel_rms_norm_triton`) instead of the plain path's four to eight."""
+                     out: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`channel_rms_norm_plain` (+ SiLU, after a bias), written to ``out`` if given; on CUDA one Triton
+    pass (:func:`channel_rms_norm_triton`) instead of the plain path's four to nine."""
     if not use_fused_kernel(x, "channel_norm") or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        y = channel_rms_norm_plain(x, gamma, scale, silu)
+        y = channel_rms_norm_plain(x, gamma, scale, silu, bias)
         return y if out is None else out.copy_(y)
-    return channel_rms_norm_triton(x, gamma, scale, silu, out)
+    return channel_rms_norm_triton(x, gamma, scale, silu, out, bias)
 
 
 def channel_rms_norm_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel behind :func:`channel_rms_norm`: rows of channels, channels-last (a copy makes x so)."""
     channels_last = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
     if not _channel_rows(x):
@@ -242,11 +271,38 @@ def channel_rms_norm_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, 
     block = kernels["next_power_of_2"](width)
     rows = max(1, 4096 // block)
     kernels["channel_rms_norm"][(triton_cdiv(n_rows, rows),)](
-        x, gamma.reshape(-1), target, n_rows, rows_per_batch, x.stride(0), target.stride(0), float(scale), 1e-12,
-        WIDTH=width, BLOCK=block, ROWS=rows, SILU=silu, num_warps=4)
+        x, gamma.reshape(-1), gamma if bias is None else bias.contiguous(), target, n_rows, rows_per_batch,
+        x.stride(0), target.stride(0), float(scale), 1e-12, WIDTH=width, BLOCK=block, ROWS=rows, SILU=silu,
+        HAS_BIAS=bias is not None, num_warps=4)
     if out is not None and target is not out:
         return out.copy_(target)
     return target
+
+
+def bias_residual_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``x += bias`` (per channel, dim 1) ``+ residual``, in place: a convolution's output whose bias was left
+    out, then a residual connection. Rounded as the two adds round; on CUDA one Triton pass."""
+    if use_fused_kernel(x, "channel_norm") and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return bias_residual_add_triton(x, bias, residual)
+    return x.add_(_per_channel(bias, x)).add_(residual)
+
+
+def bias_residual_add_triton(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel behind :func:`bias_residual_add` (x rows of channels; else the plain ops)."""
+    if not _channel_rows(x) or residual.shape != x.shape or residual.dtype != x.dtype:
+        return x.add_(_per_channel(bias, x)).add_(residual)
+    if not _channel_rows(residual):
+        residual = residual.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+    kernels = _kernels()
+    width = x.shape[1]
+    rows_per_batch = x[0, 0].numel()
+    n_rows = x.shape[0] * rows_per_batch
+    block = kernels["next_power_of_2"](width)
+    rows = max(1, 4096 // block)
+    kernels["bias_residual_add"][(triton_cdiv(n_rows, rows),)](
+        x, bias.contiguous(), residual, n_rows, rows_per_batch, x.stride(0), residual.stride(0),
+        WIDTH=width, BLOCK=block, ROWS=rows, num_warps=4)
+    return x
 
 
 def _per_token(t: torch.Tensor, batch: int, seq_len: int) -> tuple[torch.Tensor, int, int]:

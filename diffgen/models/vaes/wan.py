@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffgen.layers.fused import channel_rms_norm, use_fused_kernel
+from diffgen.layers.fused import bias_residual_add, channel_rms_norm, use_fused_kernel
 
 #: set to 0 to decode with diffusers' frame-by-frame schedule instead (benchmarks compare both)
 NATIVE_VAE_ENV = "DIFFGEN_NATIVE_VAE"
@@ -45,8 +45,10 @@ class ChannelRMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
-    def forward(self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        return channel_rms_norm(x, self.gamma, self.scale, silu=silu, out=out)
+    def forward(self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias``: the previous convolution's, when that convolution left it out (added to x first)."""
+        return channel_rms_norm(x, self.gamma, self.scale, silu=silu, out=out, bias=bias)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -70,27 +72,37 @@ class CausalConv3d(nn.Conv3d):
 
 
 class CausalFrames:
-    """Each causal convolution's left context, carried from one chunk of frames to the next (zeros before the first)."""
+    """Each causal convolution's left context, carried from one chunk of frames to the next (zeros before the first),
+    and how this decode runs its layers."""
 
-    def __init__(self, memory_format: torch.memory_format):
+    def __init__(self, memory_format: torch.memory_format, fold_biases: bool = False, subpixel: bool = True):
         self.memory_format = memory_format
+        #: leave a convolution's bias out where the next pass over its output can add it (the norm kernel, the
+        #: residual add, the frame-doubling copy): PyTorch adds a cuDNN convolution's bias in a pass of its own
+        self.fold_biases = fold_biases
+        #: the 2x upsampling and its 3x3 convolution as one sub-pixel convolution (:class:`UpsampledConv2d`)
+        self.subpixel = subpixel
         self.saved: dict[CausalConv3d, torch.Tensor] = {}
         #: False for the last chunk: no later chunk reads the context (one image: none is ever kept)
         self.keep = True
 
-    def conv(self, conv: CausalConv3d, x: torch.Tensor, norm: ChannelRMSNorm | None = None) -> torch.Tensor:
-        """``conv`` over x's frames (after ``norm`` + SiLU when given), its left context in front."""
+    def conv(self, conv: CausalConv3d, x: torch.Tensor, norm: ChannelRMSNorm | None = None,
+             norm_bias: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+        """``conv`` over x's frames (after ``norm`` + SiLU when given, ``norm_bias`` added before the norm), its left
+        context in front; without the convolution's bias when ``bias`` is False (the caller adds it)."""
         n = conv.context_frames
+        conv_bias = conv.bias if bias else None
         if n == 0:
-            return conv(norm(x, silu=True) if norm is not None else x)
+            return F.conv3d(norm(x, silu=True, bias=norm_bias) if norm is not None else x, conv.weight, conv_bias,
+                            padding=conv.padding)
         batch, channels, frames, height, width = x.shape
         left = self.saved.get(conv)
         if left is None and frames == 1:
             # The first frame's context is zeros: only the kernel's last temporal tap sees data.
-            single = norm(x, silu=True) if norm is not None else x
+            single = norm(x, silu=True, bias=norm_bias) if norm is not None else x
             if self.keep:
                 self.saved[conv] = torch.cat([single.new_zeros(batch, channels, n - 1, height, width), single], dim=2)
-            return F.conv3d(single, conv.last_tap(self.memory_format), conv.bias, padding=conv.padding)
+            return F.conv3d(single, conv.last_tap(self.memory_format), conv_bias, padding=conv.padding)
         # One buffer holds the context and the (normalised) frames, so no concatenation copies the chunk.
         buffer = torch.empty(batch, channels, n + frames, height, width, dtype=x.dtype, device=x.device,
                              memory_format=self.memory_format)
@@ -99,12 +111,12 @@ class CausalFrames:
         else:
             buffer[:, :, :n].copy_(left[:, :, -n:])
         if norm is not None:
-            norm(x, silu=True, out=buffer[:, :, n:])
+            norm(x, silu=True, out=buffer[:, :, n:], bias=norm_bias)
         else:
             buffer[:, :, n:].copy_(x)
         if self.keep:
             self.saved[conv] = buffer[:, :, -n:].clone()
-        return conv(buffer)
+        return F.conv3d(buffer, conv.weight, conv_bias, padding=conv.padding)
 
 
 class Upsample2x(nn.Module):
@@ -112,6 +124,56 @@ class Upsample2x(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+
+
+#: which of the 3x3 kernel's rows (or columns) fall on input row i - 1 + t (t = 0, 1) for output row 2i + phase
+_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],   # phase 0: rows 2i-1 (input i-1), 2i and 2i+1 (i)
+                            [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # phase 1: rows 2i, 2i+1 (input i), 2i+2 (i+1)
+
+
+class UpsampledConv2d(nn.Conv2d):
+    """A 3x3 convolution (zero padding 1) that runs on the 2x nearest upsampling of its input.
+
+    Each output pixel (2i + a, 2j + b) sees a 3x3 window of the upsampled image, which covers only 2x2 input
+    pixels; so the four phases (a, b) are four 2x2 convolutions of the input itself, their kernels sums of the
+    3x3 kernel's taps (:meth:`phase_weight`). As one convolution (4 x out channels, padding 1, output one pixel
+    larger each way) then one interleaving copy that also adds the bias: 16 instead of 36 multiply-adds per input
+    pixel and channel pair, and no upsampled tensor (4x the input) written and read back. Same sums in another
+    order (float32: equal to diffusers' upsample + conv within rounding).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__(in_dim, out_dim, 3, padding=1)
+        self._phase_weight: tuple[tuple, torch.Tensor] | None = None
+
+    def phase_weight(self, memory_format: torch.memory_format) -> torch.Tensor:
+        """(4 x out, in, 2, 2): phase (a, b)'s 2x2 kernel in output channels [(2a + b) out, (2a + b + 1) out)."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, memory_format)
+        if self._phase_weight is None or self._phase_weight[0] != key:
+            exact = torch.promote_types(self.weight.dtype, torch.float32)  # the tap sums rounded once, at the end
+            taps = _PHASE_TAPS.to(self.weight.device, exact)
+            with torch.no_grad():  # a cache: no autograd graph kept (the decoder runs for inference only)
+                weight = torch.einsum("apk,oikl,bql->aboipq", taps, self.weight.to(exact), taps)
+            weight = weight.reshape(4 * self.out_channels, self.in_channels, 2, 2).to(self.weight.dtype)
+            self._phase_weight = (key, weight.contiguous(memory_format=memory_format))
+        return self._phase_weight[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W), not upsampled -> (N, out, 2H, 2W). Inference only (under no_grad / inference_mode)."""
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format
+        phases = F.conv2d(x, self.phase_weight(layout), None, padding=1)  # (N, 4 out, H + 1, W + 1)
+        batch, _, height, width = x.shape
+        out_dim = self.out_channels
+        out = torch.empty(batch, out_dim, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout)
+        # output (n, c, 2i + a, 2j + b) = phases (n, (2a + b) out + c, i + a, j + b): one strided view of phases
+        sn, sc, sh, sw = phases.stride()
+        interleaved = phases.as_strided((batch, out_dim, height, 2, width, 2),
+                                        (sn, sc, sh, 2 * out_dim * sc + sh, sw, out_dim * sc + sw),
+                                        phases.storage_offset())
+        torch.add(interleaved, self.bias.view(1, out_dim, 1, 1, 1, 1),
+                  out=out.view(batch, out_dim, height, 2, width, 2))
+        return out
 
 
 class ResidualBlock(nn.Module):
@@ -125,9 +187,14 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, frames: CausalFrames) -> torch.Tensor:
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        x = frames.conv(self.conv1, x, self.norm1)
-        x = frames.conv(self.conv2, x, self.norm2)
-        return x.add_(shortcut)
+        if not frames.fold_biases:
+            x = frames.conv(self.conv1, x, self.norm1)
+            x = frames.conv(self.conv2, x, self.norm2)
+            return x.add_(shortcut)
+        # conv1's bias goes into norm2's pass, conv2's into the residual add
+        x = frames.conv(self.conv1, x, self.norm1, bias=False)
+        x = frames.conv(self.conv2, x, self.norm2, norm_bias=self.conv1.bias, bias=False)
+        return bias_residual_add(x, self.conv2.bias, shortcut)
 
 
 class AttentionBlock(nn.Module):
@@ -157,7 +224,7 @@ class Resample(nn.Module):
     def __init__(self, dim: int, mode: str, out_dim: int | None = None):
         super().__init__()
         self.mode = mode
-        self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, out_dim or dim // 2, 3, padding=1))
+        self.resample = nn.Sequential(Upsample2x(), UpsampledConv2d(dim, out_dim or dim // 2))
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
 
@@ -165,7 +232,9 @@ class Resample(nn.Module):
         if self.mode == "upsample3d":
             x = self.double_frames(x, frames, first_chunk)
         batch, _, time = x.shape[:3]
-        x = self.resample(x.transpose(1, 2).flatten(0, 1))  # per frame; a view when channels-last
+        x = x.transpose(1, 2).flatten(0, 1)  # per frame; a view when channels-last
+        upsample, conv = self.resample
+        x = conv(x) if frames.subpixel else nn.Conv2d.forward(conv, upsample(x))
         return x.unflatten(0, (batch, time)).transpose(1, 2)
 
     def double_frames(self, x: torch.Tensor, frames: CausalFrames, first_chunk: bool) -> torch.Tensor:
@@ -177,9 +246,15 @@ class Resample(nn.Module):
         if head is not None:
             out[:, :, :1].copy_(head)
         if time:
-            doubled = frames.conv(self.time_conv, rest)  # (B, 2C, T, H, W): frame 2t from the first C channels
-            out[:, :, out.shape[2] - 2 * time:].unflatten(2, (time, 2)).copy_(
-                doubled.unflatten(1, (2, channels)).permute(0, 2, 3, 1, 4, 5))
+            # (B, 2C, T, H, W): frame 2t from the first C channels; the bias added in the copy when folded
+            doubled = frames.conv(self.time_conv, rest, bias=not frames.fold_biases)
+            target = out[:, :, out.shape[2] - 2 * time:].unflatten(2, (time, 2))
+            source = doubled.unflatten(1, (2, channels)).permute(0, 2, 3, 1, 4, 5)
+            if frames.fold_biases:
+                torch.add(source, self.time_conv.bias.view(2, channels).t().reshape(1, channels, 1, 2, 1, 1),
+                          out=target)
+            else:
+                target.copy_(source)
         return out
 
 
@@ -272,6 +347,11 @@ class WanVAEDecoder(nn.Module):
         self.config = config
         #: activations channels-last (NDHWC, cuDNN's layout for 3-D convolutions); None: on CUDA only
         self.channels_last: bool | None = None
+        #: convolution biases added in the passes that follow (:class:`CausalFrames`); None: where the Triton
+        #: kernels run (on the CPU the convolution adds its bias for free)
+        self.fold_biases: bool | None = None
+        #: upsampling + 3x3 convolution as one sub-pixel convolution (:class:`UpsampledConv2d`); False: diffusers' way
+        self.subpixel_upsample = True
         z_dim = config["z_dim"]
         self.patch_size = config.get("patch_size")
         self.chunk_frames = chunk_frames
@@ -328,7 +408,8 @@ class WanVAEDecoder(nn.Module):
         memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         z = z.contiguous(memory_format=memory_format)
         x = self.post_quant_conv(z)
-        frames = CausalFrames(memory_format)
+        fold = use_fused_kernel(z, "channel_norm") if self.fold_biases is None else self.fold_biases
+        frames = CausalFrames(memory_format, fold_biases=fold, subpixel=self.subpixel_upsample)
         step = self.frames_per_chunk(z)
         chunks = []
         for start in range(0, x.shape[2], step):
