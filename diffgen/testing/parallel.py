@@ -121,8 +121,9 @@ def run_vae_cases(rank: int, world_size: int, vae_folders: dict[str, str], out_p
                    for axis, shape in shapes.items()}
         entry = results[name] = {"length": length, "halos": halos}
         for decoder in ("diffusers", "native"):
-            if decoder == "native":
-                use_native_decoder(vae)
+            if decoder == "native":  # as it runs on CUDA: channels-last, biases folded into the next passes
+                native = use_native_decoder(vae)
+                native.channels_last, native.fold_biases = True, True
             for axis, z in latents.items():
                 dim = -2 if axis == "rows" else -1
                 with torch.inference_mode():
