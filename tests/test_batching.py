@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 
 from diffgen import Engine
-from diffgen.engine.batching import BatchMember, ContinuousBatcher
+from diffgen.engine.batching import EVERY_REQUEST, BatchMember, ContinuousBatcher, StepPolicy
 from diffgen.engine.request import GenerationRequest
 from diffgen.errors import CancelledError, InvalidRequestError
+from diffgen.pipelines.base import PipelineState
+from diffgen.pipelines.denoiser import DenoisingRow
 
 TOLERANCE = {"atol": 2e-5, "rtol": 1e-5}  # float32 rounding of batched matmuls (measured <= 2e-6)
 
@@ -326,3 +328,165 @@ def test_waiting_jobs_join_a_running_batch_until_the_oldest_waited_past_the_cap(
         worker.batch.clear()
         target, jobs = scheduler._next_dispatch()
     assert target is worker and [j.id for j in jobs] == [other.id]
+
+
+# -- the step policy: which running requests a forward steps ----------------------------------------------
+def _running(*steps_left: int, sat_out: int = 0) -> list[BatchMember]:
+    members = []
+    for i, left in enumerate(steps_left):
+        member = BatchMember(str(i), GenerationRequest.build(f"r{i}"), on_done=print, on_failed=print,
+                             sat_out=sat_out)
+        member.row = DenoisingRow(state=PipelineState(request=member.request, device=torch.device("cpu"),
+                                                      dtype=torch.float32, seed=i, timesteps=torch.zeros(50)))
+        member.row.index = 50 - left
+        members.append(member)
+    return members
+
+
+def test_the_policy_steps_requests_near_their_end_and_lets_far_ones_sit_out():
+    policy = StepPolicy(sit_out_ratio=4.0, max_sit_out=3)
+    long_a, short, long_b, near = _running(40, 4, 17, 16)
+    assert policy.choose([long_a, short, long_b, near]) == [short, near]  # 16 <= 4 x 4 < 17; in running order
+    assert policy.choose([long_a, long_b]) == [long_a, long_b]  # 40 <= 4 x 17
+    long_a.sat_out = 3  # left out of 3 forwards in a row: stepped now, whatever its steps left
+    assert policy.choose([long_a, short, long_b, near]) == [long_a, short, near]
+    assert EVERY_REQUEST.choose([long_a, short, long_b]) == [long_a, short, long_b]
+    capped = StepPolicy(sit_out_ratio=None, max_requests=2)
+    nine, three, five, one = _running(9, 3, 5, 1)
+    assert capped.choose([nine, three, five, one]) == [three, one]  # the two nearest to done
+    nine.sat_out = capped.max_sit_out
+    assert capped.choose([nine, three, five, one]) == [nine, one]  # an overdue one goes first
+    with pytest.raises(ValueError, match="sit_out_ratio"):
+        StepPolicy(sit_out_ratio=0.5)
+
+
+def test_a_short_request_among_long_ones_steps_alone_and_the_long_ones_are_not_starved(engines):
+    engine = engines("flux")
+    policy = StepPolicy(sit_out_ratio=2.0, max_sit_out=2)
+    long = [_flux(8, seed, f"long request {seed}") for seed in (1, 2)]
+    shorts = [_flux(2, 10 + i, f"short {i}") for i in range(4)]
+    alone = [_alone(engine, r) for r in (*long, *shorts)]
+    outcomes: dict[int, object] = {}
+    stepped: list[set[int]] = []  # per forward: the requests it stepped
+
+    def member(index: int, request: GenerationRequest) -> BatchMember:
+        return _member(request, outcomes, index,
+                       progress=lambda step, total, preview=None: stepped[-1].add(index))
+
+    batcher = ContinuousBatcher(engine.pipeline, max_batch_size=8, policy=policy)
+    for index, request in enumerate(long):
+        batcher.add(member(index, request))
+    while not batcher.idle:  # a new short request joins every second step until they are all in
+        step = len(stepped)
+        if step % 2 == 1 and step // 2 < len(shorts):
+            batcher.add(member(2 + step // 2, shorts[step // 2]))
+        stepped.append(set())
+        batcher.run_step()
+    for index, expected in enumerate(alone):
+        torch.testing.assert_close(outcomes[index].latents, expected.latents, **TOLERANCE)
+    # The long requests sat out while a short one ran (8 steps left > 2 x 2)...
+    assert stepped[1] == {2} and stepped[2] == {2}, stepped
+    # ...but never more than max_sit_out forwards in a row: each long request is stepped at least every third.
+    for index in (0, 1):
+        taken = [i for i, requests in enumerate(stepped) if index in requests]
+        gaps = [b - a for a, b in zip([-1, *taken[:-1]], taken, strict=True)]
+        assert len(taken) == 8 and max(gaps) <= policy.max_sit_out + 1, stepped
+
+
+def test_every_request_policy_steps_all_running_requests_each_step(engines):
+    engine = engines("flux")
+    outcomes: dict[int, object] = {}
+    batcher = ContinuousBatcher(engine.pipeline, max_batch_size=4, policy=EVERY_REQUEST)
+    counter = ForwardCounter(engine.pipeline)
+    try:
+        batcher.add(_member(_flux(6, 1, "long"), outcomes, 0))
+        batcher.run_step()
+        batcher.add(_member(_flux(1, 2, "short"), outcomes, 1))
+        batcher.run_until_idle()
+    finally:
+        counter.remove()
+    assert counter.rows == [1, 2, 1, 1, 1, 1], counter.rows
+
+
+# -- overlap: encoding and decoding on the stage thread while the loop steps the batch ---------------------
+def test_with_overlap_a_request_is_encoded_while_the_batch_steps_and_outputs_are_unchanged(engines):
+    engine = engines("flux")
+    pipe = engine.pipeline
+    first, second = _flux(6, 1, "the running one", guidance_scale=3.0), _flux(3, 2, "encoded beside it")
+    alone = [_alone(engine, r) for r in (first, second)]
+    stepped_meanwhile = threading.Event()
+    threads: dict[str, set[str]] = {"prepare": set(), "finish": set()}
+    prepare, finish = pipe.prepare, pipe.finish
+
+    def slow_prepare(state):
+        threads["prepare"].add(threading.current_thread().name)
+        if state.request.prompt == second.prompt:  # it finishes only after the loop stepped the first one meanwhile
+            assert stepped_meanwhile.wait(30), "the batch was not stepped while a request was being prepared"
+        prepare(state)
+
+    def traced_finish(state):
+        threads["finish"].add(threading.current_thread().name)
+        return finish(state)
+
+    outcomes: dict[int, object] = {}
+    batcher = ContinuousBatcher(pipe, max_batch_size=4, overlap=True)
+    pipe.prepare, pipe.finish = slow_prepare, traced_finish
+    try:
+        batcher.add(_member(first, outcomes, 0))
+        while batcher.running == []:
+            batcher.run_step()
+        batcher.add(_member(second, outcomes, 1,
+                            on_start=lambda: batcher.running and _after_next_step(batcher, stepped_meanwhile)))
+        batcher.run_until_idle()
+    finally:
+        batcher.close()
+        del pipe.prepare, pipe.finish
+    assert threads == {"prepare": {"batch-stages"}, "finish": {"batch-stages"}}
+    for index, expected in enumerate(alone):
+        torch.testing.assert_close(outcomes[index].latents, expected.latents, **TOLERANCE)
+
+
+def _after_next_step(batcher: ContinuousBatcher, event: threading.Event) -> None:
+    """Sets ``event`` once the running request's step count moves on (watched from the stage thread)."""
+    row = batcher.running[0].row
+    start = row.index
+
+    def watch() -> None:
+        while row.index == start and not row.done:
+            threading.Event().wait(0.005)
+        event.set()
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def test_with_overlap_a_failing_encode_or_decode_fails_only_its_request_and_cancel_works(engines):
+    engine = engines("flux")
+    pipe = engine.pipeline
+    good = [_flux(3, seed, f"good {seed}") for seed in (1, 2)]
+    bad_encode = _flux(3, 3, "bad", loras={"missing": 1.0})  # refused when prepared: no LoRA is loaded
+    bad_decode, cancelled = _flux(2, 4, "its decode fails"), _flux(4, 5, "cancelled after a step")
+    alone = [_alone(engine, r) for r in good]
+    cancel = threading.Event()
+    finish = pipe.finish
+
+    def failing_finish(state):
+        if state.request.prompt == bad_decode.prompt:
+            raise RuntimeError("injected decode failure")
+        return finish(state)
+
+    outcomes: dict[int, object] = {}
+    batcher = ContinuousBatcher(pipe, max_batch_size=8, overlap=True)
+    pipe.finish = failing_finish
+    try:
+        for index, request in enumerate((*good, bad_encode, bad_decode)):
+            batcher.add(_member(request, outcomes, index))
+        batcher.add(_member(cancelled, outcomes, 4, is_cancelled=cancel.is_set,
+                            progress=lambda step, total, preview=None: cancel.set()))
+        batcher.run_until_idle()
+    finally:
+        batcher.close()
+        del pipe.finish
+    assert isinstance(outcomes[2], InvalidRequestError) and outcomes[2].field == "loras"
+    assert isinstance(outcomes[3], RuntimeError) and "injected decode failure" in str(outcomes[3])
+    assert isinstance(outcomes[4], CancelledError)
+    for index, expected in enumerate(alone):
+        torch.testing.assert_close(outcomes[index].latents, expected.latents, **TOLERANCE)

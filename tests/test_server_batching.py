@@ -104,13 +104,14 @@ def test_cancelling_one_request_of_a_batch_leaves_the_others_unchanged(server, e
 def test_a_failing_request_fails_alone_and_an_oom_batch_is_retried_one_by_one(server, engine):
     with ThreadPoolExecutor(4) as pool:
         long = _start_long_job(pool, server, "survives")
-        oom = pool.submit(_generate, server, "too big together [[fault:batch-oom]]", 5, 3)
+        # 8 steps: near enough to the long job's 16 that the step policy lets them share forwards
+        oom = pool.submit(_generate, server, "too big together [[fault:batch-oom]]", 5, 8)
         broken = pool.submit(_generate, server, "boom [[fault:raise]]", 6, 3)
         with pytest.raises(openai.InternalServerError) as caught:
             broken.result()
         assert "injected fault" in caught.value.body["message"]
         oom_pixels = _pixels(oom.result().data[0].b64_json)
         long_pixels = _pixels(long.result().data[0].b64_json)
-    _assert_same_image(oom_pixels, _alone(engine, "too big together [[fault:batch-oom]]", 5, 3))
+    _assert_same_image(oom_pixels, _alone(engine, "too big together [[fault:batch-oom]]", 5, 8))
     _assert_same_image(long_pixels, _alone(engine, "survives [[fault:slow]]", 1, 16))
     assert "running them one by one" in server.log_path.read_text(errors="replace")

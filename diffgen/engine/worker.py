@@ -16,10 +16,12 @@ A listener thread drains the inbox so that a cancel reaches the worker while a b
 thread runs the pipeline and checks the cancel set between denoising steps. A loaded pipeline runs its
 jobs through a :class:`~diffgen.engine.batching.ContinuousBatcher`: jobs sent while others run join
 the running batch between two denoising steps (up to ``max_batch_size``, the capacity the worker
-reports in ``Ready``) and leave when their own steps are done; ``BatchDone`` follows the last job of
-each ``RunBatch``. A worker group (several GPUs) runs its jobs one after another. A failure of one
-request (any exception, CUDA out of memory included) is reported for that request only; the loop
-goes on. The worker holds a loaded pipeline, never an Engine: Engine -> executor -> worker -> pipeline.
+reports in ``Ready``) and leave when their own steps are done (the requests nearest to done first: see
+``StepPolicy``); their text encoding and decoding run on a second thread beside the denoising loop.
+``BatchDone`` follows the last job of each ``RunBatch``. A worker group (several GPUs) runs its jobs
+one after another. A failure of one request (any exception, CUDA out of memory included) is reported
+for that request only; the loop goes on. The worker holds a loaded pipeline, never an Engine:
+Engine -> executor -> worker -> pipeline.
 
 Fault injection, for tests only (docs/server.md): when the worker's environment has
 ``DIFFGEN_FAULT_INJECT=1`` (a WARNING is logged at start-up), a prompt containing ``[[fault:raise]]``
@@ -140,12 +142,23 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
         outbox.put(BatchDone(message.batch_id))
 
 
-def serve_pipeline(pipeline, capacity: int, batches: queue.Queue, cancelled: set[str], outbox, faults: bool) -> None:
+def serve_pipeline(pipeline, capacity: int, batches: queue.Queue, cancelled: set[str], outbox, faults: bool,
+                   policy=None, overlap: bool = True) -> None:
     """The main loop of a worker with a loaded pipeline (also run in a thread by bench/batching.py): take the
-    inbox's messages (RunBatch, Stop) between denoising steps, step the batch, answer on ``outbox``."""
+    inbox's messages (RunBatch, Stop) between denoising steps, step the batch, answer on ``outbox``. Text
+    encoding and decoding run beside the denoising loop (``overlap``); ``policy``: the batcher's StepPolicy
+    (default: near-finished requests first)."""
     from diffgen.engine.batching import ContinuousBatcher
 
-    batcher = ContinuousBatcher(pipeline, capacity, before_batched_forward=_batch_fault if faults else None)
+    batcher = ContinuousBatcher(pipeline, capacity, before_batched_forward=_batch_fault if faults else None,
+                                policy=policy, overlap=overlap)
+    try:
+        _serve_loop(pipeline, batcher, batches, cancelled, outbox, faults)
+    finally:
+        batcher.close()
+
+
+def _serve_loop(pipeline, batcher, batches: queue.Queue, cancelled: set[str], outbox, faults: bool) -> None:
     unfinished: dict[str, set[str]] = {}  # batch id -> its jobs still running or waiting
     backlog: deque = deque()  # messages taken from the inbox, in order, not yet acted on
     stopping = False

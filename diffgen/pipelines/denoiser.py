@@ -36,6 +36,7 @@ class DenoisingRow:
     index: int = 0  # the next step of this request's schedule
     batched: int = 1  # the most requests that shared one of its forwards
     started: float = field(default_factory=time.perf_counter)
+    end: torch.cuda.Event | None = None  # recorded after its last step (CUDA): what decoding waits for
 
     @property
     def total(self) -> int:
@@ -77,11 +78,26 @@ class Denoiser:
                 errors.append(error)
         return errors
 
+    def mark_end(self, row: DenoisingRow) -> None:
+        """After the row's last step (or when it leaves early), on the thread that stepped it: on CUDA, an event
+        that :meth:`wait_end` waits for on another thread or stream."""
+        if row.state.device.type == "cuda":
+            row.end = torch.cuda.Event()
+            row.end.record()
+
+    def wait_end(self, row: DenoisingRow) -> None:
+        """Until the row's steps are done on the GPU; the current stream's later work is ordered after them."""
+        if row.end is not None:
+            torch.cuda.current_stream(row.state.device).wait_event(row.end)
+            row.end.synchronize()
+
     def finish(self, row: DenoisingRow) -> None:
-        """Record the row's denoising time and cache counters in its request's timings."""
+        """Record the row's denoising time and cache counters in its request's timings (after :meth:`mark_end`;
+        may run on another thread)."""
         state = row.state
-        if state.device.type == "cuda":
-            torch.cuda.synchronize(state.device)
+        if row.end is None:
+            self.mark_end(row)
+        self.wait_end(row)
         state.timings["denoising"] = state.timings.get("denoising", 0.0) + time.perf_counter() - row.started
         state.timings["batched_requests"] = float(row.batched)
         if row.step_cache is not None:
