@@ -8,10 +8,16 @@ The worker loop (diffgen.engine.worker.serve_pipeline) runs in a thread over in-
 as in a ``diffgen serve`` worker; HTTP and the process boundary are left out. Weights are random at the
 real configs (CLIP-L + T5-XXL + FLUX DiT + FLUX VAE), so the numbers are speed only.
 
+0. Profile: one denoising step of n FLUX requests as rows of one forward (n = 1, 2, 3, 4, 8, 16): where
+   the GPU saturates, i.e. what each row added to a forward costs the requests already in it.
 1. Throughput: 16 concurrent clients (closed loop: each sends its next request when the last returns),
-   512x512 FLUX.1-dev requests with different prompts and seeds: requests/s, p50 / p95 latency.
+   512x512 FLUX.1-dev requests with different prompts and seeds: requests/s, p50 / p95 latency. Batching
+   off; on with every running request in every forward and encode/decode between steps (the policy
+   before StepPolicy); on with the serve worker's defaults (StepPolicy, encode/decode overlapped).
 2. Short requests in a stream: clients keep 50-step requests coming; 4-step requests arrive one at a
-   time meanwhile. p50 / p95 latency of the 4-step requests against their latency alone (idle worker).
+   time meanwhile. p50 / p95 latency of the 4-step requests against their latency alone (idle worker),
+   for the same worker settings, and where a short request's time went (waiting to start, encoding and
+   joining, its steps, decoding).
 3. Wan2.1-1.3B 320x576, 33 frames: one CFG denoising step of the DiT per request, alone (cond and
    uncond as two forwards, today's single-request path) vs N requests as rows of one forward.
 """
@@ -32,52 +38,73 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import print_table, time_call  # noqa: E402
 
+BEFORE = "every request each step, encode/decode between steps"
+AFTER = "StepPolicy + encode/decode overlapped"
+
 
 class InProcessWorker:
     """A worker's main loop in a thread: submit(request) -> latency in seconds when it completes."""
 
-    def __init__(self, pipe, capacity: int):
+    def __init__(self, pipe, capacity: int, policy=None, overlap: bool = False):
+        from diffgen.engine.batching import EVERY_REQUEST
         from diffgen.engine.worker import serve_pipeline
 
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
-        self._waiting: dict[str, tuple[threading.Event, list]] = {}
+        self._waiting: dict[str, tuple[threading.Event, dict]] = {}
         self._lock = threading.Lock()
         self.failures: list[str] = []
         self.shared: list[float] = []  # per finished request: the most requests that shared one of its forwards
         self._loop = threading.Thread(target=serve_pipeline, args=(pipe, capacity, self.inbox, set(), self.outbox,
-                                                                   False), daemon=True)
+                                                                   False, policy or EVERY_REQUEST, overlap),
+                                      daemon=True)
         self._router = threading.Thread(target=self._route, daemon=True)
         self._loop.start()
         self._router.start()
 
     def _route(self) -> None:
-        from diffgen.engine.messages import Done, Failed
+        from diffgen.engine.messages import Done, Failed, Progress, Started
 
         while True:
             message = self.outbox.get()
             if message is None:
                 return
-            if isinstance(message, (Done, Failed)):
+            now = time.perf_counter()
+            if isinstance(message, (Started, Progress)):
                 with self._lock:
-                    event, slot = self._waiting.pop(message.job_id)
+                    times = self._waiting[message.job_id][1]
+                if isinstance(message, Started):
+                    times["started"] = now
+                else:
+                    times.setdefault("first_step", now)
+                    times["last_step"] = now
+            elif isinstance(message, (Done, Failed)):
+                with self._lock:
+                    event, times = self._waiting.pop(message.job_id)
                 if isinstance(message, Failed):
                     self.failures.append(message.message)
                 else:
                     self.shared.append(message.result.timings.get("batched_requests", 1.0))
-                slot.append(time.perf_counter())
+                times["done"] = now
                 event.set()
 
     def submit(self, request) -> float:
+        return self.submit_timed(request)["latency"]
+
+    def submit_timed(self, request) -> dict[str, float]:
+        """Latency and its phases: wait (until its preparation started), encode+join (until its first step
+        was done), steps (first to last step), decode (last step to the result)."""
         from diffgen.engine.messages import QueuedRequest, RunBatch
 
-        job_id, event, slot = uuid.uuid4().hex, threading.Event(), []
+        job_id, event, times = uuid.uuid4().hex, threading.Event(), {}
         with self._lock:
-            self._waiting[job_id] = (event, slot)
+            self._waiting[job_id] = (event, times)
         start = time.perf_counter()
         self.inbox.put(RunBatch(uuid.uuid4().hex, (QueuedRequest(job_id, request),)))
         event.wait()
-        return slot[0] - start
+        return {"latency": times["done"] - start, "wait": times["started"] - start,
+                "encode+join": times["first_step"] - times["started"], "steps": times["last_step"] - times[
+                    "first_step"], "decode": times["done"] - times["last_step"]}
 
     def stop(self) -> None:
         from diffgen.engine.messages import Stop
@@ -121,53 +148,98 @@ def closed_loop(worker: InProcessWorker, clients: int, per_client: int, make) ->
     return time.perf_counter() - start, latencies
 
 
+def worker_modes(args) -> list[tuple[str, int, object, bool]]:
+    """(label, capacity, StepPolicy, overlap) of the worker settings compared."""
+    from diffgen.engine.batching import EVERY_REQUEST, StepPolicy
+
+    on = f"batching on (max {args.max_batch_size})"
+    return [("batching off", 1, EVERY_REQUEST, False), (on, args.max_batch_size, EVERY_REQUEST, False),
+            (f"{on}, {AFTER}", args.max_batch_size, StepPolicy(), True)]
+
+
+def forward_profile(pipe, cfg: dict, args, rows: list) -> None:
+    """One denoising step of n prepared requests as rows of one forward (the Denoiser's batched path)."""
+    from diffgen.pipelines.denoiser import Denoiser
+
+    device = pipe.device
+    denoiser = Denoiser(pipe)
+    sizes = [n for n in args.profile_rows if n <= args.max_batch_size]
+    states = []
+    for i in range(max(sizes)):
+        state = pipe.new_state(flux_request(cfg, 50_000 + i, 50))
+        pipe.prepare(state)
+        states.append(state)
+    row_list = [denoiser.start(state) for state in states]
+    base = None
+    with torch.inference_mode():
+        for n in sizes:
+            denoiser.step(row_list[:n])  # warm-up (a new batch size)
+            seconds = statistics.median(time_call(lambda n=n: denoiser.step(row_list[:n]), device) for _ in range(2))
+            base = base or seconds
+            rows.append((f"FLUX {cfg['height']}x{cfg['width']} denoising step", f"{n} request(s), 1 forward",
+                         f"{n}", "", f"{seconds * 1000:.1f} ms", f"{seconds / n * 1000:.1f} ms/request",
+                         f"{seconds / base:.2f}x one"))
+
+
 def throughput(pipe, cfg: dict, args, rows: list) -> None:
     results = {}
-    for mode, capacity in (("off", 1), ("on", args.max_batch_size)):
-        worker = InProcessWorker(pipe, capacity)
+    for label, capacity, policy, overlap in worker_modes(args):
+        worker = InProcessWorker(pipe, capacity, policy, overlap)
         worker.submit(flux_request(cfg, 10_000, args.steps))  # warm-up
         wall, latencies = closed_loop(worker, args.clients, args.per_client,
                                       lambda i: flux_request(cfg, i, args.steps))
         worker.stop()
         assert not worker.failures, worker.failures
-        results[mode] = len(latencies) / wall
-        label = f"batching {mode}" + (f" (max {capacity})" if capacity > 1 else "")
+        results[label] = len(latencies) / wall
+        gain = "" if capacity == 1 else f" ({results[label] / results['batching off']:.2f}x off)"
         rows.append((f"FLUX {cfg['height']}x{cfg['width']} {args.steps} steps, {args.clients} clients", label,
-                     f"{len(latencies)}", f"{results[mode]:.3f}",
+                     f"{len(latencies)}", f"{results[label]:.3f}{gain}",
                      f"{statistics.median(latencies):.2f}", f"{percentile(latencies, 95):.2f}",
                      f"{max(worker.shared):.0f}"))
-    rows.append(("", "gain on/off", "", f"{results['on'] / results['off']:.2f}x", "", "", ""))
 
 
-def short_in_stream(pipe, cfg: dict, args, rows: list) -> None:
+def short_in_stream(pipe, cfg: dict, args, rows: list, phases: list) -> None:
     short, long = args.short_steps, args.long_steps
-    worker = InProcessWorker(pipe, 1)
-    worker.submit(flux_request(cfg, 20_000, short))  # warm-up
-    alone = [worker.submit(flux_request(cfg, 20_001 + i, short)) for i in range(args.shorts)]
-    worker.stop()
-    rows.append((f"FLUX {short}-step requests", "alone (idle worker)", f"{len(alone)}", "",
-                 f"{statistics.median(alone):.2f}", f"{percentile(alone, 95):.2f}", "1"))
-    for mode, capacity in (("off", 1), ("on", args.max_batch_size)):
-        worker = InProcessWorker(pipe, capacity)
+    alone = {}
+    for label, _, policy, overlap in worker_modes(args)[::2]:  # an idle worker: before and after settings
+        worker = InProcessWorker(pipe, 1 if label == "batching off" else args.max_batch_size, policy, overlap)
+        worker.submit(flux_request(cfg, 20_000, short))  # warm-up
+        alone[label] = [worker.submit_timed(flux_request(cfg, 20_001 + i, short)) for i in range(args.shorts)]
+        worker.stop()
+        latencies = [timed["latency"] for timed in alone[label]]
+        setting = "as before" if label == "batching off" else AFTER
+        rows.append((f"FLUX {short}-step requests", f"alone (idle worker), {setting}", f"{len(latencies)}", "",
+                     f"{statistics.median(latencies):.2f}", f"{percentile(latencies, 95):.2f}", "1"))
+        phases.append((f"alone, {setting}", *_phase_medians(alone[label])))
+    alone_p95 = percentile([timed["latency"] for timed in alone["batching off"]], 95)
+    for label, capacity, policy, overlap in worker_modes(args)[args.stream_modes_from:]:
+        worker = InProcessWorker(pipe, capacity, policy, overlap)
         stop = threading.Event()
         streams = [threading.Thread(target=_stream, args=(worker, stop, cfg, c, long))
                    for c in range(args.stream_clients)]
         for thread in streams:
             thread.start()
         time.sleep(args.stream_lead)  # the stream is running when the short requests come
-        latencies = []
+        timed = []
         for i in range(args.shorts):
-            latencies.append(worker.submit(flux_request(cfg, 40_000 + i, short)))
+            timed.append(worker.submit_timed(flux_request(cfg, 40_000 + i, short)))
             time.sleep(args.short_gap)
         stop.set()
         for thread in streams:
             thread.join()
         worker.stop()
         assert not worker.failures, worker.failures
+        latencies = [t["latency"] for t in timed]
         p95 = percentile(latencies, 95)
         rows.append((f"FLUX {short}-step requests during {args.stream_clients} streams of {long}-step ones",
-                     f"batching {mode}", f"{len(latencies)}", "", f"{statistics.median(latencies):.2f}",
-                     f"{p95:.2f} ({p95 / percentile(alone, 95):.1f}x alone)", f"{max(worker.shared):.0f}"))
+                     label, f"{len(latencies)}", "", f"{statistics.median(latencies):.2f}",
+                     f"{p95:.2f} ({p95 / alone_p95:.2f}x alone)", f"{max(worker.shared):.0f}"))
+        phases.append((f"during the streams, {label}", *_phase_medians(timed)))
+
+
+def _phase_medians(timed: list[dict[str, float]]) -> tuple[str, ...]:
+    return tuple(f"{statistics.median(t[phase] for t in timed) * 1000:.0f}"
+                 for phase in ("latency", "wait", "encode+join", "steps", "decode"))
 
 
 def _stream(worker: InProcessWorker, stop: threading.Event, cfg: dict, client: int, steps: int) -> None:
@@ -224,7 +296,10 @@ def main() -> int:
     parser.add_argument("--stream-lead", type=float, default=2.0)
     parser.add_argument("--wan-batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "stream", "wan"])
+    parser.add_argument("--profile-rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16])
+    parser.add_argument("--stream-modes-from", type=int, default=1, choices=[0, 1, 2],
+                        help="the short-in-stream part runs the worker settings from this one on (0: batching off)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["profile", "throughput", "stream", "wan"])
     args = parser.parse_args()
 
     from bench import flux as flux_bench
@@ -237,7 +312,7 @@ def main() -> int:
     if args.tiny:
         args.clients, args.per_client, args.steps, args.long_steps, args.shorts = 3, 1, 2, 4, 1
         args.short_steps, args.short_gap, args.stream_lead, args.max_batch_size, args.repeats = 2, 0.0, 0.1, 4, 1
-        args.stream_clients, args.wan_batches = 1, [2]
+        args.stream_clients, args.wan_batches, args.profile_rows = 1, [2], [1, 2]
         flux_cfg.update(height=32, width=32)
     else:
         flux_cfg.update(height=512, width=512)
@@ -245,7 +320,7 @@ def main() -> int:
     torch.manual_seed(0)
     rows: list[tuple[str, ...]] = []
     header = ("work", "mode", "requests", "requests/s", "p50 (s)", "p95 (s)", "max shared")
-    if "throughput" not in args.skip or "stream" not in args.skip:
+    if {"profile", "throughput", "stream"} - set(args.skip):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from diffgen.pipelines.flux import FluxPipeline
@@ -256,11 +331,18 @@ def main() -> int:
         pipe = FluxPipeline(dict(transformer=native, scheduler=scheduler, vae=vae, text_encoder=clip,
                                  tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer()),
                             "random", device, dtype)
+        phases: list[tuple[str, ...]] = []
+        if "profile" not in args.skip:
+            forward_profile(pipe, flux_cfg, args, rows)
         if "throughput" not in args.skip:
             throughput(pipe, flux_cfg, args, rows)
         if "stream" not in args.skip:
-            short_in_stream(pipe, flux_cfg, args, rows)
+            short_in_stream(pipe, flux_cfg, args, rows, phases)
         print_table("FLUX.1-dev requests through the worker loop", rows, header)
+        if phases:
+            print_table(f"Where a {args.short_steps}-step request's time went (medians, ms)", phases,
+                        ("case", "latency", "wait to start", "encode + join + first step", "other steps",
+                         "decode + result"))
         del pipe, native, clip, t5, vae
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -331,31 +331,32 @@ def test_waiting_jobs_join_a_running_batch_until_the_oldest_waited_past_the_cap(
 
 
 # -- the step policy: which running requests a forward steps ----------------------------------------------
-def _running(*steps_left: int, sat_out: int = 0) -> list[BatchMember]:
+def _running(*steps: int) -> list[BatchMember]:
+    """Members with schedules of ``steps`` steps, each with one step left."""
     members = []
-    for i, left in enumerate(steps_left):
-        member = BatchMember(str(i), GenerationRequest.build(f"r{i}"), on_done=print, on_failed=print,
-                             sat_out=sat_out)
+    for i, total in enumerate(steps):
+        member = BatchMember(str(i), GenerationRequest.build(f"r{i}"), on_done=print, on_failed=print)
         member.row = DenoisingRow(state=PipelineState(request=member.request, device=torch.device("cpu"),
-                                                      dtype=torch.float32, seed=i, timesteps=torch.zeros(50)))
-        member.row.index = 50 - left
+                                                      dtype=torch.float32, seed=i, timesteps=torch.zeros(total)))
+        member.row.index = total - 1
         members.append(member)
     return members
 
 
-def test_the_policy_steps_requests_near_their_end_and_lets_far_ones_sit_out():
+def test_the_policy_lets_requests_many_times_longer_than_the_shortest_sit_out_a_bounded_number_of_forwards():
     policy = StepPolicy(sit_out_ratio=4.0, max_sit_out=3)
-    long_a, short, long_b, near = _running(40, 4, 17, 16)
+    long_a, short, long_b, near = _running(50, 4, 17, 16)
     assert policy.choose([long_a, short, long_b, near]) == [short, near]  # 16 <= 4 x 4 < 17; in running order
-    assert policy.choose([long_a, long_b]) == [long_a, long_b]  # 40 <= 4 x 17
-    long_a.sat_out = 3  # left out of 3 forwards in a row: stepped now, whatever its steps left
+    assert policy.choose([long_a, long_b]) == [long_a, long_b]  # 50 <= 4 x 17
+    long_a.sat_out = 3  # left out of 3 forwards in a row: stepped now
     assert policy.choose([long_a, short, long_b, near]) == [long_a, short, near]
     assert EVERY_REQUEST.choose([long_a, short, long_b]) == [long_a, short, long_b]
     capped = StepPolicy(sit_out_ratio=None, max_requests=2)
     nine, three, five, one = _running(9, 3, 5, 1)
-    assert capped.choose([nine, three, five, one]) == [three, one]  # the two nearest to done
+    nine.row.index, three.row.index, five.row.index = 0, 0, 4  # steps left: 9, 3, 1, 1
+    assert capped.choose([nine, three, five, one]) == [five, one]  # the two nearest to done
     nine.sat_out = capped.max_sit_out
-    assert capped.choose([nine, three, five, one]) == [nine, one]  # an overdue one goes first
+    assert capped.choose([nine, three, five, one]) == [nine, five]  # an overdue one goes first
     with pytest.raises(ValueError, match="sit_out_ratio"):
         StepPolicy(sit_out_ratio=0.5)
 
@@ -490,3 +491,26 @@ def test_with_overlap_a_failing_encode_or_decode_fails_only_its_request_and_canc
     assert isinstance(outcomes[4], CancelledError)
     for index, expected in enumerate(alone):
         torch.testing.assert_close(outcomes[index].latents, expected.latents, **TOLERANCE)
+
+
+def test_texts_are_concatenated_once_per_batch_membership_not_once_per_step(engines):
+    engine = engines("qwen-image")  # prompts of different lengths: padded with masks when concatenated
+    requests = [GenerationRequest.build(prompt, height=32, width=32, num_inference_steps=steps, seed=seed,
+                                        return_tensors=True)
+                for prompt, steps, seed in (("short", 4, 1), ("a much longer prompt than the first", 4, 2),
+                                            ("joins later", 2, 3))]
+    alone = [_alone(engine, r) for r in requests]
+    outcomes: dict[int, object] = {}
+    batcher = ContinuousBatcher(engine.pipeline, max_batch_size=4, policy=EVERY_REQUEST)
+    built = batcher.denoiser.kept_inputs.built
+    batcher.add(_member(requests[0], outcomes, 0))
+    batcher.add(_member(requests[1], outcomes, 1))
+    batcher.run_step()
+    batcher.run_step()
+    batcher.add(_member(requests[2], outcomes, 2))
+    batcher.run_until_idle()
+    for index, expected in enumerate(alone):
+        torch.testing.assert_close(outcomes[index].latents, expected.latents, **TOLERANCE)
+    # 4 batched steps in 2 memberships ({0, 1} for steps 1-2, {0, 1, 2} for steps 3-4): the latents are
+    # concatenated at every step, the padded texts once per membership.
+    assert built["hidden_states"] == 4 and built["encoder_hidden_states"] == 2, built

@@ -8,12 +8,12 @@ validation, text encoding, noise from its own generator, timesteps) and joins th
 requests, each at its own step of its own schedule. A request leaves when its own steps are done
 (it is decoded and reported) or when it is cancelled; the others go on unchanged.
 
-Which running requests a forward steps is the :class:`StepPolicy`'s choice: by default the requests
-nearest to their end go first and a request with many more steps left than the nearest one sits the
-forward out, so a 4-step request arriving among 50-step ones is stepped in small forwards of its own
-instead of paying for a large one at each of its steps. Sitting out is bounded (``max_sit_out``
-forwards in a row), so long requests are slowed, never starved. A request's output does not depend on
-which forwards it shared (each row keeps its own step index).
+Which running requests a forward steps is the :class:`StepPolicy`'s choice: by default a request
+many times longer than the shortest running one sits the forward out, so a 4-step request arriving
+among 50-step ones is stepped in forwards of its own instead of paying for a large one at each of its
+steps; requests of similar lengths always share. Sitting out is bounded (``max_sit_out`` forwards in a
+row), so long requests are slowed, never starved. A request's output does not depend on which forwards
+it shared (each row keeps its own step index).
 
 Overlap (``overlap=True``, the serve worker's default): preparing a request (text encoding) and
 finishing one (VAE decoding, the result's images) run on a second thread, on a CUDA stream of their
@@ -48,6 +48,7 @@ import torch
 
 from diffgen.errors import CancelledError
 from diffgen.pipelines.denoiser import Denoiser, DenoisingRow
+from diffgen.pipelines.guidance import BatchInputs
 
 if TYPE_CHECKING:
     from diffgen.engine.request import GenerationRequest, GenerationResult
@@ -76,12 +77,14 @@ class BatchMember:
 class StepPolicy:
     """Which of the running requests the next denoising forward steps; the others sit it out, unchanged.
 
-    Requests are taken nearest-to-done first. A request whose remaining steps exceed ``sit_out_ratio`` times
-    the fewest remaining steps among the running requests sits out (a near-finished or short request is not
-    slowed by rows far from done: on a GPU saturated by one request, each row adds its whole cost to the
-    forward), but never more than ``max_sit_out`` forwards in a row. ``max_requests`` caps the requests of
-    one forward (None: no cap beyond ``max_batch_size``). ``sit_out_ratio=None`` steps every running
-    request at every step (the policy before this one: :data:`EVERY_REQUEST`).
+    A request sits out while a request of at most 1/``sit_out_ratio`` of its steps (its schedule's length) is
+    running, so a short request is stepped in forwards of its own instead of paying, at each of its steps,
+    for the rows of requests many times longer (on a GPU that one request already saturates, each row adds
+    its whole cost to the forward); requests of similar lengths always share. A request never sits out more
+    than ``max_sit_out`` forwards in a row: long requests are slowed (by about the short ones' steps), never
+    starved. ``max_requests`` caps the requests of one forward (None: no cap but ``max_batch_size``),
+    taking those nearest to done first. ``sit_out_ratio=None``: every running request at every step
+    (:data:`EVERY_REQUEST`, the policy before this one).
     """
 
     sit_out_ratio: float | None = 4.0
@@ -98,17 +101,15 @@ class StepPolicy:
 
     def choose(self, members: list[BatchMember]) -> list[BatchMember]:
         """The members the next forward steps, in the order given (one at least)."""
-        def remaining(member: BatchMember) -> int:
-            return member.row.total - member.row.index
-
         def overdue(member: BatchMember) -> bool:
             return member.sat_out >= self.max_sit_out
 
-        fewest = min(remaining(member) for member in members)
+        shortest = min(member.row.total for member in members)
         # Overdue first (the longest left out first), then nearest to done, then first come.
-        order = sorted(members, key=lambda m: (not overdue(m), -m.sat_out if overdue(m) else 0, remaining(m)))
+        order = sorted(members, key=lambda m: (not overdue(m), -m.sat_out if overdue(m) else 0,
+                                               m.row.total - m.row.index))
         chosen = [m for m in order if self.sit_out_ratio is None or overdue(m)
-                  or remaining(m) <= self.sit_out_ratio * fewest]
+                  or m.row.total <= self.sit_out_ratio * shortest]
         if self.max_requests is not None:
             chosen = chosen[:self.max_requests]
         keep = {id(member) for member in chosen}
@@ -238,6 +239,7 @@ class ContinuousBatcher:
     def _end_of_batch(self) -> None:
         if not self.running and not self.preparing:
             self._key, self._one_by_one = None, False
+            self.denoiser.kept_inputs = BatchInputs()  # nothing of the drained batch is kept
 
     def _batch_key(self, request: GenerationRequest) -> tuple | None:
         try:

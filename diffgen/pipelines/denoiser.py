@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffgen.layers.block_loop import active_block_hook
-from diffgen.pipelines.guidance import run_batched
+from diffgen.pipelines.guidance import BatchInputs, run_batched
 
 if TYPE_CHECKING:
     from diffgen.engine.step_cache import StepCacheSession
@@ -48,13 +48,16 @@ class DenoisingRow:
 
 
 class Denoiser:
-    """Advances rows of one pipeline by one step each. Holds no state between calls but the pipeline."""
+    """Advances rows of one pipeline by one step each. Holds no state between calls but the pipeline and the
+    batched inputs it may reuse at the next step."""
 
     def __init__(self, pipe: ComposedPipeline,
                  before_batched_forward: Callable[[list[PipelineState]], None] | None = None):
         self.pipe = pipe
         #: called with the rows' states before a forward of several rows (fault injection in tests)
         self.before_batched_forward = before_batched_forward
+        #: the rows' unchanging inputs (texts, masks, ids) as the last batched forward concatenated them
+        self.kept_inputs = BatchInputs()
 
     def start(self, state: PipelineState) -> DenoisingRow:
         """A row for a prepared request (latents and timesteps set)."""
@@ -123,7 +126,8 @@ class Denoiser:
         with self.pipe.lora_context(rows[0].state.request), _no_block_hook():
             steps = [self.pipe.guidance(row.state, row.state.latents, row.state.timesteps[row.index], row.index)
                      for row in rows]
-            predictions = run_batched(steps)
+            predictions = run_batched(steps, self.kept_inputs)
+            self.kept_inputs.next_step()
         return [step.combine(branches) for step, branches in zip(steps, predictions, strict=True)]
 
     def _advance(self, row: DenoisingRow, prediction: torch.Tensor) -> None:

@@ -82,20 +82,49 @@ def run_branches(step: GuidanceStep) -> list[torch.Tensor]:
     return predictions
 
 
-def run_batched(steps: list[GuidanceStep]) -> list[list[torch.Tensor]]:
+class BatchInputs:
+    """What :func:`run_batched` built at the last step, kept while the same tensors come back: the rows'
+    text embeddings, masks and ids do not change between steps until a request joins or leaves, so they
+    are concatenated (and padded, and compared) once per batch membership; the latents and timesteps,
+    new at each step, are concatenated each step. Entries are found by the tensors' identity (held, so an
+    id cannot be reused while kept; pipelines never change a branch's tensor in place between steps, and
+    inference tensors have no version counter to check); one not used at a step is dropped.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple, tuple[tuple, Any]] = {}
+        self._used: dict[tuple, tuple[tuple, Any]] = {}
+        self.built: dict[str, int] = {}  # argument name -> how many times it was concatenated (tests, benches)
+
+    def get(self, name: str, tensors: tuple[torch.Tensor | None, ...], build: Callable[[], Any]) -> Any:
+        key = (name, *(id(t) if t is not None else None for t in tensors))
+        entry = self._used.get(key) or self._kept.get(key)
+        if entry is None or any(a is not b for a, b in zip(entry[0], tensors, strict=True)):
+            entry = (tensors, build())
+            self.built[name] = self.built.get(name, 0) + 1
+        self._used[key] = entry
+        return entry[1]
+
+    def next_step(self) -> None:
+        self._kept, self._used = self._used, {}
+
+
+def run_batched(steps: list[GuidanceStep], kept: BatchInputs | None = None) -> list[list[torch.Tensor]]:
     """Each step's branch predictions (as :func:`run_branches` gives them), computed with as few forwards as
     possible: every branch of every step that fits the same forward (same model, equal shared arguments,
-    equal row shapes up to the padded text length) becomes rows of one batch.
+    equal row shapes up to the padded text length) becomes rows of one batch. ``kept``: the inputs built at
+    the previous step, reused where the same tensors come back (then call its ``next_step``).
 
     Rows are independent in every DiT (per-row timesteps, modulation and attention; padded text keys are
     masked), so a request's prediction equals its prediction alone up to floating-point rounding.
     """
+    kept = kept or BatchInputs()
     calls = [(i, kwargs) for i, step in enumerate(steps) for kwargs in step.branches]
     groups: list[list[int]] = []  # indices into calls
     for index, (i, kwargs) in enumerate(calls):
         for group in groups:
             first_step, first = calls[group[0]]
-            if _fit_together(steps[first_step], first, steps[i], kwargs):
+            if _fit_together(steps[first_step], first, steps[i], kwargs, kept):
                 group.append(index)
                 break
         else:
@@ -104,7 +133,7 @@ def run_batched(steps: list[GuidanceStep]) -> list[list[torch.Tensor]]:
     for group in groups:
         step = steps[calls[group[0]][0]]
         members = [calls[index][1] for index in group]
-        batched = step.model(**_concatenate(step, members))
+        batched = step.model(**_concatenate(step, members, kept))
         rows = [_rows(kwargs, step) for kwargs in members]
         for index, output in zip(group, batched.split(rows), strict=True):
             outputs[index] = output
@@ -120,7 +149,8 @@ def _rows(kwargs: dict[str, Any], step: GuidanceStep) -> int:
                 if isinstance(value, torch.Tensor) and name not in step.shared)
 
 
-def _fit_together(step_a: GuidanceStep, a: dict[str, Any], step_b: GuidanceStep, b: dict[str, Any]) -> bool:
+def _fit_together(step_a: GuidanceStep, a: dict[str, Any], step_b: GuidanceStep, b: dict[str, Any],
+                  kept: BatchInputs) -> bool:
     if step_a.model is not step_b.model or a.keys() != b.keys() or step_a.shared != step_b.shared:
         return False
     masks = set(step_a.text_padding.values())
@@ -132,7 +162,10 @@ def _fit_together(step_a: GuidanceStep, a: dict[str, Any], step_b: GuidanceStep,
             if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
                 return False
             if isinstance(x, torch.Tensor):
-                if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                if x.shape != y.shape or x.dtype != y.dtype:
+                    return False
+                # (torch.equal of GPU tensors waits for the GPU: compared once while the same tensors come back)
+                if x is not y and not kept.get(f"equal {name}", (x, y), lambda x=x, y=y: torch.equal(x, y)):
                     return False
             elif x != y:
                 return False
@@ -145,7 +178,7 @@ def _fit_together(step_a: GuidanceStep, a: dict[str, Any], step_b: GuidanceStep,
     return True
 
 
-def _concatenate(step: GuidanceStep, members: list[dict[str, Any]]) -> dict[str, Any]:
+def _concatenate(step: GuidanceStep, members: list[dict[str, Any]], kept: BatchInputs) -> dict[str, Any]:
     if len(members) == 1:
         return members[0]
     masks = {mask: text for text, mask in step.text_padding.items()}
@@ -156,14 +189,18 @@ def _concatenate(step: GuidanceStep, members: list[dict[str, Any]]) -> dict[str,
         if name in step.shared or not isinstance(first, torch.Tensor):
             batched[name] = first
         elif name in step.text_padding:
-            batched[name], batched[step.text_padding[name]] = _pad_text(
-                [kwargs[name] for kwargs in members], [kwargs.get(step.text_padding[name]) for kwargs in members])
+            texts = tuple(kwargs[name] for kwargs in members)
+            text_masks = tuple(kwargs.get(step.text_padding[name]) for kwargs in members)
+            batched[name], batched[step.text_padding[name]] = kept.get(
+                name, texts + text_masks, lambda texts=texts, text_masks=text_masks: _pad_text(texts, text_masks))
         else:
-            batched[name] = torch.cat([kwargs[name] for kwargs in members])
+            tensors = tuple(kwargs[name] for kwargs in members)
+            batched[name] = kept.get(name, tensors, lambda tensors=tensors: torch.cat(tensors))
     return batched
 
 
-def _pad_text(texts: list[torch.Tensor], masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _pad_text(texts: tuple[torch.Tensor, ...],
+              masks: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Texts (B_i, T_i, ...) padded with zeros to the longest, with their key masks; None when no token is masked."""
     length = max(text.shape[1] for text in texts)
     if all(mask is None for mask in masks) and all(text.shape[1] == length for text in texts):
