@@ -38,8 +38,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import print_table, time_call  # noqa: E402
 
-BEFORE = "every request each step, encode/decode between steps"
-AFTER = "StepPolicy + encode/decode overlapped"
+#: worker settings (--throughput-modes, --stream-modes): batching capacity (0: --max-batch-size), step
+#: policy ("every": every running request in every forward, the policy before StepPolicy), overlap
+MODES = {"off": (1, "every", False), "every": (0, "every", False), "policy": (0, "policy", False),
+         "policy+overlap": (0, "policy", True)}
+MODE_LABELS = {"off": "batching off", "every": "on: every request each step, encode/decode between steps",
+               "policy": "on: StepPolicy, encode/decode between steps",
+               "policy+overlap": "on: StepPolicy + encode/decode overlapped (serve default)"}
 
 
 class InProcessWorker:
@@ -148,13 +153,12 @@ def closed_loop(worker: InProcessWorker, clients: int, per_client: int, make) ->
     return time.perf_counter() - start, latencies
 
 
-def worker_modes(args) -> list[tuple[str, int, object, bool]]:
-    """(label, capacity, StepPolicy, overlap) of the worker settings compared."""
+def worker(pipe, mode: str, args) -> InProcessWorker:
     from diffgen.engine.batching import EVERY_REQUEST, StepPolicy
 
-    on = f"batching on (max {args.max_batch_size})"
-    return [("batching off", 1, EVERY_REQUEST, False), (on, args.max_batch_size, EVERY_REQUEST, False),
-            (f"{on}, {AFTER}", args.max_batch_size, StepPolicy(), True)]
+    capacity, policy, overlap = MODES[mode]
+    return InProcessWorker(pipe, capacity or args.max_batch_size,
+                           EVERY_REQUEST if policy == "every" else StepPolicy(), overlap)
 
 
 def forward_profile(pipe, cfg: dict, args, rows: list) -> None:
@@ -183,58 +187,58 @@ def forward_profile(pipe, cfg: dict, args, rows: list) -> None:
 
 def throughput(pipe, cfg: dict, args, rows: list) -> None:
     results = {}
-    for label, capacity, policy, overlap in worker_modes(args):
-        worker = InProcessWorker(pipe, capacity, policy, overlap)
-        worker.submit(flux_request(cfg, 10_000, args.steps))  # warm-up
-        wall, latencies = closed_loop(worker, args.clients, args.per_client,
+    for mode in args.throughput_modes:
+        running = worker(pipe, mode, args)
+        running.submit(flux_request(cfg, 10_000, args.steps))  # warm-up
+        wall, latencies = closed_loop(running, args.clients, args.per_client,
                                       lambda i: flux_request(cfg, i, args.steps))
-        worker.stop()
-        assert not worker.failures, worker.failures
-        results[label] = len(latencies) / wall
-        gain = "" if capacity == 1 else f" ({results[label] / results['batching off']:.2f}x off)"
+        running.stop()
+        assert not running.failures, running.failures
+        results[mode] = len(latencies) / wall
+        gain = f" ({results[mode] / results['off']:.2f}x off)" if mode != "off" and "off" in results else ""
+        label = MODE_LABELS[mode].replace("on:", f"on (max {args.max_batch_size}):")
         rows.append((f"FLUX {cfg['height']}x{cfg['width']} {args.steps} steps, {args.clients} clients", label,
-                     f"{len(latencies)}", f"{results[label]:.3f}{gain}",
+                     f"{len(latencies)}", f"{results[mode]:.3f}{gain}",
                      f"{statistics.median(latencies):.2f}", f"{percentile(latencies, 95):.2f}",
-                     f"{max(worker.shared):.0f}"))
+                     f"{max(running.shared):.0f}"))
 
 
 def short_in_stream(pipe, cfg: dict, args, rows: list, phases: list) -> None:
     short, long = args.short_steps, args.long_steps
     alone = {}
-    for label, _, policy, overlap in worker_modes(args)[::2]:  # an idle worker: before and after settings
-        worker = InProcessWorker(pipe, 1 if label == "batching off" else args.max_batch_size, policy, overlap)
-        worker.submit(flux_request(cfg, 20_000, short))  # warm-up
-        alone[label] = [worker.submit_timed(flux_request(cfg, 20_001 + i, short)) for i in range(args.shorts)]
-        worker.stop()
-        latencies = [timed["latency"] for timed in alone[label]]
-        setting = "as before" if label == "batching off" else AFTER
-        rows.append((f"FLUX {short}-step requests", f"alone (idle worker), {setting}", f"{len(latencies)}", "",
-                     f"{statistics.median(latencies):.2f}", f"{percentile(latencies, 95):.2f}", "1"))
-        phases.append((f"alone, {setting}", *_phase_medians(alone[label])))
-    alone_p95 = percentile([timed["latency"] for timed in alone["batching off"]], 95)
-    for label, capacity, policy, overlap in worker_modes(args)[args.stream_modes_from:]:
-        worker = InProcessWorker(pipe, capacity, policy, overlap)
+    for mode in ("off", "policy+overlap"):  # an idle worker, with the settings before and after
+        running = worker(pipe, mode, args)
+        running.submit(flux_request(cfg, 20_000, short))  # warm-up
+        alone[mode] = [running.submit_timed(flux_request(cfg, 20_001 + i, short)) for i in range(args.shorts)]
+        running.stop()
+        latencies = [timed["latency"] for timed in alone[mode]]
+        rows.append((f"FLUX {short}-step requests", f"alone (idle worker), {MODE_LABELS[mode]}", f"{len(latencies)}",
+                     "", f"{statistics.median(latencies):.2f}", f"{percentile(latencies, 95):.2f}", "1"))
+        phases.append((f"alone, {MODE_LABELS[mode]}", *_phase_medians(alone[mode])))
+    alone_p95 = percentile([timed["latency"] for timed in alone["off"]], 95)
+    for mode in args.stream_modes:
+        running = worker(pipe, mode, args)
         stop = threading.Event()
-        streams = [threading.Thread(target=_stream, args=(worker, stop, cfg, c, long))
+        streams = [threading.Thread(target=_stream, args=(running, stop, cfg, c, long))
                    for c in range(args.stream_clients)]
         for thread in streams:
             thread.start()
         time.sleep(args.stream_lead)  # the stream is running when the short requests come
         timed = []
         for i in range(args.shorts):
-            timed.append(worker.submit_timed(flux_request(cfg, 40_000 + i, short)))
+            timed.append(running.submit_timed(flux_request(cfg, 40_000 + i, short)))
             time.sleep(args.short_gap)
         stop.set()
         for thread in streams:
             thread.join()
-        worker.stop()
-        assert not worker.failures, worker.failures
+        running.stop()
+        assert not running.failures, running.failures
         latencies = [t["latency"] for t in timed]
         p95 = percentile(latencies, 95)
         rows.append((f"FLUX {short}-step requests during {args.stream_clients} streams of {long}-step ones",
-                     label, f"{len(latencies)}", "", f"{statistics.median(latencies):.2f}",
-                     f"{p95:.2f} ({p95 / alone_p95:.2f}x alone)", f"{max(worker.shared):.0f}"))
-        phases.append((f"during the streams, {label}", *_phase_medians(timed)))
+                     MODE_LABELS[mode], f"{len(latencies)}", "", f"{statistics.median(latencies):.2f}",
+                     f"{p95:.2f} ({p95 / alone_p95:.2f}x alone)", f"{max(running.shared):.0f}"))
+        phases.append((f"during the streams, {MODE_LABELS[mode]}", *_phase_medians(timed)))
 
 
 def _phase_medians(timed: list[dict[str, float]]) -> tuple[str, ...]:
@@ -297,8 +301,10 @@ def main() -> int:
     parser.add_argument("--wan-batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile-rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16])
-    parser.add_argument("--stream-modes-from", type=int, default=1, choices=[0, 1, 2],
-                        help="the short-in-stream part runs the worker settings from this one on (0: batching off)")
+    parser.add_argument("--throughput-modes", nargs="+", choices=list(MODES), default=["off", "every",
+                                                                                         "policy+overlap"])
+    parser.add_argument("--stream-modes", nargs="+", choices=list(MODES), default=["every", "policy",
+                                                                                  "policy+overlap"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["profile", "throughput", "stream", "wan"])
     args = parser.parse_args()
 

@@ -19,8 +19,12 @@ def test_bench_batching_tiny_cpu_mode():
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()
             if line.startswith("| FLUX") or line.startswith("| Wan")]
     modes = {(row[0].split(",")[0].split(" during")[0], row[1]) for row in rows}
-    assert ("FLUX 32x32 2 steps", "batching off") in modes and ("FLUX 32x32 2 steps", "batching on (max 4)") in modes
-    assert ("FLUX 2-step requests", "alone (idle worker)") in modes
-    shared = {row[1]: row[6] for row in rows if row[0].startswith("FLUX 32x32")}
-    assert shared["batching off"] == "1" and int(shared["batching on (max 4)"]) > 1, run.stdout
+    every = "on (max 4): every request each step, encode/decode between steps"
+    assert ("FLUX 32x32 2 steps", "batching off") in modes and ("FLUX 32x32 2 steps", every) in modes
+    assert ("FLUX 32x32 2 steps", "on (max 4): StepPolicy + encode/decode overlapped (serve default)") in modes
+    assert ("FLUX 2-step requests", "alone (idle worker), batching off") in modes
+    assert {"1 request(s), 1 forward", "2 request(s), 1 forward"} <= {mode for _, mode in modes}
+    shared = {row[1]: row[6] for row in rows if row[0].startswith("FLUX 32x32 2 steps")}
+    assert shared["batching off"] == "1" and int(shared[every]) > 1, run.stdout
+    assert "| during the streams, on: StepPolicy + encode/decode overlapped" in run.stdout  # the phases table
     assert any(row[1] == "2 request(s): 1 forward of 4 rows" for row in rows if row[0].startswith("Wan")), run.stdout
