@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,6 +61,7 @@ class InProcessWorker:
         self._lock = threading.Lock()
         self.failures: list[str] = []
         self.shared: list[float] = []  # per finished request: the most requests that shared one of its forwards
+        self.images: dict = {}  # seed -> its image
         self._loop = threading.Thread(target=serve_pipeline, args=(pipe, capacity, self.inbox, set(), self.outbox,
                                                                    False, policy or EVERY_REQUEST, overlap),
                                       daemon=True)
@@ -90,6 +92,7 @@ class InProcessWorker:
                     self.failures.append(message.message)
                 else:
                     self.shared.append(message.result.timings.get("batched_requests", 1.0))
+                    self.images[message.result.seed] = message.result.images[0]
                 times["done"] = now
                 event.set()
 
@@ -205,17 +208,22 @@ def throughput(pipe, cfg: dict, args, rows: list) -> None:
 
 def short_in_stream(pipe, cfg: dict, args, rows: list, phases: list) -> None:
     short, long = args.short_steps, args.long_steps
-    alone = {}
+    alone, images = {}, {}
     for mode in ("off", "policy+overlap"):  # an idle worker, with the settings before and after
         running = worker(pipe, mode, args)
         running.submit(flux_request(cfg, 20_000, short))  # warm-up
         alone[mode] = [running.submit_timed(flux_request(cfg, 20_001 + i, short)) for i in range(args.shorts)]
         running.stop()
+        images[mode] = running.images
         latencies = [timed["latency"] for timed in alone[mode]]
         rows.append((f"FLUX {short}-step requests", f"alone (idle worker), {MODE_LABELS[mode]}", f"{len(latencies)}",
                      "", f"{statistics.median(latencies):.2f}", f"{percentile(latencies, 95):.2f}", "1"))
         phases.append((f"alone, {MODE_LABELS[mode]}", *_phase_medians(alone[mode])))
     alone_p95 = percentile([timed["latency"] for timed in alone["off"]], 95)
+    # Encoding and decoding on the stage thread's stream must not change a pixel of a request run alone.
+    differences = [int(np.abs(np.asarray(images["off"][seed], np.int16) - np.asarray(image, np.int16)).max())
+                   for seed, image in images["policy+overlap"].items()]
+    print(f"alone, overlapped vs not: largest pixel difference {max(differences)} over {len(differences)} images")
     for mode in args.stream_modes:
         running = worker(pipe, mode, args)
         stop = threading.Event()
