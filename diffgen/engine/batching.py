@@ -152,7 +152,7 @@ class ContinuousBatcher:
     def run_step(self) -> None:
         """Take what the stage thread has done, admit what may join, then one denoising step of the requests
         the policy chooses (finishing those done)."""
-        self._collect(wait=not self.running and not self.pending and bool(self.preparing or self.finishing))
+        self._collect(wait=not self.running and bool(self.preparing or self.finishing))  # nothing to step yet
         self._admit()
         self._drop_cancelled()
         if not self.running:
