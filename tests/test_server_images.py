@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -248,6 +249,48 @@ def test_a_failing_streamed_job_ends_with_an_error_event(server):
         list(server.client().images.generate(prompt="boom [[fault:raise]]", size=SIZE, stream=True,
                                              extra_body=STEPS))
     assert server.client().images.generate(prompt="fine", size=SIZE, extra_body=STEPS).data  # still serving
+
+
+def test_a_client_gone_before_the_first_event_cancels_its_stream_job(server):
+    """The client sends a streamed request and closes at once: the response's first write finds it gone, so the
+    event generator may never run (nor the cleanup inside it); the job is cancelled all the same."""
+    before = metric(server.url, 'diffgen_jobs_total{status="cancelled"}')
+    body = json.dumps({"prompt": "gone at once [[fault:slow]]", "size": SIZE, "num_inference_steps": 1000,
+                       "stream": True}).encode()
+    host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
+    with socket.create_connection((host, port), timeout=10) as connection:
+        connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
+        connection.shutdown(socket.SHUT_RDWR)
+    # 1000 slow steps take >= 50 s: only a cancel moves the count within the wait.
+    wait_until(lambda: metric(server.url, 'diffgen_jobs_total{status="cancelled"}') == before + 1,
+               timeout=45, what="the job of the client that left cancelled")
+
+
+def test_an_event_stream_ends_its_job_even_when_its_generator_never_ran():
+    """The response's first write fails (the client is gone): the event generator is never started, so the
+    cleanup in its ``finally`` cannot run; the stream's ``on_end`` (which cancels the job) runs all the same."""
+    import asyncio
+
+    from diffgen.entrypoints.http.openai_routes import _EventStream
+
+    ran, ended = [], []
+
+    async def events():
+        ran.append(True)
+        yield b"data: {}\n\n"
+
+    async def gone(message):
+        raise OSError("the client closed the connection")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    for spec_version in ("2.4", "2.3"):  # Starlette streams differently before ASGI 2.4
+        response = _EventStream(events(), on_end=lambda: ended.append(True))
+        with pytest.raises(Exception):  # noqa: B017 (ClientDisconnect or the OSError, by spec version)
+            asyncio.run(response({"type": "http", "asgi": {"spec_version": spec_version}}, receive, gone))
+    assert ran == [] and ended == [True, True]
 
 
 def test_a_client_leaving_a_stream_cancels_its_job_only(server):

@@ -338,6 +338,17 @@ def _stream_images(request: Request, body: ImageGenerationBody, generation: Gene
                 "output_index": output_index, **snapshot.timing()}))
         return events
 
+    ended = False
+
+    def end(finished: bool) -> None:
+        """Once, when the stream ends: a job whose images were not all sent is cancelled."""
+        nonlocal ended
+        if not ended:
+            ended = True
+            board.unsubscribe(job_id, updates)
+            if not finished:  # the client left (or the server stops): nobody will read this job's images
+                state.engine.cancel(job_id)
+
     async def events():
         # Never cancelled here: cancelling an asyncio.wrap_future would cancel the job itself.
         done = asyncio.wrap_future(job.future)
@@ -373,11 +384,24 @@ def _stream_images(request: Request, body: ImageGenerationBody, generation: Gene
                                                 "step": total, "total_steps": total})
             finished = True
         finally:
-            board.unsubscribe(job_id, updates)
-            if not finished:  # the client left (or the server stops): nobody will read this job's images
-                state.engine.cancel(job_id)
+            end(finished)
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return _EventStream(events(), on_end=lambda: end(False))
+
+
+class _EventStream(StreamingResponse):
+    """An event stream that calls ``on_end`` when the response is over, however it ended: also when the client
+    left before the first event was sent, so that its generator (and the ``finally`` in it) never ran."""
+
+    def __init__(self, content: Any, on_end: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.on_end = on_end
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_end()
 
 
 def _public_base(request: Request) -> str:
