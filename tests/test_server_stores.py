@@ -61,6 +61,11 @@ def test_url_images_are_presigned_s3_urls(tiny_flux, s3, tmp_path):
         through_api = httpx.get(f"{server.url}/v1/images/{image_id}/content", timeout=30)
         assert through_api.status_code == 200 and through_api.headers["content-type"] == "image/png"
         assert through_api.content == stored
+        # A byte range: redirected to the presigned URL, where the store serves the range itself.
+        ranged = httpx.get(f"{server.url}/v1/images/{image_id}/content", headers={"Range": "bytes=1-7"}, timeout=30)
+        assert ranged.status_code == 307 and ranged.headers["location"].startswith(f"{s3.endpoint}/{BUCKET}/")
+        followed = httpx.get(ranged.headers["location"], headers={"Range": "bytes=1-7"}, timeout=30)
+        assert followed.status_code == 206 and followed.content == stored[1:8] == b"PNG\r\n\x1a\n"
         assert not list((tmp_path / "out" / "images").glob("*"))  # nothing kept on the local disk
     finally:
         server.stop()
@@ -84,6 +89,9 @@ def test_videos_in_s3_survive_a_replica_restart_and_fail_cleanly_when_the_store_
         downloaded = httpx.get(f"{server.url}/v1/videos/{video.id}/content", timeout=60)
         assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "video/mp4"
         assert downloaded.content == stored and stored[4:8] == b"ftyp"
+        ranged = httpx.get(f"{server.url}/v1/videos/{video.id}/content", headers={"Range": "bytes=4-7"}, timeout=60,
+                           follow_redirects=True)  # to the presigned URL: the store serves the range
+        assert ranged.status_code == 206 and ranged.content == b"ftyp"
         assert not list((output_dir / "videos").glob("*"))  # encoded locally, then moved to the bucket
 
         # A replica restart: the new process serves the job and its content from the bucket.

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from PIL import Image
 from starlette.datastructures import Headers
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
@@ -441,14 +441,18 @@ class ContentResponse(FileResponse):
         await super().__call__(scope, receive, send)
 
 
-async def _stored_content(outputs: OutputStore, key: str, media_type: str, filename: str | None = None):
-    """A stored output as a response: a local file with Range support, else streamed from the store;
+async def _stored_content(request: Request, outputs: OutputStore, key: str, media_type: str,
+                          filename: str | None = None):
+    """A stored output as a response: a local file with Range support, else streamed from the store (a
+    ``Range`` request is redirected to the object's presigned or public URL: the store serves byte ranges);
     None when it is missing."""
     found = await asyncio.to_thread(outputs.stat, key)
     if found is None:
         return None
     if found.path is not None:
         return ContentResponse(found.path, media_type=media_type, filename=filename)
+    if "range" in request.headers and (url := await asyncio.to_thread(outputs.url, key)) is not None:
+        return RedirectResponse(url, status_code=307)
     chunks = outputs.read(key)
     first = await asyncio.to_thread(next, chunks, b"")  # the store's errors surface here, before the headers
     headers = {"content-length": str(found.size)}
@@ -467,7 +471,7 @@ async def _stored_content(outputs: OutputStore, key: str, media_type: str, filen
 async def image_content(request: Request, image_id: str):
     images = _state(request).images
     found = await asyncio.to_thread(images.find, image_id)
-    response = None if found is None else await _stored_content(images.outputs, *found)
+    response = None if found is None else await _stored_content(request, images.outputs, *found)
     if response is None:
         raise APIError(404, f"No image with id '{image_id}'.", param="image_id", code="not_found")
     return response
@@ -594,7 +598,7 @@ async def video_content(request: Request, video_id: str):
     if record["status"] != "completed":
         raise APIError(409, f"The video '{video_id}' is {record['status']}; its content exists once it is "
                        "completed.", param="video_id", code="video_not_ready")
-    response = await _stored_content(_state(request).videos.outputs, video_key(video_id, int(index_text)),
+    response = await _stored_content(request, _state(request).videos.outputs, video_key(video_id, int(index_text)),
                                      "video/mp4", filename=f"{video_id}.mp4")
     if response is None:
         raise APIError(404, f"The content of video '{video_id}' is missing from the output store.",
