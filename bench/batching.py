@@ -13,7 +13,7 @@ real configs (CLIP-L + T5-XXL + FLUX DiT + FLUX VAE), so the numbers are speed o
 1. Throughput: 16 concurrent clients (closed loop: each sends its next request when the last returns),
    512x512 FLUX.1-dev requests with different prompts and seeds: requests/s, p50 / p95 latency. Batching
    off; on with every running request in every forward and encode/decode between steps (the policy
-   before StepPolicy); on with the serve worker's defaults (StepPolicy, encode/decode overlapped).
+   before StepPolicy); on with StepPolicy and encode/decode overlapped.
 2. Short requests in a stream: clients keep 50-step requests coming; 4-step requests arrive one at a
    time meanwhile. p50 / p95 latency of the 4-step requests against their latency alone (idle worker),
    for the same worker settings, and where a short request's time went (waiting to start, encoding and
@@ -44,8 +44,8 @@ from bench.common import print_table, time_call  # noqa: E402
 MODES = {"off": (1, "every", False), "every": (0, "every", False), "policy": (0, "policy", False),
          "policy+overlap": (0, "policy", True)}
 MODE_LABELS = {"off": "batching off", "every": "on: every request each step, encode/decode between steps",
-               "policy": "on: StepPolicy, encode/decode between steps",
-               "policy+overlap": "on: StepPolicy + encode/decode overlapped (serve default)"}
+               "policy": "on: StepPolicy, encode/decode between steps (serve default)",
+               "policy+overlap": "on: StepPolicy + encode/decode overlapped"}
 
 
 class InProcessWorker:

@@ -16,9 +16,8 @@ A listener thread drains the inbox so that a cancel reaches the worker while a b
 thread runs the pipeline and checks the cancel set between denoising steps. A loaded pipeline runs its
 jobs through a :class:`~diffgen.engine.batching.ContinuousBatcher`: jobs sent while others run join
 the running batch between two denoising steps (up to ``max_batch_size``, the capacity the worker
-reports in ``Ready``) and leave when their own steps are done (the requests nearest to done first: see
-``StepPolicy``); their text encoding and decoding run on a second thread beside the denoising loop.
-``BatchDone`` follows the last job of each ``RunBatch``. A worker group (several GPUs) runs its jobs
+reports in ``Ready``) and leave when their own steps are done (short requests first: see
+``StepPolicy``). ``BatchDone`` follows the last job of each ``RunBatch``. A worker group (several GPUs) runs its jobs
 one after another. A failure of one request (any exception, CUDA out of memory included) is reported
 for that request only; the loop goes on. The worker holds a loaded pipeline, never an Engine:
 Engine -> executor -> worker -> pipeline.
@@ -143,11 +142,12 @@ def worker_main(worker_id: int, options: dict[str, Any], inbox: Any, outbox: Any
 
 
 def serve_pipeline(pipeline, capacity: int, batches: queue.Queue, cancelled: set[str], outbox, faults: bool,
-                   policy=None, overlap: bool = True) -> None:
+                   policy=None, overlap: bool = False) -> None:
     """The main loop of a worker with a loaded pipeline (also run in a thread by bench/batching.py): take the
-    inbox's messages (RunBatch, Stop) between denoising steps, step the batch, answer on ``outbox``. Text
-    encoding and decoding run beside the denoising loop (``overlap``); ``policy``: the batcher's StepPolicy
-    (default: near-finished requests first)."""
+    inbox's messages (RunBatch, Stop) between denoising steps, step the batch, answer on ``outbox``.
+    ``policy``: the batcher's StepPolicy (default: short requests first); ``overlap``: text encoding and
+    decoding beside the denoising loop (off: on a GPU the DiT saturates it gained nothing and slowed short
+    requests, docs/benchmarks.md)."""
     from diffgen.engine.batching import ContinuousBatcher
 
     batcher = ContinuousBatcher(pipeline, capacity, before_batched_forward=_batch_fault if faults else None,
