@@ -144,15 +144,19 @@ def load_lora(pipeline, path: str, name: str | None = None, scale: float = 1.0, 
 
 
 def quiet_libraries() -> None:
-    """Silence diffusers' and transformers' info logs and progress bars (diffgen reports its own progress)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import diffusers
-        import transformers
+    """Silence diffusers' and transformers' info logs and progress bars (diffgen reports its own progress).
 
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # logging tweaks only
-        pass
+    Imports neither library: one not imported yet reads its verbosity from the environment when it is
+    (so that `diffgen generate --help` and argument errors stay fast); one already imported is told now.
+    Their loading progress bars are switched off around each component load (components.py).
+    """
+    import sys
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("diffusers", "transformers"):
+        if name in sys.modules:
+            library_logging = sys.modules[name].utils.logging
+            library_logging.set_verbosity_error()
+            library_logging.disable_progress_bar()

@@ -7,6 +7,7 @@ import difflib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -55,6 +56,23 @@ def unrecognized_message(extras: list[str], parser: argparse.ArgumentParser) -> 
     return f"{message} ({'; '.join(hints)})" if hints else message
 
 
+class TinyFamilies:
+    """The tiny-checkpoint families as argparse choices, read (which imports torch) only when argparse
+    looks at them: when the tiny-checkpoint command is given or its help shown."""
+
+    @staticmethod
+    def _names() -> list[str]:
+        from diffgen.testing.tiny import TINY_FAMILIES
+
+        return sorted(TINY_FAMILIES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="diffgen", description="Inference and serving for diffusion transformers")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -66,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(gen, "generate")
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint in diffusers format (offline)")
-    from diffgen.testing.tiny import TINY_FAMILIES
-
-    tiny.add_argument("family", choices=sorted(TINY_FAMILIES))
+    tiny.add_argument("family", choices=TinyFamilies(), metavar="FAMILY", help="which tiny pipeline: %(choices)s")
     tiny.add_argument("path")
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at PATH")
 
@@ -144,7 +160,9 @@ def run_generate(options: dict[str, Any]) -> int:
                                            **params), options, save, output_format)
         finally:
             finish()
+    began = time.perf_counter()
     with Engine.from_pretrained(model_path, **engine_options(options)) as engine:  # closing stops rank processes
+        print(f"model loaded in {time.perf_counter() - began:.2f} s", file=sys.stderr)
         result = engine.generate(prompts, progress=DenoisingBar(), preview=_preview_writer(options, request), **params)
     return _report(result, options, save, output_format)
 
@@ -221,13 +239,18 @@ class DenoisingBar:
             self.bar = None
 
 
-def main(argv: list[str] | None = None) -> int:
-    from diffgen.engine.loading import quiet_libraries
+def _quiet_libraries() -> None:
+    from diffgen.engine.loading import quiet_libraries  # imports torch (diffgen.engine): only once arguments are good
 
-    logging.basicConfig(level=os.environ.get("DIFFGEN_LOG_LEVEL", "WARNING"))
     quiet_libraries()
+
+
+def main(argv: list[str] | None = None, exit_after_generate: bool = False) -> int:
+    """The ``diffgen`` command. ``exit_after_generate``: end the process as soon as a ``generate`` has saved
+    and printed its outputs (the console script; see :func:`exit_now`)."""
+    logging.basicConfig(level=os.environ.get("DIFFGEN_LOG_LEVEL", "WARNING"))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and flag errors end here, before torch or any model library is imported
     if args.version:
         from diffgen import __version__
 
@@ -235,10 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "generate":
-            options = merge_config(args)
+            options = merge_config(args)  # bad values end here, still without torch
             if options.get("log_level"):
                 logging.getLogger("diffgen").setLevel(options["log_level"].upper())
-            return run_generate(options)
+            _quiet_libraries()
+            code = run_generate(options)
+            if exit_after_generate:
+                exit_now(code)
+            return code
         if args.command == "tiny-checkpoint":
             from diffgen.testing import write_tiny_checkpoint
 
@@ -248,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from diffgen.entrypoints.serve import run_serve
 
-            return run_serve(merge_config(args))
+            options = merge_config(args)
+            _quiet_libraries()
+            return run_serve(options)
         parser.print_help()
         return 2
     except DiffgenError as e:
@@ -256,5 +285,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's teardown: outputs are written and the streams flushed,
+    and what is left (freeing the model's GPU memory allocation by allocation, unloading torch's modules,
+    pinned host buffers) is what the operating system reclaims at once anyway. Any worker processes were
+    stopped by the engine's ``close`` before this."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def entry() -> NoReturn:
+    """The ``diffgen`` console script."""
+    sys.exit(main(exit_after_generate=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

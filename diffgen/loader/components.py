@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,14 @@ import torch
 from diffgen.errors import ModelLoadError
 from diffgen.layers.linear import fuse_projections
 from diffgen.loader.resolve import CheckpointInfo, read_model_index, resolve_model_path
-from diffgen.loader.weights import build_native_model, load_native_model, read_native_checkpoint
+from diffgen.loader.weights import (
+    FAST_LOAD_ENV,
+    build_native_model,
+    find_safetensors_files,
+    load_native_model,
+    read_library_checkpoint,
+    read_native_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 # Concatenated q/k/v (and FLUX's q/k/v + MLP-in) projections measured *slower* on an H200 (FLUX.1-dev
@@ -95,24 +103,38 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
         if not (folder / name).is_dir():
             raise ModelLoadError(f"component folder {folder / name} is missing")
         to_load.append((name, *entry))
-    # The native DiTs' files are read in the background (plain file reads and GPU copies) while the
-    # other components load here; modules are built on this thread only, since the libraries'
-    # empty-weight initialisation patches global state.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        reads = {name: pool.submit(read_native_checkpoint, pipeline_cls.native_models[class_name], folder / name,
-                                   component_dtype.get(name, dtype), device)
-                 for name, _, class_name in to_load if class_name in pipeline_cls.native_models}
+    # Weights that diffgen reads itself (native DiTs; the libraries' models with safetensors files) are read
+    # in one background thread, in component order (the text encoders before the DiT), while this thread
+    # imports the libraries and loads the small components; then each model is built around its tensors.
+    # Modules are built on this thread only: the libraries' empty-weight initialisation patches global state.
+    load_dtype = {name: component_dtype.get(name, dtype) for name, _, _ in to_load}
+    began = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffgen-weights")
+    try:
+        reads = {name: pool.submit(_timed_read, read, folder / name, load_dtype[name], device)
+                 for name, library, class_name in to_load
+                 if (read := _weight_reader(pipeline_cls, folder / name, library, class_name)) is not None}
+        if device.type == "cuda":
+            pool.submit(_load_gpu_libraries, device, dtype)
         for name, library, class_name in to_load:
             if name not in reads:
-                with _no_library_progress_bars():
+                with _no_library_progress_bars(library):
                     components[name] = load_component(folder / name, library, class_name, pipeline_cls,
-                                                      component_dtype.get(name, dtype), device)
-        for name, _library, class_name in to_load:
+                                                      load_dtype[name], device)
+        for name, library, class_name in to_load:
             if name in reads:
-                components[name] = build_native_model(pipeline_cls.native_models[class_name], folder / name,
-                                                      reads[name].result())
-                if os.environ.get(FUSE_PROJECTIONS_ENV) == "1":
-                    fuse_projections(components[name])  # after the strict load: names on disk stay per projection
+                state, seconds, size = reads[name].result()
+                with _no_library_progress_bars(library):
+                    components[name] = _build_around(state, folder / name, library, class_name, pipeline_cls,
+                                                     load_dtype[name], device)
+                logger.info("diffgen: read %s (%.2f GB) in %.2f s, %.1f GB/s", name, size / 1e9, seconds,
+                            size / 1e9 / max(seconds, 1e-9))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error: no further reads start
+    total = sum(path.stat().st_size for name, _, _ in to_load for path in find_safetensors_files(folder / name))
+    seconds = time.perf_counter() - began
+    logger.info("diffgen: loaded %s in %.2f s (%.2f GB of safetensors, %.1f GB/s)", model_path, seconds, total / 1e9,
+                total / 1e9 / max(seconds, 1e-9))
     # Pipeline-level settings of model_index.json (Wan: boundary_ratio, expand_timesteps).
     checkpoint = CheckpointInfo.from_folder(folder, str(model_path))
     return pipeline_cls(components, str(model_path), device, dtype, settings=checkpoint.settings,
@@ -175,22 +197,82 @@ def _hub_checkpoint(repo_id: str, revision: str | None) -> CheckpointInfo:
 
 
 @contextlib.contextmanager
-def _no_library_progress_bars():
-    """No "Loading weights" / "Loading checkpoint shards" bars from transformers and diffusers while a
-    component loads (the Python API too, not only the CLI); each library's setting is restored after."""
-    import diffusers
-    import transformers
-
-    libraries = [transformers.utils.logging, diffusers.utils.logging]
-    enabled = [library.is_progress_bar_enabled() for library in libraries]
-    for library in libraries:
-        library.disable_progress_bar()
+def _no_library_progress_bars(library: str):
+    """No "Loading weights" / "Loading checkpoint shards" bars from transformers or diffusers while one of
+    their components loads (the Python API too, not only the CLI); the library's setting is restored after.
+    Imports only the component's own library."""
+    if library not in ("transformers", "diffusers"):
+        yield
+        return
+    library_logging = importlib.import_module(f"{library}.utils.logging")
+    was_enabled = library_logging.is_progress_bar_enabled()
+    library_logging.disable_progress_bar()
     try:
         yield
     finally:
-        for library, was_enabled in zip(libraries, enabled, strict=True):
-            if was_enabled:
-                library.enable_progress_bar()
+        if was_enabled:
+            library_logging.enable_progress_bar()
+
+
+def _weight_reader(pipeline_cls, folder: Path, library: str, class_name: str):
+    """How diffgen reads this component's weights itself (a function of (folder, dtype, device)), or None when
+    its library loads it. Decided from the files alone, before the library is imported."""
+    native = pipeline_cls.native_models.get(class_name)
+    if native is not None:
+        return lambda folder, dtype, device: read_native_checkpoint(native, folder, dtype, device)
+    if os.environ.get(FAST_LOAD_ENV, "1") == "0" or class_name in pipeline_cls.component_loaders:
+        return None
+    if library == "transformers" and (folder / "config.json").is_file() and find_safetensors_files(folder):
+        return read_library_checkpoint
+    return None
+
+
+def _load_gpu_libraries(device: torch.device, dtype: torch.dtype) -> None:
+    """One small matmul and one attention call, so that cuBLAS and the attention backend's libraries are
+    loaded (in a fresh process, a few tenths of a second) while the caller is still importing and building."""
+    from diffgen.layers.attention import attention
+
+    x = torch.randn(1, 256, 2, 128, device=device, dtype=dtype)
+    attention(x, x, x)
+    torch.nn.functional.linear(x.flatten(0, 1), x[0, :, 0])
+    torch.cuda.synchronize(device)
+
+
+def _timed_read(read, folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[dict, float, int]:
+    """``read(folder, dtype, device)``, its seconds and the bytes it read."""
+    began = time.perf_counter()
+    state = read(folder, dtype, device)  # every tensor has arrived when it returns (the readers synchronise)
+    return state, time.perf_counter() - began, sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _build_around(state: dict[str, torch.Tensor], folder: Path, library: str, class_name: str, pipeline_cls,
+                  dtype: torch.dtype, device: torch.device) -> Any:
+    """The component built around tensors that diffgen read: native models strictly; a transformers model through
+    its own ``from_pretrained`` (key renames, tied weights, its initialisation of what the file lacks), unless
+    the class keeps some modules in float32 at this dtype: then the library reads the files itself."""
+    native = pipeline_cls.native_models.get(class_name)
+    if native is not None:
+        model = build_native_model(native, folder, state)
+        if os.environ.get(FUSE_PROJECTIONS_ENV) == "1":
+            fuse_projections(model)  # after the strict load: names on disk stay per projection
+        return model
+    cls = _library_class(folder, library, class_name)
+    keeps_fp32 = getattr(cls, "_keep_in_fp32_modules_strict", None) or (
+        dtype == torch.float16 and getattr(cls, "_keep_in_fp32_modules", None))
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(cls, "config_class")) or keeps_fp32:
+        state.clear()
+        return load_component(folder, library, class_name, pipeline_cls, dtype, device)
+    config = cls.config_class.from_pretrained(folder)
+    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    model.name_or_path = model.config.name_or_path = str(folder)  # as from_pretrained(folder) records it
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _library_class(folder: Path, library: str, class_name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"{folder}: component class {library}.{class_name} cannot be imported: {e}") from e
 
 
 def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dtype: torch.dtype,
@@ -206,11 +288,7 @@ def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dt
     custom_loader = pipeline_cls.component_loaders.get(class_name)
     if custom_loader is not None:
         return custom_loader(folder, dtype, device)
-    try:
-        module = importlib.import_module(library)
-        cls = getattr(module, class_name)
-    except (ImportError, AttributeError) as e:
-        raise ModelLoadError(f"{folder}: component class {library}.{class_name} cannot be imported: {e}") from e
+    cls = _library_class(folder, library, class_name)
     if library == "diffusers" and "Scheduler" in class_name:
         return cls.from_pretrained(folder)
     if isinstance(cls, type) and issubclass(cls, torch.nn.Module):

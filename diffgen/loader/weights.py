@@ -20,17 +20,23 @@ FAST_LOAD_ENV = "DIFFGEN_FAST_LOAD"  # "0": safetensors' own safe_open path (for
 
 def safetensors_files(folder: Path) -> list[Path]:
     """The component's weight files: a single file, or the shards named by an index."""
-    index = folder / f"{_WEIGHT_NAME}.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    single = folder / f"{_WEIGHT_NAME}.safetensors"
-    if single.is_file():
-        return [single]
-    found = sorted(folder.glob("*.safetensors"))
+    found = find_safetensors_files(folder)
     if not found:
         raise ModelLoadError(f"{folder} has no .safetensors weights")
     return found
+
+
+def find_safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files of a component folder (diffusers' or transformers' names, sharded or not); [] if none."""
+    for stem in (_WEIGHT_NAME, "model"):
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+        single = folder / f"{stem}.safetensors"
+        if single.is_file():
+            return [single]
+    return sorted(folder.glob("*.safetensors"))
 
 
 def config_from_json(config_cls: type, folder: Path):
@@ -65,6 +71,16 @@ def read_native_checkpoint(model_cls: type[nn.Module], folder: Path, dtype: torc
         return tensor.to(torch.float32 if set(key.split(".")) & keep_fp32 else dtype)
 
     return _read_tensors(safetensors_files(folder), torch.device(device), ignored, convert)
+
+
+def read_library_checkpoint(folder: Path, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """All tensors of a library model's (transformers') safetensors files on ``device``, floating ones in
+    ``dtype`` as the library's ``from_pretrained(dtype=...)`` casts them (file reads only: thread-safe)."""
+
+    def convert(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    return _read_tensors(safetensors_files(folder), torch.device(device), set(), convert)
 
 
 def build_native_model(model_cls: type[nn.Module], folder: Path, state: dict[str, torch.Tensor]) -> nn.Module:
