@@ -2,15 +2,18 @@
 
     python bench/oneshot.py                 # FLUX.1-dev at its real config, random bf16 weights, 28 steps
     python bench/oneshot.py --tiny          # a tiny checkpoint on CPU, to check the script itself
+    python bench/oneshot.py --baseline ../diffgen-before   # also time another diffgen source tree
 
 Writes a random-weight FLUX.1-dev checkpoint in diffusers format once (~32 GB; tiny tokenizers),
-reads it once so that it sits in the page cache (as on a machine that ran it before), then times
-each command as a fresh process, wall clock, all commands in turn, for ``--rounds`` rounds:
+reads it once so that it sits in the page cache (as on a machine that ran it before), then:
 
-- ``diffgen generate`` with its defaults (eager, Triton norm+RoPE, the parallel pinned loader);
-- the same with ``DIFFGEN_FAST_LOAD=0`` (safetensors' own reader: the loader before this work);
-- ``diffgen generate --compile`` (round 1 with the compile cache as found, round 2 warm);
-- a plain diffusers script: ``FluxPipeline.from_pretrained(..., torch_dtype=bf16).to("cuda")`` + one call.
+1. a timeline of one ``diffgen generate`` process per diffgen tree (``-X importtime`` and marks at the
+   stages: spec, each component's load, each pipeline stage, save, return from main, process end);
+2. the load of the whole pipeline in a process that has already imported everything: seconds and GB/s;
+3. each command as a fresh process, wall clock, all commands in turn, for ``--rounds`` rounds:
+   ``python -m diffgen.entrypoints.cli generate`` (what the ``diffgen`` script runs) per tree, optionally
+   with ``--compile``, and a plain diffusers script:
+   ``FluxPipeline.from_pretrained(..., torch_dtype=bf16).to("cuda")`` + one call.
 """
 
 from __future__ import annotations
@@ -23,6 +26,69 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# One `diffgen generate` with marks: argv[1] is the parent's time.time() at the spawn, then the CLI's arguments.
+# Wraps what exists in the tree it runs (the stage names changed over time); prints "MARK <s> <thread> <what>".
+TIMELINE_DRIVER = r"""
+import sys, threading, time
+T0 = float(sys.argv[1])
+marks = []
+def mark(what):
+    marks.append((time.time() - T0, threading.current_thread().name, what))
+mark("python running the driver")
+import diffgen.engine, diffgen.engine.engine, diffgen.loader.components, diffgen.pipelines.base, diffgen.engine.request
+mark("torch and diffgen's engine imported")
+from diffgen.entrypoints import cli
+def wrap(owner, attr, label):
+    original = getattr(owner, attr, None)
+    if original is None:
+        return
+    def wrapped(*args, **kwargs):
+        what = label(*args) if callable(label) else label
+        mark(what + " begins")
+        try:
+            return original(*args, **kwargs)
+        finally:
+            mark(what + " ends")
+    setattr(owner, attr, wrapped)
+components = diffgen.loader.components
+wrap(diffgen.engine, "read_model_spec", "read the spec")
+wrap(diffgen.engine.engine.Engine, "from_pretrained", "Engine.from_pretrained")
+wrap(components, "load_component", lambda folder, *a: "library load " + folder.name)
+wrap(components, "_timed_read", lambda read, folder, *a: "read " + folder.name)
+if not hasattr(components, "_timed_read"):  # the loader before the start-up work
+    wrap(components, "read_native_checkpoint", lambda cls, folder, *a: "read " + folder.name)
+    wrap(components, "build_native_model", lambda cls, folder, *a: "build " + folder.name)
+wrap(components, "_build_around", lambda state, folder, *a: "build " + folder.name)
+wrap(components, "_load_gpu_libraries", "load cuBLAS/attention libraries")
+wrap(diffgen.pipelines.base.ComposedPipeline, "run", "request")
+wrap(diffgen.engine.request.GenerationResult, "save", "save")
+code = cli.main(sys.argv[2:])
+mark("main returned")
+for t, thread, what in marks:
+    print(f"MARK {t:.3f} {thread} {what}", file=sys.stderr)
+sys.stderr.flush()
+cli.exit_now(code) if hasattr(cli, "exit_now") else sys.exit(code)
+"""
+
+# The whole pipeline's load in a process that has imported everything it needs and started CUDA.
+LOAD_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+import torch, transformers, diffusers
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from transformers import CLIPTextModel, T5EncoderModel
+from diffgen.loader.components import load_pipeline
+folder, device = sys.argv[1], sys.argv[2]
+torch.zeros(1, device=device)
+begin = time.perf_counter()
+pipeline = load_pipeline(folder, device=device)
+if device == "cuda":
+    torch.cuda.synchronize()
+seconds = time.perf_counter() - begin
+size = sum(path.stat().st_size for path in Path(folder).rglob("*.safetensors")) / 1e9
+print(f"LOAD {seconds:.3f} s for {size:.2f} GB of safetensors: {size / seconds:.1f} GB/s")
+"""
 
 DIFFUSERS_SCRIPT = """
 import sys, time, torch
@@ -98,18 +164,49 @@ def warm_page_cache(folder: Path) -> float:
     return total / 1e9
 
 
-def timed(name: str, command: list[str], env: dict, rows: list, timeout: float) -> None:
+def run(command: list[str], env: dict, timeout: float, cwd: Path = ROOT) -> tuple[float, str, str]:
+    """Wall seconds, status and output (stderr then stdout) of one fresh process, started in ``cwd`` (first
+    on ``python -c`` / ``-m``'s module path: the diffgen tree to run)."""
     begin = time.perf_counter()
     try:
-        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-        wall = time.perf_counter() - begin
-        tail = (out.stderr + out.stdout).strip().splitlines()[-12:]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
         status = "ok" if out.returncode == 0 else f"exit {out.returncode}"
+        return time.perf_counter() - begin, status, out.stderr + out.stdout
     except subprocess.TimeoutExpired:
-        wall, tail, status = time.perf_counter() - begin, [], "timeout"
-    rows.append((name, f"{wall:.1f} s", status))
-    print(f"\n### {name}: {wall:.1f} s ({status})", flush=True)
-    print("\n".join(tail), flush=True)
+        return time.perf_counter() - begin, "timeout", ""
+
+
+def tree_env(tree: Path) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
+                DIFFGEN_LOG_LEVEL="INFO")
+
+
+def import_summary(importtime: list[str], threshold_ms: float = 30.0) -> list[str]:
+    """Top-level imports (``-X importtime`` lines without indentation) of at least ``threshold_ms``, in order."""
+    rows = []
+    for line in importtime:
+        _, self_us, cumulative_us, name = (part for part in line.replace("import time:", "|", 1).split("|"))
+        if name.startswith("  ") or not cumulative_us.strip().isdigit():
+            continue
+        if int(cumulative_us) / 1000 >= threshold_ms:
+            rows.append(f"    import {name.strip():<50} {int(cumulative_us) / 1e6:6.2f} s")
+    return rows
+
+
+def timeline(label: str, tree: Path, arguments: list[str], timeout: float) -> None:
+    spawn = time.time()
+    wall, status, output = run([sys.executable, "-X", "importtime", "-c", TIMELINE_DRIVER, str(spawn), *arguments],
+                               tree_env(tree), timeout, cwd=tree)
+    lines = output.splitlines()
+    print(f"\n### timeline: {label} ({tree}), -X importtime, {wall:.2f} s ({status})", flush=True)
+    print("\n".join(import_summary([line for line in lines if line.startswith("import time:")])))
+    for line in lines:
+        if line.startswith("MARK "):
+            _, t, thread, what = line.split(" ", 3)
+            print(f"  {float(t):7.3f} s  {thread:<24} {what}")
+    print(f"  {wall:7.3f} s  {'(parent)':<24} process ended")
+    print("\n".join(line for line in lines if not line.startswith(("import time:", "MARK "))
+                    and "denoising:" not in line)[-3000:], flush=True)
 
 
 def main() -> None:
@@ -117,7 +214,8 @@ def main() -> None:
     parser.add_argument("--folder", default=None, help="checkpoint folder (written if missing)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--baseline", default=None, help="another diffgen source tree to time beside this one")
+    parser.add_argument("--with-compile", action="store_true", help="also time `generate --compile`")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--timeout", type=float, default=180, help="seconds per process")
     parser.add_argument("--rounds", type=int, default=2, help="run every command this many times, in turn")
@@ -132,25 +230,40 @@ def main() -> None:
         print(f"wrote {folder} in {time.perf_counter() - begin:.0f} s", flush=True)
     print(f"read {warm_page_cache(folder):.1f} GB into the page cache", flush=True)
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    generate = [sys.executable, "-c", "import sys; from diffgen.entrypoints.cli import main; sys.exit(main())",
-                "generate", "--model-path", str(folder), "--prompt", "a photo of a raccoon", "--seed", "0",
-                "--num-inference-steps", str(steps), "--height", str(size), "--width", str(size),
-                "--device", device]
-    commands = {"diffgen generate (defaults)": (generate, env),
-                "diffgen generate, safetensors' reader (DIFFGEN_FAST_LOAD=0)": (generate,
-                                                                                {**env, "DIFFGEN_FAST_LOAD": "0"})}
+    trees = {"this tree": ROOT}
+    if args.baseline:
+        trees["baseline"] = Path(args.baseline).resolve()
+    arguments = ["generate", "--model-path", str(folder), "--prompt", "a photo of a raccoon", "--seed", "0",
+                 "--num-inference-steps", str(steps), "--height", str(size), "--width", str(size), "--device", device,
+                 "--save-output", "--output-path", str(folder.parent / "diffgen-oneshot-out"), "--overwrite"]
+
+    for label, tree in trees.items():
+        timeline(label, tree, arguments, args.timeout)
+    for label, tree in trees.items():
+        wall, status, output = run([sys.executable, "-c", LOAD_SCRIPT, str(folder), device], tree_env(tree),
+                                   args.timeout, cwd=tree)
+        loads = [line for line in output.splitlines() if line.startswith("LOAD") or "diffgen: read" in line]
+        print(f"\n### whole-pipeline load, imports done: {label} ({status})\n" + "\n".join(loads), flush=True)
+
+    commands = {f"diffgen generate ({label})": ([sys.executable, "-m", "diffgen.entrypoints.cli", *arguments], tree)
+                for label, tree in trees.items()}
+    if args.with_compile:
+        commands["diffgen generate --compile (this tree)"] = (
+            [sys.executable, "-m", "diffgen.entrypoints.cli", *arguments, "--compile"], ROOT)
     if not args.skip_diffusers:
         commands["diffusers script (from_pretrained + .to + call)"] = (
-            [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), device, str(steps), str(size)], env)
-    if not args.skip_compile:
-        commands["diffgen generate --compile"] = ([*generate, "--compile"], env)
+            [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), device, str(steps), str(size)], ROOT)
     rows: list = []
     # Round 1 pays each first-process cost (bytecode, Triton's and Inductor's caches, the driver's
     # caches); later rounds are what a user sees from the second run on. Orders alternate by round.
     for round_index in range(args.rounds):
-        for name, (command, command_env) in commands.items():
-            timed(f"{name}, round {round_index + 1}", command, command_env, rows, args.timeout)
+        order = list(commands.items())
+        for name, (command, tree) in order if round_index % 2 == 0 else order[::-1]:
+            wall, status, output = run(command, tree_env(tree), args.timeout, cwd=tree)
+            rows.append((f"{name}, round {round_index + 1}", f"{wall:.2f} s", status))
+            kept = [line for line in output.splitlines() if "denoising:" not in line]
+            print(f"\n### {name}, round {round_index + 1}: {wall:.2f} s ({status})", flush=True)
+            print("\n".join(kept[-16:]), flush=True)
     print("\n| one-shot process, whole wall time | seconds | status |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
