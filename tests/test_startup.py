@@ -122,11 +122,38 @@ def test_console_script_exits_at_once_with_its_outputs_written(tiny_flux, tmp_pa
     assert "model loaded in" in out.stderr
 
 
+def _load_remembering_reads(folder: str, device: str, dtype: torch.dtype, monkeypatch):
+    """load_pipeline, and the data pointers of every tensor diffgen's reader handed over."""
+    pointers, original = set(), components.read_library_checkpoint
+
+    def remembering_read(path, *args):
+        state = original(path, *args)
+        pointers.update(tensor.data_ptr() for tensor in state.values())
+        return state
+
+    monkeypatch.setattr(components, "read_library_checkpoint", remembering_read)
+    return load_pipeline(folder, device=device, dtype=dtype), pointers
+
+
+def _assert_no_copy(model: torch.nn.Module, pointers: set[int]) -> None:
+    for key, parameter in model.named_parameters():
+        assert parameter.data_ptr() in pointers, f"{key} was copied"
+
+
+def test_text_encoders_keep_the_tensors_diffgen_read(tiny_flux, monkeypatch):
+    """The library builds the model around the tensors diffgen read, without a copy."""
+    pipeline, pointers = _load_remembering_reads(tiny_flux, "cpu", torch.float32, monkeypatch)
+    for name in ("text_encoder", "text_encoder_2"):
+        _assert_no_copy(pipeline.components[name], pointers)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the weights go straight to it)")
-def test_text_encoders_read_to_the_gpu_equal_the_library_load(tiny_flux):
-    pipeline = load_pipeline(tiny_flux, device="cuda", dtype=torch.bfloat16)
+def test_text_encoders_read_to_the_gpu_stay_there_and_equal_the_library_load(tiny_flux, monkeypatch):
+    # Without device_map the library took them to the CPU and back (T5-XXL on an H200: 9.1 s).
+    pipeline, pointers = _load_remembering_reads(tiny_flux, "cuda", torch.bfloat16, monkeypatch)
     for name, cls in (("text_encoder", transformers.CLIPTextModel), ("text_encoder_2", transformers.T5EncoderModel)):
         model = pipeline.components[name]
         assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"cuda"}
+        _assert_no_copy(model, pointers)
         reference = cls.from_pretrained(Path(tiny_flux) / name, dtype=torch.bfloat16).to("cuda").eval()
         _assert_same_model(model, reference)

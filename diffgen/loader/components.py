@@ -263,7 +263,9 @@ def _build_around(state: dict[str, torch.Tensor], folder: Path, library: str, cl
         state.clear()
         return load_component(folder, library, class_name, pipeline_cls, dtype, device)
     config = cls.config_class.from_pretrained(folder)
-    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    # device_map: without it the library "loads" the tensors to the CPU first (measured on an H200: T5-XXL's
+    # 9.5 GB took 9.1 s through the CPU and back); with it, tensors already on the device stay where they are.
+    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map={"": device})
     model.name_or_path = model.config.name_or_path = str(folder)  # as from_pretrained(folder) records it
     return model.to(device).eval().requires_grad_(False)
 
