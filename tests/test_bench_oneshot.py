@@ -1,0 +1,29 @@
+"""bench/oneshot.py in its tiny CPU mode: the timeline (marks and import summary), the whole-pipeline load
+and the timed one-shot process all run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_oneshot_tiny_cpu_mode(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, str(ROOT / "bench" / "oneshot.py"), "--tiny", "--rounds", "1", "--skip-diffusers",
+               "--folder", str(tmp_path / "ckpt")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    timeline = out.split("### timeline: this tree")[1].split("###")[0]
+    for mark in ("torch and diffgen's engine imported", "read the spec ends", "read transformer ends",
+                 "build text_encoder_2 ends", "Engine.from_pretrained ends", "request ends", "save ends",
+                 "main returned", "process ended"):
+        assert mark in timeline, (mark, timeline)
+    assert "import diffgen.engine" in timeline  # the -X importtime summary
+    assert out.count("\nLOAD ") == 1
+    rows = [line for line in out.splitlines() if line.startswith("| diffgen generate")]
+    assert len(rows) == 1 and all(row.endswith("| ok |") for row in rows), rows
