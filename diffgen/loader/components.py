@@ -259,7 +259,8 @@ def _build_around(state: dict[str, torch.Tensor], folder: Path, library: str, cl
     cls = _library_class(folder, library, class_name)
     keeps_fp32 = getattr(cls, "_keep_in_fp32_modules_strict", None) or (
         dtype == torch.float16 and getattr(cls, "_keep_in_fp32_modules", None))
-    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(cls, "config_class")) or keeps_fp32:
+    if (not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(cls, "config_class"))
+            or keeps_fp32 or not _room_for_library_warmup(state, device)):
         state.clear()
         return load_component(folder, library, class_name, pipeline_cls, dtype, device)
     config = cls.config_class.from_pretrained(folder)
@@ -268,6 +269,15 @@ def _build_around(state: dict[str, torch.Tensor], folder: Path, library: str, cl
     model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, device_map={"": device})
     model.name_or_path = model.config.name_or_path = str(folder)  # as from_pretrained(folder) records it
     return model.to(device).eval().requires_grad_(False)
+
+
+def _room_for_library_warmup(state: dict[str, torch.Tensor], device: torch.device) -> bool:
+    """Whether the GPU has the model's size free once more: with a device_map, transformers reserves that much
+    at once before placing the tensors (its caching-allocator warm-up), freed to PyTorch's cache right after."""
+    if device.type != "cuda":
+        return True
+    size = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    return torch.cuda.mem_get_info(device)[0] > size + 2 * 2**30
 
 
 def _library_class(folder: Path, library: str, class_name: str) -> Any:
