@@ -198,3 +198,36 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _Replica:
+    """Stands in for a ready replica worker (the scheduler's view: its batch and capacity)."""
+
+    def __init__(self, index: int, capacity: int = 4):
+        self.index, self.ready, self.gone, self.load_error = index, True, False, None
+        self.batch: dict = {}
+        self.batch_id, self.batch_key, self.capacity = None, None, capacity
+
+
+def test_waiting_requests_are_spread_over_the_replicas():
+    """--dp-size 2, 4 requests at once: 2 per replica, not one batch of 4 beside an idle GPU; a newcomer joins
+    the least busy replica."""
+    from diffgen.engine.request import GenerationRequest
+    from diffgen.engine.scheduler import ProcessExecutor
+
+    scheduler = ProcessExecutor({"model_path": "unused"}, max_batch_size=4, num_workers=2)
+    replicas = [_Replica(0), _Replica(1)]
+    scheduler._workers.extend(replicas)
+    jobs = [scheduler.submit(GenerationRequest.build(f"p{i}", height=32, width=32)) for i in range(4)]
+    sent = {}
+    with scheduler._lock:
+        for _ in range(2):
+            target, batch = scheduler._next_dispatch()
+            target.batch.update({job.id: job for job in batch})
+            target.batch_key = batch[0].batch_key
+            sent[target.index] = [job.id for job in batch]
+        assert sent == {0: [jobs[0].id, jobs[1].id], 1: [jobs[2].id, jobs[3].id]}
+        replicas[1].batch.pop(jobs[2].id)  # replica 1 finished one: 1 job there, 2 on replica 0
+        late = scheduler.submit(GenerationRequest.build("late", height=32, width=32))
+        target, batch = scheduler._next_dispatch()
+    assert target is replicas[1] and [job.id for job in batch] == [late.id]

@@ -424,16 +424,21 @@ class ProcessExecutor(Executor):
 
     def _next_dispatch(self) -> tuple[WorkerHandle, list[Job]] | None:
         """(worker, jobs) to send now, or None: an idle worker takes the oldest job and those that may share its
-        forwards; a running one takes waiting jobs of its key that fit (unless the oldest waited too long)."""
+        forwards (with several idle replicas, its share of the waiting jobs: one GPU per job beats one batch);
+        a running one, the least busy first, takes waiting jobs of its key that fit (unless the oldest waited
+        too long)."""
         if not self._waiting:
             return None
         live = [w for w in self._workers if w.ready and not w.gone]
-        idle = next((w for w in live if not w.batch), None)
-        if idle is not None:
-            return idle, self._take_batch(min(idle.capacity, self.max_batch_size))
+        idle = [w for w in live if not w.batch]
+        if idle:
+            limit = min(idle[0].capacity, self.max_batch_size)
+            if len(idle) > 1:  # replicas: spread the waiting jobs over the idle ones rather than batch them on one
+                limit = min(limit, math.ceil(len(self._waiting) / len(idle)))
+            return idle[0], self._take_batch(limit)
         if time.monotonic() - self._waiting[0].submitted_at > self.batch_wait_cap:
             return None  # no more joining: the running batches drain and the oldest job goes next
-        for worker in live:
+        for worker in sorted(live, key=lambda w: len(w.batch)):  # the least busy replica first
             room = min(worker.capacity, self.max_batch_size) - len(worker.batch)
             if room <= 0:
                 continue
