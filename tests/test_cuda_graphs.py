@@ -104,7 +104,8 @@ def test_a_new_shape_is_captured_on_its_second_forward_and_the_count_is_bounded(
 
 
 def test_forwards_that_cannot_replay_a_graph_run_plainly(graphed, monkeypatch):
-    """Step caches, offload, key masks, gradients, parallel groups and DIFFGEN_CUDA_GRAPHS=0 never reach a graph."""
+    """Step caches, offload, key masks, gradients, sequence-parallel groups and DIFFGEN_CUDA_GRAPHS=0 never reach a
+    graph."""
     engine, forward = graphed("flux")
     model = engine.pipeline.transformer
     inputs = _flux_inputs(model, seed=0)
@@ -133,9 +134,19 @@ def _check_fallbacks(forward, model, inputs, monkeypatch):
     assert forward.signature({**inputs, "image_shapes": [[1, 2]]}) is not None  # lists name a graph by value
     assert forward.signature({**inputs, "extra": {"unhashable": []}}) is not None
     assert forward.signature({**inputs, "extra": bytearray(b"x")}) is None  # unhashable
-    monkeypatch.setattr(parallel_state, "_current", object())
-    assert forward.signature(inputs) is None
+    from types import SimpleNamespace
+
+    from diffgen.parallel.config import ParallelPlan
+
+    for degrees in (dict(ulysses_degree=2), dict(ring_degree=2)):  # collectives inside the forward: not captured
+        plan = ParallelPlan(num_gpus=2, **degrees)
+        monkeypatch.setattr(parallel_state, "_current", SimpleNamespace(plan=plan, sp=SimpleNamespace(size=2)))
+        assert forward.signature(inputs) is None
+    cfg = ParallelPlan(num_gpus=2, cfg_degree=2)  # one branch per rank: a forward without collectives
+    monkeypatch.setattr(parallel_state, "_current", SimpleNamespace(plan=cfg, sp=SimpleNamespace(size=1)))
+    under_cfg = forward.signature(inputs)
     monkeypatch.setattr(parallel_state, "_current", None)
+    assert under_cfg is not None and under_cfg != forward.signature(inputs)  # its own graph
     monkeypatch.setenv("DIFFGEN_CUDA_GRAPHS", "0")
     assert forward.signature(inputs) is None
     monkeypatch.delenv("DIFFGEN_CUDA_GRAPHS")

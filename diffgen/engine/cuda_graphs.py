@@ -17,7 +17,9 @@ visible. The forward runs without a graph (and gives the same numbers) where a g
 
 - a step cache is active (it decides on the host between blocks which blocks run),
 - the model streams its weights in (layerwise offload) or is not on a CUDA device,
-- a parallel group is set up (collectives and sequence shards; not captured here),
+- the forward runs collectives (a sequence-parallel group: Ulysses / Ring; not captured in the server yet, see
+  docs/parallel.md); CFG-parallel and tensor-parallel ranks, whose DiT forward runs none, capture it as one
+  GPU does (a graph per plan),
 - an argument is a key mask (``*_mask`` or bool): the attention reads it on the host to pick kernels,
 - an argument cannot name a graph (an unhashable value, a tensor on another device), gradients are on,
 - the capture failed once for that signature (logged once; e.g. an operation that waits for the GPU).
@@ -119,10 +121,11 @@ class GraphedForward:
 
         if not cuda_graphs_enabled() or torch.is_grad_enabled() or active_block_hook.get() is not None:
             return None
-        if is_offloaded(self.model) or parallel_state.current() is not None:
+        state = parallel_state.current()
+        if is_offloaded(self.model) or (state is not None and state.sp.size > 1):
             return None
         device = _device_of(self.model)
-        parts: list[Any] = [torch.is_inference_mode_enabled()]
+        parts: list[Any] = [(torch.is_inference_mode_enabled(), None if state is None else state.plan)]
         for name in sorted(kwargs):
             value = kwargs[name]
             if isinstance(value, torch.Tensor):
