@@ -181,7 +181,8 @@ def test_split_vae_decode_equals_the_whole_decode(tiny_checkpoint, tmp_path):
             for axis in ("rows", "columns"):
                 key = f"{decoder}/{axis}"
                 assert entry[key] <= TOLERANCE, (family, key, entry)
-                assert entry[f"{key}/uniform"] <= TOLERANCE, (family, key, entry)
+                if decoder == "native":
+                    assert entry[f"{key}/uniform"] <= TOLERANCE, (family, key, entry)
                 # a thin halo at the first block, one pixel short at the last: seams show, the halos are applied
                 assert entry[f"{key}/first halo 1"] > 1e-3, (family, key, entry)
                 assert entry[f"{key}/last short"] > 1e-3, (family, key, entry)
