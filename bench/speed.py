@@ -195,6 +195,17 @@ def with_graphs(model, fn):
     return fn
 
 
+def graph_counts(section: str, model) -> None:
+    """How many forwards the graph rows replayed (0 would mean they fell back to the plain forward)."""
+    from diffgen.engine.cuda_graphs import graphed_forward
+
+    forward = graphed_forward(model)
+    if forward is not None:
+        counts = {"graphs": len(forward.graphs), "replays": forward.replays, "failed": len(forward.failed)}
+        RESULTS.setdefault(section, {})["CUDA graph counts"] = counts
+        print(f"[{section}] CUDA graph counts: {counts}", flush=True)
+
+
 def without_graphs(fn):
     from diffgen.engine.cuda_graphs import graphs_disabled
 
@@ -328,6 +339,7 @@ def bench_flux(args, device, dtype):
             compile_repeated_blocks(fused)
             compiled["diffgen compiled, fused qkv"] = lambda: fused(**inputs)
         time_rows(section + ", compiled", compiled, device, args, reference_name="diffusers eager", warmup=3)
+        graph_counts(section + ", compiled", unfused)
         if args.profile:
             kernel_profile(section + f", compiled ({args.inductor}), no graph", without_graphs(
                 lambda: unfused(**inputs)), device)
@@ -445,6 +457,7 @@ def bench_wan(args, device, dtype):
         if args.graphs:
             compiled[f"diffgen compiled ({args.inductor}) + CUDA graph (serve default)"] = cfg_step(unfused)
         time_rows(section + ", compiled", compiled, device, args, warmup=2)
+        graph_counts(section + ", compiled", unfused)
         if args.profile:
             kernel_profile(section + ", compiled, no graph", without_graphs(cfg_step(unfused)), device)
 
@@ -581,6 +594,7 @@ def bench_qwen(args, device, dtype):
         if args.graphs:
             rows[f"diffgen compiled ({args.inductor}) + CUDA graph (serve default)"] = ours
         time_rows(section + ", compiled", rows, device, args)
+        graph_counts(section + ", compiled", ours_model)
         if args.profile:
             kernel_profile(section + ", compiled, no graph", without_graphs(ours), device)
 

@@ -170,6 +170,56 @@ def test_a_failed_capture_falls_back_once_and_for_good(graphed, caplog):
     assert "no CUDA graph for the DiT forward" in caplog.text and "stream is capturing" in caplog.text
 
 
+def test_continuous_batching_replays_a_graph_per_batch_size_it_meets_again(graphed):
+    """Requests joining and leaving a running batch change the forward's batch size; each size is captured on its
+    second forward and replayed after, and every request still equals itself alone (as in test_batching)."""
+    from test_batching import TOLERANCE, _flux, _member
+
+    from diffgen.engine.batching import ContinuousBatcher
+
+    engine, forward = graphed("flux")
+    requests = [_flux(6, 1, "a long request", guidance_scale=3.0),
+                _flux(2, 2, "a short one that joins at step 2", guidance_scale=5.0),
+                _flux(3, 3, "joins at step 3", negative_prompt="bad", true_cfg_scale=1.5)]
+    with cuda_graphs.graphs_disabled():
+        alone = [engine.submit(request).result() for request in requests]
+    outcomes: dict[int, object] = {}
+    batcher = ContinuousBatcher(engine.pipeline, max_batch_size=4)
+    batcher.add(_member(requests[0], outcomes, 0))
+    batcher.run_step()
+    batcher.run_step()
+    batcher.add(_member(requests[1], outcomes, 1))
+    batcher.run_step()
+    batcher.add(_member(requests[2], outcomes, 2))
+    batcher.run_until_idle()
+    for index, expected in enumerate(alone):
+        torch.testing.assert_close(outcomes[index].latents, expected.latents, **TOLERANCE)
+    # rows per forward 1, 1, 2, 4, 3, 3 (test_batching): sizes 1 and 3 come back, so they are captured and replayed
+    batch_sizes = sorted({part[0]: part[1] for part in signature[1:]}["hidden_states"][0]
+                         for signature in forward.graphs)
+    assert batch_sizes == [1, 3] and forward.replays == 2
+
+
+def test_the_compiled_server_path_installs_graphs_where_they_can_replay(tiny_checkpoint, monkeypatch):
+    """load_model puts graphs in front of a compiled server's DiT (after its blocks compile), not for a one-shot
+    run, an eager server or an offloaded one."""
+    from diffgen.engine import optimize
+    from diffgen.engine.loading import load_model
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="aot_eager", **kw))
+    calls = []
+    monkeypatch.setattr(optimize, "apply_cuda_graphs", lambda components: calls.append(components) or 0)
+    path = tiny_checkpoint("flux")
+    pipeline = load_model(path, device="cpu", dtype="float32", compile=True, serving=True)
+    assert len(calls) == 1 and calls[0] is pipeline.components
+    assert getattr(pipeline.transformer.transformer_blocks[0], "_compiled_call_impl", None) is not None
+    for options in (dict(compile=True), dict(compile=False, serving=True),
+                    dict(compile=True, serving=True, offload="layerwise")):
+        load_model(path, device="cpu", dtype="float32", **options)
+    assert len(calls) == 1
+
+
 def test_compiled_and_replayed_requests_do_not_recompile_at_a_warmed_size(plain, graphed, monkeypatch):
     """The compiled serve path: warm-up compiles and captures; later requests at that size neither recompile
     nor capture again, and equal the plain forward. Compiled with ``aot_eager`` (Dynamo's capture without
