@@ -173,6 +173,8 @@ def with_cudnn_benchmark(fn):
 INDUCTOR_OPTIONS = {
     "default": None,
     "coordinate-descent": {"coordinate_descent_tuning": True},
+    # Inductor's own rounding (fused intermediates kept in float32): diffgen's default before 2026-11-27 06:00
+    "no-emulate-casts": {"emulate_precision_casts": False},
     "max-autotune": {"max_autotune": True, "max_autotune_gemm": True, "epilogue_fusion": True,
                      "coordinate_descent_tuning": True},
 }

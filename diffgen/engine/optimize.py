@@ -13,18 +13,25 @@ CACHE_DIR_ENV = "DIFFGEN_CACHE_DIR"
 DIT_COMPONENTS = ("transformer", "transformer_2")
 
 
+# Inductor keeps fused intermediates in float32 unless told to round them where eager rounds: without it the
+# compiled Qwen-Image forward was 2.16e-2 from diffusers' bf16 forward (bound 2e-2), with it 1.67e-2 (eager:
+# 1.66e-2) at +0.6% step time (docs/benchmarks.md, "Compiled agreement").
+INDUCTOR_DEFAULTS = {"emulate_precision_casts": True}
+
+
 def compile_repeated_blocks(model: nn.Module, options: dict | None = None) -> int:
     """torch.compile each block of the DiT's block lists in place; returns how many were compiled.
 
     Compiling one block at a time (rather than the whole model) keeps compile time to a few blocks'
-    worth, since identical blocks share the compiled code. ``options``: Inductor options (bench/speed.py
-    measures some; the default is Inductor's own).
+    worth, since identical blocks share the compiled code. ``options``: Inductor options over
+    ``INDUCTOR_DEFAULTS`` (bench/speed.py measures some).
     """
+    options = {**INDUCTOR_DEFAULTS, **(options or {})}
     count = 0
     for child in model.children():
         if isinstance(child, nn.ModuleList):
             for block in child:
-                block.compile(fullgraph=False, **({"options": options} if options else {}))
+                block.compile(fullgraph=False, options=options)
                 count += 1
     return count
 
