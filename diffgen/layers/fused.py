@@ -255,6 +255,15 @@ def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: b
     return channel_rms_norm_triton(x, gamma, scale, silu, out, bias)
 
 
+def _channel_row_launch(x: torch.Tensor, kernels: dict) -> tuple[int, int, int, int, int]:
+    """Launch geometry of the channel-row kernels over x (B, C, ...) channels-last: the row width (C), rows per
+    batch item, all rows, the power-of-two block over a row and the rows per program (~4096 elements)."""
+    width = x.shape[1]
+    rows_per_batch = x[0, 0].numel()
+    block = kernels["next_power_of_2"](width)
+    return width, rows_per_batch, x.shape[0] * rows_per_batch, block, max(1, 4096 // block)
+
+
 def channel_rms_norm_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False,
                             out: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel behind :func:`channel_rms_norm`: rows of channels, channels-last (a copy makes x so)."""
@@ -265,11 +274,7 @@ def channel_rms_norm_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, 
     if target is None:
         target = torch.empty_like(x, memory_format=channels_last)
     kernels = _kernels()
-    width = x.shape[1]
-    rows_per_batch = x[0, 0].numel()
-    n_rows = x.shape[0] * rows_per_batch
-    block = kernels["next_power_of_2"](width)
-    rows = max(1, 4096 // block)
+    width, rows_per_batch, n_rows, block, rows = _channel_row_launch(x, kernels)
     kernels["channel_rms_norm"][(triton_cdiv(n_rows, rows),)](
         x, gamma.reshape(-1), gamma if bias is None else bias.contiguous(), target, n_rows, rows_per_batch,
         x.stride(0), target.stride(0), float(scale), 1e-12, WIDTH=width, BLOCK=block, ROWS=rows, SILU=silu,
@@ -294,11 +299,7 @@ def bias_residual_add_triton(x: torch.Tensor, bias: torch.Tensor, residual: torc
     if not _channel_rows(residual):
         residual = residual.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
     kernels = _kernels()
-    width = x.shape[1]
-    rows_per_batch = x[0, 0].numel()
-    n_rows = x.shape[0] * rows_per_batch
-    block = kernels["next_power_of_2"](width)
-    rows = max(1, 4096 // block)
+    width, rows_per_batch, n_rows, block, rows = _channel_row_launch(x, kernels)
     kernels["bias_residual_add"][(triton_cdiv(n_rows, rows),)](
         x, bias.contiguous(), residual, n_rows, rows_per_batch, x.stride(0), residual.stride(0),
         WIDTH=width, BLOCK=block, ROWS=rows, num_warps=4)
