@@ -152,7 +152,7 @@ def test_a_request_without_seconds_or_frames_takes_the_model_defaults(server):
 
 
 @pytest.mark.parametrize("body,param,message", [
-    ({"size": "81x48"}, "width", "81 is not a multiple of 16"),
+    ({"size": "81x48"}, "size", "size: 81x48: width: 81 is not a multiple of 16"),
     ({"num_frames": 10}, "num_frames", "10 is not 4k+1"),
     ({"guidance_scale_2": 2.0}, "guidance_scale_2", "has one transformer"),
     ({"max_sequence_length": 4000}, "max_sequence_length", "exceeds 512"),

@@ -194,6 +194,10 @@ class ServerState:
         try:
             return resolve(request, spec)
         except InvalidRequestError as e:
+            if e.field in ("width", "height") and request.width is not None and request.height is not None:
+                # over HTTP both sides come from the one field a client sends: name that field
+                size = f"{request.width}x{request.height}"
+                raise APIError(400, f"size: {size}: {e}", param="size", code="invalid_value") from None
             raise APIError(400, str(e), param=e.field, code="invalid_value") from None
 
     async def run(self, request: GenerationRequest, job_id: str,
