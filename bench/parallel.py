@@ -272,6 +272,21 @@ def flux_text_replicated():
         flux.shard_tokens = sequence.shard_tokens
 
 
+def flux_inputs(config, device, dtype, size: int = 1024, text_len: int = 512) -> dict:
+    """One FLUX DiT forward's inputs at ``size``² with ``text_len`` text tokens (seeded, random)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    grid = size // 16
+    return dict(
+        hidden_states=torch.randn(1, grid * grid, config.in_channels, device=device, generator=gen, dtype=dtype),
+        timestep=torch.tensor([0.9], device=device), guidance=torch.tensor([3.5], device=device),
+        encoder_hidden_states=torch.randn(1, text_len, config.joint_attention_dim, device=device, generator=gen,
+                                          dtype=dtype),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, device=device, generator=gen, dtype=dtype),
+        txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
+        img_ids=torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(grid), torch.arange(grid),
+                                           indexing="ij"), -1).reshape(-1, 3).to(device, dtype))
+
+
 def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=512, cuda_graph=False,
              compiled=None):
     """``compiled``: "inductor" compiles the blocks as the server does; another torch.compile backend
@@ -286,17 +301,7 @@ def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=
     elif compiled:
         for block in (*model.transformer_blocks, *model.single_transformer_blocks):
             block.compile(backend=compiled)
-    gen = torch.Generator(device=device).manual_seed(1)
-    grid = size // 16
-    inputs = dict(
-        hidden_states=torch.randn(1, grid * grid, config.in_channels, device=device, generator=gen, dtype=dtype),
-        timestep=torch.tensor([0.9], device=device), guidance=torch.tensor([3.5], device=device),
-        encoder_hidden_states=torch.randn(1, text_len, config.joint_attention_dim, device=device, generator=gen,
-                                          dtype=dtype),
-        pooled_projections=torch.randn(1, config.pooled_projection_dim, device=device, generator=gen, dtype=dtype),
-        txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
-        img_ids=torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(grid), torch.arange(grid),
-                                           indexing="ij"), -1).reshape(-1, 3).to(device, dtype))
+    inputs = flux_inputs(config, device, dtype, size, text_len)
 
     def step():
         with torch.inference_mode():

@@ -39,7 +39,7 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.parallel import build, relative_error  # noqa: E402
+from bench.parallel import build, flux_inputs, relative_error  # noqa: E402
 
 SECTIONS = ("comm", "flux", "qwen", "ring")
 
@@ -157,20 +157,6 @@ def section_comm(rank, world, device):
         mib = send.numel() * 2 / 2**20
         log(rank, f"comm {label}: {mib:.1f} MiB per rank, issue {(issued - start) / count * 1e6:.0f} us/call, "
                   f"done {per_call * 1e6:.0f} us/call, {mib * (world - 1) / world / 2**10 / per_call:.0f} GiB/s out")
-
-
-def flux_inputs(config, device, dtype, size=1024, text_len=512):
-    gen = torch.Generator(device=device).manual_seed(1)
-    grid = size // 16
-    return dict(
-        hidden_states=torch.randn(1, grid * grid, config.in_channels, device=device, generator=gen, dtype=dtype),
-        timestep=torch.tensor([0.9], device=device), guidance=torch.tensor([3.5], device=device),
-        encoder_hidden_states=torch.randn(1, text_len, config.joint_attention_dim, device=device, generator=gen,
-                                          dtype=dtype),
-        pooled_projections=torch.randn(1, config.pooled_projection_dim, device=device, generator=gen, dtype=dtype),
-        txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
-        img_ids=torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(grid), torch.arange(grid),
-                                           indexing="ij"), -1).reshape(-1, 3).to(device, dtype))
 
 
 def compare_forward(rank, world, device, name, step, variants, profile_variant="current"):

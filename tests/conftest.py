@@ -42,6 +42,40 @@ def tiny_checkpoint(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def triton_interpreter():
+    """Returns a function script -> its stdout lines, the script run in a fresh Python under Triton's CPU
+    interpreter (TRITON_INTERPRET must be set before Triton is imported). Skips where Triton is not installed."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="Triton is not installed here (it comes with CUDA builds of torch)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+
+    def run(script: str, timeout: float = 300) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_checkpoint):
+    """Returns a function family -> an in-process float32 CPU Engine on that tiny checkpoint (one per module)."""
+    from diffgen import Engine
+
+    made: dict[str, Engine] = {}
+
+    def get(family: str) -> Engine:
+        if family not in made:
+            made[family] = Engine.from_pretrained(tiny_checkpoint(family), device="cpu", dtype="float32")
+        return made[family]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_flux(tiny_checkpoint) -> str:
     return tiny_checkpoint("flux")

@@ -93,17 +93,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_checkpoint):
-    cache: dict[str, Engine] = {}
-
-    def get(family: str) -> Engine:
-        if family not in cache:
-            cache[family] = Engine.from_pretrained(tiny_checkpoint(family), device="cpu", dtype="float32")
-        return cache[family]
-    return get
-
-
 def _requests(family: str) -> list[GenerationRequest]:
     shared, own = CASES[family]
     return [GenerationRequest.build(**{**shared, **kwargs, "return_tensors": True}) for kwargs in own]

@@ -8,9 +8,6 @@ interpreter where Triton is installed. GPU: the kernel against the plain path in
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -157,14 +154,9 @@ print(worst)
 """
 
 
-def test_triton_norm_rope_kernel_in_the_cpu_interpreter():
-    pytest.importorskip("triton", reason="Triton is not installed here (it comes with CUDA builds of torch)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5  # float32: only the summation order differs
+def test_triton_norm_rope_kernel_in_the_cpu_interpreter(triton_interpreter):
+    worst = triton_interpreter(_INTERPRETER_CHECK)[-1]
+    assert float(worst) <= 1e-5  # float32: only the summation order differs
 
 
 @pytest.mark.gpu
@@ -281,14 +273,8 @@ print(worst)
 """
 
 
-def test_modulation_kernels_in_the_cpu_interpreter():
-    pytest.importorskip("triton", reason="Triton is not installed here (it comes with CUDA builds of torch)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _MODULATION_INTERPRETER_CHECK], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    *_, mismatch, worst = out.stdout.strip().splitlines()
+def test_modulation_kernels_in_the_cpu_interpreter(triton_interpreter):
+    *_, mismatch, worst = triton_interpreter(_MODULATION_INTERPRETER_CHECK)
     assert float(worst) <= 1e-5  # float32: only the summation order differs
     assert float(mismatch) < 0.01  # bfloat16: the same roundings (an element differs where the norm's sums do)
 

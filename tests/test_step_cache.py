@@ -29,18 +29,6 @@ SAMPLING = {
 }
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_checkpoint):
-    cache: dict[str, Engine] = {}
-
-    def get(family: str) -> Engine:
-        if family not in cache:
-            cache[family] = Engine.from_pretrained(tiny_checkpoint(family), device="cpu", dtype="float32")
-        return cache[family]
-
-    return get
-
-
 def _latents(engine: Engine, family: str, seed: int = 3, prompt: str = PROMPT, **kwargs):
     result = engine.generate(prompt, seed=seed, return_tensors=True, **{**SAMPLING[family], **kwargs})
     return result.latents, result.timings

@@ -8,10 +8,6 @@ the decoder against diffusers in bf16.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -227,14 +223,9 @@ print(worst)
 """
 
 
-def test_triton_channel_norm_in_the_cpu_interpreter():
-    pytest.importorskip("triton", reason="Triton is not installed here (it comes with CUDA builds of torch)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) <= 2e-5  # float32: only the summation order differs
+def test_triton_channel_norm_in_the_cpu_interpreter(triton_interpreter):
+    worst = triton_interpreter(_INTERPRETER_CHECK, timeout=600)[-1]
+    assert float(worst) <= 2e-5  # float32: only the summation order differs
 
 
 @pytest.mark.gpu
