@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from diffgen.layers.attention import joint_sdpa, sdpa, sdpa_by_text_length
+from diffgen.layers.attention import _text_lengths, joint_sdpa, sdpa, sdpa_by_text_length
 from diffgen.testing.parallel import ATTENTION_LAYOUTS, ATTENTION_TEXTS
 
 TOLERANCE = 1e-5
@@ -28,6 +28,17 @@ def attention_results(tmp_path_factory):
 @pytest.mark.parametrize("case", [f"{layout}/{text}" for layout in ATTENTION_LAYOUTS for text in ATTENTION_TEXTS])
 def test_sharded_attention_equals_one_process(attention_results, case):
     assert attention_results[case] <= TOLERANCE
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([[1, 1, 1, 0], [1, 1, 0, 0]], [3, 2]),  # end-padded: each row's text length
+    ([[1, 1, 1, 1], [1, 0, 0, 0]], [4, 1]),
+    ([[1, 0, 1, 0], [1, 1, 0, 0]], None),  # a hole: only the masked call is right
+    ([[1, 1, 0, 0], [0, 0, 0, 0]], None),  # a row without text
+])
+def test_text_lengths_are_read_only_from_end_padded_masks(rows, expected):
+    for dtype in (torch.long, torch.bool):
+        assert _text_lengths(torch.tensor(rows, dtype=dtype)) == expected
 
 
 @pytest.mark.parametrize("lengths", [[6, 2, 4], [4, 2, 4]], ids=["three-lengths", "rows-0-and-2-alike"])

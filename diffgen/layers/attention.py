@@ -125,7 +125,9 @@ def _text_lengths(text_mask: torch.Tensor) -> list[int] | None:
     mask = text_mask.bool()
     counts = mask.sum(1)
     prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < counts[:, None]
-    lengths = counts.tolist() if bool((prefix == mask).all()) and bool((counts > 0).all()) else None
+    end_padded = (prefix == mask).all() & (counts > 0).all()
+    *counts_read, end_padded_read = torch.cat([counts, end_padded[None]]).tolist()  # one wait, not three
+    lengths = counts_read if end_padded_read else None
     _lengths_seen = (weakref.ref(text_mask), version, lengths)
     return lengths
 
