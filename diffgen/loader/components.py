@@ -118,13 +118,13 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
             pool.submit(_load_gpu_libraries, device, dtype)
         for name, library, class_name in to_load:
             if name not in reads:
-                with _no_library_progress_bars(library):
+                with _no_library_progress_bars(_loading_library(pipeline_cls, folder / name, library, class_name)):
                     components[name] = load_component(folder / name, library, class_name, pipeline_cls,
                                                       load_dtype[name], device)
         for name, library, class_name in to_load:
             if name in reads:
                 state, seconds, size = reads[name].result()
-                with _no_library_progress_bars(library):
+                with _no_library_progress_bars(_loading_library(pipeline_cls, folder / name, library, class_name)):
                     components[name] = _build_around(state, folder / name, library, class_name, pipeline_cls,
                                                      load_dtype[name], device)
                 logger.info("diffgen: read %s (%.2f GB) in %.2f s, %.1f GB/s", name, size / 1e9, seconds,
@@ -196,8 +196,24 @@ def _hub_checkpoint(repo_id: str, revision: str | None) -> CheckpointInfo:
     return CheckpointInfo(repo_id, read_model_index(index_file.parent), read)
 
 
+def native_class(pipeline_cls, folder: Path, class_name: str) -> type[torch.nn.Module] | None:
+    """The native model that replaces this component, or None: the pipeline registers none for its class, or the
+    native class declines this checkpoint (its ``accepts(folder)``: a config it does not build, or an environment
+    switch asking for the library's class)."""
+    native = pipeline_cls.native_models.get(class_name)
+    accepts = getattr(native, "accepts", None)
+    return native if accepts is None or accepts(folder) else None
+
+
+def _loading_library(pipeline_cls, folder: Path, library: str, class_name: str) -> str | None:
+    """The library that loads this component (None: diffgen loads it, so that library need not be imported)."""
+    if class_name in pipeline_cls.component_loaders or native_class(pipeline_cls, folder, class_name) is not None:
+        return None
+    return library
+
+
 @contextlib.contextmanager
-def _no_library_progress_bars(library: str):
+def _no_library_progress_bars(library: str | None):
     """No "Loading weights" / "Loading checkpoint shards" bars from transformers or diffusers while one of
     their components loads (the Python API too, not only the CLI); the library's setting is restored after.
     Imports only the component's own library."""
@@ -217,7 +233,7 @@ def _no_library_progress_bars(library: str):
 def _weight_reader(pipeline_cls, folder: Path, library: str, class_name: str):
     """How diffgen reads this component's weights itself (a function of (folder, dtype, device)), or None when
     its library loads it. Decided from the files alone, before the library is imported."""
-    native = pipeline_cls.native_models.get(class_name)
+    native = native_class(pipeline_cls, folder, class_name)
     if native is not None:
         return lambda folder, dtype, device: read_native_checkpoint(native, folder, dtype, device)
     if os.environ.get(FAST_LOAD_ENV, "1") == "0" or class_name in pipeline_cls.component_loaders:
@@ -250,7 +266,7 @@ def _build_around(state: dict[str, torch.Tensor], folder: Path, library: str, cl
     """The component built around tensors that diffgen read: native models strictly; a transformers model through
     its own ``from_pretrained`` (key renames, tied weights, its initialisation of what the file lacks), unless
     the class keeps some modules in float32 at this dtype: then the library reads the files itself."""
-    native = pipeline_cls.native_models.get(class_name)
+    native = native_class(pipeline_cls, folder, class_name)
     if native is not None:
         model = build_native_model(native, folder, state)
         if os.environ.get(FUSE_PROJECTIONS_ENV) == "1":
@@ -291,7 +307,7 @@ def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dt
                    device: torch.device) -> Any:
     if not folder.is_dir():
         raise ModelLoadError(f"component folder {folder} is missing")
-    native = pipeline_cls.native_models.get(class_name)
+    native = native_class(pipeline_cls, folder, class_name)
     if native is not None:
         model = load_native_model(native, folder, dtype, device)
         if os.environ.get(FUSE_PROJECTIONS_ENV) == "1":

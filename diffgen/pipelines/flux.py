@@ -7,7 +7,9 @@ import torch
 from diffgen.configs.flux import FLUX_DEV, FLUX_SCHNELL
 from diffgen.engine.spec import ModelSpec
 from diffgen.models.dits.flux import FluxTransformer
+from diffgen.models.vaes.autoencoder_kl import AutoencoderKL
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.flow_match import load_flow_match_scheduler
 from diffgen.pipelines.guidance import GuidanceStep, cfg
 from diffgen.pipelines.latents import pack_latents, set_shifted_flow_timesteps, unpack_latents
 from diffgen.pipelines.stages import draw_noise
@@ -26,7 +28,9 @@ class FluxPipeline(ComposedPipeline):
     pipeline_class_names = ("FluxPipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                            "transformer")
-    native_models = {"FluxTransformer2DModel": FluxTransformer}
+    # The VAE and the sampler are diffgen's too, so that a FLUX run never imports diffusers (seconds of start-up).
+    native_models = {"FluxTransformer2DModel": FluxTransformer, "AutoencoderKL": AutoencoderKL}
+    component_loaders = {"FlowMatchEulerDiscreteScheduler": load_flow_match_scheduler}
     packed_latents = True
 
     @property

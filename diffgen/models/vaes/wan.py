@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffgen.layers.fused import bias_residual_add, channel_rms_norm, use_fused_kernel
+from diffgen.models.vaes import NATIVE_VAE_ENV
 
-#: set to 0 to decode with diffusers' frame-by-frame schedule instead (benchmarks compare both)
-NATIVE_VAE_ENV = "DIFFGEN_NATIVE_VAE"
 #: output pixels (frames x height x width) a chunk produces at least (on the CPU: always): 4 latent frames at 480x832
 CHUNK_PIXELS = 16 * 480 * 832
 #: peak bytes per output pixel of a chunk, per 96 decoder channels in bf16 (measured on an H100: peak memory grows
