@@ -21,6 +21,12 @@ from diffgen.testing import tokenizers as tok
 from diffgen.testing.randomize import randomize_constant_parameters
 
 SEED = 0
+#: the real FLUX.1-dev / schnell vae/config.json (benchmarks and real-size GPU tests build random VAEs from it)
+FLUX1_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    norm_num_groups=32, act_fn="silu", sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+    use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
 
 
 def _seeded(build: Callable):
