@@ -53,8 +53,11 @@ def load_native_model(model_cls: type[nn.Module], folder: Path, dtype: torch.dty
 
     Strict: the checkpoint must hold exactly the model's parameter names; otherwise the error lists
     the missing and the unexpected keys. Optional class attributes: ``keep_in_fp32_modules`` (module
-    names whose tensors stay float32 whatever ``dtype`` is, as diffusers' ``_keep_in_fp32_modules``)
-    and ``ignored_checkpoint_keys`` (name parts of checkpoint tensors the model does not use).
+    names whose tensors stay float32 whatever ``dtype`` is, as diffusers' ``_keep_in_fp32_modules``),
+    ``keep_in_fp32_modules_under_fp16`` (kept float32 only when ``dtype`` is float16, as transformers'
+    ``_keep_in_fp32_modules``), ``ignored_checkpoint_keys`` (name parts of checkpoint tensors the model
+    does not use) and ``checkpoint_names(keys)`` (a classmethod: {name on disk: the model's name, or None
+    for a tensor not to read} for names the library maps, e.g. a tied alias or an older prefix).
     """
     return build_native_model(model_cls, folder, read_native_checkpoint(model_cls, folder, dtype, device))
 
@@ -63,14 +66,30 @@ def read_native_checkpoint(model_cls: type[nn.Module], folder: Path, dtype: torc
                            device: torch.device | str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors on ``device`` in the dtypes ``model_cls`` wants (file reads only: thread-safe)."""
     keep_fp32 = set(getattr(model_cls, "keep_in_fp32_modules", ()))
+    if dtype == torch.float16:
+        keep_fp32 |= set(getattr(model_cls, "keep_in_fp32_modules_under_fp16", ()))
     ignored = set(getattr(model_cls, "ignored_checkpoint_keys", ()))
+    files = safetensors_files(folder)
+    names = _checkpoint_names(model_cls, files)
 
     def convert(key: str, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
             return tensor
-        return tensor.to(torch.float32 if set(key.split(".")) & keep_fp32 else dtype)
+        return tensor.to(torch.float32 if set(names.get(key, key).split(".")) & keep_fp32 else dtype)
 
-    return _read_tensors(safetensors_files(folder), torch.device(device), ignored, convert)
+    skipped = {key for key, name in names.items() if name is None}
+    state = _read_tensors(files, torch.device(device), ignored, convert, skipped)
+    return {names.get(key, key): tensor for key, tensor in state.items()}
+
+
+def _checkpoint_names(model_cls: type[nn.Module], files: list[Path]) -> dict[str, str | None]:
+    """The model's own renames of the files' tensor names (see :func:`load_native_model`); {} when it has none."""
+    rename = getattr(model_cls, "checkpoint_names", None)
+    if rename is None:
+        return {}
+    from diffgen.loader.fast_read import read_header
+
+    return rename([entry.name for file in files for entry in read_header(file)])
 
 
 def read_library_checkpoint(folder: Path, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -99,9 +118,11 @@ def build_native_model(model_cls: type[nn.Module], folder: Path, state: dict[str
 
 
 def _read_tensors(files: list[Path], device: torch.device, ignored: set[str],
-                  convert: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors on ``device`` through ``convert``, minus names with an ``ignored`` part."""
-    keep = lambda key: not set(key.split(".")) & ignored
+                  convert: Callable[[str, torch.Tensor], torch.Tensor],
+                  skipped: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors on ``device`` through ``convert``, minus names with an ``ignored`` part and the
+    ``skipped`` names."""
+    keep = lambda key: not set(key.split(".")) & ignored and key not in skipped
     if device.type == "cuda" and os.environ.get(FAST_LOAD_ENV, "1") != "0":
         from diffgen.loader.fast_read import load_files
 

@@ -7,6 +7,8 @@ import torch
 from diffgen.configs.flux import FLUX_DEV, FLUX_SCHNELL
 from diffgen.engine.spec import ModelSpec
 from diffgen.models.dits.flux import FluxTransformer
+from diffgen.models.encoders.clip import CLIPTextModel
+from diffgen.models.encoders.t5 import T5Encoder
 from diffgen.models.vaes.autoencoder_kl import AutoencoderKL
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
 from diffgen.pipelines.flow_match import load_flow_match_scheduler
@@ -28,8 +30,10 @@ class FluxPipeline(ComposedPipeline):
     pipeline_class_names = ("FluxPipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                            "transformer")
-    # The VAE and the sampler are diffgen's too, so that a FLUX run never imports diffusers (seconds of start-up).
-    native_models = {"FluxTransformer2DModel": FluxTransformer, "AutoencoderKL": AutoencoderKL}
+    # The VAE, the sampler and the text encoders are diffgen's too, so that a FLUX run imports neither diffusers nor
+    # transformers' model code (which imports torch._dynamo): seconds of start-up.
+    native_models = {"FluxTransformer2DModel": FluxTransformer, "AutoencoderKL": AutoencoderKL,
+                     "CLIPTextModel": CLIPTextModel, "T5EncoderModel": T5Encoder}
     component_loaders = {"FlowMatchEulerDiscreteScheduler": load_flow_match_scheduler}
     packed_latents = True
 
@@ -47,10 +51,10 @@ class FluxPipeline(ComposedPipeline):
     def _encode(self, prompts: list[str], max_length: int, repeat: int) -> dict[str, torch.Tensor]:
         clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt").input_ids
-        pooled = self.text_encoder(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+        pooled = self.text_encoder(clip_ids.to(self.device)).pooler_output
         t5_ids = self.tokenizer_2(prompts, padding="max_length", max_length=max_length, truncation=True,
                                   return_tensors="pt").input_ids
-        embeds = self.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
+        embeds = self.text_encoder_2(t5_ids.to(self.device)).last_hidden_state
         embeds = embeds.to(self.text_encoder_2.dtype)
         return {
             "encoder_hidden_states": embeds.repeat_interleave(repeat, dim=0),

@@ -24,6 +24,7 @@ from PIL import Image
 from diffgen.configs import wan as presets
 from diffgen.engine.spec import ModelSpec
 from diffgen.models.dits.wan import WanTransformer
+from diffgen.models.encoders.t5 import UMT5Encoder
 from diffgen.models.vaes.wan import channels_last_conv3d, use_native_decoder
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
 from diffgen.pipelines.guidance import GuidanceStep, cfg
@@ -51,7 +52,7 @@ class WanPipeline(ComposedPipeline):
     pipeline_class_names = ("WanPipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
     optional_components = ("transformer_2",)
-    native_models = {"WanTransformer3DModel": WanTransformer}
+    native_models = {"WanTransformer3DModel": WanTransformer, "UMT5EncoderModel": UMT5Encoder}
     output_kind = "video"
     guidance_branches = 2
     #: diffusers' WanPipeline pins the scheduler's first step index; its image-to-video pipeline does not.

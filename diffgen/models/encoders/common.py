@@ -1,0 +1,30 @@
+"""What the native text encoders share: their output (the fields pipelines read from transformers' model outputs)
+and the check of a checkpoint's config.json that decides whether they build it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TextEncoderOutput:
+    last_hidden_state: torch.Tensor  # (B, T, dim)
+    pooler_output: torch.Tensor | None = None  # (B, dim): CLIP's state at each row's end-of-text token
+
+
+def accepts_checkpoint(model_cls: type, folder: Path) -> bool:
+    """Whether ``model_cls`` builds the checkpoint in ``folder`` (its ``unsupported(config)`` finds nothing in the
+    config.json); otherwise the library's class loads it, and the reason is logged."""
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    reason = model_cls.unsupported(config)
+    if reason is not None:
+        logger.info("diffgen: %s: %s; transformers' class builds it", folder, reason)
+    return reason is None
