@@ -69,9 +69,10 @@ def _assert_same_model(ours: torch.nn.Module, reference: torch.nn.Module) -> Non
     assert ours.name_or_path == reference.name_or_path
 
 
-@pytest.mark.parametrize("family, dtype", [("flux", torch.float32), ("flux", torch.bfloat16),
+# FLUX's and Wan's text encoders are diffgen's own (tests/test_text_encoders.py); these families keep transformers'.
+@pytest.mark.parametrize("family, dtype", [("hunyuan15", torch.float32), ("hunyuan15", torch.bfloat16),
                                            ("qwen-image", torch.float32), ("qwen-image", torch.bfloat16),
-                                           ("wan-t2v", torch.bfloat16), ("hunyuan", torch.bfloat16)])
+                                           ("wan-i2v", torch.bfloat16), ("hunyuan", torch.bfloat16)])
 def test_text_encoders_read_by_diffgen_equal_the_library_load(tiny_checkpoint, monkeypatch, family, dtype):
     folder = Path(tiny_checkpoint(family))
     read, original = [], components.read_library_checkpoint
@@ -91,20 +92,23 @@ def test_text_encoders_read_by_diffgen_equal_the_library_load(tiny_checkpoint, m
         assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-def test_float16_with_modules_kept_in_float32_is_left_to_the_library(tiny_flux):
-    # T5 keeps its "wo" projections in float32 under float16: the library's own load decides that.
-    t5 = load_pipeline(tiny_flux, device="cpu", dtype=torch.float16).components["text_encoder_2"]
-    reference = transformers.T5EncoderModel.from_pretrained(Path(tiny_flux) / "text_encoder_2", dtype=torch.float16)
+def test_float16_with_modules_kept_in_float32_is_left_to_the_library(tiny_checkpoint):
+    # T5 keeps its "wo" projections in float32 under float16: the library's own load decides that (HunyuanVideo
+    # 1.5's ByT5 encoder is transformers' T5EncoderModel).
+    folder = tiny_checkpoint("hunyuan15")
+    t5 = load_pipeline(folder, device="cpu", dtype=torch.float16).components["text_encoder_2"]
+    reference = transformers.T5EncoderModel.from_pretrained(Path(folder) / "text_encoder_2", dtype=torch.float16)
     _assert_same_model(t5, reference.eval())
     assert t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
 
 
-def test_fast_load_off_uses_the_libraries_own_loader(tiny_flux, monkeypatch):
+def test_fast_load_off_uses_the_libraries_own_loader(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("DIFFGEN_FAST_LOAD", "0")
     monkeypatch.setattr(components, "read_library_checkpoint", None)  # called: TypeError
-    pipeline = load_pipeline(tiny_flux, device="cpu", dtype=torch.float32)
-    reference = transformers.CLIPTextModel.from_pretrained(Path(tiny_flux) / "text_encoder", dtype=torch.float32)
-    _assert_same_model(pipeline.components["text_encoder"], reference.eval())
+    folder = tiny_checkpoint("hunyuan")
+    pipeline = load_pipeline(folder, device="cpu", dtype=torch.float32)
+    reference = transformers.CLIPTextModel.from_pretrained(Path(folder) / "text_encoder_2", dtype=torch.float32)
+    _assert_same_model(pipeline.components["text_encoder_2"], reference.eval())
 
 
 def test_console_script_exits_at_once_with_its_outputs_written(tiny_flux, tmp_path):
@@ -140,20 +144,21 @@ def _assert_no_copy(model: torch.nn.Module, pointers: set[int]) -> None:
         assert parameter.data_ptr() in pointers, f"{key} was copied"
 
 
-def test_text_encoders_keep_the_tensors_diffgen_read(tiny_flux, monkeypatch):
+def test_text_encoders_keep_the_tensors_diffgen_read(tiny_checkpoint, monkeypatch):
     """The library builds the model around the tensors diffgen read, without a copy."""
-    pipeline, pointers = _load_remembering_reads(tiny_flux, "cpu", torch.float32, monkeypatch)
+    pipeline, pointers = _load_remembering_reads(tiny_checkpoint("hunyuan"), "cpu", torch.float32, monkeypatch)
     for name in ("text_encoder", "text_encoder_2"):
         _assert_no_copy(pipeline.components[name], pointers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the weights go straight to it)")
-def test_text_encoders_read_to_the_gpu_stay_there_and_equal_the_library_load(tiny_flux, monkeypatch):
+def test_text_encoders_read_to_the_gpu_stay_there_and_equal_the_library_load(tiny_checkpoint, monkeypatch):
     # Without device_map the library took them to the CPU and back (T5-XXL on an H200: 9.1 s).
-    pipeline, pointers = _load_remembering_reads(tiny_flux, "cuda", torch.bfloat16, monkeypatch)
-    for name, cls in (("text_encoder", transformers.CLIPTextModel), ("text_encoder_2", transformers.T5EncoderModel)):
+    folder = tiny_checkpoint("hunyuan")
+    pipeline, pointers = _load_remembering_reads(folder, "cuda", torch.bfloat16, monkeypatch)
+    for name, cls in (("text_encoder", transformers.LlamaModel), ("text_encoder_2", transformers.CLIPTextModel)):
         model = pipeline.components[name]
         assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"cuda"}
         _assert_no_copy(model, pointers)
-        reference = cls.from_pretrained(Path(tiny_flux) / name, dtype=torch.bfloat16).to("cuda").eval()
+        reference = cls.from_pretrained(Path(folder) / name, dtype=torch.bfloat16).to("cuda").eval()
         _assert_same_model(model, reference)

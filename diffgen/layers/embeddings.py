@@ -30,6 +30,13 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True
     return emb
 
 
+def token_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` without its random initialisation, for models whose checkpoint fills it: on the meta
+    device (where native models are built) ``normal_`` goes through torch._refs, which imports torch._dynamo
+    (about a second of a one-shot run). Built outside the meta device, its values are undefined until loaded."""
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+
+
 class MLPEmbedder(nn.Module):
     """linear_1 -> activation -> linear_2 (diffusers' TimestepEmbedding / PixArtAlphaTextProjection)."""
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffgen.layers.attention import sdpa
+from diffgen.layers.embeddings import token_embedding
 from diffgen.models.encoders.common import TextEncoderOutput, accepts_checkpoint
 
 PREFIX = "text_model."
@@ -44,8 +45,8 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_embedding = token_embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = token_embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         length, limit = input_ids.shape[-1], self.position_embedding.num_embeddings

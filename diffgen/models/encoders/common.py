@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
+#: "0": transformers' classes for every text encoder (diffgen's own are the default where a pipeline registers them)
+NATIVE_TEXT_ENCODERS_ENV = "DIFFGEN_NATIVE_TEXT_ENCODERS"
 
 
 @dataclass
@@ -21,7 +24,10 @@ class TextEncoderOutput:
 
 def accepts_checkpoint(model_cls: type, folder: Path) -> bool:
     """Whether ``model_cls`` builds the checkpoint in ``folder`` (its ``unsupported(config)`` finds nothing in the
-    config.json); otherwise the library's class loads it, and the reason is logged."""
+    config.json, and ``DIFFGEN_NATIVE_TEXT_ENCODERS`` is not 0); otherwise the library's class loads it, and the
+    reason is logged."""
+    if os.environ.get(NATIVE_TEXT_ENCODERS_ENV, "1") == "0":
+        return False
     config_file = Path(folder) / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     reason = model_cls.unsupported(config)

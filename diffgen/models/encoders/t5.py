@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from diffgen.layers.attention import sdpa
+from diffgen.layers.embeddings import token_embedding
 from diffgen.layers.norm import RMSNorm
 from diffgen.models.encoders.common import TextEncoderOutput, accepts_checkpoint
 
@@ -82,7 +83,7 @@ class T5Attention(nn.Module):
         self.k = nn.Linear(config.d_model, inner, bias=False)
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
-        self.relative_attention_bias = (nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        self.relative_attention_bias = (token_embedding(config.relative_attention_num_buckets, config.num_heads)
                                         if has_position_bias else None)
 
     def position_bias(self, length: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -169,7 +170,7 @@ class T5Encoder(nn.Module):
     def __init__(self, config: T5EncoderConfig):
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = token_embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, self.bias_per_block)
 
     @classmethod
