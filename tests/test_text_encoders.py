@@ -185,3 +185,58 @@ def test_pipeline_builds_the_encoders_around_the_tensors_diffgen_read(tiny_flux,
         assert not model.training and not any(p.requires_grad for p in model.parameters())
         for key, parameter in model.named_parameters():
             assert parameter.data_ptr() in pointers, f"{name}: {key} was copied"
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def real_width_encoders(folder: Path, which: str, t5_blocks: int = 2):
+    """transformers' model at the real widths with random weights (T5-XXL: ``t5_blocks`` of its 24 blocks; CLIP-L:
+    all 12), saved in bfloat16 as the hub's files are; (library class, native class, vocabulary, end-of-text id)."""
+    torch.manual_seed(0)
+    if which == "t5-xxl":
+        config = transformers.T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=t5_blocks,
+                                       num_heads=64, feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+        library_cls, native_cls, vocab, end = transformers.T5EncoderModel, T5Encoder, 32128, 1
+    else:
+        config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                             num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu",
+                                             eos_token_id=2, bos_token_id=0, pad_token_id=1, projection_dim=768)
+        library_cls, native_cls, vocab, end = transformers.CLIPTextModel, CLIPTextModel, 49408, 49407
+    randomize_constant_parameters(library_cls(config)).to(torch.bfloat16).save_pretrained(folder)
+    return library_cls, native_cls, vocab, end
+
+
+def compare_bf16_with_float32(folder: Path, which: str, tokens: int, device: str, t5_blocks: int = 2) -> dict:
+    """{output field: (transformers' bf16 error, diffgen's bf16 error, diffgen vs transformers)}, errors relative
+    to transformers' float32 forward on the same (bf16) weights."""
+    library_cls, native_cls, vocab, end = real_width_encoders(folder, which, t5_blocks)
+    ids = torch.randint(2, vocab - 1, (2, tokens), generator=torch.Generator().manual_seed(0))
+    ids[:, tokens // 2] = end
+    ids = ids.to(device)
+    with torch.no_grad():
+        exact = library_cls.from_pretrained(folder, dtype=torch.float32).to(device).eval()(ids)
+        theirs = library_cls.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()(ids)
+        ours = load_native_model(native_cls, folder, torch.bfloat16, device)(ids)
+    errors = {}
+    for field in ("last_hidden_state", "pooler_output") if which == "clip-l" else ("last_hidden_state",):
+        exact_out, their_out, our_out = (getattr(out, field) for out in (exact, theirs, ours))
+        assert our_out.dtype == their_out.dtype == torch.bfloat16
+        errors[field] = (_relative_error(their_out, exact_out), _relative_error(our_out, exact_out),
+                         _relative_error(our_out, their_out))
+        print(f"{which} {field} ({tokens} tokens, {device}): bf16 vs float32: transformers {errors[field][0]:.2e}, "
+              f"diffgen {errors[field][1]:.2e}; diffgen vs transformers {errors[field][2]:.2e}")
+    return errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bf16 kernels at the real widths")
+@pytest.mark.parametrize("which, tokens", [("t5-xxl", 512), ("clip-l", 77)])
+def test_real_width_bf16_encoders_agree_with_transformers_on_the_gpu(tmp_path, which, tokens):
+    """In bfloat16 on the GPU the kernels may differ (diffgen's attention prefers cuDNN, its RMS norm is one fused
+    kernel): both bf16 outputs are compared with transformers' float32 forward on the same (bf16) weights;
+    diffgen's error must be within 1.5x transformers' own bf16 error, and the two outputs within 2x of it."""
+    for their_error, our_error, between in compare_bf16_with_float32(tmp_path / which, which, tokens, "cuda").values():
+        assert their_error < 5e-2  # a bf16 rounding error (CPU: 6.7e-3 T5, 1.5e-2 CLIP), not a broken reference
+        assert our_error <= 1.5 * their_error
+        assert between <= 2 * their_error
