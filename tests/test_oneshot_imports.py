@@ -1,7 +1,8 @@
 """What a one-shot ``diffgen generate`` imports: each heavy module a FLUX run leaves out is seconds of start-up on
 a GPU machine (issue 10: diffusers.utils 7.3 s through torch._dynamo, scipy.stats 1.2 s, diffusers' model
-packages 4.6 s on an H200). The probe runs the console script's own path (``main(..., exit_after_generate=True)``,
-which ends in ``os._exit``) and reads ``sys.modules`` just before that exit."""
+packages 4.6 s on an H200; transformers' model code imports torch._dynamo too). The probe runs the console
+script's own path (``main(..., exit_after_generate=True)``, which ends in ``os._exit``) and reads ``sys.modules``
+just before that exit."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-#: modules a FLUX one-shot generate must not import (a package counts with its submodules)
-NOT_IMPORTED_BY_FLUX = ("diffusers", "scipy")
+#: modules a FLUX one-shot generate must not import (a package counts with its submodules); transformers'
+#: tokenizers import none of them
+NOT_IMPORTED_BY_FLUX = ("diffusers", "scipy", "torch._dynamo", "transformers.modeling_utils")
 
 
 def oneshot_modules(model_path: str, output: Path, extra_env: dict[str, str] | None = None) -> tuple[list[str], str]:
@@ -48,10 +50,11 @@ def imported(modules: list[str], package: str) -> list[str]:
 
 
 @pytest.mark.parametrize("family", ["flux", "flux-schnell"])
-def test_flux_generate_imports_neither_diffusers_nor_scipy(tiny_checkpoint, tmp_path, family):
+def test_flux_generate_imports_neither_diffusers_nor_scipy_nor_torch_dynamo(tiny_checkpoint, tmp_path, family):
     modules, stdout = oneshot_modules(tiny_checkpoint(family), tmp_path)
     assert len(list(tmp_path.glob("*.png"))) == 1 and "saved " in stdout  # the run did generate
     assert "diffgen.models.vaes.autoencoder_kl" in modules and "diffgen.pipelines.flow_match" in modules
+    assert "diffgen.models.encoders.t5" in modules and "diffgen.models.encoders.clip" in modules
     for package in NOT_IMPORTED_BY_FLUX:
         assert imported(modules, package) == [], f"a FLUX generate imported {imported(modules, package)[:5]}"
 
@@ -61,3 +64,10 @@ def test_the_probe_sees_diffusers_when_the_run_uses_it(tiny_flux, tmp_path):
     modules, _ = oneshot_modules(tiny_flux, tmp_path, {"DIFFGEN_NATIVE_VAE": "0", "DIFFGEN_NATIVE_SCHEDULER": "0"})
     assert "diffusers.models.autoencoders.autoencoder_kl" in modules
     assert "diffusers.schedulers.scheduling_flow_match_euler_discrete" in modules
+
+
+def test_the_probe_sees_transformers_model_code_when_the_run_uses_it(tiny_flux, tmp_path):
+    """With transformers' text encoders asked for, the same probe finds their model code and torch._dynamo."""
+    modules, _ = oneshot_modules(tiny_flux, tmp_path, {"DIFFGEN_NATIVE_TEXT_ENCODERS": "0"})
+    assert "transformers.models.t5.modeling_t5" in modules and "transformers.models.clip.modeling_clip" in modules
+    assert "torch._dynamo" in modules
