@@ -28,6 +28,7 @@ from diffgen.errors import ModelLoadError
 from diffgen.models.dits.hunyuan_video import HunyuanVideoTransformer
 from diffgen.models.encoders.llava_llama import encode_llava_prompt
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.flow_match import load_flow_match_scheduler
 from diffgen.pipelines.guidance import GuidanceStep, cfg
 from diffgen.pipelines.latents import decode_videos_one_by_one, image_to_tensor, vae_tiling_wanted
 from diffgen.pipelines.stages import draw_noise
@@ -55,6 +56,7 @@ class HunyuanVideoPipeline(ComposedPipeline):
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                            "transformer")
     native_models = {"HunyuanVideoTransformer3DModel": HunyuanVideoTransformer}
+    component_loaders = {"FlowMatchEulerDiscreteScheduler": load_flow_match_scheduler}
     output_kind = "video"
 
     @classmethod

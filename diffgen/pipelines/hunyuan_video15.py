@@ -27,6 +27,7 @@ from diffgen.configs import hunyuan_video15 as presets
 from diffgen.engine.spec import ModelSpec, aspect_bucket_size
 from diffgen.models.dits.hunyuan_video15 import HunyuanVideo15Transformer
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.flow_match import load_flow_match_scheduler
 from diffgen.pipelines.guidance import GuidanceStep, cfg
 from diffgen.pipelines.hunyuan_video import drop_shared_padding
 from diffgen.pipelines.latents import decode_videos_one_by_one, image_to_tensor, vae_tiling_wanted
@@ -82,6 +83,7 @@ class HunyuanVideo15Pipeline(ComposedPipeline):
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                            "transformer")
     native_models = {"HunyuanVideo15Transformer3DModel": HunyuanVideo15Transformer}
+    component_loaders = {"FlowMatchEulerDiscreteScheduler": load_flow_match_scheduler}
     output_kind = "video"
     guidance_branches = 2
 

@@ -20,6 +20,7 @@ from diffgen.models.dits.qwen_image import QwenImageTransformer
 from diffgen.models.encoders.qwen_vl import QwenVLProcessor, encode_qwen_vl_prompts
 from diffgen.models.vaes.wan import channels_last_conv3d, use_native_decoder
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
+from diffgen.pipelines.flow_match import load_flow_match_scheduler
 from diffgen.pipelines.guidance import GuidanceStep, norm_preserving_cfg
 from diffgen.pipelines.latents import (
     image_to_tensor,
@@ -59,6 +60,7 @@ class QwenImagePipeline(ComposedPipeline):
     pipeline_class_names = ("QwenImagePipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
     native_models = {"QwenImageTransformer2DModel": QwenImageTransformer}
+    component_loaders = {"FlowMatchEulerDiscreteScheduler": load_flow_match_scheduler}
     packed_latents = True
     prompt_template = T2I_TEMPLATE
     template_tokens = 34  # tokens of the template's system part, dropped from the embeddings
@@ -153,7 +155,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
     pipeline_class_names = ("QwenImageEditPipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer")
-    component_loaders = {"Qwen2VLProcessor": QwenVLProcessor.from_folder}
+    component_loaders = {**QwenImagePipeline.component_loaders, "Qwen2VLProcessor": QwenVLProcessor.from_folder}
     prompt_template = EDIT_TEMPLATE
     template_tokens = 64
     truncate_prompt = False
