@@ -11,9 +11,9 @@ Sections:
   weight tensors, one 128x128 latent (1024² pixels), CUDA events, A/B alternated, medians; peak memory per
   variant; each side's relative error against diffusers' float32 decode, and whether the two bf16 decodes are
   bit-equal.
-- ``imports``: fresh processes, alternated, median wall time of importing what a FLUX ``generate`` imports
-  (diffgen's FLUX pipeline module and transformers' CLIP / T5 models) with and without diffusers' VAE and
-  scheduler classes on top: the start-up seconds the native VAE and sampler remove.
+- ``imports``: fresh processes, alternated, median wall time of importing diffgen's FLUX pipeline module (what a
+  FLUX ``generate`` imports for its models) with and without diffusers' VAE and scheduler classes on top: the
+  start-up seconds the native VAE and sampler remove.
 """
 
 from __future__ import annotations
@@ -93,18 +93,12 @@ def bench_decode(args, device: torch.device, dtype: torch.dtype) -> list[tuple[s
     return rows
 
 
-#: what a FLUX generate imports (the pipeline module; the text encoders' transformers classes), then diffusers' on top
+#: what a FLUX generate imports (the pipeline module: its DiT, text encoders, VAE and sampler), and diffusers' VAE and
+#: scheduler classes on top (what it imported before)
 IMPORTS = {
     "diffgen FLUX pipeline": "import diffgen.pipelines.flux",
     "diffgen FLUX pipeline + diffusers' VAE and scheduler": (
         "import diffgen.pipelines.flux\n"
-        "from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler"),
-    "diffgen FLUX pipeline + transformers' CLIP/T5": (
-        "import diffgen.pipelines.flux\n"
-        "from transformers import CLIPTextModel, T5EncoderModel"),
-    "diffgen FLUX pipeline + transformers' CLIP/T5 + diffusers' VAE and scheduler": (
-        "import diffgen.pipelines.flux\n"
-        "from transformers import CLIPTextModel, T5EncoderModel\n"
         "from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler"),
 }
 
