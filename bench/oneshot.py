@@ -3,6 +3,7 @@
     python bench/oneshot.py                 # FLUX.1-dev at its real config, random bf16 weights, 28 steps
     python bench/oneshot.py --tiny          # a tiny checkpoint on CPU, to check the script itself
     python bench/oneshot.py --baseline ../diffgen-before   # also time another diffgen source tree
+    python bench/oneshot.py --env DIFFGEN_NATIVE_TEXT_ENCODERS=0   # also time this tree with a switch set
 
 Writes a random-weight FLUX.1-dev checkpoint in diffusers format once (~32 GB; tiny tokenizers),
 reads it once so that it sits in the page cache (as on a machine that ran it before), then:
@@ -176,9 +177,9 @@ def run(command: list[str], env: dict, timeout: float, cwd: Path = ROOT) -> tupl
         return time.perf_counter() - begin, "timeout", ""
 
 
-def tree_env(tree: Path) -> dict:
+def tree_env(tree: Path, extra: dict[str, str] | None = None) -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
-                DIFFGEN_LOG_LEVEL="INFO")
+                DIFFGEN_LOG_LEVEL="INFO", **(extra or {}))
 
 
 def import_summary(importtime: list[str], threshold_ms: float = 30.0) -> list[str]:
@@ -193,10 +194,10 @@ def import_summary(importtime: list[str], threshold_ms: float = 30.0) -> list[st
     return rows
 
 
-def timeline(label: str, tree: Path, arguments: list[str], timeout: float) -> None:
+def timeline(label: str, tree: Path, arguments: list[str], timeout: float, extra: dict[str, str]) -> None:
     spawn = time.time()
     wall, status, output = run([sys.executable, "-X", "importtime", "-c", TIMELINE_DRIVER, str(spawn), *arguments],
-                               tree_env(tree), timeout, cwd=tree)
+                               tree_env(tree, extra), timeout, cwd=tree)
     lines = output.splitlines()
     print(f"\n### timeline: {label} ({tree}), -X importtime, {wall:.2f} s ({status})", flush=True)
     print("\n".join(import_summary([line for line in lines if line.startswith("import time:")])))
@@ -219,6 +220,8 @@ def main() -> None:
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--timeout", type=float, default=180, help="seconds per process")
     parser.add_argument("--rounds", type=int, default=2, help="run every command this many times, in turn")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="also time this tree with this environment variable set (repeatable: one variant each)")
     args = parser.parse_args()
     folder = Path(args.folder or ("/tmp/diffgen-oneshot-tiny" if args.tiny else "/tmp/diffgen-oneshot-flux"))
     steps = args.steps or (2 if args.tiny else 28)
@@ -230,36 +233,40 @@ def main() -> None:
         print(f"wrote {folder} in {time.perf_counter() - begin:.0f} s", flush=True)
     print(f"read {warm_page_cache(folder):.1f} GB into the page cache", flush=True)
 
-    trees = {"this tree": ROOT}
+    trees = {"this tree": (ROOT, {})}  # label -> (diffgen source tree, extra environment)
     if args.baseline:
-        trees["baseline"] = Path(args.baseline).resolve()
+        trees["baseline"] = (Path(args.baseline).resolve(), {})
+    for setting in args.env:
+        key, _, value = setting.partition("=")
+        trees[f"this tree, {key}={value}"] = (ROOT, {key: value})
     arguments = ["generate", "--model-path", str(folder), "--prompt", "a photo of a raccoon", "--seed", "0",
                  "--num-inference-steps", str(steps), "--height", str(size), "--width", str(size), "--device", device,
                  "--save-output", "--output-path", str(folder.parent / "diffgen-oneshot-out"), "--overwrite"]
 
-    for label, tree in trees.items():
-        timeline(label, tree, arguments, args.timeout)
-    for label, tree in trees.items():
-        wall, status, output = run([sys.executable, "-c", LOAD_SCRIPT, str(folder), device], tree_env(tree),
+    for label, (tree, extra) in trees.items():
+        timeline(label, tree, arguments, args.timeout, extra)
+    for label, (tree, extra) in trees.items():
+        wall, status, output = run([sys.executable, "-c", LOAD_SCRIPT, str(folder), device], tree_env(tree, extra),
                                    args.timeout, cwd=tree)
         loads = [line for line in output.splitlines() if line.startswith("LOAD") or "diffgen: read" in line]
         print(f"\n### whole-pipeline load, imports done: {label} ({status})\n" + "\n".join(loads), flush=True)
 
-    commands = {f"diffgen generate ({label})": ([sys.executable, "-m", "diffgen.entrypoints.cli", *arguments], tree)
-                for label, tree in trees.items()}
+    commands = {f"diffgen generate ({label})": ([sys.executable, "-m", "diffgen.entrypoints.cli", *arguments], tree,
+                                                 extra)
+                for label, (tree, extra) in trees.items()}
     if args.with_compile:
         commands["diffgen generate --compile (this tree)"] = (
-            [sys.executable, "-m", "diffgen.entrypoints.cli", *arguments, "--compile"], ROOT)
+            [sys.executable, "-m", "diffgen.entrypoints.cli", *arguments, "--compile"], ROOT, {})
     if not args.skip_diffusers:
         commands["diffusers script (from_pretrained + .to + call)"] = (
-            [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), device, str(steps), str(size)], ROOT)
+            [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), device, str(steps), str(size)], ROOT, {})
     rows: list = []
     # Round 1 pays each first-process cost (bytecode, Triton's and Inductor's caches, the driver's
     # caches); later rounds are what a user sees from the second run on. Orders alternate by round.
     for round_index in range(args.rounds):
         order = list(commands.items())
-        for name, (command, tree) in order if round_index % 2 == 0 else order[::-1]:
-            wall, status, output = run(command, tree_env(tree), args.timeout, cwd=tree)
+        for name, (command, tree, extra) in order if round_index % 2 == 0 else order[::-1]:
+            wall, status, output = run(command, tree_env(tree, extra), args.timeout, cwd=tree)
             rows.append((f"{name}, round {round_index + 1}", f"{wall:.2f} s", status))
             kept = [line for line in output.splitlines() if "denoising:" not in line]
             print(f"\n### {name}, round {round_index + 1}: {wall:.2f} s ({status})", flush=True)

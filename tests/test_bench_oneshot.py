@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_oneshot_tiny_cpu_mode(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     command = [sys.executable, str(ROOT / "bench" / "oneshot.py"), "--tiny", "--rounds", "1", "--skip-diffusers",
-               "--folder", str(tmp_path / "ckpt")]
+               "--folder", str(tmp_path / "ckpt"), "--env", "DIFFGEN_NATIVE_TEXT_ENCODERS=0"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
@@ -24,6 +24,7 @@ def test_bench_oneshot_tiny_cpu_mode(tmp_path):
                  "main returned", "process ended"):
         assert mark in timeline, (mark, timeline)
     assert "import diffgen.engine" in timeline  # the -X importtime summary
-    assert out.count("\nLOAD ") == 1
+    assert "### timeline: this tree, DIFFGEN_NATIVE_TEXT_ENCODERS=0" in out  # a variant of this tree (--env)
+    assert out.count("\nLOAD ") == 2
     rows = [line for line in out.splitlines() if line.startswith("| diffgen generate")]
-    assert len(rows) == 1 and all(row.endswith("| ok |") for row in rows), rows
+    assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows), rows
