@@ -233,9 +233,9 @@ def compare_bf16_with_float32(folder: Path, which: str, tokens: int, device: str
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bf16 kernels at the real widths")
 @pytest.mark.parametrize("which, tokens", [("t5-xxl", 512), ("clip-l", 77)])
 def test_real_width_bf16_encoders_agree_with_transformers_on_the_gpu(tmp_path, which, tokens):
-    """In bfloat16 on the GPU the kernels may differ (diffgen's attention prefers cuDNN, its RMS norm is one fused
-    kernel): both bf16 outputs are compared with transformers' float32 forward on the same (bf16) weights;
-    diffgen's error must be within 1.5x transformers' own bf16 error, and the two outputs within 2x of it."""
+    """In bfloat16 on the GPU the kernels may differ (diffgen's RMS norm is one fused kernel; attention is SDPA's
+    own choice in both): both bf16 outputs are compared with transformers' float32 forward on the same (bf16)
+    weights; diffgen's error must be within 1.5x transformers' own bf16 error, and the two outputs within 2x of it."""
     for their_error, our_error, between in compare_bf16_with_float32(tmp_path / which, which, tokens, "cuda").values():
         assert their_error < 5e-2  # a bf16 rounding error (CPU: 6.7e-3 T5, 1.5e-2 CLIP), not a broken reference
         assert our_error <= 1.5 * their_error

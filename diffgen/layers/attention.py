@@ -133,14 +133,16 @@ def _text_lengths(text_mask: torch.Tensor) -> list[int] | None:
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None, *,
-         scale: float | None = None, causal: bool = False) -> torch.Tensor:
+         scale: float | None = None, causal: bool = False, library_kernels: bool = False) -> torch.Tensor:
     """SDPA over (B, S, H, D) with the selected kernel family; ``mask`` a (B, S_kv) bool key mask or an SDPA mask
     (bool, or float added to the scores: T5's position bias); ``scale`` of the scores (None: 1/sqrt(D));
-    ``causal``: each query attends to the keys up to its own position (CLIP's text model)."""
+    ``causal``: each query attends to the keys up to its own position (CLIP's text model);
+    ``library_kernels``: PyTorch's own kernel choice, as transformers' models get it (the text encoders: the
+    same kernel as the reference, whatever the DiT's backend is)."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     if mask is not None and mask.dtype == torch.bool and mask.ndim == 2:
         mask = mask[:, None, None, :]
-    with _kernel_context(q.device):
+    with contextlib.nullcontext() if library_kernels else _kernel_context(q.device):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal)
     return out.transpose(1, 2)
 

@@ -68,9 +68,9 @@ class CLIPAttention(nn.Module):
         batch, length, _ = x.shape
         q, k, v = (proj(x).view(batch, length, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if mask is None:
-            out = sdpa(q, k, v, scale=self.head_dim ** -0.5, causal=True)
+            out = sdpa(q, k, v, scale=self.head_dim ** -0.5, causal=True, library_kernels=True)
         else:
-            out = sdpa(q, k, v, mask, scale=self.head_dim ** -0.5)
+            out = sdpa(q, k, v, mask, scale=self.head_dim ** -0.5, library_kernels=True)
         return self.out_proj(out.reshape(batch, length, -1))
 
 

@@ -99,7 +99,7 @@ class T5Attention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = (proj(x).view(batch, length, -1, self.head_dim) for proj in (self.q, self.k, self.v))
-        return self.o(sdpa(q, k, v, bias, scale=1.0).reshape(batch, length, -1))
+        return self.o(sdpa(q, k, v, bias, scale=1.0, library_kernels=True).reshape(batch, length, -1))
 
 
 class T5SelfAttentionLayer(nn.Module):
