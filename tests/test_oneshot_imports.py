@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 #: modules a FLUX one-shot generate must not import (a package counts with its submodules); transformers'
@@ -20,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NOT_IMPORTED_BY_FLUX = ("diffusers", "scipy", "torch._dynamo", "transformers.modeling_utils")
 
 
-def oneshot_modules(model_path: str, output: Path, extra_env: dict[str, str] | None = None) -> tuple[list[str], str]:
-    """(sorted sys.modules at the console script's final os._exit, its stdout) of one tiny CPU generate."""
+def oneshot_modules(model_path: str, output: Path, extra_env: dict[str, str] | None = None,
+                    device: str = "cpu") -> tuple[list[str], str]:
+    """(sorted sys.modules at the console script's final os._exit, its stdout) of one tiny generate on ``device``."""
     probe = (
         "import json, os, sys\n"
         "real_exit = os._exit\n"
@@ -34,7 +36,7 @@ def oneshot_modules(model_path: str, output: Path, extra_env: dict[str, str] | N
         "print('NO EXIT', flush=True)\n"
     )
     argv = ["generate", "--model-path", model_path, "--prompt", "a fox", "--height", "32", "--width", "32",
-            "--num-inference-steps", "2", "--seed", "3", "--device", "cpu", "--save-output",
+            "--num-inference-steps", "2", "--seed", "3", "--device", device, "--save-output",
             "--output-path", str(output)]
     env = {**os.environ, **(extra_env or {})}
     out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=ROOT, env=env,
@@ -58,6 +60,14 @@ def test_flux_generate_imports_neither_diffusers_nor_scipy_nor_torch_dynamo(tiny
     for package in NOT_IMPORTED_BY_FLUX:
         assert imported(modules, package) == [], f"a FLUX generate imported {imported(modules, package)[:5]}"
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (its load path, kernels and Triton)")
+def test_flux_generate_on_the_gpu_imports_neither(tiny_flux, tmp_path):
+    """The CUDA path adds diffgen's parallel reader, the GPU library warm-up and the Triton kernels."""
+    modules, stdout = oneshot_modules(tiny_flux, tmp_path, device="cuda")
+    assert len(list(tmp_path.glob("*.png"))) == 1 and "saved " in stdout
+    for package in NOT_IMPORTED_BY_FLUX:
+        assert imported(modules, package) == [], f"a FLUX generate imported {imported(modules, package)[:5]}"
 
 def test_the_probe_sees_diffusers_when_the_run_uses_it(tiny_flux, tmp_path):
     """The same probe with diffusers' VAE and scheduler asked for: the check above can fail."""
