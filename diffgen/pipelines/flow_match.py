@@ -15,13 +15,15 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from diffgen.configs.mapping import MappingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ CONFIG_NAME = "scheduler_config.json"
 
 
 @dataclass(frozen=True)
-class FlowMatchConfig(Mapping):
+class FlowMatchConfig(MappingConfig):
     """scheduler_config.json; readable as attributes and as a mapping, as diffusers' config is."""
 
     num_train_timesteps: int = 1000
@@ -42,17 +44,6 @@ class FlowMatchConfig(Mapping):
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
     shift_terminal: float | None = None
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return (f.name for f in fields(self))
-
-    def __len__(self) -> int:
-        return len(self.__dataclass_fields__)
 
 
 #: config keys of diffusers' class that this one does not implement, with the value that means "off"

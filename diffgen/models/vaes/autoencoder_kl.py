@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffgen.configs.mapping import MappingConfig
 from diffgen.layers.attention import attention
 from diffgen.models.vaes import NATIVE_VAE_ENV
 
@@ -30,7 +30,7 @@ _explained: set[str] = set()  # folders whose fallback to diffusers' class was l
 
 
 @dataclass(frozen=True)
-class AutoencoderKLConfig(Mapping):
+class AutoencoderKLConfig(MappingConfig):
     """config.json of the VAE; readable as attributes (``vae.config.scaling_factor``) and as a mapping
     (``vae.config.get(...)``, ``dict(vae.config)``), as diffusers' config is."""
 
@@ -52,17 +52,6 @@ class AutoencoderKLConfig(Mapping):
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return (f.name for f in fields(self))
-
-    def __len__(self) -> int:
-        return len(self.__dataclass_fields__)
 
 
 def unsupported_config(config: dict[str, Any]) -> str | None:
