@@ -4,6 +4,7 @@
     python bench/oneshot.py --tiny          # a tiny checkpoint on CPU, to check the script itself
     python bench/oneshot.py --baseline ../diffgen-before   # also time another diffgen source tree
     python bench/oneshot.py --env DIFFGEN_NATIVE_TEXT_ENCODERS=0   # also time this tree with a switch set
+    python bench/oneshot.py --env DIFFGEN_NATIVE_VAE=0,DIFFGEN_NATIVE_SCHEDULER=0   # several switches, one variant
 
 Writes a random-weight FLUX.1-dev checkpoint in diffusers format once (~32 GB; tiny tokenizers),
 reads it once so that it sits in the page cache (as on a machine that ran it before), then:
@@ -221,7 +222,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=180, help="seconds per process")
     parser.add_argument("--rounds", type=int, default=2, help="run every command this many times, in turn")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="also time this tree with this environment variable set (repeatable: one variant each)")
+                        help="also time this tree with this environment variable set (repeatable: one variant each; "
+                        "KEY=VALUE,KEY2=VALUE2 sets several in one variant)")
     args = parser.parse_args()
     folder = Path(args.folder or ("/tmp/diffgen-oneshot-tiny" if args.tiny else "/tmp/diffgen-oneshot-flux"))
     steps = args.steps or (2 if args.tiny else 28)
@@ -236,9 +238,8 @@ def main() -> None:
     trees = {"this tree": (ROOT, {})}  # label -> (diffgen source tree, extra environment)
     if args.baseline:
         trees["baseline"] = (Path(args.baseline).resolve(), {})
-    for setting in args.env:
-        key, _, value = setting.partition("=")
-        trees[f"this tree, {key}={value}"] = (ROOT, {key: value})
+    for setting in args.env:  # one variant per --env; "A=0,B=0" sets both in that variant
+        trees[f"this tree, {setting}"] = (ROOT, dict(pair.partition("=")[::2] for pair in setting.split(",")))
     arguments = ["generate", "--model-path", str(folder), "--prompt", "a photo of a raccoon", "--seed", "0",
                  "--num-inference-steps", str(steps), "--height", str(size), "--width", str(size), "--device", device,
                  "--save-output", "--output-path", str(folder.parent / "diffgen-oneshot-out"), "--overwrite"]

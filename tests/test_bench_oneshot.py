@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_oneshot_tiny_cpu_mode(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     command = [sys.executable, str(ROOT / "bench" / "oneshot.py"), "--tiny", "--rounds", "1", "--skip-diffusers",
-               "--folder", str(tmp_path / "ckpt"), "--env", "DIFFGEN_NATIVE_TEXT_ENCODERS=0"]
+               "--folder", str(tmp_path / "ckpt"), "--env", "DIFFGEN_NATIVE_TEXT_ENCODERS=0",
+               "--env", "DIFFGEN_NATIVE_VAE=0,DIFFGEN_NATIVE_SCHEDULER=0"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
@@ -25,6 +26,8 @@ def test_bench_oneshot_tiny_cpu_mode(tmp_path):
         assert mark in timeline, (mark, timeline)
     assert "import diffgen.engine" in timeline  # the -X importtime summary
     assert "### timeline: this tree, DIFFGEN_NATIVE_TEXT_ENCODERS=0" in out  # a variant of this tree (--env)
-    assert out.count("\nLOAD ") == 2
+    both = out.split("### timeline: this tree, DIFFGEN_NATIVE_VAE=0,DIFFGEN_NATIVE_SCHEDULER=0")[1].split("###")[0]
+    assert "import diffusers" in both and "import diffusers" not in timeline  # the switches reached that process
+    assert out.count("\nLOAD ") == 3
     rows = [line for line in out.splitlines() if line.startswith("| diffgen generate")]
-    assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows), rows
+    assert len(rows) == 3 and all(row.endswith("| ok |") for row in rows), rows
