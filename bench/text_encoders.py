@@ -70,7 +70,8 @@ def build_pair(which: str, tiny: bool, device: str, dtype: torch.dtype):
     with torch.device("meta"):
         native = native_cls(config)
     native.load_state_dict(state, strict=True, assign=True)
-    ids = torch.randint(2, fields["vocab_size"] - 1, (1, tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, fields["vocab_size"] - 1, (1, tokens), generator=torch.Generator().manual_seed(0),
+                        device="cpu")  # the caller builds under torch.device(cuda): the generator is a CPU one
     return library, native.eval(), ids.to(device)
 
 

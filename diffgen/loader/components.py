@@ -110,12 +110,15 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
     load_dtype = {name: component_dtype.get(name, dtype) for name, _, _ in to_load}
     began = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffgen-weights")
+    # The GPU libraries load in a thread of their own, beside the reads: after them it kept a one-shot
+    # FLUX.1-dev process waiting ~0.9 s (H100 timeline, docs/benchmarks.md).
+    warmup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffgen-warmup")
     try:
+        if device.type == "cuda":
+            warmup.submit(_load_gpu_libraries, device, dtype)
         reads = {name: pool.submit(_timed_read, read, folder / name, load_dtype[name], device)
                  for name, library, class_name in to_load
                  if (read := _weight_reader(pipeline_cls, folder / name, library, class_name)) is not None}
-        if device.type == "cuda":
-            pool.submit(_load_gpu_libraries, device, dtype)
         for name, library, class_name in to_load:
             if name not in reads:
                 with _no_library_progress_bars(_loading_library(pipeline_cls, folder / name, library, class_name)):
@@ -131,6 +134,7 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
                             size / 1e9 / max(seconds, 1e-9))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after an error: no further reads start
+        warmup.shutdown(wait=True)
     total = sum(path.stat().st_size for name, _, _ in to_load for path in find_safetensors_files(folder / name))
     seconds = time.perf_counter() - began
     logger.info("diffgen: loaded %s in %.2f s (%.2f GB of safetensors, %.1f GB/s)", model_path, seconds, total / 1e9,
