@@ -15,6 +15,10 @@ projections on top (``DIFFGEN_FUSE_PROJECTIONS=1``, off by default: it measured 
 - ``diffgen compiled + CUDA graph``: what ``diffgen serve`` runs now (diffgen/engine/cuda_graphs.py).
 - ``--inductor NAME``: diffgen's compiled rows with Inductor options (``coordinate-descent``,
   ``max-autotune``: GEMM templates with their epilogues fused, autotuned), to decide whether they pay.
+- ``--graph-kernels norm_rope,all,off,default``: the compiled + CUDA graph rows with diffgen's Triton kernels
+  inside the compiled graphs as custom ops (the q/k norm+RoPE; all: also AdaLN modulate and the gated residual)
+  against Inductor's own kernels for the plain ops (off) and diffgen's default (Wan's across-heads norm+RoPE
+  op only), each on its own model.
 - ``... fused qkv ...``: the concatenated projections, with and without the Triton kernel.
 
 Every row runs in its own try/except: a failure prints and the rest goes on. Peak memory is the
@@ -147,11 +151,13 @@ def native_over(native_cls, config, reference: torch.nn.Module, fused: bool) -> 
     return model
 
 
-def with_kernels(enabled: bool, fn, disabled: tuple[str, ...] = ()):
+def with_kernels(enabled: bool, fn, disabled: tuple[str, ...] = (), graphs: bool | None = None):
+    """``fn`` with the Triton kernels on or off (``disabled`` families left out; ``graphs``: whether compiled
+    graphs call them as custom ops, read when a block is traced)."""
     from diffgen.layers.fused import set_fused_kernels
 
     def run():
-        set_fused_kernels(enabled, disabled)
+        set_fused_kernels(enabled, disabled, graphs)
         try:
             return fn()
         finally:
@@ -248,6 +254,44 @@ def kernel_profile(section: str, fn, device) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
 
 
+GRAPH_KERNEL_VARIANTS = {  # --graph-kernels name: (families compiled graphs call, row name)
+    "norm_rope": (("norm_rope", "norm_rope_across_heads"), "Triton q/k norm+RoPE op in the graph"),
+    "all": (("norm_rope", "norm_rope_across_heads", "modulation"),
+            "Triton norm+RoPE, AdaLN modulate, gated residual ops in the graph"),
+    "off": ((), "Inductor's kernels only"),
+    "default": (True, "diffgen's default graph kernels (norm+RoPE op across heads only)"),
+}
+
+
+def graph_kernel_rows(section: str, build, forward_of, step_of, reference: dict, device, args) -> None:
+    """``--graph-kernels``: the serve path (compiled + CUDA graph) with diffgen's Triton kernels called inside the
+    compiled graphs and with Inductor's kernels for the same plain ops ("off"), each on its own model over the same
+    weights (a graph replays what it captured), A/B alternated; one compiled forward of each against diffusers'
+    eager forward (``reference``: its "forward" and its timed "step")."""
+    forwards, rows, models = {"diffusers": reference["forward"]}, {"diffusers eager": reference["step"]}, {}
+    for variant in args.graph_kernels.split(","):
+        families, label = GRAPH_KERNEL_VARIANTS[variant]
+        model = models[variant] = build()
+        compile_blocks(model, args)
+        name = f"diffgen compiled ({args.inductor}) + CUDA graph, {label}"
+        forwards[name] = without_graphs(with_kernels(True, forward_of(model), graphs=families))
+        rows[name] = with_graphs(model, with_kernels(True, step_of(model), graphs=families))
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            forwards[name]()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        print(f"[{section}] compile ({args.inductor}, graph kernels {variant}) + first forward: "
+              f"{time.perf_counter() - begin:.1f} s", flush=True)
+    one_forward_diffs(section, forwards)
+    time_rows(section, rows, device, args, warmup=3)
+    for variant, model in models.items():
+        graph_counts(f"{section}, graph kernels {variant}", model)
+        if args.profile:
+            kernel_profile(f"{section}, compiled ({args.inductor}), no graph, graph kernels {variant}",
+                           without_graphs(with_kernels(True, step_of(model), graphs=GRAPH_KERNEL_VARIANTS[variant][0])),
+                           device)
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -324,7 +368,12 @@ def bench_flux(args, device, dtype):
             eager_graphed, with_kernels(True, lambda: eager_graphed(**inputs)))
     if not args.skip_eager:
         time_rows(section, variants, device, args, reference_name="diffusers eager")
-    if not args.skip_compile:
+    if args.graph_kernels and not args.skip_compile:
+        graph_kernel_rows(section + ", compiled", lambda: native_over(FluxTransformer, FluxConfig(**cfg["dit"]),
+                                                                      reference, fused=False),
+                          lambda model: lambda: model(**inputs), lambda model: lambda: model(**inputs),
+                          {"forward": variants["diffusers eager"], "step": variants["diffusers eager"]}, device, args)
+    elif not args.skip_compile:
         begin = time.perf_counter()
         compile_blocks(unfused, args)
         with torch.inference_mode():
@@ -448,7 +497,13 @@ def bench_wan(args, device, dtype):
                               "diffgen default": with_kernels(True, lambda: unfused(latents, timestep, text[:1]))})
     if not args.skip_eager:
         time_rows(section, variants, device, args, reference_name="diffusers eager (direct build)")
-    if not args.skip_compile:
+    if args.graph_kernels and not args.skip_compile:
+        graph_kernel_rows(section + ", compiled", lambda: native_over(WanTransformer, WanConfig(**cfg["dit"]),
+                                                                      reference, fused=False),
+                          lambda model: lambda: model(latents, timestep, text[:1]), cfg_step,
+                          {"forward": lambda: reference(latents, timestep, text[:1], return_dict=False)[0],
+                           "step": variants["diffusers eager (direct build)"]}, device, args)
+    elif not args.skip_compile:
         compile_blocks(unfused, args)
         one_forward_diffs("wan", {"diffusers": lambda: reference(latents, timestep, text[:1], return_dict=False)[0],
                                   "diffgen compiled": without_graphs(lambda: unfused(latents, timestep, text[:1])),
@@ -584,7 +639,13 @@ def bench_qwen(args, device, dtype):
                             "diffgen Triton norm/rope only (the default before)": before,
                             "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)": ours},
                   device, args, reference_name="diffusers eager")
-    if not args.skip_compile:
+    if args.graph_kernels and not args.skip_compile:
+        graph_kernel_rows(section + ", compiled", lambda: native_over(QwenImageTransformer,
+                                                                      QwenImageConfig(**cfg["dit"]), reference, False),
+                          lambda model: lambda: model(x, t, text[:1], shapes),
+                          lambda model: true_cfg(lambda c: model(x, t, c, shapes)),
+                          {"forward": forward["diffusers"], "step": theirs}, device, args)
+    elif not args.skip_compile:
         compile_blocks(ours_model, args)
         forward.pop("diffgen plain")
         compiled_forward = forward.pop("diffgen default")
@@ -673,10 +734,18 @@ def main() -> None:
     parser.add_argument("--inductor", default="default", choices=tuple(INDUCTOR_OPTIONS),
                         help="Inductor options of diffgen's compiled rows")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the eager rows (a compiled-only run)")
+    parser.add_argument("--graph-kernels", default=None,
+                        help="flux/wan/qwen compiled rows, a comma list of " + ", ".join(GRAPH_KERNEL_VARIANTS) +
+                             ": diffgen's Triton kernels inside the compiled graphs (norm_rope: the q/k norm+RoPE; "
+                             "all: also AdaLN modulate and gated residual) or Inductor's (off), each on its own "
+                             "model, A/B alternated, CUDA graph on")
     parser.add_argument("--diffusers-compiled", action="store_true",
                         help="FLUX: also diffusers' compile_repeated_blocks against diffgen's serve default")
     parser.add_argument("--vae-sweep", action="store_true", help="vae: also chunk sizes, kernels off, cuDNN autotuner")
     args = parser.parse_args()
+    unknown = set((args.graph_kernels or "").split(",")) - set(GRAPH_KERNEL_VARIANTS) - {""}
+    if unknown:
+        parser.error(f"--graph-kernels: unknown {sorted(unknown)}; choose from {', '.join(GRAPH_KERNEL_VARIANTS)}")
     args.repeats = args.repeats or (3 if args.quick else 5)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

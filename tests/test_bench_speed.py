@@ -26,3 +26,21 @@ def test_bench_speed_tiny_cpu_mode_runs_every_section_and_agrees():
     agreements = re.findall(r"relative (?:diff|error) vs [^\n]*? ([0-9.]+e[-+][0-9]+)$", run.stdout, re.MULTILINE)
     assert len(agreements) >= 10, run.stdout[-3000:]
     assert max(float(value) for value in agreements) < 1e-5, run.stdout[-3000:]
+
+
+def test_bench_speed_tiny_graph_kernel_rows():
+    """``--graph-kernels``: one compiled + CUDA graph row per variant in each DiT section, each variant's forward
+    compared with diffusers' (on the CPU every variant runs the plain ops: no Triton)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", "--quick", "--skip-eager",
+               "--sections", "flux,wan,qwen", "--graph-kernels", "norm_rope,all,off"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("row: |")]
+    for label in ("Triton q/k norm+RoPE op in the graph", "gated residual ops in the graph", "Inductor's kernels only"):
+        assert sum(label in row for row in rows) == 3, (label, rows)
+    agreements = re.findall(r"CUDA graph, .* relative diff vs diffusers ([0-9.]+e[-+][0-9]+)$", run.stdout,
+                            re.MULTILINE)
+    assert len(agreements) == 9 and max(float(value) for value in agreements) < 1e-5, run.stdout[-3000:]
+    bad = subprocess.run(command[:-1] + ["norm_rope,fast"], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "--graph-kernels: unknown ['fast']" in bad.stderr

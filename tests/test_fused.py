@@ -184,6 +184,205 @@ def test_triton_norm_rope_matches_plain_path_on_gpu(shape, variant):
     assert (got != expected).float().mean().item() < 0.01
 
 
+# -- the norm + RoPE kernel inside compiled graphs (the custom op diffgen::rms_norm_rope) ----------------------
+def _op_args(x, norm, cos, sin, over):
+    weight = None if norm is None else norm.weight
+    return (x, weight, None if norm is None else norm.eps, cos, sin, bool(over),
+            bool(norm is not None and norm.round_before_scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_norm_rope_op_is_the_plain_path_on_cpu(case, dtype):
+    """The operator's fake (meta) implementation agrees with its real one (shape, strides, dtype; opcheck also
+    runs it through Dynamo/AOT dispatch), and off CUDA it computes exactly what norm_and_rope's plain path does."""
+    from diffgen.layers.fused import rms_norm_rope_op
+
+    batch, seq, heads, head_dim, over, rbs, affine = case
+    torch.manual_seed(1)
+    x = (torch.randn(batch, seq, 3 * heads, head_dim) * 3).to(dtype)[:, :, heads:2 * heads]  # strided, as after qkv
+    cos, sin = rope_tables(torch.randn(seq, head_dim // 2))
+    norm = _plain_and_norm(x, over, rbs, affine)
+    with torch.no_grad():
+        args = _op_args(x, norm, cos, sin, over)
+        torch.library.opcheck(torch.ops.diffgen.rms_norm_rope.default, args)
+        got = rms_norm_rope_op(*args)
+        assert got.is_contiguous() and torch.equal(got, _reference(x, norm, cos, sin, bool(over)))
+
+
+def _recording_backend(graphs: list):
+    """Dynamo backend: keep each captured graph, then run it through AOT autograd (functionalisation, the op's fake
+    implementation) without building C++ kernels."""
+    from torch._dynamo import lookup_backend
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, inputs)
+    return backend
+
+
+# the graph families of each model's ops (Wan normalises q/k across heads)
+NORM_FAMILY = {"flux": "norm_rope", "wan": "norm_rope_across_heads", "qwen-image": "norm_rope"}
+# per block kind: calls of each op in its graph (FLUX double blocks: q and k of both streams, two AdaLN norms and two
+# gated residuals per stream; single blocks: one of each; Wan: self-attention q/k, its norm1/norm3 and two residuals)
+BLOCK_OPS = {"flux": [dict(rms_norm_rope=4, layer_norm_modulate=4, gated_add=4),
+                      dict(rms_norm_rope=2, layer_norm_modulate=1, gated_add=1)],
+             "wan": [dict(rms_norm_rope=2, layer_norm_modulate=2, gated_add=2)],
+             "qwen-image": [dict(rms_norm_rope=4, layer_norm_modulate=4, gated_add=4)]}
+
+
+def _op_calls(gm) -> dict:
+    targets = [str(node.target) for node in gm.graph.nodes]
+    return {op: n for op in ("rms_norm_rope", "layer_norm_modulate", "gated_add")
+            if (n := sum(f"diffgen.{op}" in t for t in targets))}
+
+
+@pytest.mark.parametrize("families", [("norm_rope", "norm_rope_across_heads"),
+                                      ("norm_rope", "norm_rope_across_heads", "modulation"), True],
+                         ids=["norm-rope", "all", "default"])
+@pytest.mark.parametrize("family,build", [("flux", _flux), ("wan", _wan), ("qwen-image", _qwen)],
+                         ids=["flux", "wan", "qwen-image"])
+def test_compiled_blocks_call_the_custom_ops_and_agree_with_the_plain_forward(family, build, families, monkeypatch):
+    """compile_repeated_blocks puts the custom ops of the chosen families into the blocks' graphs (blocks of a kind
+    share one) where compiled graphs take the kernels (here the CPU with Triton assumed: the ops' plain
+    implementations; by default only Wan's across-heads norm + RoPE); the forward equals the plain one, and turning
+    the graph kernels off retraces to graphs without them (Dynamo guards on the setting)."""
+    from diffgen.engine.optimize import compile_repeated_blocks
+    from diffgen.layers import fused
+
+    torch.manual_seed(0)
+    model, inputs, _ = build()
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        expected = model(**inputs)
+    graphs: list = []
+    monkeypatch.delenv("DIFFGEN_DISABLE_TRITON", raising=False)
+    monkeypatch.setattr(fused, "_triton_available", lambda: True)
+    monkeypatch.setattr(fused, "_GRAPH_DEVICE", "cpu")
+    compile_module, backend = torch.nn.Module.compile, _recording_backend(graphs)  # one backend: blocks share graphs
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(
+        self, **{**kw, "backend": backend, "options": None}))
+    torch._dynamo.reset()
+    try:
+        fused.set_fused_kernels(None, graphs=families)
+        compile_repeated_blocks(model)
+        families = fused.GRAPH_KERNELS if families is True else families
+        assert fused._in_graphs == families
+        with torch.no_grad():
+            got = model(**inputs)
+        ops = {"rms_norm_rope"} if NORM_FAMILY[family] in families else set()
+        ops |= {"layer_norm_modulate", "gated_add"} if "modulation" in families else set()
+        assert [_op_calls(gm) for gm in graphs] == [{op: n for op, n in counts.items() if op in ops}
+                                                   for counts in BLOCK_OPS[family]]
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)  # float32: the same ops, regrouped
+        fused.set_fused_kernels(True, graphs=False)
+        assert fused._in_graphs == ()
+        traced = len(graphs)
+        with torch.no_grad():
+            got = model(**inputs)
+        if any(_op_calls(gm) for gm in graphs[:traced]):  # else the graphs stay the same: no retrace needed
+            assert len(graphs) == traced + len(BLOCK_OPS[family])
+        assert not any(_op_calls(gm) for gm in graphs[traced:])
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    finally:
+        monkeypatch.undo()
+        fused.set_fused_kernels(None)  # the real Triton check again
+        torch._dynamo.reset()
+
+
+def test_graph_kernel_settings_come_from_the_environment_and_are_checked(monkeypatch):
+    from diffgen.layers import fused
+
+    monkeypatch.setattr(fused, "_triton_available", lambda: True)
+    monkeypatch.delenv("DIFFGEN_DISABLE_TRITON", raising=False)
+    try:
+        for value, expected in [("", fused.GRAPH_KERNELS), ("1", fused.GRAPH_KERNELS), ("0", ()),
+                                ("norm_rope, modulation", ("norm_rope", "modulation"))]:
+            monkeypatch.setenv("DIFFGEN_GRAPH_KERNELS", value)
+            assert fused.prepare_graph_kernels() == expected, value
+        fused.set_fused_kernels(None, disabled=("norm_rope",))  # left out of eager, left out of graphs
+        assert fused._in_graphs == ("modulation",)
+        fused.set_fused_kernels(False)
+        assert fused._in_graphs == ()
+        monkeypatch.setenv("DIFFGEN_GRAPH_KERNELS", "norm_rope,fast")
+        with pytest.raises(ValueError, match="DIFFGEN_GRAPH_KERNELS: no custom op for \\['fast'\\]"):
+            fused.prepare_graph_kernels()
+        with pytest.raises(ValueError, match="graphs: no custom op for \\['channel_norm'\\]"):
+            fused.set_fused_kernels(None, graphs=("channel_norm",))
+    finally:
+        monkeypatch.undo()
+        fused.set_fused_kernels(None)  # the real Triton check again
+
+
+_OP_INTERPRETER_CHECK = """
+import torch
+from diffgen.layers.fused import rms_norm_rope
+from tests.test_fused import CASES, _op_args, _plain_and_norm
+from diffgen.layers.rope import rope_tables
+torch.library.register_kernel("diffgen::rms_norm_rope", "cpu", rms_norm_rope)  # the CUDA implementation, on CPU
+torch.manual_seed(4)
+for batch, seq, heads, head_dim, over, rbs, affine in CASES:
+    x = torch.randn(batch, seq, 3 * heads, head_dim)[:, :, heads:2 * heads]
+    cos, sin = rope_tables(torch.randn(seq, head_dim // 2))
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.diffgen.rms_norm_rope.default,
+                              _op_args(x, _plain_and_norm(x, over, rbs, affine), cos, sin, over))
+from diffgen.layers.fused import gated_add_triton, layer_norm_modulate_triton
+from tests.test_fused import MODULATION_SHAPES, _modulation_inputs
+torch.library.register_kernel("diffgen::layer_norm_modulate", "cpu", layer_norm_modulate_triton)
+torch.library.register_kernel("diffgen::gated_add", "cpu", gated_add_triton)
+for kind in MODULATION_SHAPES:
+    for round_steps in (True, False):
+        x, shift, scale, gate = _modulation_inputs(2, 5, 24, kind, torch.bfloat16)
+        y = torch.randn(2, 10, 24).bfloat16()[:, ::2]
+        torch.library.opcheck(torch.ops.diffgen.layer_norm_modulate.default, (x, shift, scale, 1e-6, round_steps))
+        torch.library.opcheck(torch.ops.diffgen.gated_add.default, (x, gate, y, round_steps))
+print("ok")
+"""
+
+
+def test_op_fakes_match_the_triton_kernels_in_the_cpu_interpreter(triton_interpreter):
+    assert triton_interpreter(_OP_INTERPRETER_CHECK)[-1] == "ok"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel runs on CUDA only)")
+def test_compiled_graphs_call_the_triton_kernel_on_gpu(monkeypatch):
+    """Inductor calls the op (the same kernel as eager: bit-equal), and a tiny compiled FLUX with the ops in its graphs
+    agrees with its compiled forward on Inductor's own kernels within bf16 rounding."""
+    from diffgen.engine.optimize import compile_repeated_blocks
+    from diffgen.layers import fused
+
+    torch.manual_seed(5)
+    x = (torch.randn(2, 333, 36, 128, device="cuda") * 3).bfloat16()[:, :, 12:24]
+    cos, sin = (t.cuda() for t in rope_tables(torch.randn(333, 64, dtype=torch.float64) * 50))
+    norm = _plain_and_norm(x, False, True, True).cuda()
+    args = _op_args(x, norm, cos, sin, False)
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.diffgen.rms_norm_rope.default, args)
+        assert torch.equal(torch.compile(lambda *a: fused.rms_norm_rope_op(*a))(*args), fused.rms_norm_rope(*args))
+    calls = []
+    launcher = fused.rms_norm_rope
+    monkeypatch.setattr(fused, "rms_norm_rope", lambda *a: calls.append(1) or launcher(*a))
+    model, inputs, _ = _flux()
+    model = model.to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    outputs = {}
+    try:
+        compile_repeated_blocks(model)
+        for graphs in (("norm_rope",), ("norm_rope", "modulation"), ()):
+            fused.set_fused_kernels(None, graphs=graphs)
+            calls.clear()
+            with torch.inference_mode():
+                outputs[graphs] = model(**inputs)
+            assert bool(calls) == bool(graphs)  # the op's CUDA kernel ran inside the compiled blocks, or never
+    finally:
+        fused.set_fused_kernels(None)
+    inductor = outputs[()].float()
+    for graphs in (("norm_rope",), ("norm_rope", "modulation")):
+        assert ((outputs[graphs].float() - inductor).norm() / inductor.norm()).item() < 1e-2
+
+
 def test_channels_last_vae_weights_change_only_the_layout():
     from diffusers import AutoencoderKLWan
 
@@ -301,3 +500,25 @@ def test_modulation_kernels_match_plain_path_on_gpu(shape, kind, float32):
             assert got.dtype == expected.dtype == dtype and got.shape == expected.shape
             torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=1e-2)
             assert (got != expected).float().mean().item() < 0.01  # bf16: almost every element bit-equal
+
+
+@pytest.mark.parametrize("kind", list(MODULATION_SHAPES))
+@pytest.mark.parametrize("round_steps", [True, False])
+def test_modulation_ops_are_the_plain_path_on_cpu(kind, round_steps):
+    """The modulation ops' fake implementations agree with their real ones (opcheck), and off CUDA they compute what
+    norm_modulate / gated_add's plain paths do (round_steps False: the float32 reference, cast back)."""
+    from diffgen.layers.fused import gated_add_op, layer_norm_modulate_op
+    from diffgen.layers.norm import FP32LayerNorm, layer_norm_no_affine
+
+    dtype = torch.bfloat16
+    mod_dtype = dtype if round_steps else torch.float32
+    x, shift, scale, gate = _modulation_inputs(2, 9, 32, kind, dtype, mod_dtype=mod_dtype)
+    y = torch.randn(2, 18, 32).to(dtype)[:, ::2]  # strided, as attention outputs can be
+    norm = layer_norm_no_affine(32) if round_steps else FP32LayerNorm(32, 1e-6, elementwise_affine=False)
+    for op, args, expected in [
+            (layer_norm_modulate_op, (x, shift, scale, norm.eps, round_steps),
+             _plain_modulate(norm, x, shift, scale, not round_steps)),
+            (gated_add_op, (x, gate, y, round_steps), _plain_gated(x, gate, y, not round_steps))]:
+        torch.library.opcheck(op._opoverload, args)
+        got = op(*args)
+        assert got.is_contiguous() and torch.equal(got, expected)

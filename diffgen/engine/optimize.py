@@ -24,8 +24,12 @@ def compile_repeated_blocks(model: nn.Module, options: dict | None = None) -> in
 
     Compiling one block at a time (rather than the whole model) keeps compile time to a few blocks'
     worth, since identical blocks share the compiled code. ``options``: Inductor options over
-    ``INDUCTOR_DEFAULTS`` (bench/speed.py measures some).
+    ``INDUCTOR_DEFAULTS`` (bench/speed.py measures some). The blocks call diffgen's Triton kernels that
+    beat Inductor's own (diffgen.layers.fused.GRAPH_KERNELS) as custom ops.
     """
+    from diffgen.layers.fused import prepare_graph_kernels
+
+    prepare_graph_kernels()
     options = {**INDUCTOR_DEFAULTS, **(options or {})}
     count = 0
     for child in model.children():

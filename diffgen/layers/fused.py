@@ -1,9 +1,12 @@
-"""Triton kernels for the memory-bound work between matmuls, used on CUDA in eager mode.
+"""Triton kernels for the memory-bound work between matmuls, used on CUDA.
 
 Each kernel computes what a short chain of PyTorch ops computes, in one pass over the tensor, and
 rounds where that chain rounds (so it agrees with the plain path within bf16 rounding). The plain
-path stays the reference: it runs on CPU, when Triton is missing, and under ``torch.compile``
-(Inductor fuses the same chains itself, and across more ops than a hand-written kernel can).
+path stays the reference: it runs on CPU and when Triton is missing. Under ``torch.compile``
+Inductor fuses the same chains itself, and across more ops than a hand-written kernel can, except
+where it measured slower than a kernel here: those (:data:`GRAPH_KERNELS`) are custom ops that
+compiled graphs call (``DIFFGEN_GRAPH_KERNELS``: 0 for Inductor's own kernels everywhere, or a comma
+list of :data:`GRAPH_CAPABLE`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,25 @@ import torch
 import torch.nn.functional as F
 
 _DISABLE_ENV = "DIFFGEN_DISABLE_TRITON"
+GRAPH_KERNELS_ENV = "DIFFGEN_GRAPH_KERNELS"
 
 
 _enabled: bool | None = None  # None: on where Triton imports, unless DIFFGEN_DISABLE_TRITON is set
 _disabled: frozenset[str] = frozenset()  # kernels left out (benchmarks measure each one's gain)
+_graphs: tuple[str, ...] | None = None  # families in compiled graphs; None: DIFFGEN_GRAPH_KERNELS, else GRAPH_KERNELS
 #: the kernel families, as ``use_fused_kernel`` and ``set_fused_kernels`` name them
 KERNELS = ("norm_rope", "modulation", "channel_norm")
+#: what compiled graphs can call as custom ops (each of a family of KERNELS): the q/k norm + RoPE with the norm
+#: per head (FLUX, Qwen-Image, HunyuanVideo) or across the heads of a token (Wan), and the modulation kernels
+GRAPH_CAPABLE = {"norm_rope": "norm_rope", "norm_rope_across_heads": "norm_rope", "modulation": "modulation"}
+#: those compiled graphs call by default: only what measured faster than Inductor's own kernel in the served
+#: forward (one H200, docs/benchmarks.md, "The Triton kernels inside compiled graphs"): Wan's across-heads
+#: norm + RoPE (-8 ms per CFG step); per head Inductor's kernel was as fast or faster (FLUX +3 ms per forward)
+GRAPH_KERNELS = ("norm_rope_across_heads",)
+# What compiled graphs call, resolved outside tracing (set_fused_kernels, prepare_graph_kernels): Dynamo reads it
+# while tracing and guards on its value, so a change of setting retraces instead of reusing the other graph.
+_in_graphs: tuple[str, ...] = ()
+_GRAPH_DEVICE = "cuda"  # where compiled graphs call the ops (CPU tests set "cpu": the ops' plain implementation)
 
 
 @functools.cache
@@ -32,22 +48,61 @@ def _triton_available() -> bool:
     return True
 
 
-def set_fused_kernels(enabled: bool | None, disabled: tuple[str, ...] = ()) -> None:
+def set_fused_kernels(enabled: bool | None, disabled: tuple[str, ...] = (),
+                      graphs: bool | tuple[str, ...] | None = None) -> None:
     """Force the Triton kernels on or off for this process (None: the default), leaving out the ``disabled``
-    families (of :data:`KERNELS`); benchmarks compare them."""
-    global _enabled, _disabled
+    families (of :data:`KERNELS`); ``graphs``: the families compiled graphs call (of :data:`GRAPH_CAPABLE`; True:
+    :data:`GRAPH_KERNELS`, False: none, None: the default). Benchmarks compare them."""
+    global _enabled, _disabled, _graphs
     unknown = set(disabled) - set(KERNELS)
     if unknown:
         raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {', '.join(KERNELS)}")
     _enabled, _disabled = enabled, frozenset(disabled)
+    _graphs = None if graphs is None else GRAPH_KERNELS if graphs is True else () if graphs is False else \
+        _graph_families(graphs, "graphs")
+    prepare_graph_kernels()
 
 
-def use_fused_kernel(x: torch.Tensor, kernel: str = "") -> bool:
-    """True where the Triton path applies: a CUDA tensor, Triton importable, not inside torch.compile."""
-    if not x.is_cuda or torch.compiler.is_compiling() or kernel in _disabled:
-        return False
+def _graph_families(families, where: str) -> tuple[str, ...]:
+    unknown = set(families) - set(GRAPH_CAPABLE)
+    if unknown:
+        raise ValueError(f"{where}: no custom op for {sorted(unknown)}; compiled graphs can call "
+                         f"{', '.join(GRAPH_CAPABLE)}")
+    return tuple(families)
+
+
+def _graphs_from_env() -> tuple[str, ...]:
+    """DIFFGEN_GRAPH_KERNELS: unset or 1 -> GRAPH_KERNELS, 0 -> none, else a comma list of families."""
+    value = os.environ.get(GRAPH_KERNELS_ENV, "").strip()
+    if value in ("", "1"):
+        return GRAPH_KERNELS
+    if value == "0":
+        return ()
+    return _graph_families([f.strip() for f in value.split(",") if f.strip()], GRAPH_KERNELS_ENV)
+
+
+def _kernels_enabled() -> bool:
     enabled = _enabled if _enabled is not None else os.environ.get(_DISABLE_ENV, "") in ("", "0")
     return enabled and _triton_available()
+
+
+def prepare_graph_kernels() -> tuple[str, ...]:
+    """Decide (before compiling) which families compiled graphs call as custom ops; returns them."""
+    global _in_graphs
+    graphs = _graphs if _graphs is not None else _graphs_from_env()
+    _in_graphs = tuple(k for k in graphs if GRAPH_CAPABLE[k] not in _disabled) if _kernels_enabled() else ()
+    return _in_graphs
+
+
+def use_fused_kernel(x: torch.Tensor, kernel: str = "", graph_kernel: str | None = None) -> bool:
+    """True where the Triton path applies: a CUDA tensor, Triton importable, the family not left out; inside
+    torch.compile only where compiled graphs call it as a custom op (``graph_kernel``, of :data:`GRAPH_CAPABLE`,
+    default ``kernel``; :func:`prepare_graph_kernels`)."""
+    if torch.compiler.is_compiling():
+        return x.device.type == _GRAPH_DEVICE and (graph_kernel or kernel) in _in_graphs
+    if not x.is_cuda or kernel in _disabled:
+        return False
+    return _kernels_enabled()
 
 
 @functools.cache
@@ -213,6 +268,80 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float | Non
         WIDTH=width, BLOCK=block, ROWS=rows, ROPE_DIM=head_dim, NORM=eps is not None,
         HAS_WEIGHT=weight is not None, ROUND_BEFORE_SCALE=round_before_scale, num_warps=num_warps)
     return out
+
+
+# -- the norm + RoPE kernel as a custom op, so compiled graphs call it (Inductor cannot trace a launch) -----------
+@torch.library.custom_op("diffgen::rms_norm_rope", mutates_args=(), schema=(
+    "(Tensor x, Tensor? weight, float? eps, Tensor cos, Tensor sin, bool norm_over_heads, bool round_before_scale)"
+    " -> Tensor"))
+def rms_norm_rope_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, cos: torch.Tensor,
+                     sin: torch.Tensor, norm_over_heads: bool, round_before_scale: bool) -> torch.Tensor:
+    """:func:`rms_norm_rope` as an operator: the Triton kernel on CUDA, elsewhere the plain path it replaces
+    (:func:`~diffgen.layers.norm.rms_norm` then :func:`~diffgen.layers.rope.apply_rope`)."""
+    from diffgen.layers.norm import rms_norm
+    from diffgen.layers.rope import apply_rope
+
+    if eps is not None:
+        if norm_over_heads:
+            x = rms_norm(x.flatten(2), weight, eps, round_before_scale).unflatten(2, x.shape[2:])
+        else:
+            x = rms_norm(x, weight, eps, round_before_scale)
+    return apply_rope(x, cos, sin).contiguous()
+
+
+@rms_norm_rope_op.register_kernel("cuda")
+def _rms_norm_rope_cuda(x, weight, eps, cos, sin, norm_over_heads, round_before_scale):
+    return rms_norm_rope(x, weight, eps, cos, sin, norm_over_heads, round_before_scale)
+
+
+@rms_norm_rope_op.register_fake
+def _rms_norm_rope_fake(x, weight, eps, cos, sin, norm_over_heads, round_before_scale):
+    return x.new_empty(x.shape)  # a new contiguous tensor in x's dtype, as both implementations return
+
+
+# -- AdaLN norm + modulate and the gated residual as custom ops -------------------------------------------------
+@torch.library.custom_op("diffgen::layer_norm_modulate", mutates_args=(),
+                         schema="(Tensor x, Tensor shift, Tensor scale, float eps, bool round_steps) -> Tensor")
+def layer_norm_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                           round_steps: bool) -> torch.Tensor:
+    """:func:`layer_norm_modulate_triton` as an operator: the Triton kernel on CUDA, elsewhere the plain ops it
+    replaces (``round_steps`` False: the reference's float32 LayerNorm and modulation, cast back)."""
+    from diffgen.layers.modulation import modulate
+
+    if round_steps:
+        return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale).contiguous()
+    return modulate(F.layer_norm(x.float(), x.shape[-1:], eps=eps), shift, scale).to(x.dtype).contiguous()
+
+
+@layer_norm_modulate_op.register_kernel("cuda")
+def _layer_norm_modulate_cuda(x, shift, scale, eps, round_steps):
+    return layer_norm_modulate_triton(x, shift, scale, eps, round_steps)
+
+
+@torch.library.custom_op("diffgen::gated_add", mutates_args=(),
+                         schema="(Tensor x, Tensor gate, Tensor y, bool round_steps) -> Tensor")
+def gated_add_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, round_steps: bool) -> torch.Tensor:
+    """:func:`gated_add_triton` as an operator: the Triton kernel on CUDA, elsewhere ``x + gate * y`` (``round_steps``
+    False: summed in float32 and cast back, as the reference)."""
+    gate = gate.unsqueeze(1) if gate.ndim == x.ndim - 1 else gate
+    if round_steps:
+        return (x + gate * y).contiguous()
+    return (x.float() + y * gate).to(x.dtype).contiguous()
+
+
+@gated_add_op.register_kernel("cuda")
+def _gated_add_cuda(x, gate, y, round_steps):
+    return gated_add_triton(x, gate, y, round_steps)
+
+
+@layer_norm_modulate_op.register_fake
+def _layer_norm_modulate_fake(x, shift, scale, eps, round_steps):
+    return x.new_empty(x.shape)
+
+
+@gated_add_op.register_fake
+def _gated_add_fake(x, gate, y, round_steps):
+    return x.new_empty(x.shape)
 
 
 def triton_cdiv(a: int, b: int) -> int:

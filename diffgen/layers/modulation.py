@@ -36,29 +36,33 @@ class AdaLayerNorm(nn.Module):
 
 def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                   float32: bool = False) -> torch.Tensor:
-    """``modulate(norm(x), shift, scale)`` for a parameter-free LayerNorm; one Triton pass on CUDA in eager mode.
+    """``modulate(norm(x), shift, scale)`` for a parameter-free LayerNorm; one Triton pass on CUDA (in compiled
+    graphs as the custom op ``diffgen::layer_norm_modulate`` where they call the modulation kernels).
 
     ``float32``: the reference computes in float32 and casts the result back to x's dtype (Wan:
     ``modulate(norm(x.float()), ...).type_as(x)``); otherwise each op runs (and rounds) in x's dtype.
     """
     if _fusable(x, shift, scale, float32) and norm.weight is None and tuple(norm.normalized_shape) == (x.shape[-1],):
-        from diffgen.layers.fused import layer_norm_modulate_triton
+        from diffgen.layers.fused import layer_norm_modulate_op, layer_norm_modulate_triton
 
-        return layer_norm_modulate_triton(x, shift, scale, norm.eps, round_steps=not float32)
+        fused = layer_norm_modulate_op if torch.compiler.is_compiling() else layer_norm_modulate_triton
+        return fused(x, shift, scale, norm.eps, not float32)
     if float32:
         return modulate(norm(x.float()), shift, scale).type_as(x)
     return modulate(norm(x), shift, scale)
 
 
 def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, float32: bool = False) -> torch.Tensor:
-    """The gated residual ``x + gate * y`` (gate (B, D) or (B, 1|S, D)); one Triton pass on CUDA in eager mode.
+    """The gated residual ``x + gate * y`` (gate (B, D) or (B, 1|S, D)); one Triton pass on CUDA (in compiled graphs
+    as the custom op ``diffgen::gated_add`` where they call the modulation kernels).
 
     ``float32``: the reference sums in float32 and casts back (Wan: ``(x.float() + y * gate).type_as(x)``).
     """
     if _fusable(x, gate, y, float32) and y.shape == x.shape:
-        from diffgen.layers.fused import gated_add_triton
+        from diffgen.layers.fused import gated_add_op, gated_add_triton
 
-        return gated_add_triton(x, gate, y, round_steps=not float32)
+        fused = gated_add_op if torch.compiler.is_compiling() else gated_add_triton
+        return fused(x, gate, y, not float32)
     if gate.ndim == x.ndim - 1:
         gate = gate.unsqueeze(1)
     if float32:
@@ -67,11 +71,13 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, float32: boo
 
 
 def _fusable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, float32: bool) -> bool:
-    """The Triton path applies: CUDA, eager, (B, S, D) in a float dtype, modulation in x's dtype (or float32 when
-    the reference computes in float32)."""
+    """The Triton path applies: CUDA, (B, S, D) in a float dtype, modulation in x's dtype (or float32 when the
+    reference computes in float32), no gradient needed (the kernels have no backward)."""
     from diffgen.layers.fused import use_fused_kernel
 
     if x.ndim != 3 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
         return False
     if not use_fused_kernel(x, "modulation"):
         return False

@@ -37,10 +37,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, weight = (x.shape[-1],), self.weight
-        half_weight = weight is not None and weight.dtype in (torch.float16, torch.bfloat16)
-        if weight is None or (weight.dtype == x.dtype and not (self.round_before_scale and half_weight)):
-            return F.rms_norm(x, shape, weight, self.eps)  # one fused kernel on CUDA
-        if half_weight:
-            return F.rms_norm(x, shape, None, self.eps).to(weight.dtype) * weight
-        return F.rms_norm(x.float(), shape, weight.float(), self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.round_before_scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             round_before_scale: bool = False) -> torch.Tensor:
+    """:class:`RMSNorm`'s forward over x's last dimension, as a function of its parameters."""
+    shape = (x.shape[-1],)
+    half_weight = weight is not None and weight.dtype in (torch.float16, torch.bfloat16)
+    if weight is None or (weight.dtype == x.dtype and not (round_before_scale and half_weight)):
+        return F.rms_norm(x, shape, weight, eps)  # one fused kernel on CUDA
+    if half_weight:
+        return F.rms_norm(x, shape, None, eps).to(weight.dtype) * weight
+    return F.rms_norm(x.float(), shape, weight.float(), eps).to(x.dtype)

@@ -48,23 +48,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def norm_and_rope(x: torch.Tensor, norm: torch.nn.Module | None, cos: torch.Tensor, sin: torch.Tensor,
                   norm_over_heads: bool = False) -> torch.Tensor:
-    """``apply_rope(norm(x), cos, sin)`` for (B, S, H, D) q or k; one Triton kernel on CUDA in eager mode.
+    """``apply_rope(norm(x), cos, sin)`` for (B, S, H, D) q or k; one Triton kernel on CUDA (eager, and in compiled
+    graphs as the custom op ``diffgen::rms_norm_rope`` where they call it: by default across heads only).
 
     ``norm`` is an :class:`~diffgen.layers.norm.RMSNorm` (or None) over each head's D channels, or over
     all H*D channels of a token with ``norm_over_heads`` (Wan normalises q/k across heads).
     Unfused (per PyTorch op), this is ~10 passes over q/k in float32; fused it is one read and one write.
     """
-    from diffgen.layers.fused import rms_norm_rope, use_fused_kernel
+    from diffgen.layers.fused import rms_norm_rope, rms_norm_rope_op, use_fused_kernel
     from diffgen.layers.norm import RMSNorm
 
     fusable = norm is None or (isinstance(norm, RMSNorm) and (norm.weight is None or norm.weight.dtype == x.dtype
                                                                 or norm.weight.dtype == torch.float32))
-    if fusable and use_fused_kernel(x, "norm_rope"):
-        weight = None if norm is None else norm.weight
+    weight = None if norm is None else norm.weight
+    # the kernel has no backward: a graph that needs gradients takes the plain ops
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+    graph_kernel = "norm_rope_across_heads" if norm_over_heads else "norm_rope"
+    if fusable and not needs_grad and use_fused_kernel(x, "norm_rope", graph_kernel):
         round_before_scale = (weight is not None and norm.round_before_scale and weight.dtype == x.dtype
                               and x.dtype in (torch.float16, torch.bfloat16))
-        return rms_norm_rope(x, weight, None if norm is None else norm.eps, cos, sin, norm_over_heads,
-                             round_before_scale)
+        # eager calls the launcher itself: the operator's dispatch costs microseconds on each of ~200 calls
+        fused = rms_norm_rope_op if torch.compiler.is_compiling() else rms_norm_rope
+        return fused(x, weight, None if norm is None else norm.eps, cos, sin, norm_over_heads, round_before_scale)
     if norm is not None:
         x = norm(x.flatten(2)).unflatten(2, x.shape[2:]) if norm_over_heads else norm(x)
     return apply_rope(x, cos, sin)
