@@ -9,7 +9,6 @@ operation is evaluated in transformers' order (quick GELU op for op), so outputs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from torch import nn
 
 from diffgen.layers.attention import sdpa
 from diffgen.layers.embeddings import token_embedding
-from diffgen.models.encoders.common import TextEncoderOutput, accepts_checkpoint
+from diffgen.models.encoders.common import NativeTextEncoder, TextEncoderOutput
 
 PREFIX = "text_model."
 
@@ -104,7 +103,7 @@ class CLIPEncoder(nn.Module):
         self.layers = nn.ModuleList([CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)])
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(NativeTextEncoder):
     """transformers' ``CLIPTextModel``: token ids (B, T) -> last hidden state (B, T, dim) and pooled (B, dim)."""
 
     config_class = CLIPTextConfig
@@ -128,20 +127,9 @@ class CLIPTextModel(nn.Module):
         return None
 
     @classmethod
-    def accepts(cls, folder: Path) -> bool:
-        return accepts_checkpoint(cls, folder)
-
-    @classmethod
     def checkpoint_names(cls, keys: list[str]) -> dict[str, str | None]:
         return {key: key.removeprefix(PREFIX) for key in keys if key.startswith(PREFIX)}
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embeddings.token_embedding.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embeddings.token_embedding.weight.device
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextEncoderOutput:
         x = self.embeddings(input_ids)

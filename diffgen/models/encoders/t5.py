@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from torch import nn
 from diffgen.layers.attention import sdpa
 from diffgen.layers.embeddings import token_embedding
 from diffgen.layers.norm import RMSNorm
-from diffgen.models.encoders.common import TextEncoderOutput, accepts_checkpoint
+from diffgen.models.encoders.common import NativeTextEncoder, TextEncoderOutput
 
 #: the feed-forwards built here (T5 v1.1, UMT5); a checkpoint with another one is left to transformers
 GATED_GELU = ("gated-gelu", "gated-gelu_new")
@@ -160,7 +159,7 @@ class T5Stack(nn.Module):
         return self.final_layer_norm(x)
 
 
-class T5Encoder(nn.Module):
+class T5Encoder(NativeTextEncoder):
     """transformers' ``T5EncoderModel``: token ids (B, T) -> last hidden state (B, T, d_model)."""
 
     config_class = T5EncoderConfig
@@ -182,10 +181,6 @@ class T5Encoder(nn.Module):
         return None
 
     @classmethod
-    def accepts(cls, folder: Path) -> bool:
-        return accepts_checkpoint(cls, folder)
-
-    @classmethod
     def checkpoint_names(cls, keys: list[str]) -> dict[str, str | None]:
         """The input embedding is tied to ``shared``: files hold it under either name, or both (then the alias,
         which transformers overwrites with ``shared``, is not read)."""
@@ -193,13 +188,6 @@ class T5Encoder(nn.Module):
             return {}
         return {"encoder.embed_tokens.weight": None if "shared.weight" in keys else "shared.weight"}
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.shared.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.shared.weight.device
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextEncoderOutput:
         return TextEncoderOutput(self.encoder(self.shared(input_ids), attention_mask))
