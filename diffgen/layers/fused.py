@@ -318,6 +318,11 @@ def _layer_norm_modulate_cuda(x, shift, scale, eps, round_steps):
     return layer_norm_modulate_triton(x, shift, scale, eps, round_steps)
 
 
+@layer_norm_modulate_op.register_fake
+def _layer_norm_modulate_fake(x, shift, scale, eps, round_steps):
+    return x.new_empty(x.shape)
+
+
 @torch.library.custom_op("diffgen::gated_add", mutates_args=(),
                          schema="(Tensor x, Tensor gate, Tensor y, bool round_steps) -> Tensor")
 def gated_add_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, round_steps: bool) -> torch.Tensor:
@@ -332,11 +337,6 @@ def gated_add_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, round_ste
 @gated_add_op.register_kernel("cuda")
 def _gated_add_cuda(x, gate, y, round_steps):
     return gated_add_triton(x, gate, y, round_steps)
-
-
-@layer_norm_modulate_op.register_fake
-def _layer_norm_modulate_fake(x, shift, scale, eps, round_steps):
-    return x.new_empty(x.shape)
 
 
 @gated_add_op.register_fake
