@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from diffgen.layers.block_loop import BlockSegment, run_blocks
-from diffgen.layers.embeddings import MLPEmbedder, sinusoidal_embedding
+from diffgen.layers.embeddings import MLPEmbedder, sinusoidal_embedding, token_embedding
 from diffgen.layers.modulation import AdaLayerNorm, norm_modulate
 from diffgen.models.dits.hunyuan_video import DoubleStreamBlock, PatchEmbed, TokenRefiner, hunyuan_rope
 from diffgen.parallel.sequence import shard_tokens
@@ -129,7 +129,7 @@ class HunyuanVideo15Transformer(nn.Module):
         self.context_embedder = TokenRefiner(config.text_embed_dim, dim, heads, config.num_refiner_layers)
         self.context_embedder_2 = GlyphProjection(config.text_embed_2_dim, 2048, dim)
         self.time_embed = TimeEmbedding(dim, config.use_meanflow)
-        self.cond_type_embed = nn.Embedding(3, dim)
+        self.cond_type_embed = token_embedding(3, dim)
         self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(dim, heads, head_dim, config.mlp_ratio)
                                                 for _ in range(config.num_layers))
         self.norm_out = AdaLayerNorm(dim, 2)
