@@ -231,3 +231,64 @@ def test_waiting_requests_are_spread_over_the_replicas():
         late = scheduler.submit(GenerationRequest.build("late", height=32, width=32))
         target, batch = scheduler._next_dispatch()
     assert target is replicas[1] and [job.id for job in batch] == [late.id]
+
+
+# the listener thread ends by SystemExit (what its os._exit becomes here), which threading ignores and pytest reports
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_cancel_that_arrives_while_the_ranks_take_the_request_is_not_lost(monkeypatch):
+    """A group's root receives ("run", request) then ("cancel",) on its socket; the cancel can arrive while the
+    loop still waits for the other ranks to take the request (here: a slow broadcast). The request is cancelled,
+    and the next one runs uncancelled. (Seen in the server test above under load: the deleted running job ran to
+    completion.)"""
+    import multiprocessing
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from diffgen.errors import CancelledError
+    from diffgen.parallel import worker
+    from diffgen.parallel.worker_group import receive, send
+
+    class Pipeline:
+        def run(self, request, progress=None, is_cancelled=None):
+            for _ in range(20):
+                if is_cancelled():
+                    raise CancelledError(f"{request} cancelled")
+                time.sleep(0.01)
+            return SimpleNamespace(latents=None, pixels=None, request=request)
+
+    def slow_broadcast(message, state):
+        time.sleep(0.3)  # the other ranks are still busy: the cancel arrives meanwhile
+        return message
+
+    exits = []
+
+    def exit_thread(code):  # the listener ends the process when the Engine's end closes: here only its thread
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(worker, "broadcast_from_replica_root", slow_broadcast)
+    monkeypatch.setattr(worker.os, "_exit", exit_thread)
+    engine_end, rank_end = multiprocessing.Pipe()
+    state = SimpleNamespace(replica=SimpleNamespace(group=None), rank=0, device="cpu")
+    loop = threading.Thread(target=worker.serve_rank, args=(Pipeline(), state, rank_end), daemon=True)
+    loop.start()
+    try:
+        send(engine_end, ("run", "first"))
+        send(engine_end, ("cancel",))
+        assert engine_end.poll(30)
+        kind, payload = receive(engine_end)
+        assert kind == "failed" and isinstance(payload, CancelledError), (kind, payload)
+        send(engine_end, ("run", "second"))
+        assert engine_end.poll(30)
+        kind, payload = receive(engine_end)
+        assert kind == "done" and payload.request == "second", (kind, payload)
+        send(engine_end, ("stop",))
+        loop.join(30)
+        assert not loop.is_alive()
+    finally:
+        engine_end.close()
+        deadline = time.monotonic() + 30
+        while not exits and time.monotonic() < deadline:  # the listener saw the close and ended its thread
+            time.sleep(0.01)
+    assert exits == [0]

@@ -76,6 +76,10 @@ def serve_rank(pipeline, state, connection) -> None:
                 if message[0] == "cancel":
                     cancel_requested.set()
                 else:
+                    if message[0] == "run":
+                        # Cleared here, not when the loop takes the request: a cancel follows its request on the
+                        # socket and may arrive while the loop still waits for the other ranks to take it.
+                        cancel_requested.clear()
                     inbox.put(message)
         threading.Thread(target=listen, daemon=True).start()
 
@@ -88,7 +92,6 @@ def serve_rank(pipeline, state, connection) -> None:
             _change_loras(pipeline, state, message[1], connection)
             continue
         _, request = message
-        cancel_requested.clear()
 
         def progress(step: int, total: int, preview=None) -> None:
             if connection is not None:
