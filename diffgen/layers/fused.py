@@ -279,14 +279,10 @@ def rms_norm_rope_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float | 
     """:func:`rms_norm_rope` as an operator: the Triton kernel on CUDA, elsewhere the plain path it replaces
     (:func:`~diffgen.layers.norm.rms_norm` then :func:`~diffgen.layers.rope.apply_rope`)."""
     from diffgen.layers.norm import rms_norm
-    from diffgen.layers.rope import apply_rope
+    from diffgen.layers.rope import norm_and_rope_plain
 
-    if eps is not None:
-        if norm_over_heads:
-            x = rms_norm(x.flatten(2), weight, eps, round_before_scale).unflatten(2, x.shape[2:])
-        else:
-            x = rms_norm(x, weight, eps, round_before_scale)
-    return apply_rope(x, cos, sin).contiguous()
+    norm = None if eps is None else lambda t: rms_norm(t, weight, eps, round_before_scale)
+    return norm_and_rope_plain(norm, x, cos, sin, norm_over_heads).contiguous()
 
 
 @rms_norm_rope_op.register_kernel("cuda")
@@ -306,11 +302,10 @@ def layer_norm_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
                            round_steps: bool) -> torch.Tensor:
     """:func:`layer_norm_modulate_triton` as an operator: the Triton kernel on CUDA, elsewhere the plain ops it
     replaces (``round_steps`` False: the reference's float32 LayerNorm and modulation, cast back)."""
-    from diffgen.layers.modulation import modulate
+    from diffgen.layers.modulation import norm_modulate_plain
 
-    if round_steps:
-        return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale).contiguous()
-    return modulate(F.layer_norm(x.float(), x.shape[-1:], eps=eps), shift, scale).to(x.dtype).contiguous()
+    norm = lambda t: F.layer_norm(t, t.shape[-1:], eps=eps)  # noqa: E731 (the parameter-free LayerNorm)
+    return norm_modulate_plain(norm, x, shift, scale, float32=not round_steps).contiguous()
 
 
 @layer_norm_modulate_op.register_kernel("cuda")
@@ -328,10 +323,9 @@ def _layer_norm_modulate_fake(x, shift, scale, eps, round_steps):
 def gated_add_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, round_steps: bool) -> torch.Tensor:
     """:func:`gated_add_triton` as an operator: the Triton kernel on CUDA, elsewhere ``x + gate * y`` (``round_steps``
     False: summed in float32 and cast back, as the reference)."""
-    gate = gate.unsqueeze(1) if gate.ndim == x.ndim - 1 else gate
-    if round_steps:
-        return (x + gate * y).contiguous()
-    return (x.float() + y * gate).to(x.dtype).contiguous()
+    from diffgen.layers.modulation import gated_add_plain
+
+    return gated_add_plain(x, gate, y, float32=not round_steps).contiguous()
 
 
 @gated_add_op.register_kernel("cuda")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +49,12 @@ def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scal
 
         fused = layer_norm_modulate_op if torch.compiler.is_compiling() else layer_norm_modulate_triton
         return fused(x, shift, scale, norm.eps, not float32)
+    return norm_modulate_plain(norm, x, shift, scale, float32)
+
+
+def norm_modulate_plain(norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, shift: torch.Tensor,
+                        scale: torch.Tensor, float32: bool = False) -> torch.Tensor:
+    """:func:`norm_modulate` as plain ops (the reference; also the custom op's implementation off CUDA)."""
     if float32:
         return modulate(norm(x.float()), shift, scale).type_as(x)
     return modulate(norm(x), shift, scale)
@@ -63,6 +71,11 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, float32: boo
 
         fused = gated_add_op if torch.compiler.is_compiling() else gated_add_triton
         return fused(x, gate, y, not float32)
+    return gated_add_plain(x, gate, y, float32)
+
+
+def gated_add_plain(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, float32: bool = False) -> torch.Tensor:
+    """:func:`gated_add` as plain ops (the reference; also the custom op's implementation off CUDA)."""
     if gate.ndim == x.ndim - 1:
         gate = gate.unsqueeze(1)
     if float32:

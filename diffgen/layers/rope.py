@@ -6,6 +6,8 @@ in float64 where the device allows it, as the reference implementations do, then
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -70,6 +72,12 @@ def norm_and_rope(x: torch.Tensor, norm: torch.nn.Module | None, cos: torch.Tens
         # eager calls the launcher itself: the operator's dispatch costs microseconds on each of ~200 calls
         fused = rms_norm_rope_op if torch.compiler.is_compiling() else rms_norm_rope
         return fused(x, weight, None if norm is None else norm.eps, cos, sin, norm_over_heads, round_before_scale)
+    return norm_and_rope_plain(norm, x, cos, sin, norm_over_heads)
+
+
+def norm_and_rope_plain(norm: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, norm_over_heads: bool = False) -> torch.Tensor:
+    """:func:`norm_and_rope` as plain ops (the reference; also the custom op's implementation off CUDA)."""
     if norm is not None:
         x = norm(x.flatten(2)).unflatten(2, x.shape[2:]) if norm_over_heads else norm(x)
     return apply_rope(x, cos, sin)

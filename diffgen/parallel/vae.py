@@ -77,18 +77,24 @@ class _Slice:
     start: int
     stop: int
     blocks: tuple[tuple[int, int], ...]
-    scales: tuple[int, ...]  # each up block's input resolution / the latent's
+    inputs: tuple[tuple[int, int], ...]  # what each up block receives: the frame, then the previous interval x 2
+
+    @property
+    def last_scale(self) -> int:
+        """The last up block's input resolution / the latent's (each block before it doubles)."""
+        return 2 ** (len(self.blocks) - 1)
 
 
 def _slice(length: int, start: int, stop: int, halos: list[int]) -> _Slice:
-    scales = tuple(2**k for k in range(len(halos)))
-    blocks, have = [], (0, length)
-    for scale, halo in zip(scales, halos, strict=True):
+    blocks, inputs, have = [], [], (0, length)
+    for index, halo in enumerate(halos):
+        scale = 2**index
         # within what the previous block computed (stage_halos nest by construction; thinner test halos may not)
         low, high = max(have[0], start * scale - halo), min(have[1], stop * scale + halo)
+        inputs.append(have)
         blocks.append((low, high))
         have = (2 * low, 2 * high)
-    return _Slice(start, stop, tuple(blocks), scales)
+    return _Slice(start, stop, tuple(blocks), tuple(inputs))
 
 
 def decode_split(vae, whole_decode, z: torch.Tensor, axis: parallel_state.Axis, dim: int | None = None,
@@ -110,12 +116,12 @@ def decode_split(vae, whole_decode, z: torch.Tensor, axis: parallel_state.Axis, 
     if len(halos) != len(blocks):
         raise ValueError(f"halos: {len(halos)} values for {len(blocks)} up blocks")
     part = _slice(length, axis.rank * chunk, min(length, (axis.rank + 1) * chunk), halos)
-    hooks = [block.register_forward_pre_hook(_crop_hook(part, index, length, dim), with_kwargs=True)
+    hooks = [block.register_forward_pre_hook(_crop_hook(part, index, dim), with_kwargs=True)
              for index, block in enumerate(blocks)]
     native = getattr(vae, "native_decoder", None)
     last_low, last_high = part.blocks[-1]
     if native is not None:  # its chunks of frames may grow as this rank's share of each frame shrinks
-        native.frame_share = (last_high - last_low) / (length * part.scales[-1])
+        native.frame_share = (last_high - last_low) / (length * part.last_scale)
     try:
         out = whole_decode(z, return_dict=False)[0]
     finally:
@@ -124,9 +130,9 @@ def decode_split(vae, whole_decode, z: torch.Tensor, axis: parallel_state.Axis, 
         if native is not None:
             native.frame_share = 1.0
     scale = out.shape[dim] // (last_high - last_low)  # output pixels per pixel of the last block's input
-    begin = (part.start * part.scales[-1] - last_low) * scale
-    mine = out.narrow(dim, begin, (part.stop - part.start) * part.scales[-1] * scale)
-    full = chunk * part.scales[-1] * scale
+    begin = (part.start * part.last_scale - last_low) * scale
+    mine = out.narrow(dim, begin, (part.stop - part.start) * part.last_scale * scale)
+    full = chunk * part.last_scale * scale
     if mine.shape[dim] < full:  # the last rank's piece may be shorter: pad for the all-gather
         pad = list(mine.shape)
         pad[dim] = full - mine.shape[dim]
@@ -134,18 +140,14 @@ def decode_split(vae, whole_decode, z: torch.Tensor, axis: parallel_state.Axis, 
     mine = mine.contiguous()
     pieces = [torch.empty_like(mine) for _ in range(axis.size)]
     dist.all_gather(pieces, mine, group=axis.group)
-    return torch.cat(pieces, dim=dim).narrow(dim, 0, length * part.scales[-1] * scale)
+    return torch.cat(pieces, dim=dim).narrow(dim, 0, length * part.last_scale * scale)
 
 
-def _crop_hook(part: _Slice, index: int, length: int, dim: int):
+def _crop_hook(part: _Slice, index: int, dim: int):
     """A forward pre-hook for up block ``index``: its input (the previous block's interval, or the whole frame
     before the first) cut down to ``part.blocks[index]``."""
     low, high = part.blocks[index]
-    if index == 0:
-        have_low, have_high = 0, length
-    else:
-        ratio = part.scales[index] // part.scales[index - 1]
-        have_low, have_high = (ratio * v for v in part.blocks[index - 1])
+    have_low, have_high = part.inputs[index]
 
     def crop(module, args, kwargs):
         x = args[0]

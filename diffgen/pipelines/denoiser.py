@@ -89,9 +89,8 @@ class Denoiser:
             row.end.record()
 
     def wait_end(self, row: DenoisingRow) -> None:
-        """Until the row's steps are done on the GPU; the current stream's later work is ordered after them."""
+        """Until the row's steps are done on the GPU (the host waits, so any stream's later work comes after)."""
         if row.end is not None:
-            torch.cuda.current_stream(row.state.device).wait_event(row.end)
             row.end.synchronize()
 
     def finish(self, row: DenoisingRow) -> None:

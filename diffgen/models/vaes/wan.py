@@ -223,7 +223,8 @@ class Resample(nn.Module):
     def __init__(self, dim: int, mode: str, out_dim: int | None = None):
         super().__init__()
         self.mode = mode
-        self.resample = nn.Sequential(Upsample2x(), UpsampledConv2d(dim, out_dim or dim // 2))
+        # a list, not a Sequential (its names are the checkpoint's): the conv may upsample by itself (subpixel)
+        self.resample = nn.ModuleList([Upsample2x(), UpsampledConv2d(dim, out_dim or dim // 2)])
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
 
