@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffgen.errors import ModelLoadError
-from diffgen.loader.components import load_pipeline
+from diffgen.loader.components import load_pipeline, native_class
 from diffgen.loader.weights import load_native_model
 from diffgen.models.vaes import NATIVE_VAE_ENV
 from diffgen.models.vaes.autoencoder_kl import AutoencoderKL
@@ -122,7 +122,7 @@ def test_flux_pipeline_loads_the_native_vae_and_falls_back_when_asked(tiny_flux,
     checkpoint = Path(shutil.copytree(tiny_flux, tmp_path / "ckpt"))
     config_file = checkpoint / "vae" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "act_fn": "gelu"}))
-    assert not AutoencoderKL.accepts(checkpoint / "vae")
+    assert native_class(FluxPipeline, checkpoint / "vae", "AutoencoderKL") is None
     assert isinstance(load_pipeline(str(checkpoint), device="cpu", dtype="float32").vae, DiffusersAutoencoderKL)
     assert FluxPipeline.native_models["AutoencoderKL"] is AutoencoderKL
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import time
@@ -108,6 +109,10 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
     # imports the libraries and loads the small components; then each model is built around its tensors.
     # Modules are built on this thread only: the libraries' empty-weight initialisation patches global state.
     load_dtype = {name: component_dtype.get(name, dtype) for name, _, _ in to_load}
+    natives = {name: native_class(pipeline_cls, folder / name, class_name) for name, _, class_name in to_load}
+    # the library that loads each component (None: diffgen does, so that library need not be imported)
+    loading_library = {name: None if class_name in pipeline_cls.component_loaders or natives[name] else library
+                       for name, library, class_name in to_load}
     began = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffgen-weights")
     # The GPU libraries load in a thread of their own, beside the reads: after them it kept a one-shot
@@ -118,18 +123,19 @@ def load_pipeline(model_path: str, device: str | torch.device | None = None,
             warmup.submit(_load_gpu_libraries, device, dtype)
         reads = {name: pool.submit(_timed_read, read, folder / name, load_dtype[name], device)
                  for name, library, class_name in to_load
-                 if (read := _weight_reader(pipeline_cls, folder / name, library, class_name)) is not None}
+                 if (read := _weight_reader(pipeline_cls, folder / name, library, class_name, natives[name]))
+                 is not None}
         for name, library, class_name in to_load:
             if name not in reads:
-                with _no_library_progress_bars(_loading_library(pipeline_cls, folder / name, library, class_name)):
+                with _no_library_progress_bars(loading_library[name]):
                     components[name] = load_component(folder / name, library, class_name, pipeline_cls,
-                                                      load_dtype[name], device)
+                                                      load_dtype[name], device, native=natives[name])
         for name, library, class_name in to_load:
             if name in reads:
                 state, seconds, size = reads[name].result()
-                with _no_library_progress_bars(_loading_library(pipeline_cls, folder / name, library, class_name)):
+                with _no_library_progress_bars(loading_library[name]):
                     components[name] = _build_around(state, folder / name, library, class_name, pipeline_cls,
-                                                     load_dtype[name], device)
+                                                     load_dtype[name], device, natives[name])
                 logger.info("diffgen: read %s (%.2f GB) in %.2f s, %.1f GB/s", name, size / 1e9, seconds,
                             size / 1e9 / max(seconds, 1e-9))
     finally:
@@ -202,18 +208,22 @@ def _hub_checkpoint(repo_id: str, revision: str | None) -> CheckpointInfo:
 
 def native_class(pipeline_cls, folder: Path, class_name: str) -> type[torch.nn.Module] | None:
     """The native model that replaces this component, or None: the pipeline registers none for its class, or the
-    native class declines this checkpoint (its ``accepts(folder)``: a config it does not build, or an environment
-    switch asking for the library's class)."""
+    native class declines this checkpoint: its switch (``native_env``) is 0, or ``unsupported(config)`` names
+    what of the component's config.json it does not build (logged: the library's class loads it instead)."""
     native = pipeline_cls.native_models.get(class_name)
-    accepts = getattr(native, "accepts", None)
-    return native if accepts is None or accepts(folder) else None
-
-
-def _loading_library(pipeline_cls, folder: Path, library: str, class_name: str) -> str | None:
-    """The library that loads this component (None: diffgen loads it, so that library need not be imported)."""
-    if class_name in pipeline_cls.component_loaders or native_class(pipeline_cls, folder, class_name) is not None:
+    if native is None:
         return None
-    return library
+    switch = getattr(native, "native_env", None)
+    if switch is not None and os.environ.get(switch, "1") == "0":
+        reason = f"{switch}=0"
+    else:
+        config_file = folder / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        reason = native.unsupported(config) if hasattr(native, "unsupported") else None
+    if reason is not None:
+        logger.info("diffgen: %s: %s; the library's %s loads it", folder, reason, class_name)
+        return None
+    return native
 
 
 @contextlib.contextmanager
@@ -234,10 +244,10 @@ def _no_library_progress_bars(library: str | None):
             library_logging.enable_progress_bar()
 
 
-def _weight_reader(pipeline_cls, folder: Path, library: str, class_name: str):
+def _weight_reader(pipeline_cls, folder: Path, library: str, class_name: str, native: type | None):
     """How diffgen reads this component's weights itself (a function of (folder, dtype, device)), or None when
-    its library loads it. Decided from the files alone, before the library is imported."""
-    native = native_class(pipeline_cls, folder, class_name)
+    its library loads it. Decided from the files alone, before the library is imported. ``native``: the
+    component's :func:`native_class`."""
     if native is not None:
         return lambda folder, dtype, device: read_native_checkpoint(native, folder, dtype, device)
     if os.environ.get(FAST_LOAD_ENV, "1") == "0" or class_name in pipeline_cls.component_loaders:
@@ -266,11 +276,10 @@ def _timed_read(read, folder: Path, dtype: torch.dtype, device: torch.device) ->
 
 
 def _build_around(state: dict[str, torch.Tensor], folder: Path, library: str, class_name: str, pipeline_cls,
-                  dtype: torch.dtype, device: torch.device) -> Any:
-    """The component built around tensors that diffgen read: native models strictly; a transformers model through
-    its own ``from_pretrained`` (key renames, tied weights, its initialisation of what the file lacks), unless
-    the class keeps some modules in float32 at this dtype: then the library reads the files itself."""
-    native = native_class(pipeline_cls, folder, class_name)
+                  dtype: torch.dtype, device: torch.device, native: type | None) -> Any:
+    """The component built around tensors that diffgen read: ``native`` models strictly; a transformers model
+    through its own ``from_pretrained`` (key renames, tied weights, its initialisation of what the file lacks),
+    unless the class keeps some modules in float32 at this dtype: then the library reads the files itself."""
     if native is not None:
         model = build_native_model(native, folder, state)
         if os.environ.get(FUSE_PROJECTIONS_ENV) == "1":
@@ -282,7 +291,7 @@ def _build_around(state: dict[str, torch.Tensor], folder: Path, library: str, cl
     if (not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(cls, "config_class"))
             or keeps_fp32 or not _room_for_library_warmup(state, device)):
         state.clear()
-        return load_component(folder, library, class_name, pipeline_cls, dtype, device)
+        return load_component(folder, library, class_name, pipeline_cls, dtype, device, native=None)
     config = cls.config_class.from_pretrained(folder)
     # device_map: without it the library "loads" the tensors to the CPU first (measured on an H200: T5-XXL's
     # 9.5 GB took 9.1 s through the CPU and back); with it, tensors already on the device stay where they are.
@@ -308,10 +317,11 @@ def _library_class(folder: Path, library: str, class_name: str) -> Any:
 
 
 def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dtype: torch.dtype,
-                   device: torch.device) -> Any:
+                   device: torch.device, native: type | None) -> Any:
+    """One component from its folder; ``native``: its :func:`native_class` (None: its library or the pipeline's
+    ``component_loaders`` loads it)."""
     if not folder.is_dir():
         raise ModelLoadError(f"component folder {folder} is missing")
-    native = native_class(pipeline_cls, folder, class_name)
     if native is not None:
         model = load_native_model(native, folder, dtype, device)
         if os.environ.get(FUSE_PROJECTIONS_ENV) == "1":

@@ -9,11 +9,7 @@ packages the rest). Every operation runs in diffusers' order, so decode and enco
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,9 +20,6 @@ from torch import nn
 from diffgen.configs.mapping import MappingConfig
 from diffgen.layers.attention import attention
 from diffgen.models.vaes import NATIVE_VAE_ENV
-
-logger = logging.getLogger(__name__)
-_explained: set[str] = set()  # folders whose fallback to diffusers' class was logged (the loader asks more than once)
 
 
 @dataclass(frozen=True)
@@ -52,16 +45,6 @@ class AutoencoderKLConfig(MappingConfig):
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-
-
-def unsupported_config(config: dict[str, Any]) -> str | None:
-    """Why this config.json is not the network built here (None: it is): the caller then loads diffusers' class."""
-    if config.get("act_fn", "silu") != "silu":
-        return f"act_fn {config['act_fn']!r}"
-    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        if any(name != block for name in config.get(key, (block,))):
-            return f"{key} {config[key]}"
-    return None
 
 
 class ResnetBlock(nn.Module):
@@ -229,6 +212,7 @@ class AutoencoderKL(nn.Module):
     """``decode(z, return_dict=True)`` and ``encode(x, return_dict=True)`` as diffusers' class answers them."""
 
     config_class = AutoencoderKLConfig
+    native_env = NATIVE_VAE_ENV  # 0: diffusers' class (the loader's native_class)
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
@@ -240,15 +224,15 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
 
     @classmethod
-    def accepts(cls, folder: Path) -> bool:
-        """Whether this class loads the checkpoint's VAE; if not (``DIFFGEN_NATIVE_VAE=0``, or a config it does not
-        build), the loader uses diffusers' class."""
-        reason = (f"{NATIVE_VAE_ENV}=0" if os.environ.get(NATIVE_VAE_ENV, "1") == "0"
-                  else unsupported_config(json.loads((folder / "config.json").read_text())))
-        if reason is not None and str(folder) not in _explained:
-            _explained.add(str(folder))
-            logger.info("diffgen: %s: %s; loading diffusers' AutoencoderKL", folder, reason)
-        return reason is None
+    def unsupported(cls, config: dict[str, Any]) -> str | None:
+        """Why this config.json is not the network built here (None: it is): the loader then loads diffusers'
+        class."""
+        if config.get("act_fn", "silu") != "silu":
+            return f"act_fn {config['act_fn']!r}"
+        for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            if any(name != block for name in config.get(key, (block,))):
+                return f"{key} {config[key]}"
+        return None
 
     @property
     def dtype(self) -> torch.dtype:
