@@ -85,11 +85,9 @@ class T5Attention(nn.Module):
         self.relative_attention_bias = (token_embedding(config.relative_attention_num_buckets, config.num_heads)
                                         if has_position_bias else None)
 
-    def position_bias(self, length: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """(1 or B, H, L, L) added to the scores; padded keys (``mask`` 0) get the dtype's minimum."""
-        buckets = relative_position_buckets(length, self.config.relative_attention_num_buckets,
-                                            self.config.relative_attention_max_distance,
-                                            self.relative_attention_bias.weight.device)
+    def position_bias(self, buckets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(1 or B, H, L, L) added to the scores, from the (L, L) :func:`relative_position_buckets`; padded keys
+        (``mask`` 0) get the dtype's minimum."""
         bias = self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
             bias = torch.where(mask[:, None, None, :].bool(), bias, torch.finfo(bias.dtype).min)
@@ -146,15 +144,19 @@ class T5Block(nn.Module):
 class T5Stack(nn.Module):
     def __init__(self, config: T5EncoderConfig, bias_per_block: bool):
         super().__init__()
+        self.config = config
         self.block = nn.ModuleList([T5Block(config, bias_per_block or i == 0) for i in range(config.num_layers)])
         self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, round_before_scale=True)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # one bucket table for every block (UMT5's blocks each look it up in their own bias table)
+        buckets = relative_position_buckets(x.shape[1], self.config.relative_attention_num_buckets,
+                                            self.config.relative_attention_max_distance, x.device)
         bias = None
         for block in self.block:
             attention = block.layer[0].SelfAttention
             if attention.relative_attention_bias is not None:  # T5: the first block's, for all; UMT5: each its own
-                bias = attention.position_bias(x.shape[1], mask)
+                bias = attention.position_bias(buckets, mask)
             x = block(x, bias)
         return self.final_layer_norm(x)
 
