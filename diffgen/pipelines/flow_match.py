@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +64,14 @@ class FlowMatchEulerScheduler:
     """Sigmas from 1 towards 0, shifted; ``step`` moves the sample along the predicted velocity to the next sigma.
 
     The interface diffgen's pipelines use of diffusers' class: ``from_config``, ``config``, ``set_timesteps``,
-    ``timesteps`` / ``sigmas``, ``set_begin_index`` / ``begin_index``, ``step_index``, ``step``, ``scale_noise``,
-    ``order``.
+    ``timesteps`` / ``sigmas``, ``set_begin_index`` / ``begin_index``, ``step_index``, ``step``, ``order``; and
+    ``scale_noise``, the start of an image-to-image schedule (no pipeline here uses it yet).
     """
 
     order = 1
 
-    def __init__(self, config: FlowMatchConfig | None = None, **overrides: Any):
-        self.config = replace(config or FlowMatchConfig(), **overrides)
+    def __init__(self, config: FlowMatchConfig | None = None):
+        self.config = config or FlowMatchConfig()
         train_steps = self.config.num_train_timesteps
         timesteps = torch.from_numpy(np.linspace(1, train_steps, train_steps, dtype=np.float32)[::-1].copy())
         sigmas = timesteps / train_steps

@@ -52,11 +52,8 @@ def flux_pipeline(variant: str = "dev"):
         vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
         feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)))
     # 3 downsamples -> scale factor 8 and 16 latent channels (64 packed), as in the real FLUX VAE.
-    vae = _seeded(lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.1159, scaling_factor=0.3611, sample_size=64))
+    vae = _seeded(lambda: AutoencoderKL(**{**FLUX1_VAE_CONFIG, "block_out_channels": (8, 8, 16, 16),
+                                           "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64}))
     if dev:  # the real FLUX.1-dev scheduler config
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
