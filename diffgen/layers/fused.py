@@ -94,10 +94,14 @@ def prepare_graph_kernels() -> tuple[str, ...]:
     return _in_graphs
 
 
-def use_fused_kernel(x: torch.Tensor, kernel: str = "", graph_kernel: str | None = None) -> bool:
-    """True where the Triton path applies: a CUDA tensor, Triton importable, the family not left out; inside
-    torch.compile only where compiled graphs call it as a custom op (``graph_kernel``, of :data:`GRAPH_CAPABLE`,
-    default ``kernel``; :func:`prepare_graph_kernels`)."""
+def use_fused_kernel(x: torch.Tensor, kernel: str = "", graph_kernel: str | None = None,
+                     inputs: tuple[torch.Tensor | None, ...] = ()) -> bool:
+    """True where the Triton path applies: a CUDA tensor, Triton importable, the family not left out, no gradient
+    wanted for ``x`` or the kernel's other ``inputs`` (the kernels have no backward); inside torch.compile only
+    where compiled graphs call it as a custom op (``graph_kernel``, of :data:`GRAPH_CAPABLE`, default ``kernel``;
+    :func:`prepare_graph_kernels`)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *inputs)):
+        return False
     if torch.compiler.is_compiling():
         return x.device.type == _GRAPH_DEVICE and (graph_kernel or kernel) in _in_graphs
     if not x.is_cuda or kernel in _disabled:
@@ -368,11 +372,14 @@ def _channel_rows(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 or t.shape[1] == 1
 
 
+_CHANNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the channel kernels take
+
+
 def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False,
                      out: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`channel_rms_norm_plain` (+ SiLU, after a bias), written to ``out`` if given; on CUDA one Triton
     pass (:func:`channel_rms_norm_triton`) instead of the plain path's four to nine."""
-    if not use_fused_kernel(x, "channel_norm") or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if not use_fused_kernel(x, "channel_norm", inputs=(gamma, bias)) or x.dtype not in _CHANNEL_DTYPES:
         y = channel_rms_norm_plain(x, gamma, scale, silu, bias)
         return y if out is None else out.copy_(y)
     return channel_rms_norm_triton(x, gamma, scale, silu, out, bias)
@@ -410,7 +417,7 @@ def channel_rms_norm_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, 
 def bias_residual_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``x += bias`` (per channel, dim 1) ``+ residual``, in place: a convolution's output whose bias was left
     out, then a residual connection. Rounded as the two adds round; on CUDA one Triton pass."""
-    if use_fused_kernel(x, "channel_norm") and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+    if use_fused_kernel(x, "channel_norm", inputs=(bias, residual)) and x.dtype in _CHANNEL_DTYPES:
         return bias_residual_add_triton(x, bias, residual)
     return x.add_(_per_channel(bias, x)).add_(residual)
 

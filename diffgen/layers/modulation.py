@@ -85,14 +85,12 @@ def gated_add_plain(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, float3
 
 def _fusable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, float32: bool) -> bool:
     """The Triton path applies: CUDA, (B, S, D) in a float dtype, modulation in x's dtype (or float32 when the
-    reference computes in float32), no gradient needed (the kernels have no backward)."""
+    reference computes in float32), no gradient wanted (see ``use_fused_kernel``)."""
     from diffgen.layers.fused import use_fused_kernel
 
     if x.ndim != 3 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
-        return False
-    if not use_fused_kernel(x, "modulation"):
+    if not use_fused_kernel(x, "modulation", inputs=(a, b)):
         return False
     if not float32 and x.dtype == torch.float16:  # the kernels round intermediates to bfloat16 only
         return False

@@ -63,10 +63,8 @@ def norm_and_rope(x: torch.Tensor, norm: torch.nn.Module | None, cos: torch.Tens
     fusable = norm is None or (isinstance(norm, RMSNorm) and (norm.weight is None or norm.weight.dtype == x.dtype
                                                                 or norm.weight.dtype == torch.float32))
     weight = None if norm is None else norm.weight
-    # the kernel has no backward: a graph that needs gradients takes the plain ops
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
     graph_kernel = "norm_rope_across_heads" if norm_over_heads else "norm_rope"
-    if fusable and not needs_grad and use_fused_kernel(x, "norm_rope", graph_kernel):
+    if fusable and use_fused_kernel(x, "norm_rope", graph_kernel, inputs=(weight,)):
         round_before_scale = (weight is not None and norm.round_before_scale and weight.dtype == x.dtype
                               and x.dtype in (torch.float16, torch.bfloat16))
         # eager calls the launcher itself: the operator's dispatch costs microseconds on each of ~200 calls
