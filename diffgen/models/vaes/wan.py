@@ -16,7 +16,7 @@ diffusers' decode in float32 (tests/test_wan_vae.py), within bf16 rounding in bf
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -50,6 +50,22 @@ class ChannelRMSNorm(nn.Module):
         return channel_rms_norm(x, self.gamma, self.scale, silu=silu, out=out, bias=bias)
 
 
+class WeightCache:
+    """A tensor derived from a parameter, rebuilt when the parameter (its storage or in-place version, e.g. a LoRA
+    merge), its dtype or the asked memory layout changes."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor, memory_format: torch.memory_format,
+            build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, weight.dtype, memory_format)
+        if self._key != key:
+            self._key, self._value = key, build()
+        return self._value
+
+
 class CausalConv3d(nn.Conv3d):
     """A 3-D convolution, causal in time: its input brings ``context_frames`` frames of left context in front
     (see :class:`CausalFrames`); height and width are zero-padded by the convolution itself."""
@@ -60,14 +76,12 @@ class CausalConv3d(nn.Conv3d):
         pad = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(in_dim, out_dim, kernel, padding=(0, pad[1], pad[2]))
         self.context_frames = 2 * pad[0]
-        self._last_tap: tuple[tuple, torch.Tensor] | None = None
+        self._last_tap = WeightCache()
 
     def last_tap(self, memory_format: torch.memory_format) -> torch.Tensor:
         """The kernel's last temporal slice (all a frame with zero context sees), dense; kept while the weight is."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, memory_format)
-        if self._last_tap is None or self._last_tap[0] != key:
-            self._last_tap = (key, self.weight[:, :, -1:].contiguous(memory_format=memory_format))
-        return self._last_tap[1]
+        return self._last_tap.get(self.weight, memory_format,
+                                  lambda: self.weight[:, :, -1:].contiguous(memory_format=memory_format))
 
 
 class CausalFrames:
@@ -143,19 +157,19 @@ class UpsampledConv2d(nn.Conv2d):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__(in_dim, out_dim, 3, padding=1)
-        self._phase_weight: tuple[tuple, torch.Tensor] | None = None
+        self._phase_weight = WeightCache()
 
     def phase_weight(self, memory_format: torch.memory_format) -> torch.Tensor:
         """(4 x out, in, 2, 2): phase (a, b)'s 2x2 kernel in output channels [(2a + b) out, (2a + b + 1) out)."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, memory_format)
-        if self._phase_weight is None or self._phase_weight[0] != key:
+        def build() -> torch.Tensor:
             exact = torch.promote_types(self.weight.dtype, torch.float32)  # the tap sums rounded once, at the end
             taps = _PHASE_TAPS.to(self.weight.device, exact)
             with torch.no_grad():  # a cache: no autograd graph kept (the decoder runs for inference only)
                 weight = torch.einsum("apk,oikl,bql->aboipq", taps, self.weight.to(exact), taps)
             weight = weight.reshape(4 * self.out_channels, self.in_channels, 2, 2).to(self.weight.dtype)
-            self._phase_weight = (key, weight.contiguous(memory_format=memory_format))
-        return self._phase_weight[1]
+            return weight.contiguous(memory_format=memory_format)
+
+        return self._phase_weight.get(self.weight, memory_format, build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W), not upsampled -> (N, out, 2H, 2W). Inference only (under no_grad / inference_mode)."""
