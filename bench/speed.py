@@ -15,10 +15,13 @@ projections on top (``DIFFGEN_FUSE_PROJECTIONS=1``, off by default: it measured 
 - ``diffgen compiled + CUDA graph``: what ``diffgen serve`` runs now (diffgen/engine/cuda_graphs.py).
 - ``--inductor NAME``: diffgen's compiled rows with Inductor options (``coordinate-descent``,
   ``max-autotune``: GEMM templates with their epilogues fused, autotuned), to decide whether they pay.
+- ``diffgen default without the GELU epilogue ...``: the eager default without cuBLASLt's bias + tanh-GELU
+  epilogue (``diffgen.layers.linear.linear_gelu``) and FLUX's single-block projection without the concatenation.
 - ``--graph-kernels norm_rope,all,off,default``: the compiled + CUDA graph rows with diffgen's Triton kernels
   inside the compiled graphs as custom ops (the q/k norm+RoPE; all: also AdaLN modulate and the gated residual)
   against Inductor's own kernels for the plain ops (off) and diffgen's default (Wan's across-heads norm+RoPE
-  op only), each on its own model.
+  op only), each on its own model; ``epilogue`` / ``epilogue_split``: the default with the GELU epilogue op (and
+  the split single-block projection) in the graphs.
 - ``... fused qkv ...``: the concatenated projections, with and without the Triton kernel.
 
 Every row runs in its own try/except: a failure prints and the rest goes on. Peak memory is the
@@ -260,7 +263,12 @@ GRAPH_KERNEL_VARIANTS = {  # --graph-kernels name: (families compiled graphs cal
             "Triton norm+RoPE, AdaLN modulate, gated residual ops in the graph"),
     "off": ((), "Inductor's kernels only"),
     "default": (True, "diffgen's default graph kernels (norm+RoPE op across heads only)"),
+    "epilogue": (("norm_rope_across_heads", "linear_gelu"), "norm+RoPE op across heads, cuBLASLt GELU epilogue op"),
+    "epilogue_split": (("norm_rope_across_heads", "linear_gelu", "concat_linear"),
+                       "norm+RoPE op across heads, cuBLASLt GELU epilogue op, single-block projection without cat"),
 }
+#: eager rows without this work's cuBLASLt GELU epilogue and split single-block projection (diffgen.layers.linear)
+EPILOGUE_FAMILIES = ("linear_gelu", "concat_linear")
 
 
 def graph_kernel_rows(section: str, build, forward_of, step_of, reference: dict, device, args) -> None:
@@ -356,9 +364,13 @@ def bench_flux(args, device, dtype):
         "diffusers eager": lambda: reference(**inputs, return_dict=False)[0],
         "diffgen plain eager": with_kernels(False, lambda: unfused(**inputs)),
         "diffgen Triton norm/rope only (the default before)": with_kernels(True, lambda: unfused(**inputs),
-                                                                           disabled=("modulation",)),
+                                                                           disabled=("modulation", *EPILOGUE_FAMILIES)),
         "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)":
             with_kernels(True, lambda: unfused(**inputs)),
+        "diffgen default without the GELU epilogue and the split projection":
+            with_kernels(True, lambda: unfused(**inputs), disabled=EPILOGUE_FAMILIES),
+        "diffgen default without the split projection": with_kernels(True, lambda: unfused(**inputs),
+                                                                     disabled=("concat_linear",)),
     }
     if args.fused_qkv:
         variants["diffgen fused qkv + Triton kernels"] = with_kernels(True, lambda: fused(**inputs))
@@ -487,8 +499,9 @@ def bench_wan(args, device, dtype):
         "diffusers eager (direct build)": cfg_step(lambda *a: reference(*a, return_dict=False)[0]),
         "diffgen plain eager": with_kernels(False, cfg_step(unfused)),
         "diffgen Triton norm/rope only (the default before)": with_kernels(True, cfg_step(unfused),
-                                                                           disabled=("modulation",)),
+                                                                           disabled=("modulation", *EPILOGUE_FAMILIES)),
         "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)": with_kernels(True, cfg_step(unfused)),
+        "diffgen default without the GELU epilogue": with_kernels(True, cfg_step(unfused), disabled=EPILOGUE_FAMILIES),
     }
     if args.fused_qkv:
         variants["diffgen fused qkv + Triton kernels"] = with_kernels(True, cfg_step(fused))
@@ -626,7 +639,9 @@ def bench_qwen(args, device, dtype):
     theirs = true_cfg(lambda c: reference(hidden_states=x, encoder_hidden_states=c, timestep=t,
                                           img_shapes=[shapes], return_dict=False)[0])
     ours = with_kernels(True, true_cfg(lambda c: ours_model(x, t, c, shapes)))
-    before = with_kernels(True, true_cfg(lambda c: ours_model(x, t, c, shapes)), disabled=("modulation",))
+    before = with_kernels(True, true_cfg(lambda c: ours_model(x, t, c, shapes)),
+                          disabled=("modulation", *EPILOGUE_FAMILIES))
+    no_epilogue = with_kernels(True, true_cfg(lambda c: ours_model(x, t, c, shapes)), disabled=EPILOGUE_FAMILIES)
     plain = with_kernels(False, true_cfg(lambda c: ours_model(x, t, c, shapes)))
     forward = {"diffusers": lambda: reference(hidden_states=x, encoder_hidden_states=text[:1], timestep=t,
                                               img_shapes=[shapes], return_dict=False)[0],
@@ -637,7 +652,8 @@ def bench_qwen(args, device, dtype):
     if not args.skip_eager:
         time_rows(section, {"diffusers eager": theirs, "diffgen plain eager": plain,
                             "diffgen Triton norm/rope only (the default before)": before,
-                            "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)": ours},
+                            "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)": ours,
+                            "diffgen default without the GELU epilogue": no_epilogue},
                   device, args, reference_name="diffusers eager")
     if args.graph_kernels and not args.skip_compile:
         graph_kernel_rows(section + ", compiled", lambda: native_over(QwenImageTransformer,

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffgen.layers.linear import linear_gelu
+
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
                          downscale_freq_shift: float = 0.0, max_period: float = 10000.0,
@@ -59,7 +61,7 @@ class _ProjectedActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "silu":
             return F.silu(self.proj(x))
-        return F.gelu(self.proj(x), approximate=self.approximate)
+        return linear_gelu(self.proj, x, self.approximate)
 
 
 class FeedForward(nn.Module):

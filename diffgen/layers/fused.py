@@ -25,10 +25,13 @@ _enabled: bool | None = None  # None: on where Triton imports, unless DIFFGEN_DI
 _disabled: frozenset[str] = frozenset()  # kernels left out (benchmarks measure each one's gain)
 _graphs: tuple[str, ...] | None = None  # families in compiled graphs; None: DIFFGEN_GRAPH_KERNELS, else GRAPH_KERNELS
 #: the kernel families, as ``use_fused_kernel`` and ``set_fused_kernels`` name them
-KERNELS = ("norm_rope", "modulation", "channel_norm")
+KERNELS = ("norm_rope", "modulation", "channel_norm", "linear_gelu", "concat_linear")
 #: what compiled graphs can call as custom ops (each of a family of KERNELS): the q/k norm + RoPE with the norm
 #: per head (FLUX, Qwen-Image, HunyuanVideo) or across the heads of a token (Wan), and the modulation kernels
-GRAPH_CAPABLE = {"norm_rope": "norm_rope", "norm_rope_across_heads": "norm_rope", "modulation": "modulation"}
+GRAPH_CAPABLE = {"norm_rope": "norm_rope", "norm_rope_across_heads": "norm_rope", "modulation": "modulation",
+                 # not Triton: cuBLASLt's bias + tanh-GELU epilogue, and the projection of a concatenation as one matmul
+                 # per part (diffgen.layers.linear.linear_gelu, linear_of_concat)
+                 "linear_gelu": "linear_gelu", "concat_linear": "concat_linear"}
 #: those compiled graphs call by default: only what measured faster than Inductor's own kernel in the served
 #: forward (one H200, docs/benchmarks.md, "The Triton kernels inside compiled graphs"): Wan's across-heads
 #: norm + RoPE (-8 ms per CFG step); per head Inductor's kernel was as fast or faster (FLUX +3 ms per forward)

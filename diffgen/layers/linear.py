@@ -112,3 +112,97 @@ def fuse_projections(model: nn.Module) -> int:
         if fuse is not None and module is not model:
             count += fuse()
     return count
+
+
+# -- linear + tanh GELU in one matmul, and a linear over a concatenation without the concatenation ----------------
+def _module_linear(linear: nn.Module) -> bool:
+    """A plain ``nn.Linear`` whose forward nothing observes (no hooks): its weight and bias can be used directly.
+    fp8, tensor-parallel and adapter-wrapped linears keep their own forward."""
+    return type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
+
+
+def _gelu_epilogue_applies(linear: nn.Module, x: torch.Tensor) -> bool:
+    """The cuBLASLt GELU epilogue replaces ``gelu(linear(x))``: a plain linear with a bias, weight, bias and x of
+    one half dtype on CUDA, no gradient wanted, the family on (``use_fused_kernel``: eager by default, compiled
+    graphs where they call the op)."""
+    from diffgen.layers.fused import use_fused_kernel
+
+    if not _module_linear(linear) or linear.bias is None or x.shape[-1] != linear.in_features:
+        return False
+    weight, bias = linear.weight, linear.bias
+    if x.is_cuda and x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if weight.dtype != x.dtype or bias.dtype != x.dtype:
+        return False
+    return use_fused_kernel(x, "linear_gelu", inputs=(weight, bias))
+
+
+def linear_gelu(linear: nn.Module, x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """``gelu(linear(x), approximate)``, the first half of every tanh-GELU MLP.
+
+    On CUDA (bf16/fp16, a bias) the tanh GELU runs in the matmul's epilogue (cuBLASLt, through
+    ``torch._addmm_activation``): the bias add and the GELU act on the float32 accumulator and the result is
+    rounded once, where the plain path rounds the matmul's output to bf16, reads it back for the GELU and rounds
+    again; one pass over the (tokens, hidden) activations fewer. In compiled graphs it is the custom op
+    ``diffgen::linear_gelu`` (Inductor would decompose ``_addmm_activation`` back into addmm + gelu). Elsewhere
+    (CPU, float32, no bias, the exact GELU, gradients wanted, a wrapped linear) exactly the plain ops.
+    """
+    if approximate == "tanh" and _gelu_epilogue_applies(linear, x):
+        if torch.compiler.is_compiling():
+            return linear_gelu_op(x, linear.weight, linear.bias)
+        return _addmm_gelu(x, linear.weight, linear.bias)  # eager skips the operator's dispatch
+    return F.gelu(linear(x), approximate=approximate)
+
+
+def _addmm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """cuBLASLt's bias + tanh-GELU epilogue (CUDA only: the CPU kernel of ``_addmm_activation`` uses the exact
+    GELU)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("diffgen::linear_gelu", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor bias) -> Tensor")
+def linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``gelu(linear(x, weight, bias), "tanh")`` as an operator: the cuBLASLt epilogue on CUDA, the plain ops
+    elsewhere."""
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+@linear_gelu_op.register_kernel("cuda")
+def _linear_gelu_cuda(x, weight, bias):
+    return _addmm_gelu(x, weight, bias)
+
+
+@linear_gelu_op.register_fake
+def _linear_gelu_fake(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])  # contiguous, x's dtype, as both implementations return
+
+
+def linear_of_concat(linear: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``linear(torch.cat(parts, dim=-1))`` (FLUX / HunyuanVideo single blocks: attention output and MLP activations
+    into one output projection).
+
+    On CUDA (family ``concat_linear``) without building the concatenation: one matmul per part over its columns of
+    the weight, each after the first accumulating into the first's output (``addmm_``). The sum over the input
+    channels is then split at the parts' boundaries, and the first part's partial sum (with the bias) is rounded
+    to x's dtype before the rest is added: at most half an ulp of that partial sum (2**-9 relative in bf16) from
+    the single matmul, besides float32 summation order. Elsewhere exactly the plain ops.
+    """
+    from diffgen.layers.fused import use_fused_kernel
+
+    first = parts[0]
+    if (len(parts) < 2 or not _module_linear(linear) or any(p.dtype != first.dtype for p in parts)
+            or linear.weight.dtype != first.dtype or (linear.bias is not None and linear.bias.dtype != first.dtype)
+            or sum(p.shape[-1] for p in parts) != linear.in_features
+            or not use_fused_kernel(first, "concat_linear", inputs=(linear.weight, linear.bias, *parts[1:]))):
+        return linear(torch.cat(parts, dim=-1))
+    weight, start = linear.weight, first.shape[-1]
+    out = F.linear(first, weight[:, :start], linear.bias)
+    flat = out.view(-1, out.shape[-1])
+    for part in parts[1:]:
+        width = part.shape[-1]
+        flat.addmm_(part.reshape(-1, width), weight[:, start:start + width].t())
+        start += width
+    return out

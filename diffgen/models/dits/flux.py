@@ -14,7 +14,7 @@ from torch import nn
 from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.joint_attention import JointAttention
-from diffgen.layers.linear import fuse_linears
+from diffgen.layers.linear import fuse_linears, linear_gelu, linear_of_concat
 from diffgen.layers.modulation import AdaLayerNorm, gated_add, norm_modulate
 from diffgen.layers.norm import layer_norm_no_affine
 from diffgen.layers.rope import multi_axis_rope
@@ -113,9 +113,10 @@ class FluxSingleBlock(nn.Module):
         if hasattr(self, "to_qkv_mlp"):
             q, k, v, mlp = self.to_qkv_mlp(h).split([self.dim, self.dim, self.dim, self.mlp_dim], dim=-1)
             attn = self.attn.attend(q, k, v, rope, text_len=text_len)
+            mlp = nn.functional.gelu(mlp, approximate="tanh")
         else:
-            attn, mlp = self.attn(h, rope, text_len=text_len), self.proj_mlp(h)
-        out = self.proj_out(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=2))
+            attn, mlp = self.attn(h, rope, text_len=text_len), linear_gelu(self.proj_mlp, h)
+        out = linear_of_concat(self.proj_out, [attn, mlp])
         x = gated_add(x, gate, out)
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)

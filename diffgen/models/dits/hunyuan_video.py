@@ -26,6 +26,7 @@ from diffgen.layers.attention import attention
 from diffgen.layers.block_loop import BlockSegment, run_blocks
 from diffgen.layers.embeddings import FeedForward, MLPEmbedder, sinusoidal_embedding
 from diffgen.layers.joint_attention import JointAttention
+from diffgen.layers.linear import linear_gelu, linear_of_concat
 from diffgen.layers.modulation import AdaLayerNorm, gated_add, modulate, norm_modulate
 from diffgen.layers.norm import layer_norm_no_affine
 from diffgen.layers.rope import multi_axis_rope
@@ -222,9 +223,9 @@ class SingleStreamBlock(nn.Module):
         first = (None if first_frame_temb is None
                  else FirstFrame(text_len, first_frame_tokens, self.norm(first_frame_temb)))
         h = norm_modulate_tokens(self.norm.norm, x, shift, scale, first)
-        mlp = nn.functional.gelu(self.proj_mlp(h), approximate="tanh")
+        mlp = linear_gelu(self.proj_mlp, h)
         attn = self.attn(h, rope, context_mask=context_mask, text_len=text_len)
-        out = self.proj_out(torch.cat([attn, mlp], dim=2))
+        out = linear_of_concat(self.proj_out, [attn, mlp])
         return add_gated_tokens(x, out, gate, first)
 
 

@@ -1,0 +1,254 @@
+"""The shared linear + tanh GELU (cuBLASLt's bias + GELU epilogue on CUDA, ``diffgen::linear_gelu`` in compiled
+graphs) and the projection of a concatenation as one matmul per part (``linear_of_concat``).
+
+CPU: both are exactly the plain ops (bit-equal), the operator passes ``opcheck``, and compiled tiny DiTs with the
+families in their graphs call the op and agree with the plain forward. GPU: the epilogue and the split projection
+agree with the plain bf16/fp16 path within the bounds their docstrings state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffgen.layers import fused
+from diffgen.layers.linear import linear_gelu, linear_gelu_op, linear_of_concat
+from tests.test_fused import _flux, _qwen, _recording_backend, _wan
+
+SHAPES = [((7, 16), 32), ((2, 9, 24), 40), ((1, 33, 64), 256)]  # (x shape, out features)
+
+
+def _linear(k: int, n: int, bias: bool = True, dtype=torch.float32, device="cpu") -> torch.nn.Linear:
+    torch.manual_seed(k * 1000 + n)
+    linear = torch.nn.Linear(k, n, bias=bias).to(device, dtype)
+    return linear.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,n", SHAPES)
+def test_linear_gelu_on_cpu_is_the_plain_path_bit_for_bit(shape, n, dtype):
+    linear = _linear(shape[-1], n, dtype=dtype)
+    x = torch.randn(shape).to(dtype)
+    for approximate in ("tanh", "none"):
+        assert torch.equal(linear_gelu(linear, x, approximate), F.gelu(linear(x), approximate=approximate))
+    no_bias = _linear(shape[-1], n, bias=False, dtype=dtype)
+    assert torch.equal(linear_gelu(no_bias, x), F.gelu(no_bias(x), approximate="tanh"))
+    assert torch.equal(linear_gelu_op(x, linear.weight, linear.bias), F.gelu(linear(x), approximate="tanh"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_gelu_op_passes_opcheck(dtype):
+    """The fake implementation agrees with the real one (shape, strides, dtype), on contiguous and strided x."""
+    for shape, n in SHAPES:
+        linear = _linear(shape[-1], n, dtype=dtype)
+        x = torch.randn(*shape[:-1], 2 * shape[-1]).to(dtype)[..., ::2]  # strided
+        for args in ((x.contiguous(), linear.weight, linear.bias), (x, linear.weight, linear.bias)):
+            torch.library.opcheck(torch.ops.diffgen.linear_gelu.default, args)
+
+
+def test_linear_of_concat_on_cpu_is_the_plain_path_bit_for_bit():
+    for dtype in (torch.float32, torch.bfloat16):
+        parts = [torch.randn(2, 9, 8).to(dtype), torch.randn(2, 9, 24).to(dtype)]
+        for bias in (True, False):
+            linear = _linear(32, 16, bias=bias, dtype=dtype)
+            assert torch.equal(linear_of_concat(linear, parts), linear(torch.cat(parts, dim=-1)))
+
+
+def test_the_split_projection_sums_the_parts_in_float32(monkeypatch):
+    """The CUDA path's arithmetic (forced here on the CPU): one matmul per part of the input channels, the rest
+    accumulated into the first's output; in float32 the same sum up to summation order."""
+    monkeypatch.setattr(fused, "use_fused_kernel", lambda *a, **k: True)
+    parts = [torch.randn(2, 9, 8), torch.randn(2, 9, 24), torch.randn(2, 9, 5)]
+    for bias in (True, False):
+        linear = _linear(37, 16, bias=bias)
+        got, expected = linear_of_concat(linear, parts), linear(torch.cat(parts, dim=-1))
+        assert got.shape == expected.shape and not torch.equal(parts[0], got[..., :8])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_wrapped_or_observed_linears_keep_their_own_forward(monkeypatch):
+    """Where the fast paths apply but the linear is not a plain, unobserved nn.Linear (a hook, an adapter), the
+    module's own forward runs (its hook fires)."""
+    monkeypatch.setattr(fused, "use_fused_kernel", lambda *a, **k: True)
+    linear = _linear(16, 32)
+    calls = []
+    linear.register_forward_pre_hook(lambda *a: calls.append(1))
+    x = torch.randn(3, 16)
+    assert torch.equal(linear_gelu(linear, x), F.gelu(linear(x), approximate="tanh"))
+    projection = _linear(32, 8)
+    projection.register_forward_hook(lambda *a: calls.append(2))
+    parts = [torch.randn(3, 12), torch.randn(3, 20)]
+    assert torch.equal(linear_of_concat(projection, parts), projection(torch.cat(parts, -1)))
+    assert calls == [1, 1, 2, 2]
+
+
+# per block kind: linear_gelu calls in its graph (FLUX double blocks: the image and text MLPs; single blocks: the MLP
+# input; Wan: the FFN; Qwen-Image: the image and text MLPs)
+GELU_OPS = {"flux": [2, 1], "wan": [1], "qwen-image": [2]}
+
+
+def _calls(gm, name: str) -> int:
+    return sum(name in str(node.target) for node in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("family,build", [("flux", _flux), ("wan", _wan), ("qwen-image", _qwen)],
+                         ids=["flux", "wan", "qwen-image"])
+def test_compiled_blocks_call_linear_gelu_and_agree_with_the_plain_forward(family, build, monkeypatch):
+    """With ``linear_gelu`` and ``concat_linear`` in the compiled graphs (the CPU standing in for CUDA: the op's plain
+    implementation), every tanh-GELU MLP input is one ``diffgen::linear_gelu`` call and FLUX's single blocks project
+    without a concatenation; the forward equals the plain one (float32: the same sums, regrouped); turning the
+    families off retraces to graphs without them."""
+    from diffgen.engine.optimize import compile_repeated_blocks
+
+    torch.manual_seed(0)
+    model, inputs, _ = build()
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        expected = model(**inputs)
+    graphs: list = []
+    monkeypatch.delenv("DIFFGEN_DISABLE_TRITON", raising=False)
+    monkeypatch.setattr(fused, "_triton_available", lambda: True)
+    monkeypatch.setattr(fused, "_GRAPH_DEVICE", "cpu")
+    compile_module, backend = torch.nn.Module.compile, _recording_backend(graphs)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(
+        self, **{**kw, "backend": backend, "options": None}))
+    torch._dynamo.reset()
+    try:
+        fused.set_fused_kernels(None, graphs=("linear_gelu", "concat_linear"))
+        compile_repeated_blocks(model)
+        with torch.no_grad():
+            got = model(**inputs)
+        assert [_calls(gm, "diffgen.linear_gelu") for gm in graphs] == GELU_OPS[family]
+        if family == "flux":  # the single block's projection: two matmuls into one output
+            assert _calls(graphs[1], "addmm_") == 1
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        fused.set_fused_kernels(True, graphs=False)
+        traced = len(graphs)
+        with torch.no_grad():
+            got = model(**inputs)
+        assert len(graphs) == traced + len(GELU_OPS[family])
+        assert not any(_calls(gm, "diffgen.linear_gelu") for gm in graphs[traced:])
+        if family == "flux":  # the plain single block: one concatenation more, no accumulating matmul
+            single, plain_single = graphs[1], graphs[traced + 1]
+            assert _calls(plain_single, "method cat") == _calls(single, "method cat") + 1
+            assert _calls(plain_single, "addmm_") == 0
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        monkeypatch.undo()
+        fused.set_fused_kernels(None)
+        torch._dynamo.reset()
+
+
+def test_graph_kernel_setting_accepts_the_new_families(monkeypatch):
+    monkeypatch.setattr(fused, "_triton_available", lambda: True)
+    monkeypatch.delenv("DIFFGEN_DISABLE_TRITON", raising=False)
+    try:
+        monkeypatch.setenv("DIFFGEN_GRAPH_KERNELS", "linear_gelu,concat_linear")
+        assert fused.prepare_graph_kernels() == ("linear_gelu", "concat_linear")
+        fused.set_fused_kernels(None, disabled=("linear_gelu",))  # left out of eager, left out of graphs
+        assert fused._in_graphs == ("concat_linear",)
+    finally:
+        monkeypatch.undo()
+        fused.set_fused_kernels(None)
+
+
+# -- GPU -------------------------------------------------------------------------------------------------------------
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+GPU_SHAPES = [((4096, 3072), 12288), ((1, 512, 3072), 12288), ((2, 333, 256), 1000), ((3, 1536), 8960),
+              ((1, 1, 64), 128)]
+
+
+def _summation_slack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Twice the worst-case float32 summation error of one output (two matmuls summing in different orders)."""
+    magnitude = x.float().abs().reshape(-1, x.shape[-1]) @ weight.float().abs().t()
+    if bias is not None:
+        magnitude = magnitude + bias.float().abs()
+    return (2 * x.shape[-1] * 2.0**-24) * magnitude.view(*x.shape[:-1], weight.shape[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the cuBLASLt epilogue runs on CUDA only)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape,n", GPU_SHAPES)
+def test_gelu_epilogue_agrees_with_the_plain_path_on_gpu(shape, n, dtype):
+    """The epilogue rounds once (bias + GELU on the float32 accumulator), the plain path twice (the matmul's output,
+    then the GELU of that rounded value). Bound per element, u the unit roundoff: u (|plain| + |epilogue|) for the
+    two final roundings, 1.2 u |z| for the rounded GELU input (|gelu'| <= 1.13), 2**-12 |z| for the epilogue's own
+    tanh, and the float32 summation-order slack. And over the whole tensor the epilogue is no farther from the
+    float32 result than the plain path."""
+    torch.manual_seed(shape[-1] + n)
+    linear = _linear(shape[-1], n, dtype=dtype, device="cuda")
+    x = torch.randn(shape, device="cuda").to(dtype)
+    with torch.inference_mode():
+        fused.set_fused_kernels(None)
+        got = linear_gelu(linear, x)
+        fused.set_fused_kernels(None, disabled=("linear_gelu",))
+        plain = linear_gelu(linear, x)
+        fused.set_fused_kernels(None)
+        assert torch.equal(plain, F.gelu(linear(x), approximate="tanh"))
+        z = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        exact = F.gelu(z, approximate="tanh")
+    u = UNIT_ROUNDOFF[dtype]
+    bound = (u * (plain.float().abs() + got.float().abs()) + (1.2 * u + 2.0**-12) * z.abs()
+             + _summation_slack(x, linear.weight, linear.bias))
+    excess = (got.float() - plain.float()).abs() - bound
+    assert excess.max().item() <= 0, f"max excess over the bound {excess.max().item():.3e}"
+    err_epilogue = (got.float() - exact).norm() / exact.norm()
+    err_plain = (plain.float() - exact).norm() / exact.norm()
+    assert err_epilogue <= 1.05 * err_plain + 1e-6, (err_epilogue, err_plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the split projection runs on CUDA only)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_split_projection_agrees_with_the_concatenation_on_gpu(dtype):
+    """One matmul per part, the rest accumulated into the first's rounded output: within u (|partial| + |single| +
+    |split|) of the single matmul over the concatenation (the partial sum's rounding and the two final roundings),
+    plus the float32 summation-order slack."""
+    u = UNIT_ROUNDOFF[dtype]
+    for tokens, widths, n in [(4608, (3072, 12288), 3072), (77, (64, 200), 96)]:
+        torch.manual_seed(tokens)
+        linear = _linear(sum(widths), n, dtype=dtype, device="cuda")
+        parts = [torch.randn(1, tokens, w, device="cuda").to(dtype) for w in widths]
+        with torch.inference_mode():
+            got = linear_of_concat(linear, parts)
+            joined = torch.cat(parts, dim=-1)
+            single = linear(joined)
+            partial = F.linear(parts[0].float(), linear.weight[:, :widths[0]].float(), linear.bias.float())
+        bound = u * (partial.abs() + single.float().abs() + got.float().abs()) + _summation_slack(
+            joined, linear.weight, linear.bias)
+        excess = (got.float() - single.float()).abs() - bound
+        assert excess.max().item() <= 0, f"{tokens} tokens: max excess over the bound {excess.max().item():.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the cuBLASLt epilogue runs on CUDA only)")
+def test_compiled_graphs_call_the_epilogue_on_gpu():
+    """Inductor calls the op (the same cuBLASLt call as eager: bit-equal), opcheck passes on CUDA, and a tiny compiled
+    FLUX with the families in its graphs agrees with its compiled forward on Inductor's own kernels within bf16."""
+    from diffgen.engine.optimize import compile_repeated_blocks
+
+    linear = _linear(256, 1024, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(2, 77, 256, device="cuda").bfloat16()
+    args = (x, linear.weight, linear.bias)
+    with torch.inference_mode():
+        torch.library.opcheck(torch.ops.diffgen.linear_gelu.default, args)
+        compiled = torch.compile(lambda *a: linear_gelu_op(*a))(*args)
+        assert torch.equal(compiled, torch._addmm_activation(linear.bias, x.view(-1, 256), linear.weight.t(),
+                                                             use_gelu=True).view(2, 77, 1024))
+    torch.manual_seed(5)
+    model, inputs, _ = _flux()
+    model = model.to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    outputs = {}
+    try:
+        compile_repeated_blocks(model)
+        for graphs in (("linear_gelu", "concat_linear"), ()):
+            fused.set_fused_kernels(None, graphs=graphs)
+            with torch.inference_mode():
+                outputs[graphs] = model(**inputs).float()
+    finally:
+        fused.set_fused_kernels(None)
+    inductor = outputs[()]
+    assert ((outputs[("linear_gelu", "concat_linear")] - inductor).norm() / inductor.norm()).item() < 1e-2
