@@ -20,8 +20,9 @@ projections on top (``DIFFGEN_FUSE_PROJECTIONS=1``, off by default: it measured 
 - ``--graph-kernels norm_rope,all,off,default``: the compiled + CUDA graph rows with diffgen's Triton kernels
   inside the compiled graphs as custom ops (the q/k norm+RoPE; all: also AdaLN modulate and the gated residual)
   against Inductor's own kernels for the plain ops (off) and diffgen's default (Wan's across-heads norm+RoPE
-  op only), each on its own model; ``epilogue`` / ``epilogue_split``: the default with the GELU epilogue op (and
-  the split single-block projection) in the graphs.
+  op and the cuBLASLt GELU epilogue op), each on its own model; ``no_epilogue`` / ``epilogue`` /
+  ``epilogue_split``: the norm+RoPE op across heads without / with the GELU epilogue op (and the split single-block
+  projection) in the graphs.
 - ``... fused qkv ...``: the concatenated projections, with and without the Triton kernel.
 
 Every row runs in its own try/except: a failure prints and the rest goes on. Peak memory is the
@@ -262,7 +263,8 @@ GRAPH_KERNEL_VARIANTS = {  # --graph-kernels name: (families compiled graphs cal
     "all": (("norm_rope", "norm_rope_across_heads", "modulation"),
             "Triton norm+RoPE, AdaLN modulate, gated residual ops in the graph"),
     "off": ((), "Inductor's kernels only"),
-    "default": (True, "diffgen's default graph kernels (norm+RoPE op across heads only)"),
+    "default": (True, "diffgen's default graph kernels (fused.GRAPH_KERNELS)"),
+    "no_epilogue": (("norm_rope_across_heads",), "norm+RoPE op across heads only (the default before the epilogue)"),
     "epilogue": (("norm_rope_across_heads", "linear_gelu"), "norm+RoPE op across heads, cuBLASLt GELU epilogue op"),
     "epilogue_split": (("norm_rope_across_heads", "linear_gelu", "concat_linear"),
                        "norm+RoPE op across heads, cuBLASLt GELU epilogue op, single-block projection without cat"),
