@@ -35,8 +35,9 @@ GRAPH_CAPABLE = {"norm_rope": "norm_rope", "norm_rope_across_heads": "norm_rope"
 #: those compiled graphs call by default: only what measured faster than Inductor's own kernel in the served
 #: forward (one H200, docs/benchmarks.md, "The Triton kernels inside compiled graphs"): Wan's across-heads
 #: norm + RoPE (-8 ms per CFG step); per head Inductor's kernel was as fast or faster (FLUX +3 ms per forward);
-#: and cuBLASLt's GELU epilogue ("GELU in the matmul's epilogue": Qwen-Image -8 ms per step, Wan -16 ms)
-GRAPH_KERNELS = ("norm_rope_across_heads", "linear_gelu")
+#: and cuBLASLt's GELU epilogue with FLUX's single-block projection split ("GELU in the matmul's epilogue":
+#: Qwen-Image -7.9 ms per true-CFG step, Wan -16.1 ms per CFG step, FLUX -3.0 / +0.5 ms in two runs: no change)
+GRAPH_KERNELS = ("norm_rope_across_heads", "linear_gelu", "concat_linear")
 # What compiled graphs call, resolved outside tracing (set_fused_kernels, prepare_graph_kernels): Dynamo reads it
 # while tracing and guards on its value, so a change of setting retraces instead of reusing the other graph.
 _in_graphs: tuple[str, ...] = ()

@@ -188,8 +188,7 @@ def linear_of_concat(linear: nn.Module, parts: list[torch.Tensor]) -> torch.Tens
     the weight, each after the first accumulating into the first's output (``addmm_``). The sum over the input
     channels is then split at the parts' boundaries, and the first part's partial sum (with the bias) is rounded
     to x's dtype before the rest is added: at most half an ulp of that partial sum (2**-9 relative in bf16) from
-    the single matmul, besides float32 summation order (and cuBLAS's split-K reductions in half precision, which
-    PyTorch allows by default on either path). Elsewhere exactly the plain ops.
+    the single matmul, besides float32 summation order. Elsewhere exactly the plain ops.
     """
     from diffgen.layers.fused import use_fused_kernel
 
