@@ -105,6 +105,8 @@ CASES = [  # (batch, seq, heads, head_dim, norm_over_heads, round_before_scale, 
     (1, 6, 2, 16, False, True, True),  # Qwen-Image: round before scale
     (1, 4, 3, 16, False, False, False),
     (1, 4, 2, 16, None, False, False),  # rotation only
+    (2, 9, 6, 24, False, False, True),  # a head_dim that is no power of two, heads in two tiles of 2 per token
+    (1, 6, 3, 12, True, True, True),  # across 3 heads (padded to 4) with rounding before the scale
 ]
 
 
@@ -138,18 +140,22 @@ def test_norm_and_rope_on_cpu_is_the_plain_path(case):
 
 _INTERPRETER_CHECK = """
 import torch
-from diffgen.layers.fused import rms_norm_rope
+from diffgen.layers import fused
 from tests.test_fused import CASES, _plain_and_norm, _reference
 from diffgen.layers.rope import rope_tables
 torch.manual_seed(2)
 worst = 0.0
-for batch, seq, heads, head_dim, over, rbs, affine in CASES:
-    x = torch.randn(batch, seq, 3 * heads, head_dim)[:, :, heads:2 * heads] * 3  # a strided view, as after fused qkv
-    cos, sin = rope_tables(torch.randn(seq, head_dim // 2))
-    norm = _plain_and_norm(x, over, rbs, affine)
-    got = rms_norm_rope(x, None if norm is None else norm.weight, None if norm is None else norm.eps, cos, sin,
-                        bool(over), rbs)
-    worst = max(worst, (got - _reference(x, norm, cos, sin, bool(over))).abs().max().item())
+for tile in (fused.NORM_ROPE_TILE, 16):  # one program per few tokens, or one token per program (tails, many tiles)
+    fused.NORM_ROPE_TILE = tile
+    for batch, seq, heads, head_dim, over, rbs, affine in CASES:
+        x = torch.randn(batch, seq, 3 * heads, head_dim)[:, :, heads:2 * heads] * 3  # a view, as after fused qkv
+        cos, sin = rope_tables(torch.randn(seq, head_dim // 2))
+        cos = cos + torch.randn_like(cos) * 0.1  # pairs with their own cos/sin: each channel reads its own entry
+        norm = _plain_and_norm(x, over, rbs, affine)
+        for kernel in (fused.rms_norm_rope, fused.rms_norm_rope_rows):
+            got = kernel(x, None if norm is None else norm.weight, None if norm is None else norm.eps, cos, sin,
+                         bool(over), rbs)
+            worst = max(worst, (got - _reference(x, norm, cos, sin, bool(over))).abs().max().item())
 print(worst)
 """
 

@@ -120,6 +120,60 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def norm_rope_kernel(x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, n_tokens, seq_len, stride_b, stride_s,
+                         stride_h, eps, HEADS: tl.constexpr, HEAD_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         DIM_BLOCK: tl.constexpr, TOKENS: tl.constexpr, NORM: tl.constexpr, OVER_HEADS: tl.constexpr,
+                         HAS_WEIGHT: tl.constexpr, ROUND_BEFORE_SCALE: tl.constexpr):
+        # A (TOKENS, HEAD_BLOCK, HEAD_DIM) tile: each row read once with wide loads and split into its rotation
+        # pairs in registers; each token's cos/sin row read once for all the tile's heads.
+        tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+        heads = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
+        dims = tl.arange(0, DIM_BLOCK)  # HEAD_DIM rounded up to a power of two
+        token_ok = tokens < n_tokens
+        mask = token_ok[:, None, None] & (heads < HEADS)[None, :, None] & (dims < HEAD_DIM)[None, None, :]
+        s = tokens % seq_len
+        rows = (tokens // seq_len).to(tl.int64) * stride_b + s.to(tl.int64) * stride_s
+        offsets = rows[:, None, None] + (heads * stride_h)[None, :, None] + dims[None, None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, (TOKENS, HEAD_BLOCK, DIM_BLOCK // 2, 2)))
+        if NORM:
+            squares = tl.sum(even * even + odd * odd, axis=2)
+            if OVER_HEADS:  # Wan: one norm over all the token's channels (the tile holds all its heads)
+                rstd = tl.rsqrt(tl.sum(squares, axis=1) / (HEADS * HEAD_DIM) + eps)[:, None, None]
+            else:
+                rstd = tl.rsqrt(squares / HEAD_DIM + eps)[:, :, None]
+            even, odd = even * rstd, odd * rstd
+            if HAS_WEIGHT:
+                if OVER_HEADS:
+                    w = tl.load(weight_ptr + heads[:, None] * HEAD_DIM + dims[None, :],
+                                mask=(heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+                    w_even, w_odd = tl.split(tl.reshape(w, (HEAD_BLOCK, DIM_BLOCK // 2, 2)))
+                    w_even, w_odd = w_even[None, :, :], w_odd[None, :, :]
+                else:
+                    w_even, w_odd = tl.split(tl.reshape(tl.load(weight_ptr + dims, mask=dims < HEAD_DIM, other=0.0),
+                                                          (DIM_BLOCK // 2, 2)))
+                    w_even, w_odd = w_even[None, None, :], w_odd[None, None, :]
+                if ROUND_BEFORE_SCALE:  # diffusers' RMSNorm: round, then scale in the weight's dtype
+                    even = even.to(w_even.dtype).to(tl.float32)
+                    odd = odd.to(w_odd.dtype).to(tl.float32)
+                even, odd = even * w_even.to(tl.float32), odd * w_odd.to(tl.float32)
+            # the plain path stores the norm's output in the input dtype before rotating it
+            even = even.to(out_ptr.dtype.element_ty).to(tl.float32)
+            odd = odd.to(out_ptr.dtype.element_ty).to(tl.float32)
+        table = s[:, None] * HEAD_DIM + dims[None, :]
+        table_mask = token_ok[:, None] & (dims < HEAD_DIM)[None, :]
+        cos_even, cos_odd = tl.split(tl.reshape(tl.load(cos_ptr + table, mask=table_mask, other=0.0),
+                                                (TOKENS, 1, DIM_BLOCK // 2, 2)))
+        sin_even, sin_odd = tl.split(tl.reshape(tl.load(sin_ptr + table, mask=table_mask, other=0.0),
+                                                (TOKENS, 1, DIM_BLOCK // 2, 2)))
+        # (x0, x1) -> (x0 cos0 - x1 sin0, x1 cos1 + x0 sin1), as apply_rope's x * cos + rotated * sin
+        out = tl.reshape(tl.join(even * cos_even + -odd * sin_even, odd * cos_odd + even * sin_odd),
+                         (TOKENS, HEAD_BLOCK, DIM_BLOCK))
+        out_offsets = (tokens.to(tl.int64) * (HEADS * HEAD_DIM))[:, None, None] + (heads * HEAD_DIM)[None, :, None] \
+            + dims[None, None, :]
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def rms_rope_kernel(x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, seq_len, rows_per_token,
                         stride_b, stride_s, stride_r, eps,
                         WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ROPE_DIM: tl.constexpr,
@@ -246,10 +300,28 @@ def _kernels():
             out = x + gate * y
         tl.store(out_ptr + row * WIDTH + cols, out.to(dtype), mask=mask)
 
-    return {"rms_rope": rms_rope_kernel, "channel_rms_norm": channel_rms_norm_kernel,
+    return {"norm_rope": norm_rope_kernel, "rms_rope": rms_rope_kernel, "channel_rms_norm": channel_rms_norm_kernel,
             "bias_residual_add": bias_residual_add_kernel,
             "layer_norm_modulate": layer_norm_modulate_kernel, "gated_add": gated_add_kernel,
             "next_power_of_2": triton.next_power_of_2}
+
+
+#: elements of q/k one program of the norm + RoPE kernel holds (TOKENS x HEAD_BLOCK x head_dim; bench/norm_rope.py
+#: sweeps it)
+NORM_ROPE_TILE = 4096
+
+
+def _norm_rope_blocks(heads: int, head_dim: int, norm_over_heads: bool, next_power_of_2) -> tuple[int, int, int, int]:
+    """(heads per program, head_dim rounded up to a power of two, tokens per program, warps) for the norm + RoPE
+    kernel: all heads of a token when the norm spans them, else the largest power of two up to 8 dividing the heads
+    (no masked lanes), cos/sin read once per token for all of them."""
+    dim_block = next_power_of_2(head_dim)
+    if norm_over_heads:
+        head_block = next_power_of_2(heads)
+    else:
+        head_block = next((b for b in (8, 4, 2) if heads % b == 0), min(8, next_power_of_2(heads)))
+    tokens = max(1, NORM_ROPE_TILE // (head_block * dim_block))
+    return head_block, dim_block, tokens, min(16, max(4, tokens * head_block * dim_block // 1024))
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, cos: torch.Tensor,
@@ -257,8 +329,32 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float | Non
     """One kernel for RMS-normalise (optional; ``eps`` None skips it) then rotate (B, S, H, D) by (S, D) tables.
 
     The norm runs over each head's D channels, or over all H*D channels of a token (``norm_over_heads``,
-    Wan). Returns a new contiguous (B, S, H, D) tensor in x's dtype.
+    Wan). x may be any view with unit channel stride (q of a fused qkv output). Returns a new contiguous
+    (B, S, H, D) tensor in x's dtype.
     """
+    kernels = _kernels()
+    batch, seq_len, heads, head_dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(batch, seq_len, heads, head_dim, dtype=x.dtype, device=x.device)
+    head_block, dim_block, tokens, num_warps = _norm_rope_blocks(heads, head_dim, norm_over_heads,
+                                                                 kernels["next_power_of_2"])
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    grid = (triton_cdiv(batch * seq_len, tokens), triton_cdiv(heads, head_block))
+    kernels["norm_rope"][grid](
+        x, weight if weight is not None else x, cos, sin, out, batch * seq_len, seq_len,
+        x.stride(0), x.stride(1), x.stride(2), eps or 0.0,
+        HEADS=heads, HEAD_BLOCK=head_block, HEAD_DIM=head_dim, DIM_BLOCK=dim_block, TOKENS=tokens,
+        NORM=eps is not None, OVER_HEADS=norm_over_heads, HAS_WEIGHT=weight is not None,
+        ROUND_BEFORE_SCALE=round_before_scale, num_warps=num_warps)
+    return out
+
+
+def rms_norm_rope_rows(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, cos: torch.Tensor,
+                       sin: torch.Tensor, norm_over_heads: bool = False, round_before_scale: bool = False
+                       ) -> torch.Tensor:
+    """The previous kernel (one (token, head) row at a time; the rotation partner a second gathered load, cos/sin
+    read per row), kept for bench/norm_rope.py's comparison."""
     kernels = _kernels()
     batch, seq_len, heads, head_dim = x.shape
     if x.stride(-1) != 1 or (norm_over_heads and x.stride(2) != head_dim):
