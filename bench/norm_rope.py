@@ -1,6 +1,7 @@
 """The q/k RMS-norm + RoPE alone, per call: plain PyTorch ops, the same ops compiled by Inductor, diffgen's Triton
-kernel (eager launch) and the custom op inside a compiled function; time and effective bandwidth (x read once,
-the result written once) at the real models' shapes.
+kernel (eager launch; its tile sizes swept), the previous row kernel, and the custom op inside a compiled function;
+time and effective bandwidth (x read once, the result written once) at the real models' shapes. On CUDA each
+variant runs 20 times inside a CUDA graph and a replay is timed: the GPU's time per call, not the host's launch.
 
     python bench/norm_rope.py            # on CUDA
     python bench/norm_rope.py --tiny     # tiny shapes on the CPU (the plain rows only): checks the script
@@ -20,14 +21,52 @@ SHAPES = {  # name: (batch, tokens, heads, head_dim, norm over heads, round befo
     "FLUX double block image q (4096 tokens)": (1, 4096, 24, 128, False, False),
     "FLUX single block q (4608 tokens)": (1, 4608, 24, 128, False, False),
     "Qwen-Image image q (4096 tokens)": (1, 4096, 24, 128, False, True),
+    "Qwen-Image image q, true CFG (2 x 4096 tokens)": (2, 4096, 24, 128, False, True),
+    "FLUX text q (512 tokens)": (1, 512, 24, 128, False, False),
     "Wan2.1-1.3B q 480x832x81 (32760 tokens)": (1, 32760, 12, 128, True, False),
 }
 TINY = {"tiny per head": (1, 16, 2, 16, False, False), "tiny across heads": (2, 8, 3, 8, True, False)}
+TILES = (2048, 8192, 16384)  # NORM_ROPE_TILE values tried besides the default
+
+
+def with_tile(tile: int, fn):
+    """``fn`` with the norm + RoPE kernel's tile set to ``tile`` elements per program."""
+    from diffgen.layers import fused
+
+    def run():
+        default, fused.NORM_ROPE_TILE = fused.NORM_ROPE_TILE, tile
+        try:
+            return fn()
+        finally:
+            fused.NORM_ROPE_TILE = default
+    return run
+
+
+GRAPH_CALLS = 20  # calls per CUDA graph replay: the GPU's time per call, without the host's launch latency
+
+
+def graphed(fn, device: torch.device):
+    """On CUDA, ``fn`` called GRAPH_CALLS times inside one CUDA graph (a replay is timed, then divided); ``fn`` as
+    it is (one call timed) elsewhere or where the capture fails. Returns (callable, calls per timed call)."""
+    if device.type != "cuda":
+        return fn, 1
+    try:
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                fn()
+        return graph.replay, GRAPH_CALLS
+    except Exception as error:  # noqa: BLE001 (the bench goes on with the host-timed call)
+        print(f"  (no CUDA graph for this variant: {type(error).__name__}: {error}; one call timed)", flush=True)
+        return fn, 1
 
 
 def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
     from bench.common import ab_medians
-    from diffgen.layers.fused import rms_norm_rope, rms_norm_rope_op
+    from diffgen.layers.fused import NORM_ROPE_TILE, rms_norm_rope, rms_norm_rope_op, rms_norm_rope_rows
     from diffgen.layers.norm import RMSNorm
     from diffgen.layers.rope import apply_rope, rope_tables
 
@@ -45,18 +84,27 @@ def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtyp
     op_args = (x, norm.weight, norm.eps, cos, sin, over, rbs and dtype != torch.float32)
     variants = {"plain PyTorch ops": plain, "plain ops compiled by Inductor": torch.compile(plain)}
     if device.type == "cuda":
-        variants["diffgen Triton kernel (eager launch)"] = lambda: rms_norm_rope(*op_args)
+        variants[f"diffgen Triton kernel (eager launch), tile {NORM_ROPE_TILE}"] = lambda: rms_norm_rope(*op_args)
+        for tile in TILES:
+            variants[f"diffgen Triton kernel, tile {tile}"] = with_tile(tile, lambda: rms_norm_rope(*op_args))
+        variants["previous row kernel (eager launch)"] = lambda: rms_norm_rope_rows(*op_args)
         variants["custom op in a compiled function"] = torch.compile(lambda: rms_norm_rope_op(*op_args))
     with torch.inference_mode():
-        stats = ab_medians(variants, device, warmup=3, repeats=repeats)
         expected = plain()
+        agreement = {}
         for variant, fn in variants.items():
-            diff = ((fn().float() - expected.float()).norm() / expected.float().norm()).item()
+            got = fn()
+            diff = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
             if diff > 1e-2:
                 raise AssertionError(f"{name}: {variant} differs from the plain ops by {diff:.2e}")
+            agreement[variant] = f"{diff:.1e}, {(got != expected).float().mean().item() * 100:.2f}% differ"
+        timed = {variant: graphed(fn, device) for variant, fn in variants.items()}
+        stats = ab_medians({variant: call for variant, (call, _) in timed.items()}, device, warmup=2, repeats=repeats)
     nbytes = 2 * x.numel() * x.element_size()
     for variant, s in stats.items():
-        print(f"| {name} | {variant} | {s['median'] * 1e6:.1f} | {nbytes / s['median'] / 1e9:.0f} |", flush=True)
+        seconds = s["median"] / timed[variant][1]
+        print(f"| {name} | {variant} | {seconds * 1e6:.1f} | {nbytes / seconds / 1e9:.0f} | {agreement[variant]} |",
+              flush=True)
 
 
 def main() -> None:
@@ -67,7 +115,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"## {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
-    print("| shape | variant | median µs | GB/s |\n|---|---|---|---|")
+    print("| shape | variant | median µs per call | GB/s | vs plain ops (relative, elements that differ) |\n"
+          "|---|---|---|---|---|")
     for name, shape in (TINY if args.tiny else SHAPES).items():
         bench_shape(name, shape, device, dtype, args.repeats)
 

@@ -14,7 +14,8 @@ projections on top (``DIFFGEN_FUSE_PROJECTIONS=1``, off by default: it measured 
 - ``diffgen compiled``: compiled blocks without graphs (``diffgen serve`` before CUDA graphs).
 - ``diffgen compiled + CUDA graph``: what ``diffgen serve`` runs now (diffgen/engine/cuda_graphs.py).
 - ``--inductor NAME``: diffgen's compiled rows with Inductor options (``coordinate-descent``,
-  ``max-autotune``: GEMM templates with their epilogues fused, autotuned), to decide whether they pay.
+  ``no-emulate-casts``, ``emulate-casts``, ``max-autotune``: GEMM templates with their epilogues fused,
+  autotuned), to decide whether they pay; with ``--graph-kernels`` a comma list, every pair in one process.
 - ``diffgen default without the GELU epilogue ...``: the eager default without cuBLASLt's bias + tanh-GELU
   epilogue (``diffgen.layers.linear.linear_gelu``) and FLUX's single-block projection without the concatenation.
 - ``--graph-kernels norm_rope,all,off,default``: the compiled + CUDA graph rows with diffgen's Triton kernels
@@ -181,21 +182,23 @@ def with_cudnn_benchmark(fn):
 
 
 INDUCTOR_OPTIONS = {
-    "default": None,
+    "default": None,  # diffgen's: INDUCTOR_DEFAULTS and the DiT's own inductor_options (engine/optimize.py)
     "coordinate-descent": {"coordinate_descent_tuning": True},
     # Inductor's own rounding (fused intermediates kept in float32): diffgen's default before 2026-11-27 06:00
     "no-emulate-casts": {"emulate_precision_casts": False},
+    "emulate-casts": {"emulate_precision_casts": True},
     "max-autotune": {"max_autotune": True, "max_autotune_gemm": True, "epilogue_fusion": True,
                      "coordinate_descent_tuning": True},
 }
 
 
-def compile_blocks(model, args) -> None:
-    """Compile ``model``'s blocks as serve does (disk cache), with ``--inductor``'s options."""
+def compile_blocks(model, args, inductor: str | None = None) -> None:
+    """Compile ``model``'s blocks as serve does (disk cache), with ``--inductor``'s options (its first, or
+    ``inductor``)."""
     from diffgen.engine.optimize import compile_repeated_blocks, use_persistent_compile_cache
 
     use_persistent_compile_cache()
-    compile_repeated_blocks(model, INDUCTOR_OPTIONS[args.inductor])
+    compile_repeated_blocks(model, INDUCTOR_OPTIONS[inductor or args.inductor])
 
 
 def with_graphs(model, fn):
@@ -279,25 +282,26 @@ def graph_kernel_rows(section: str, build, forward_of, step_of, reference: dict,
     weights (a graph replays what it captured), A/B alternated; one compiled forward of each against diffusers'
     eager forward (``reference``: its "forward" and its timed "step")."""
     forwards, rows, models = {"diffusers": reference["forward"]}, {"diffusers eager": reference["step"]}, {}
-    for variant in args.graph_kernels.split(","):
-        families, label = GRAPH_KERNEL_VARIANTS[variant]
-        model = models[variant] = build()
-        compile_blocks(model, args)
-        name = f"diffgen compiled ({args.inductor}) + CUDA graph, {label}"
-        forwards[name] = without_graphs(with_kernels(True, forward_of(model), graphs=families))
-        rows[name] = with_graphs(model, with_kernels(True, step_of(model), graphs=families))
-        begin = time.perf_counter()
-        with torch.inference_mode():
-            forwards[name]()
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        print(f"[{section}] compile ({args.inductor}, graph kernels {variant}) + first forward: "
-              f"{time.perf_counter() - begin:.1f} s", flush=True)
+    for inductor in args.inductor_variants:
+        for variant in args.graph_kernels.split(","):
+            families, label = GRAPH_KERNEL_VARIANTS[variant]
+            model = models[variant, inductor] = build()
+            begin = time.perf_counter()
+            compile_blocks(model, args, inductor)
+            name = f"diffgen compiled ({inductor}) + CUDA graph, {label}"
+            forwards[name] = without_graphs(with_kernels(True, forward_of(model), graphs=families))
+            rows[name] = with_graphs(model, with_kernels(True, step_of(model), graphs=families))
+            with torch.inference_mode():
+                forwards[name]()
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            print(f"[{section}] compile ({inductor}, graph kernels {variant}) + first forward: "
+                  f"{time.perf_counter() - begin:.1f} s", flush=True)
     one_forward_diffs(section, forwards)
     time_rows(section, rows, device, args, warmup=3)
-    for variant, model in models.items():
-        graph_counts(f"{section}, graph kernels {variant}", model)
+    for (variant, inductor), model in models.items():
+        graph_counts(f"{section}, graph kernels {variant}, {inductor}", model)
         if args.profile:
-            kernel_profile(f"{section}, compiled ({args.inductor}), no graph, graph kernels {variant}",
+            kernel_profile(f"{section}, compiled ({inductor}), no graph, graph kernels {variant}",
                            without_graphs(with_kernels(True, step_of(model), graphs=GRAPH_KERNEL_VARIANTS[variant][0])),
                            device)
 
@@ -749,8 +753,10 @@ def main() -> None:
                         "default: they measured slower)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of the sections that have one")
     parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="leave out the CUDA-graph rows")
-    parser.add_argument("--inductor", default="default", choices=tuple(INDUCTOR_OPTIONS),
-                        help="Inductor options of diffgen's compiled rows")
+    parser.add_argument("--inductor", default="default",
+                        help="Inductor options of diffgen's compiled rows, one of " + ", ".join(INDUCTOR_OPTIONS) +
+                             "; with --graph-kernels a comma list (each graph-kernel variant under each, A/B in one "
+                             "process; the other compiled rows use the first)")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the eager rows (a compiled-only run)")
     parser.add_argument("--graph-kernels", default=None,
                         help="flux/wan/qwen compiled rows, a comma list of " + ", ".join(GRAPH_KERNEL_VARIANTS) +
@@ -764,6 +770,12 @@ def main() -> None:
     unknown = set((args.graph_kernels or "").split(",")) - set(GRAPH_KERNEL_VARIANTS) - {""}
     if unknown:
         parser.error(f"--graph-kernels: unknown {sorted(unknown)}; choose from {', '.join(GRAPH_KERNEL_VARIANTS)}")
+    args.inductor_variants = [name.strip() for name in args.inductor.split(",") if name.strip()]
+    unknown = set(args.inductor_variants) - set(INDUCTOR_OPTIONS)
+    if unknown or not args.inductor_variants or (len(args.inductor_variants) > 1 and not args.graph_kernels):
+        parser.error(f"--inductor: {args.inductor!r}: one of {', '.join(INDUCTOR_OPTIONS)}, or a comma list of them "
+                     "with --graph-kernels")
+    args.inductor = args.inductor_variants[0]
     args.repeats = args.repeats or (3 if args.quick else 5)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

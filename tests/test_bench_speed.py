@@ -44,3 +44,21 @@ def test_bench_speed_tiny_graph_kernel_rows():
     assert len(agreements) == 9 and max(float(value) for value in agreements) < 1e-5, run.stdout[-3000:]
     bad = subprocess.run(command[:-1] + ["norm_rope,fast"], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "--graph-kernels: unknown ['fast']" in bad.stderr
+
+
+def test_bench_speed_tiny_inductor_variants_are_crossed_with_graph_kernels():
+    """``--inductor a,b`` with ``--graph-kernels``: every (graph kernels, Inductor options) pair gets its own compiled
+    model and row in one process; a list without --graph-kernels, or an unknown name, is refused."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", "--quick", "--skip-eager",
+               "--sections", "flux", "--graph-kernels", "off,norm_rope", "--inductor", "default,no-emulate-casts"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("row: |") and "CUDA graph" in line]
+    for inductor in ("default", "no-emulate-casts"):
+        for label in ("Inductor's kernels only", "Triton q/k norm+RoPE op in the graph"):
+            assert sum(f"compiled ({inductor}) + CUDA graph, {label}" in row for row in rows) == 1, rows
+    for bad_args in (["--inductor", "default,fast"], ["--sections", "flux", "--inductor", "default,no-emulate-casts"]):
+        bad = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", *bad_args],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert bad.returncode == 2 and "--inductor" in bad.stderr, bad.stderr[-2000:]

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from diffgen.engine.optimize import apply_compile, resolve_compile, use_persistent_compile_cache
+from diffgen.engine.optimize import (
+    INDUCTOR_DEFAULTS,
+    apply_compile,
+    inductor_options,
+    resolve_compile,
+    use_persistent_compile_cache,
+)
 from diffgen.entrypoints.cli import build_parser
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -37,6 +43,29 @@ def test_compiled_blocks_round_like_eager(monkeypatch, tmp_path):
     assert apply_compile({"transformer": dit, "vae": torch.nn.Linear(2, 2)}) == 2
     assert [module for module, _ in seen] == list(blocks)
     assert all(kw["options"]["emulate_precision_casts"] is True for _, kw in seen)
+
+
+def test_a_dit_declares_its_own_inductor_options_over_the_defaults(monkeypatch, tmp_path):
+    """A DiT class's ``inductor_options`` (a setting measured per model) override INDUCTOR_DEFAULTS for its blocks
+    only, and an explicit option (the bench's) overrides both."""
+    monkeypatch.setenv("DIFFGEN_CACHE_DIR", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw["options"]))
+
+    class Declaring(torch.nn.Module):
+        inductor_options = {"emulate_precision_casts": False, "coordinate_descent_tuning": True}
+
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+    plain = torch.nn.Module()
+    plain.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    assert apply_compile({"transformer": Declaring(), "transformer_2": plain}) == 2
+    assert seen == [{**INDUCTOR_DEFAULTS, "emulate_precision_casts": False, "coordinate_descent_tuning": True},
+                    INDUCTOR_DEFAULTS]
+    assert inductor_options(Declaring(), {"emulate_precision_casts": True}) == {
+        **INDUCTOR_DEFAULTS, "emulate_precision_casts": True, "coordinate_descent_tuning": True}
 
 
 def test_compile_cache_lives_in_the_diffgen_cache_dir(monkeypatch, tmp_path):

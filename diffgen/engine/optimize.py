@@ -19,18 +19,24 @@ DIT_COMPONENTS = ("transformer", "transformer_2")
 INDUCTOR_DEFAULTS = {"emulate_precision_casts": True}
 
 
+def inductor_options(model: nn.Module, options: dict | None = None) -> dict:
+    """The Inductor options ``model``'s blocks compile with: ``INDUCTOR_DEFAULTS``, then what the DiT class
+    declares as ``inductor_options`` (a setting measured per model, docs/benchmarks.md), then ``options``."""
+    return {**INDUCTOR_DEFAULTS, **getattr(model, "inductor_options", {}), **(options or {})}
+
+
 def compile_repeated_blocks(model: nn.Module, options: dict | None = None) -> int:
     """torch.compile each block of the DiT's block lists in place; returns how many were compiled.
 
     Compiling one block at a time (rather than the whole model) keeps compile time to a few blocks'
     worth, since identical blocks share the compiled code. ``options``: Inductor options over
-    ``INDUCTOR_DEFAULTS`` (bench/speed.py measures some). The blocks call diffgen's Triton kernels that
+    :func:`inductor_options`'s (bench/speed.py measures some). The blocks call diffgen's Triton kernels that
     beat Inductor's own (diffgen.layers.fused.GRAPH_KERNELS) as custom ops.
     """
     from diffgen.layers.fused import prepare_graph_kernels
 
     prepare_graph_kernels()
-    options = {**INDUCTOR_DEFAULTS, **(options or {})}
+    options = inductor_options(model, options)
     count = 0
     for child in model.children():
         if isinstance(child, nn.ModuleList):
