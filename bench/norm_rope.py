@@ -18,15 +18,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = {  # name: (batch, tokens, heads, head_dim, norm over heads, round before scale)
-    "FLUX double block image q (4096 tokens)": (1, 4096, 24, 128, False, False),
     "FLUX single block q (4608 tokens)": (1, 4608, 24, 128, False, False),
-    "Qwen-Image image q (4096 tokens)": (1, 4096, 24, 128, False, True),
     "Qwen-Image image q, true CFG (2 x 4096 tokens)": (2, 4096, 24, 128, False, True),
     "FLUX text q (512 tokens)": (1, 512, 24, 128, False, False),
     "Wan2.1-1.3B q 480x832x81 (32760 tokens)": (1, 32760, 12, 128, True, False),
 }
 TINY = {"tiny per head": (1, 16, 2, 16, False, False), "tiny across heads": (2, 8, 3, 8, True, False)}
-TILES = (2048, 8192, 16384)  # NORM_ROPE_TILE values tried besides the default
+TILES = (2048, 8192)  # NORM_ROPE_TILE values tried besides the default
 
 
 def with_tile(tile: int, fn):
