@@ -130,7 +130,13 @@ def _kernels():
         heads = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
         dims = tl.arange(0, DIM_BLOCK)  # HEAD_DIM rounded up to a power of two
         token_ok = tokens < n_tokens
-        mask = token_ok[:, None, None] & (heads < HEADS)[None, :, None] & (dims < HEAD_DIM)[None, None, :]
+        # masks constant along the channels where no padding is needed, so that the loads and stores stay wide
+        dim_ok = dims < HEAD_DIM
+        mask = token_ok[:, None, None] & (heads < HEADS)[None, :, None]
+        table_mask = token_ok[:, None]
+        if DIM_BLOCK != HEAD_DIM:
+            mask = mask & dim_ok[None, None, :]
+            table_mask = table_mask & dim_ok[None, :]
         s = tokens % seq_len
         rows = (tokens // seq_len).to(tl.int64) * stride_b + s.to(tl.int64) * stride_s
         offsets = rows[:, None, None] + (heads * stride_h)[None, :, None] + dims[None, None, :]
@@ -146,11 +152,11 @@ def _kernels():
             if HAS_WEIGHT:
                 if OVER_HEADS:
                     w = tl.load(weight_ptr + heads[:, None] * HEAD_DIM + dims[None, :],
-                                mask=(heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+                                mask=(heads < HEADS)[:, None] & dim_ok[None, :], other=0.0)
                     w_even, w_odd = tl.split(tl.reshape(w, (HEAD_BLOCK, DIM_BLOCK // 2, 2)))
                     w_even, w_odd = w_even[None, :, :], w_odd[None, :, :]
                 else:
-                    w_even, w_odd = tl.split(tl.reshape(tl.load(weight_ptr + dims, mask=dims < HEAD_DIM, other=0.0),
+                    w_even, w_odd = tl.split(tl.reshape(tl.load(weight_ptr + dims, mask=dim_ok, other=0.0),
                                                           (DIM_BLOCK // 2, 2)))
                     w_even, w_odd = w_even[None, None, :], w_odd[None, None, :]
                 if ROUND_BEFORE_SCALE:  # diffusers' RMSNorm: round, then scale in the weight's dtype
@@ -161,7 +167,6 @@ def _kernels():
             even = even.to(out_ptr.dtype.element_ty).to(tl.float32)
             odd = odd.to(out_ptr.dtype.element_ty).to(tl.float32)
         table = s[:, None] * HEAD_DIM + dims[None, :]
-        table_mask = token_ok[:, None] & (dims < HEAD_DIM)[None, :]
         cos_even, cos_odd = tl.split(tl.reshape(tl.load(cos_ptr + table, mask=table_mask, other=0.0),
                                                 (TOKENS, 1, DIM_BLOCK // 2, 2)))
         sin_even, sin_odd = tl.split(tl.reshape(tl.load(sin_ptr + table, mask=table_mask, other=0.0),
