@@ -1,5 +1,5 @@
 """The q/k RMS-norm + RoPE alone, per call: plain PyTorch ops, the same ops compiled by Inductor, diffgen's Triton
-kernel (eager launch; its tile sizes swept), the previous row kernel, and the custom op inside a compiled function;
+kernel (eager launch; its tile sizes swept) and the custom op inside a compiled function;
 time and effective bandwidth (x read once, the result written once) at the real models' shapes. On CUDA each
 variant runs 20 times inside a CUDA graph and a replay is timed: the GPU's time per call, not the host's launch.
 
@@ -64,7 +64,7 @@ def graphed(fn, device: torch.device):
 
 def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
     from bench.common import ab_medians
-    from diffgen.layers.fused import NORM_ROPE_TILE, rms_norm_rope, rms_norm_rope_op, rms_norm_rope_rows
+    from diffgen.layers.fused import NORM_ROPE_TILE, rms_norm_rope, rms_norm_rope_op
     from diffgen.layers.norm import RMSNorm
     from diffgen.layers.rope import apply_rope, rope_tables
 
@@ -85,7 +85,6 @@ def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtyp
         variants[f"diffgen Triton kernel (eager launch), tile {NORM_ROPE_TILE}"] = lambda: rms_norm_rope(*op_args)
         for tile in TILES:
             variants[f"diffgen Triton kernel, tile {tile}"] = with_tile(tile, lambda: rms_norm_rope(*op_args))
-        variants["previous row kernel (eager launch)"] = lambda: rms_norm_rope_rows(*op_args)
         variants["custom op in a compiled function"] = torch.compile(lambda: rms_norm_rope_op(*op_args))
     with torch.inference_mode():
         expected = plain()

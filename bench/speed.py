@@ -20,8 +20,8 @@ projections on top (``DIFFGEN_FUSE_PROJECTIONS=1``, off by default: it measured 
   epilogue (``diffgen.layers.linear.linear_gelu``) and FLUX's single-block projection without the concatenation.
 - ``--graph-kernels norm_rope,all,off,default``: the compiled + CUDA graph rows with diffgen's Triton kernels
   inside the compiled graphs as custom ops (the q/k norm+RoPE; all: also AdaLN modulate and the gated residual)
-  against Inductor's own kernels for the plain ops (off) and diffgen's default (Wan's across-heads norm+RoPE
-  op and the cuBLASLt GELU epilogue op), each on its own model; ``no_epilogue`` / ``epilogue`` /
+  against Inductor's own kernels for the plain ops (off) and diffgen's default (the norm+RoPE op per head and
+  across heads, and the cuBLASLt GELU epilogue op), each on its own model; ``no_epilogue`` / ``epilogue`` /
   ``epilogue_split``: the norm+RoPE op across heads without / with the GELU epilogue op (and the split single-block
   projection) in the graphs.
 - ``... fused qkv ...``: the concatenated projections, with and without the Triton kernel.

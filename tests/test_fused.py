@@ -152,10 +152,9 @@ for tile in (fused.NORM_ROPE_TILE, 16):  # one program per few tokens, or one to
         cos, sin = rope_tables(torch.randn(seq, head_dim // 2))
         cos = cos + torch.randn_like(cos) * 0.1  # pairs with their own cos/sin: each channel reads its own entry
         norm = _plain_and_norm(x, over, rbs, affine)
-        for kernel in (fused.rms_norm_rope, fused.rms_norm_rope_rows):
-            got = kernel(x, None if norm is None else norm.weight, None if norm is None else norm.eps, cos, sin,
-                         bool(over), rbs)
-            worst = max(worst, (got - _reference(x, norm, cos, sin, bool(over))).abs().max().item())
+        got = fused.rms_norm_rope(x, None if norm is None else norm.weight, None if norm is None else norm.eps, cos,
+                                  sin, bool(over), rbs)
+        worst = max(worst, (got - _reference(x, norm, cos, sin, bool(over))).abs().max().item())
 print(worst)
 """
 
@@ -251,7 +250,7 @@ def _op_calls(gm) -> dict:
 def test_compiled_blocks_call_the_custom_ops_and_agree_with_the_plain_forward(family, build, families, monkeypatch):
     """compile_repeated_blocks puts the custom ops of the chosen families into the blocks' graphs (blocks of a kind
     share one) where compiled graphs take the kernels (here the CPU with Triton assumed: the ops' plain
-    implementations; by default only Wan's across-heads norm + RoPE); the forward equals the plain one, and turning
+    implementations; by default the q/k norm + RoPE ops); the forward equals the plain one, and turning
     the graph kernels off retraces to graphs without them (Dynamo guards on the setting)."""
     from diffgen.engine.optimize import compile_repeated_blocks
     from diffgen.layers import fused

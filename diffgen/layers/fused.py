@@ -32,12 +32,13 @@ GRAPH_CAPABLE = {"norm_rope": "norm_rope", "norm_rope_across_heads": "norm_rope"
                  # not Triton: cuBLASLt's bias + tanh-GELU epilogue, and the projection of a concatenation as one matmul
                  # per part (diffgen.layers.linear.linear_gelu, linear_of_concat)
                  "linear_gelu": "linear_gelu", "concat_linear": "concat_linear"}
-#: those compiled graphs call by default: only what measured faster than Inductor's own kernel in the served
-#: forward (one H200, docs/benchmarks.md, "The Triton kernels inside compiled graphs"): Wan's across-heads
-#: norm + RoPE (-8 ms per CFG step); per head Inductor's kernel was as fast or faster (FLUX +3 ms per forward);
-#: and cuBLASLt's GELU epilogue with FLUX's single-block projection split ("GELU in the matmul's epilogue":
-#: Qwen-Image -7.9 ms per true-CFG step, Wan -16.1 ms per CFG step, FLUX -3.0 / +0.5 ms in two runs: no change)
-GRAPH_KERNELS = ("norm_rope_across_heads", "linear_gelu", "concat_linear")
+#: those compiled graphs call by default: only what measured faster than Inductor's own kernels in the served
+#: forward (one H200, docs/benchmarks.md): the q/k norm + RoPE per head and across heads ("A tiled q/k RMS-norm +
+#: RoPE kernel": Qwen-Image -9 ms per true-CFG step, FLUX -1 ms per forward, Wan -13 ms per CFG step), and
+#: cuBLASLt's GELU epilogue with FLUX's single-block projection split ("GELU in the matmul's epilogue":
+#: Qwen-Image -7.9 ms per true-CFG step, Wan -16.1 ms per CFG step, FLUX -3.0 / +0.5 ms in two runs: no change);
+#: the modulation ops lost or tied (Inductor fuses them with their neighbours)
+GRAPH_KERNELS = ("norm_rope", "norm_rope_across_heads", "linear_gelu", "concat_linear")
 # What compiled graphs call, resolved outside tracing (set_fused_kernels, prepare_graph_kernels): Dynamo reads it
 # while tracing and guards on its value, so a change of setting retraces instead of reusing the other graph.
 _in_graphs: tuple[str, ...] = ()
@@ -179,43 +180,6 @@ def _kernels():
         tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def rms_rope_kernel(x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, seq_len, rows_per_token,
-                        stride_b, stride_s, stride_r, eps,
-                        WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ROPE_DIM: tl.constexpr,
-                        NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROUND_BEFORE_SCALE: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & (cols < WIDTH)[None, :]
-        r = rows % rows_per_token
-        s = (rows // rows_per_token) % seq_len
-        b = rows // (rows_per_token * seq_len)
-        base = x_ptr + (b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + r.to(tl.int64) * stride_r)[:, None]
-        partner = cols ^ 1  # the other channel of each rotated pair (x0, x1), (x2, x3), ...
-        x = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        xp = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        if NORM:
-            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / WIDTH + eps)[:, None]
-            x, xp = x * rstd, xp * rstd
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=cols < WIDTH, other=0.0)
-                wp = tl.load(weight_ptr + partner, mask=cols < WIDTH, other=0.0)
-                if ROUND_BEFORE_SCALE:  # diffusers' RMSNorm: round, then scale in the weight's dtype
-                    x = x.to(w.dtype).to(tl.float32)
-                    xp = xp.to(w.dtype).to(tl.float32)
-                x, xp = x * w.to(tl.float32)[None, :], xp * wp.to(tl.float32)[None, :]
-            # the plain path stores the norm's output in the input dtype before rotating it
-            x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
-            xp = xp.to(out_ptr.dtype.element_ty).to(tl.float32)
-        table = s[:, None] * ROPE_DIM + (cols % ROPE_DIM)[None, :]
-        cos = tl.load(cos_ptr + table, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + table, mask=mask, other=0.0)
-        rotated = tl.where((cols % 2 == 0)[None, :], -xp, xp)
-        out = x * cos + rotated * sin
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * WIDTH + cols[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=mask)
-
-    @triton.jit
     def channel_rms_norm_kernel(x_ptr, gamma_ptr, bias_ptr, out_ptr, n_rows, rows_per_batch, stride_xb, stride_ob,
                                 scale, eps, WIDTH: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                                 SILU: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -305,7 +269,7 @@ def _kernels():
             out = x + gate * y
         tl.store(out_ptr + row * WIDTH + cols, out.to(dtype), mask=mask)
 
-    return {"norm_rope": norm_rope_kernel, "rms_rope": rms_rope_kernel, "channel_rms_norm": channel_rms_norm_kernel,
+    return {"norm_rope": norm_rope_kernel, "channel_rms_norm": channel_rms_norm_kernel,
             "bias_residual_add": bias_residual_add_kernel,
             "layer_norm_modulate": layer_norm_modulate_kernel, "gated_add": gated_add_kernel,
             "next_power_of_2": triton.next_power_of_2}
@@ -352,31 +316,6 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float | Non
         HEADS=heads, HEAD_BLOCK=head_block, HEAD_DIM=head_dim, DIM_BLOCK=dim_block, TOKENS=tokens,
         NORM=eps is not None, OVER_HEADS=norm_over_heads, HAS_WEIGHT=weight is not None,
         ROUND_BEFORE_SCALE=round_before_scale, num_warps=num_warps)
-    return out
-
-
-def rms_norm_rope_rows(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, cos: torch.Tensor,
-                       sin: torch.Tensor, norm_over_heads: bool = False, round_before_scale: bool = False
-                       ) -> torch.Tensor:
-    """The previous kernel (one (token, head) row at a time; the rotation partner a second gathered load, cos/sin
-    read per row), kept for bench/norm_rope.py's comparison."""
-    kernels = _kernels()
-    batch, seq_len, heads, head_dim = x.shape
-    if x.stride(-1) != 1 or (norm_over_heads and x.stride(2) != head_dim):
-        x = x.contiguous()
-    width, rows_per_token = (heads * head_dim, 1) if norm_over_heads else (head_dim, heads)
-    out = torch.empty(batch, seq_len, heads, head_dim, dtype=x.dtype, device=x.device)
-    n_rows = batch * seq_len * rows_per_token
-    block = kernels["next_power_of_2"](width)
-    rows = max(1, 4096 // block)
-    num_warps = min(16, max(4, block // 512))  # wide rows (Wan-14B: 5120 channels) spread over more threads
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    grid = (triton_cdiv(n_rows, rows),)
-    kernels["rms_rope"][grid](
-        x, weight if weight is not None else x, cos, sin, out, n_rows, seq_len, rows_per_token,
-        x.stride(0), x.stride(1), x.stride(2), eps or 0.0,
-        WIDTH=width, BLOCK=block, ROWS=rows, ROPE_DIM=head_dim, NORM=eps is not None,
-        HAS_WEIGHT=weight is not None, ROUND_BEFORE_SCALE=round_before_scale, num_warps=num_warps)
     return out
 
 

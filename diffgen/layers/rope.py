@@ -51,7 +51,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def norm_and_rope(x: torch.Tensor, norm: torch.nn.Module | None, cos: torch.Tensor, sin: torch.Tensor,
                   norm_over_heads: bool = False) -> torch.Tensor:
     """``apply_rope(norm(x), cos, sin)`` for (B, S, H, D) q or k; one Triton kernel on CUDA (eager, and in compiled
-    graphs as the custom op ``diffgen::rms_norm_rope`` where they call it: by default across heads only).
+    graphs as the custom op ``diffgen::rms_norm_rope``, per head and across heads by default).
 
     ``norm`` is an :class:`~diffgen.layers.norm.RMSNorm` (or None) over each head's D channels, or over
     all H*D channels of a token with ``norm_over_heads`` (Wan normalises q/k across heads).

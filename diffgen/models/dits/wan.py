@@ -207,6 +207,9 @@ class WanTransformer(nn.Module):
     # norm_added_q: present in some conversions, unused by the reference. to_gate_compress: the gate of
     # Video Sparse Attention's compressed branch (FastWan2.1), unused with full attention.
     ignored_checkpoint_keys = ("norm_added_q", "to_gate_compress")
+    # Inductor tunes its pointwise/reduction kernels' block sizes (lossless): -3 ms per 480x832x81 CFG step with
+    # the norm+RoPE op, spreads apart, for ~15 s more of a cold compile (docs/benchmarks.md, "A tiled q/k RMS-norm")
+    inductor_options = {"coordinate_descent_tuning": True}
 
     def __init__(self, config: WanConfig):
         super().__init__()
