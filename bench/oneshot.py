@@ -38,6 +38,21 @@ marks = []
 def mark(what):
     marks.append((time.time() - T0, threading.current_thread().name, what))
 mark("python running the driver")
+import os
+try:  # trees with the early CUDA context: started here, as the CLI starts it, before torch is imported
+    from diffgen.entrypoints import cuda_context
+except ImportError:
+    cuda_context = None
+if cuda_context is not None:
+    retain = cuda_context.retain_primary_context
+    def timed_retain(ordinal):
+        mark("CUDA context (driver API) begins")
+        made = retain(ordinal)
+        mark(f"CUDA context (driver API) ends: {made}")
+        return made
+    cuda_context.retain_primary_context = timed_retain
+    cuda_context.start({"device": sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else None})
+    os.environ[cuda_context.EARLY_CUDA_CONTEXT_ENV] = "0"  # cli.main below: started already
 import diffgen.engine, diffgen.engine.engine, diffgen.loader.components, diffgen.pipelines.base, diffgen.engine.request
 mark("torch and diffgen's engine imported")
 from diffgen.entrypoints import cli

@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None, exit_after_generate: bool = False) -> in
             options = merge_config(args)  # bad values end here, still without torch
             if options.get("log_level"):
                 logging.getLogger("diffgen").setLevel(options["log_level"].upper())
+            from diffgen.entrypoints import cuda_context
+
+            cuda_context.start(options)  # the GPU's context is made while torch and diffgen import
             _quiet_libraries()
             code = run_generate(options)
             if exit_after_generate:

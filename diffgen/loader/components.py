@@ -206,16 +206,19 @@ def _hub_checkpoint(repo_id: str, revision: str | None) -> CheckpointInfo:
     return CheckpointInfo(repo_id, read_model_index(index_file.parent), read)
 
 
-def native_class(pipeline_cls, folder: Path, class_name: str) -> type[torch.nn.Module] | None:
-    """The native model that replaces this component, or None: the pipeline registers none for its class, or the
+def native_class(pipeline_cls, folder: Path, class_name: str) -> type | None:
+    """The native class that replaces this component, or None: the pipeline registers none for its class, or the
     native class declines this checkpoint: its switch (``native_env``) is 0, or ``unsupported(config)`` names
-    what of the component's config.json it does not build (logged: the library's class loads it instead)."""
+    what of the component's config.json it does not build, or (a class without weights: a tokenizer)
+    ``unsupported_folder(folder)`` what of its files (logged: the library's class loads it instead)."""
     native = pipeline_cls.native_models.get(class_name)
     if native is None:
         return None
     switch = getattr(native, "native_env", None)
     if switch is not None and os.environ.get(switch, "1") == "0":
         reason = f"{switch}=0"
+    elif hasattr(native, "unsupported_folder"):
+        reason = native.unsupported_folder(folder)
     else:
         config_file = folder / "config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -249,12 +252,19 @@ def _weight_reader(pipeline_cls, folder: Path, library: str, class_name: str, na
     its library loads it. Decided from the files alone, before the library is imported. ``native``: the
     component's :func:`native_class`."""
     if native is not None:
+        if not _has_weights(native):
+            return None
         return lambda folder, dtype, device: read_native_checkpoint(native, folder, dtype, device)
     if os.environ.get(FAST_LOAD_ENV, "1") == "0" or class_name in pipeline_cls.component_loaders:
         return None
     if library == "transformers" and (folder / "config.json").is_file() and find_safetensors_files(folder):
         return read_library_checkpoint
     return None
+
+
+def _has_weights(native: type) -> bool:
+    """Whether a native class is a model (read from safetensors) rather than a tokenizer (built from its files)."""
+    return issubclass(native, torch.nn.Module)
 
 
 def _load_gpu_libraries(device: torch.device, dtype: torch.dtype) -> None:
@@ -322,6 +332,8 @@ def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dt
     ``component_loaders`` loads it)."""
     if not folder.is_dir():
         raise ModelLoadError(f"component folder {folder} is missing")
+    if native is not None and not _has_weights(native):
+        return native.from_folder(folder)  # a tokenizer
     if native is not None:
         model = load_native_model(native, folder, dtype, device)
         if os.environ.get(FUSE_PROJECTIONS_ENV) == "1":

@@ -94,8 +94,9 @@ class ComposedPipeline:
     #: components to load (folders of the checkpoint); optional ones may be absent or null.
     required_components: ClassVar[tuple[str, ...]] = ()
     optional_components: ClassVar[tuple[str, ...]] = ()
-    #: diffusers class names of components replaced by a native diffgen model.
-    native_models: ClassVar[dict[str, type[torch.nn.Module]]] = {}
+    #: diffusers / transformers class names of components replaced by a native diffgen model (or tokenizer: a class
+    #: with ``from_folder`` and ``unsupported_folder``).
+    native_models: ClassVar[dict[str, type]] = {}
     #: component class names loaded by a pipeline-specific function ``(folder, dtype, device) -> component``
     #: (e.g. a processor whose library class needs a package diffgen does not require).
     component_loaders: ClassVar[dict[str, Callable[..., Any]]] = {}

@@ -9,6 +9,7 @@ from diffgen.engine.spec import ModelSpec
 from diffgen.models.dits.flux import FluxTransformer
 from diffgen.models.encoders.clip import CLIPTextModel
 from diffgen.models.encoders.t5 import T5Encoder
+from diffgen.models.encoders.tokenizers import CLIPTokenizer, T5Tokenizer
 from diffgen.models.vaes.autoencoder_kl import AutoencoderKL
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
 from diffgen.pipelines.flow_match import load_flow_match_scheduler
@@ -30,10 +31,12 @@ class FluxPipeline(ComposedPipeline):
     pipeline_class_names = ("FluxPipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                            "transformer")
-    # The VAE, the sampler and the text encoders are diffgen's too, so that a FLUX run imports neither diffusers nor
-    # transformers' model code (which imports torch._dynamo): seconds of start-up.
+    # The VAE, the sampler, the text encoders and the tokenizers are diffgen's too, so that a FLUX run imports neither
+    # diffusers nor transformers (whose model code imports torch._dynamo): seconds of start-up.
     native_models = {"FluxTransformer2DModel": FluxTransformer, "AutoencoderKL": AutoencoderKL,
-                     "CLIPTextModel": CLIPTextModel, "T5EncoderModel": T5Encoder}
+                     "CLIPTextModel": CLIPTextModel, "T5EncoderModel": T5Encoder,
+                     **{name: CLIPTokenizer for name in CLIPTokenizer.tokenizer_classes},
+                     **{name: T5Tokenizer for name in T5Tokenizer.tokenizer_classes}}
     component_loaders = {"FlowMatchEulerDiscreteScheduler": load_flow_match_scheduler}
     packed_latents = True
 

@@ -10,6 +10,8 @@ from torch import nn
 
 #: "0": transformers' classes for every text encoder (diffgen's own are the default where a pipeline registers them)
 NATIVE_TEXT_ENCODERS_ENV = "DIFFGEN_NATIVE_TEXT_ENCODERS"
+#: "0": transformers' tokenizers where diffgen's CLIP / T5 tokenizers would load (diffgen/models/encoders/tokenizers.py)
+NATIVE_TOKENIZERS_ENV = "DIFFGEN_NATIVE_TOKENIZERS"
 
 
 @dataclass
