@@ -10,7 +10,7 @@ Writes a random-weight FLUX.1-dev checkpoint in diffusers format once (~32 GB; t
 reads it once so that it sits in the page cache (as on a machine that ran it before), then:
 
 1. a timeline of one ``diffgen generate`` process per diffgen tree (``-X importtime`` and marks at the
-   stages: spec, each component's load, each pipeline stage, save, return from main, process end);
+   stages: spec, each component's load, each pipeline stage, save, main's exit, process end);
 2. the load of the whole pipeline in a process that has already imported everything: seconds and GB/s;
 3. each command as a fresh process, wall clock, all commands in turn, for ``--rounds`` rounds:
    ``python -m diffgen.entrypoints.cli generate`` (what the ``diffgen`` script runs) per tree, optionally
@@ -38,7 +38,11 @@ marks = []
 def mark(what):
     marks.append((time.time() - T0, threading.current_thread().name, what))
 mark("python running the driver")
-import os
+import gc, os
+from diffgen.entrypoints import cli  # argparse and diffgen's options: no torch yet
+pause_gc = bool(getattr(cli, "PAUSE_GC_ENV", None)) and os.environ.get(cli.PAUSE_GC_ENV, "1") != "0"
+if pause_gc:
+    gc.disable()  # as the console script's main does before it imports torch (it resumes the collector after the load)
 try:  # trees with the early CUDA context: started here, as the CLI starts it, before torch is imported
     from diffgen.entrypoints import cuda_context
 except ImportError:
@@ -55,7 +59,6 @@ if cuda_context is not None:
     os.environ[cuda_context.EARLY_CUDA_CONTEXT_ENV] = "0"  # cli.main below: started already
 import diffgen.engine, diffgen.engine.engine, diffgen.loader.components, diffgen.pipelines.base, diffgen.engine.request
 mark("torch and diffgen's engine imported")
-from diffgen.entrypoints import cli
 def wrap(owner, attr, label):
     original = getattr(owner, attr, None)
     if original is None:
@@ -78,14 +81,28 @@ if not hasattr(components, "_timed_read"):  # the loader before the start-up wor
     wrap(components, "build_native_model", lambda cls, folder, *a: "build " + folder.name)
 wrap(components, "_build_around", lambda state, folder, *a: "build " + folder.name)
 wrap(components, "_load_gpu_libraries", "load cuBLAS/attention libraries")
+wrap(cli, "_resume_gc", "resume the garbage collector (frozen)")
 wrap(diffgen.pipelines.base.ComposedPipeline, "run", "request")
 wrap(diffgen.engine.request.GenerationResult, "save", "save")
-code = cli.main(sys.argv[2:])
-mark("main returned")
-for t, thread, what in marks:
-    print(f"MARK {t:.3f} {thread} {what}", file=sys.stderr)
-sys.stderr.flush()
-cli.exit_now(code) if hasattr(cli, "exit_now") else sys.exit(code)
+def print_marks():
+    for t, thread, what in marks:
+        print(f"MARK {t:.3f} {thread} {what}", file=sys.stderr)
+    sys.stderr.flush()
+exit_now = getattr(cli, "exit_now", None)
+if exit_now is not None:  # the console script's path: main ends the process itself once the outputs are saved
+    def exit_printing_marks(code):
+        mark("main exits")
+        print_marks()
+        exit_now(code)
+    cli.exit_now = exit_printing_marks
+    if pause_gc:
+        gc.enable()  # main pauses it again at once, and owns its resumption after the load
+    cli.main(sys.argv[2:], exit_after_generate=True)
+else:
+    code = cli.main(sys.argv[2:])
+    mark("main exits")
+    print_marks()
+    sys.exit(code)
 """
 
 # The whole pipeline's load in a process that has imported everything it needs and started CUDA.
@@ -234,6 +251,7 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="another diffgen source tree to time beside this one")
     parser.add_argument("--with-compile", action="store_true", help="also time `generate --compile`")
     parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--skip-load", action="store_true", help="no whole-pipeline load in an imported process")
     parser.add_argument("--timeout", type=float, default=180, help="seconds per process")
     parser.add_argument("--rounds", type=int, default=2, help="run every command this many times, in turn")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -261,7 +279,7 @@ def main() -> None:
 
     for label, (tree, extra) in trees.items():
         timeline(label, tree, arguments, args.timeout, extra)
-    for label, (tree, extra) in trees.items():
+    for label, (tree, extra) in ({} if args.skip_load else trees).items():
         wall, status, output = run([sys.executable, "-c", LOAD_SCRIPT, str(folder), device], tree_env(tree, extra),
                                    args.timeout, cwd=tree)
         loads = [line for line in output.splitlines() if line.startswith("LOAD") or "diffgen: read" in line]

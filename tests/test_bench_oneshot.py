@@ -22,7 +22,7 @@ def test_bench_oneshot_tiny_cpu_mode(tmp_path):
     timeline = out.split("### timeline: this tree")[1].split("###")[0]
     for mark in ("torch and diffgen's engine imported", "read the spec ends", "read transformer ends",
                  "build text_encoder_2 ends", "Engine.from_pretrained ends", "request ends", "save ends",
-                 "main returned", "process ended"):
+                 "main exits", "process ended"):
         assert mark in timeline, (mark, timeline)
     assert "import diffgen.engine" in timeline  # the -X importtime summary
     assert "### timeline: this tree, DIFFGEN_NATIVE_TEXT_ENCODERS=0" in out  # a variant of this tree (--env)

@@ -1,5 +1,6 @@
-"""The early CUDA context of a one-shot ``generate`` (diffgen/entrypoints/cuda_context.py): started only for one
-in-process GPU, harmless without a GPU, and on a GPU the very context torch then uses."""
+"""What a one-shot ``generate`` does to start sooner. The early CUDA context (diffgen/entrypoints/cuda_context.py):
+started only for one in-process GPU, harmless without a GPU, and on a GPU the very context torch then uses. The
+garbage collector paused during the imports and the load, by the console script only."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffgen.entrypoints.cli import PAUSE_GC_ENV
 from diffgen.entrypoints.cuda_context import EARLY_CUDA_CONTEXT_ENV, device_ordinal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,3 +76,46 @@ def test_on_a_gpu_torch_uses_the_context_made_before_it_was_imported():
         "assert driver.cuDevicePrimaryCtxRetain(ctypes.byref(primary), device) == 0\n"
         "print('same context', current.value == primary.value)\n")
     assert "active before torch 1" in stdout and "sum 8.0" in stdout and "same context True" in stdout
+
+
+GC_PROBE = """
+import gc, json, os, sys
+from diffgen.engine.engine import Engine
+from diffgen.entrypoints.cli import main
+seen = {"before main": gc.isenabled()}
+load = Engine.from_pretrained
+def recording_load(*args, **kwargs):
+    seen["during the load"] = gc.isenabled()
+    return load(*args, **kwargs)
+Engine.from_pretrained = recording_load
+real_exit = os._exit
+def exit_reporting(code):
+    seen["at the exit"], seen["frozen"] = gc.isenabled(), gc.get_freeze_count() > 0
+    print("GC " + json.dumps(seen), flush=True)
+    real_exit(code)
+os._exit = exit_reporting
+main(sys.argv[1:], exit_after_generate=bool(int(os.environ["EXIT_AFTER"])))
+print("GC " + json.dumps({**seen, "at the exit": gc.isenabled(), "frozen": gc.get_freeze_count() > 0}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("exit_after, switch, paused", [("1", None, True), ("1", "0", False), ("0", None, False)])
+def test_the_console_script_pauses_the_garbage_collector_until_the_model_is_loaded(tiny_flux, tmp_path, exit_after,
+                                                                                    switch, paused):
+    """Paused (then frozen and running again for the request) only where the process ends after the generate (the
+    console script), and not with DIFFGEN_PAUSE_GC=0; a main() called in-process (exit_after_generate False)
+    leaves the collector alone."""
+    import json
+    import os
+
+    env = {**os.environ, "EXIT_AFTER": exit_after}
+    env.pop(PAUSE_GC_ENV, None)
+    if switch is not None:
+        env[PAUSE_GC_ENV] = switch
+    argv = ["generate", "--model-path", tiny_flux, "--prompt", "a fox", "--height", "32", "--width", "32",
+            "--num-inference-steps", "1", "--device", "cpu", "--output-path", str(tmp_path)]
+    out = subprocess.run([sys.executable, "-c", GC_PROBE, *argv], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("GC ")).removeprefix("GC "))
+    assert seen == {"before main": True, "during the load": not paused, "at the exit": True, "frozen": paused}
