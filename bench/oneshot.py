@@ -252,6 +252,7 @@ def main() -> None:
     parser.add_argument("--with-compile", action="store_true", help="also time `generate --compile`")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--skip-load", action="store_true", help="no whole-pipeline load in an imported process")
+    parser.add_argument("--skip-timelines", action="store_true", help="no -X importtime timeline per tree")
     parser.add_argument("--timeout", type=float, default=180, help="seconds per process")
     parser.add_argument("--rounds", type=int, default=2, help="run every command this many times, in turn")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -277,7 +278,7 @@ def main() -> None:
                  "--num-inference-steps", str(steps), "--height", str(size), "--width", str(size), "--device", device,
                  "--save-output", "--output-path", str(folder.parent / "diffgen-oneshot-out"), "--overwrite"]
 
-    for label, (tree, extra) in trees.items():
+    for label, (tree, extra) in ({} if args.skip_timelines else trees).items():
         timeline(label, tree, arguments, args.timeout, extra)
     for label, (tree, extra) in ({} if args.skip_load else trees).items():
         wall, status, output = run([sys.executable, "-c", LOAD_SCRIPT, str(folder), device], tree_env(tree, extra),

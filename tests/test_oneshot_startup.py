@@ -83,6 +83,7 @@ import gc, json, os, sys
 from diffgen.engine.engine import Engine
 from diffgen.entrypoints.cli import main
 seen = {"before main": gc.isenabled()}
+frozen_at_start = gc.get_freeze_count()  # some Pythons start with objects frozen already
 load = Engine.from_pretrained
 def recording_load(*args, **kwargs):
     seen["during the load"] = gc.isenabled()
@@ -90,12 +91,13 @@ def recording_load(*args, **kwargs):
 Engine.from_pretrained = recording_load
 real_exit = os._exit
 def exit_reporting(code):
-    seen["at the exit"], seen["frozen"] = gc.isenabled(), gc.get_freeze_count() > 0
+    seen["at the exit"], seen["frozen"] = gc.isenabled(), gc.get_freeze_count() > frozen_at_start
     print("GC " + json.dumps(seen), flush=True)
     real_exit(code)
 os._exit = exit_reporting
 main(sys.argv[1:], exit_after_generate=bool(int(os.environ["EXIT_AFTER"])))
-print("GC " + json.dumps({**seen, "at the exit": gc.isenabled(), "frozen": gc.get_freeze_count() > 0}), flush=True)
+print("GC " + json.dumps({**seen, "at the exit": gc.isenabled(), "frozen": gc.get_freeze_count() > frozen_at_start}),
+      flush=True)
 """
 
 

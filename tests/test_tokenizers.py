@@ -1,7 +1,7 @@
 """diffgen's CLIP and T5 tokenizers (no transformers import) give the ids and masks of transformers' own tokenizers,
 loaded from the same folder: the tiny checkpoints' tokenizers, the hub's FLUX layout (CLIP from vocab.json +
 merges.txt, the hub's tokenizer_config.json files), a CLIP vocabulary of the real size (49408 tokens, BPE trained
-here on this Python installation's sources: the real CLIP vocabulary is not available offline) and a T5
+here on torch's Python sources and made-up words: the real CLIP vocabulary is not available offline) and a T5
 SentencePiece model with its nmt_nfkc normalisation (8000 pieces + 100 sentinels, trained here). The loader builds
 them for FLUX and falls back to transformers' classes for what they do not cover or with the switch at 0."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import random
 import shutil
 from pathlib import Path
 
@@ -95,9 +95,18 @@ def test_clip_from_vocab_and_merges_as_the_hub_stores_it(tiny_flux, tmp_path):
     assert_same_as_transformers(folder, CLIPTokenizer, (77, 5))
 
 
+def _synthetic_words(count: int, seed: int = 0) -> list[str]:
+    """Seeded made-up words (Latin letters with some accented and Greek ones), in lines of 12: with enough distinct
+    words the BPE trainer can always reach CLIP's vocabulary size, whatever the installation's sources hold."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz" * 4 + "éèàüöñçøåßαβγδ"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 11))) for _ in range(count)]
+    return [" ".join(words[i:i + 12]) for i in range(0, count, 12)]
+
+
 def _corpus(megabytes: float) -> list[str]:
-    """Text of this Python installation's own sources (stdlib and site-packages), in a fixed order."""
-    root = Path(os.__file__).parent
+    """Text of torch's own Python sources (tens of MB in every install), in a fixed order."""
+    root = Path(torch.__file__).parent
     texts, size = [], 0
     for path in sorted(root.glob("**/*.py")):
         try:
@@ -113,7 +122,8 @@ def _corpus(megabytes: float) -> list[str]:
 @pytest.fixture(scope="module")
 def real_size_clip(tmp_path_factory) -> Path:
     """A CLIP-style byte-level BPE of CLIP's size (49406 tokens + the two specials), trained with CLIP's own
-    normaliser and word split on ~22 MB of Python sources (a few seconds), in the hub's layout."""
+    normaliser and word split on 10 MB of torch's Python sources and 300k made-up words (a few seconds), in the
+    hub's layout."""
     trainer_tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
     trainer_tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                                          normalizers.Lowercase()])
@@ -122,7 +132,7 @@ def real_size_clip(tmp_path_factory) -> Path:
         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     trainer = trainers.BpeTrainer(vocab_size=49406, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   end_of_word_suffix="</w>", show_progress=False)
-    trainer_tokenizer.train_from_iterator(_corpus(22), trainer)
+    trainer_tokenizer.train_from_iterator(_corpus(10) + _synthetic_words(300_000), trainer)
     model = json.loads(trainer_tokenizer.to_str())["model"]
     vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
