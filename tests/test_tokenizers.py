@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from diffgen.errors import ModelLoadError
 from diffgen.loader.components import load_pipeline, native_class
 from diffgen.models.encoders.common import NATIVE_TOKENIZERS_ENV
 from diffgen.models.encoders.tokenizers import CLIPTokenizer, T5Tokenizer
 from diffgen.pipelines.flux import FluxPipeline
+from diffgen.testing.tokenizers import (
+    FLUX_T5_CONFIG,
+    clip_hub_folder,
+    real_size_clip_folder,
+    real_size_t5_folder,
+    torch_sources,
+)
 
 PROMPTS = [
     "", "a photo of a raccoon", "A Photo Of A Raccoon", "  extra   whitespace\tand\nnew lines  ",
@@ -34,19 +39,6 @@ PROMPTS = [
     "</s> <pad> <unk> <extra_id_5> <extra_id_0>", "tabs\t\tand\r\ncarriage returns", "a" * 300,
     " ".join(f"word{i}" for i in range(120)), " ".join(["a long prompt with many ordinary words"] * 120),
 ]
-#: the hub's tokenizer_config.json of FLUX.1-dev's CLIP tokenizer (vocab.json + merges.txt beside it)
-FLUX_CLIP_CONFIG = {
-    "add_prefix_space": False,
-    "added_tokens_decoder": {
-        "49406": {"content": "<|startoftext|>", "lstrip": False, "normalized": True, "rstrip": False,
-                  "single_word": False, "special": True},
-        "49407": {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False,
-                  "single_word": False, "special": True}},
-    "bos_token": "<|startoftext|>", "clean_up_tokenization_spaces": True, "do_lower_case": True,
-    "eos_token": "<|endoftext|>", "errors": "replace", "model_max_length": 77, "pad_token": "<|endoftext|>",
-    "tokenizer_class": "CLIPTokenizer", "unk_token": "<|endoftext|>",
-}
-T5_SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
 
 
 def assert_same_as_transformers(folder: Path, native_cls: type, lengths: tuple[int, ...]) -> None:
@@ -72,71 +64,19 @@ def test_tiny_flux_tokenizers_equal_transformers(tiny_flux):
     assert_same_as_transformers(Path(tiny_flux) / "tokenizer_2", T5Tokenizer, (512, 256, 16))
 
 
-def _clip_hub_folder(folder: Path, vocab: dict[str, int], merges: list) -> Path:
-    """FLUX.1-dev's tokenizer folder: vocab.json, merges.txt and its tokenizer_config.json (no tokenizer.json)."""
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    lines = [" ".join(m) if not isinstance(m, str) else m for m in merges]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(line + "\n" for line in lines))
-    bos, eos = len(vocab) - 2, len(vocab) - 1
-    decoder = FLUX_CLIP_CONFIG["added_tokens_decoder"]
-    config = {**FLUX_CLIP_CONFIG, "added_tokens_decoder": {str(bos): decoder["49406"], str(eos): decoder["49407"]}}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
-
-
 def test_clip_from_vocab_and_merges_as_the_hub_stores_it(tiny_flux, tmp_path):
     """The tiny vocabulary, re-laid out as FLUX.1-dev's folder (its specials at the end as in the real one)."""
     model = json.loads((Path(tiny_flux) / "tokenizer" / "tokenizer.json").read_text())["model"]
     words = [t for t in sorted(model["vocab"], key=model["vocab"].get) if not t.startswith("<|")]
     vocab = {t: i for i, t in enumerate([*words, "<|startoftext|>", "<|endoftext|>"])}
-    folder = _clip_hub_folder(tmp_path / "tokenizer", vocab, model["merges"])
+    folder = clip_hub_folder(tmp_path / "tokenizer", vocab, model["merges"])
     assert CLIPTokenizer.unsupported_folder(folder) is None
     assert_same_as_transformers(folder, CLIPTokenizer, (77, 5))
 
 
-def _synthetic_words(count: int, seed: int = 0) -> list[str]:
-    """Seeded made-up words (Latin letters with some accented and Greek ones), in lines of 12: with enough distinct
-    words the BPE trainer can always reach CLIP's vocabulary size, whatever the installation's sources hold."""
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz" * 4 + "éèàüöñçøåßαβγδ"
-    words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 11))) for _ in range(count)]
-    return [" ".join(words[i:i + 12]) for i in range(0, count, 12)]
-
-
-def _corpus(megabytes: float) -> list[str]:
-    """Text of torch's own Python sources (tens of MB in every install), in a fixed order."""
-    root = Path(torch.__file__).parent
-    texts, size = [], 0
-    for path in sorted(root.glob("**/*.py")):
-        try:
-            texts.append(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
-        size += len(texts[-1])
-        if size > megabytes * 1e6:
-            break
-    return texts
-
-
 @pytest.fixture(scope="module")
 def real_size_clip(tmp_path_factory) -> Path:
-    """A CLIP-style byte-level BPE of CLIP's size (49406 tokens + the two specials), trained with CLIP's own
-    normaliser and word split on 10 MB of torch's Python sources and 300k made-up words (a few seconds), in the
-    hub's layout."""
-    trainer_tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    trainer_tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                                         normalizers.Lowercase()])
-    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIPTokenizer.WORDS), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    trainer = trainers.BpeTrainer(vocab_size=49406, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  end_of_word_suffix="</w>", show_progress=False)
-    trainer_tokenizer.train_from_iterator(_corpus(10) + _synthetic_words(300_000), trainer)
-    model = json.loads(trainer_tokenizer.to_str())["model"]
-    vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    return _clip_hub_folder(tmp_path_factory.mktemp("clip") / "tokenizer", vocab, model["merges"])
+    return real_size_clip_folder(tmp_path_factory.mktemp("clip") / "tokenizer")
 
 
 def test_real_size_clip_vocabulary_equals_transformers(real_size_clip):
@@ -144,12 +84,19 @@ def test_real_size_clip_vocabulary_equals_transformers(real_size_clip):
     assert_same_as_transformers(real_size_clip, CLIPTokenizer, (77, 12))
 
 
+def test_real_size_t5_tokenizer_json_equals_transformers(tmp_path):
+    """T5's size (32100 pieces with the sentinels), made-up pieces: the layout the one-shot bench writes."""
+    folder = real_size_t5_folder(tmp_path / "tokenizer_2")
+    assert len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) == 32100
+    assert_same_as_transformers(folder, T5Tokenizer, (512, 9))
+
+
 @pytest.fixture(scope="module")
 def sentencepiece_t5(tmp_path_factory) -> Path:
     """A T5 SentencePiece Unigram (nmt_nfkc normalisation, <pad>=0 </s>=1 <unk>=2, 100 sentinels) converted by
     transformers into the tokenizer.json that FLUX.1-dev's tokenizer_2 ships, with that folder's config."""
     spm = pytest.importorskip("sentencepiece", reason="sentencepiece trains the T5 model and converts it")
-    lines = [line for text in _corpus(8) for line in text.splitlines() if line.strip()][:100_000]
+    lines = [line for text in torch_sources(8) for line in text.splitlines() if line.strip()][:100_000]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=8000,
                                    model_type="unigram", normalization_rule_name="nmt_nfkc", pad_id=0, eos_id=1,
@@ -160,10 +107,7 @@ def sentencepiece_t5(tmp_path_factory) -> Path:
     transformers.T5Tokenizer.from_pretrained(source, extra_ids=100).save_pretrained(folder)  # converts spiece.model
     spec = json.loads((folder / "tokenizer.json").read_text())
     assert "Precompiled" in json.dumps(spec["normalizer"])  # the SentencePiece normalisation map travels in it
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "additional_special_tokens": T5_SENTINELS, "clean_up_tokenization_spaces": True, "eos_token": "</s>",
-        "extra_ids": 100, "legacy": True, "model_max_length": 512, "pad_token": "<pad>", "sp_model_kwargs": {},
-        "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(FLUX_T5_CONFIG))
     return folder
 
 

@@ -152,25 +152,28 @@ class CLIPTokenizer(NativeTokenizer):
 
     @classmethod
     def _build(cls, folder: Path, config: dict) -> Tokenizer:
+        options = dict(dropout=None, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False,
+                       unk_token=_token_text(config.get("unk_token", "<|endoftext|>")))
         tokenizer_json = folder / "tokenizer.json"
         if tokenizer_json.is_file():
             model = _model_of(tokenizer_json, "BPE")
-            vocab = model["vocab"]
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        else:
-            vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
-        bos, eos = _token_text(config.get("bos_token", "<|startoftext|>")), _token_text(config.get("eos_token",
-                                                                                                   "<|endoftext|>"))
-        backend = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                end_of_word_suffix="</w>", fuse_unk=False,
-                                unk_token=_token_text(config.get("unk_token", "<|endoftext|>"))))
+            bpe = BPE(vocab=model["vocab"], merges=merges, **options)
+        else:  # read by the library itself: no Python dict of the 49408 tokens (half the load time)
+            bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), **options)
+        backend = Tokenizer(bpe)
         backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                                    normalizers.Lowercase()])
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(cls.WORDS), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        backend.post_processor = processors.RobertaProcessing((eos, vocab[eos]), (bos, vocab[bos]),
-                                                              trim_offsets=False, add_prefix_space=False)
+        bos, eos = (_token_text(config.get(key, default)) for key, default in
+                    (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>")))
+        ids = {token: backend.token_to_id(token) for token in (bos, eos)}
+        if None in ids.values():
+            raise ModelLoadError(f"{folder}: the vocabulary lacks {bos!r} or {eos!r}")
+        backend.post_processor = processors.RobertaProcessing((eos, ids[eos]), (bos, ids[bos]), trim_offsets=False,
+                                                              add_prefix_space=False)
         return backend
 
 
