@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # bench.common and diffgen.testing from this tree
 
 # One `diffgen generate` with marks: argv[1] is the parent's time.time() at the spawn, then the CLI's arguments.
 # Wraps what exists in the tree it runs (the stage names changed over time); prints "MARK <s> <thread> <what>".
@@ -146,7 +147,6 @@ def write_checkpoint(folder: Path, tiny: bool) -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    sys.path.insert(0, str(ROOT))
     from bench.common import random_init_
     from diffgen.testing.tiny import _use_hub_class_names
     from diffgen.testing.tokenizers import clip_tokenizer, t5_tokenizer
@@ -193,7 +193,6 @@ def write_checkpoint(folder: Path, tiny: bool) -> None:
 def use_real_size_tokenizers(folder: Path) -> None:
     """FLUX.1-dev's tokenizer folders at their real sizes (CLIP: 49408 tokens in vocab.json + merges.txt; T5: 32100
     pieces in tokenizer.json), replacing the tiny ones once: loading them is part of a one-shot process."""
-    sys.path.insert(0, str(ROOT))
     from diffgen.testing.tokenizers import real_size_clip_folder, real_size_t5_folder
 
     if (folder / "tokenizer" / "vocab.json").is_file():

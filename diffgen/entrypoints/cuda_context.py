@@ -18,10 +18,11 @@ import re
 import threading
 from typing import Any
 
+from diffgen.options import parallel_option_names  # neither imports torch
+from diffgen.parallel.launch import under_torchrun
+
 #: "0": no early context (the first CUDA call makes it, as without this module)
 EARLY_CUDA_CONTEXT_ENV = "DIFFGEN_EARLY_CUDA_CONTEXT"
-#: options that make a generate run on several GPUs (diffgen.parallel.config.FIELDS), each meaning one GPU at 1
-_PARALLEL_OPTIONS = ("num_gpus", "ulysses_degree", "ring_degree", "enable_cfg_parallel", "tp_size", "dp_size")
 
 
 def device_ordinal(options: dict[str, Any]) -> int | None:
@@ -29,10 +30,11 @@ def device_ordinal(options: dict[str, Any]) -> int | None:
     torchrun rank, or the switch at 0. ``--device`` unset or ``auto`` means GPU 0 where there is one."""
     if os.environ.get(EARLY_CUDA_CONTEXT_ENV, "1") == "0":
         return None
-    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if under_torchrun():
         return None
+    # each parallel option means one GPU at its default (1 / False)
     if any(options.get(name) is True or (type(options.get(name)) is int and options[name] > 1)
-           for name in _PARALLEL_OPTIONS):
+           for name in parallel_option_names()):
         return None
     device = options.get("device") or "auto"
     if device in ("auto", "cuda"):

@@ -1,6 +1,11 @@
-"""Tokenizers built in memory from a tiny synthetic vocabulary: no hub, no sentencepiece files."""
+"""Tokenizers for tests and benches, made offline: tiny synthetic vocabularies built in memory, and folders with
+vocabularies of the real sizes (no hub, no sentencepiece files)."""
 
 from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
 
 from tokenizers import pre_tokenizers
 
@@ -85,9 +90,6 @@ FLUX_T5_CONFIG = {
 def clip_hub_folder(folder, vocab: dict[str, int], merges: list):
     """FLUX.1-dev's CLIP tokenizer folder: vocab.json, merges.txt (no tokenizer.json) and its tokenizer_config.json,
     the two special tokens last in ``vocab`` as in the real one."""
-    import json
-    from pathlib import Path
-
     folder = Path(folder)
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -102,8 +104,6 @@ def clip_hub_folder(folder, vocab: dict[str, int], merges: list):
 
 def made_up_words(count: int, seed: int = 0) -> list[str]:
     """Seeded made-up words (Latin letters with some accented and Greek ones), in lines of 12."""
-    import random
-
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz" * 4 + "éèàüöñçøåßαβγδ"
     words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 11))) for _ in range(count)]
@@ -112,8 +112,6 @@ def made_up_words(count: int, seed: int = 0) -> list[str]:
 
 def torch_sources(megabytes: float) -> list[str]:
     """Text of torch's own Python sources (tens of MB in every install), in a fixed order."""
-    from pathlib import Path
-
     import torch
 
     texts, size = [], 0
@@ -132,18 +130,13 @@ def real_size_clip_folder(folder):
     """A CLIP-style byte-level BPE of CLIP's size (49406 tokens + the two specials), trained with CLIP's normaliser
     and word split on 10 MB of torch's sources and 300k made-up words (with those, the trainer reaches the size
     whatever the installation holds; a few seconds), in FLUX.1-dev's layout."""
-    import json
 
-    from tokenizers import Regex, Tokenizer, models, normalizers, trainers
+    from tokenizers import Tokenizer, models, trainers
 
     from diffgen.models.encoders.tokenizers import CLIPTokenizer
 
-    trainer_tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    trainer_tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                                         normalizers.Lowercase()])
-    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIPTokenizer.WORDS), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    trainer_tokenizer = CLIPTokenizer.text_steps(
+        Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix="")))
     trainer = trainers.BpeTrainer(vocab_size=49406, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   end_of_word_suffix="</w>", show_progress=False)
     trainer_tokenizer.train_from_iterator(torch_sources(10) + made_up_words(300_000), trainer)
@@ -157,9 +150,6 @@ def real_size_t5_folder(folder, pieces: int = 32000, seed: int = 0):
     """A T5-style Unigram tokenizer.json of T5's size (<pad> </s> <unk> ▁, made-up pieces with made-up scores, the
     100 sentinels last: 32100 in all) with FLUX.1-dev's tokenizer_config.json. For load times: the pieces are not a
     trained vocabulary."""
-    import json
-    import random
-    from pathlib import Path
 
     from tokenizers import AddedToken, Tokenizer, models
 

@@ -151,6 +151,17 @@ class CLIPTokenizer(NativeTokenizer):
         return None
 
     @classmethod
+    def text_steps(cls, backend: Tokenizer) -> Tokenizer:
+        """CLIP's text steps before BPE: NFC, whitespace runs to one space, lower case; words split by its regex,
+        then bytes (the test vocabularies are trained with these very steps)."""
+        backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                   normalizers.Lowercase()])
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(cls.WORDS), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        return backend
+
+    @classmethod
     def _build(cls, folder: Path, config: dict) -> Tokenizer:
         options = dict(dropout=None, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False,
                        unk_token=_token_text(config.get("unk_token", "<|endoftext|>")))
@@ -161,12 +172,7 @@ class CLIPTokenizer(NativeTokenizer):
             bpe = BPE(vocab=model["vocab"], merges=merges, **options)
         else:  # read by the library itself: no Python dict of the 49408 tokens (half the load time)
             bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), **options)
-        backend = Tokenizer(bpe)
-        backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                                   normalizers.Lowercase()])
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(cls.WORDS), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        backend = cls.text_steps(Tokenizer(bpe))
         bos, eos = (_token_text(config.get(key, default)) for key, default in
                     (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>")))
         ids = {token: backend.token_to_id(token) for token in (bos, eos)}
