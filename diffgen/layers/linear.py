@@ -187,8 +187,9 @@ def linear_of_concat(linear: nn.Module, parts: list[torch.Tensor]) -> torch.Tens
     On CUDA (family ``concat_linear``) without building the concatenation: one matmul per part over its columns of
     the weight, each after the first accumulating into the first's output (``addmm_``). The sum over the input
     channels is then split at the parts' boundaries, and the first part's partial sum (with the bias) is rounded
-    to x's dtype before the rest is added: at most half an ulp of that partial sum (2**-9 relative in bf16) from
-    the single matmul, besides float32 summation order. Elsewhere exactly the plain ops.
+    to x's dtype before the rest is added: at most half an ulp of that partial sum (the unit roundoff, 2**-8
+    relative in bf16, 2**-11 in fp16) from the single matmul, besides float32 summation order. Elsewhere exactly
+    the plain ops.
     """
     from diffgen.layers.fused import use_fused_kernel
 
