@@ -55,15 +55,31 @@ def test_linear_of_concat_on_cpu_is_the_plain_path_bit_for_bit():
             assert torch.equal(linear_of_concat(linear, parts), linear(torch.cat(parts, dim=-1)))
 
 
+class _RecordedCalls(torch.overrides.TorchFunctionMode):
+    """Records the names of the torch functions and tensor methods called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
 def test_the_split_projection_sums_the_parts_in_float32(monkeypatch):
-    """The CUDA path's arithmetic (forced here on the CPU): one matmul per part of the input channels, the rest
-    accumulated into the first's output; in float32 the same sum up to summation order."""
+    """The CUDA path's arithmetic (forced here on the CPU): no concatenation is built, one matmul per part of the
+    input channels, the rest accumulated into the first's output (``addmm_``); in float32 the same sum up to
+    summation order."""
     monkeypatch.setattr(fused, "use_fused_kernel", lambda *a, **k: True)
     parts = [torch.randn(2, 9, 8), torch.randn(2, 9, 24), torch.randn(2, 9, 5)]
     for bias in (True, False):
         linear = _linear(37, 16, bias=bias)
-        got, expected = linear_of_concat(linear, parts), linear(torch.cat(parts, dim=-1))
-        assert got.shape == expected.shape and not torch.equal(parts[0], got[..., :8])
+        expected = linear(torch.cat(parts, dim=-1))
+        with _RecordedCalls() as calls:
+            got = linear_of_concat(linear, parts)
+        assert "cat" not in calls.names and calls.names.count("addmm_") == len(parts) - 1, calls.names
+        assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
