@@ -57,6 +57,7 @@ def _kernel_names(fn, device: torch.device) -> list[str]:
 
 def bench_mlp_in(name: str, shape: tuple, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
     from diffgen.layers.linear import _addmm_gelu, linear_gelu
+    from diffgen.testing.bounds import gelu_epilogue_bound
 
     tokens, k, n = shape
     g = torch.Generator(device).manual_seed(0)
@@ -78,10 +79,9 @@ def bench_mlp_in(name: str, shape: tuple, device: torch.device, dtype: torch.dty
                   f"max abs {(got - exact).abs().max():.3e}", flush=True)
         if device.type == "cuda":
             epilogue, reference = variants["cuBLASLt bias + GELU epilogue"]().float(), plain().float()
-            u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-            bound = u * (epilogue.abs() + reference.abs()) + (1.2 * u + 2.0**-12) * z.abs() + (
-                2 * k * 2.0**-24) * (x.float().abs() @ linear.weight.float().abs().t() + linear.bias.float().abs())
-            print(f"  {name}: epilogue vs plain: max |diff| / bound {((epilogue - reference).abs() / bound).max():.3f}",
+            bound = gelu_epilogue_bound(x, linear.weight, linear.bias, z, epilogue, reference)
+            print(f"  {name}: epilogue vs plain: max |diff| / the GPU test's bound "
+                  f"{((epilogue - reference).abs() / bound).max():.3f}",
                   flush=True)
             print(f"  {name}: kernels of linear_gelu: {_kernel_names(lambda: linear_gelu(linear, x), device)}",
                   flush=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from diffgen.layers import fused
 from diffgen.layers.linear import linear_gelu, linear_gelu_op, linear_of_concat
+from diffgen.testing.bounds import UNIT_ROUNDOFF, gelu_epilogue_bound, summation_slack
 from tests.test_fused import _flux, _qwen, _recording_backend, _wan
 
 SHAPES = [((7, 16), 32), ((2, 9, 24), 40), ((1, 33, 64), 256)]  # (x shape, out features)
@@ -170,17 +171,8 @@ def test_graph_kernel_setting_accepts_the_new_families(monkeypatch):
 
 
 # -- GPU -------------------------------------------------------------------------------------------------------------
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 GPU_SHAPES = [((4096, 3072), 12288), ((1, 512, 3072), 12288), ((2, 333, 256), 1000), ((3, 1536), 8960),
               ((1, 1, 64), 128)]
-
-
-def _summation_slack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Twice the worst-case float32 summation error of one output (two matmuls summing in different orders)."""
-    magnitude = x.float().abs().reshape(-1, x.shape[-1]) @ weight.float().abs().t()
-    if bias is not None:
-        magnitude = magnitude + bias.float().abs()
-    return (2 * x.shape[-1] * 2.0**-24) * magnitude.view(*x.shape[:-1], weight.shape[0])
 
 
 @pytest.mark.gpu
@@ -189,10 +181,9 @@ def _summation_slack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 @pytest.mark.parametrize("shape,n", GPU_SHAPES)
 def test_gelu_epilogue_agrees_with_the_plain_path_on_gpu(shape, n, dtype):
     """The epilogue rounds once (bias + GELU on the float32 accumulator), the plain path twice (the matmul's output,
-    then the GELU of that rounded value). Bound per element, u the unit roundoff: u (|plain| + |epilogue|) for the
-    two final roundings, 1.2 u |z| for the rounded GELU input (|gelu'| <= 1.13), 2**-12 |z| for the epilogue's own
-    tanh, and the float32 summation-order slack. And over the whole tensor the epilogue is no farther from the
-    float32 result than the plain path."""
+    then the GELU of that rounded value): per element within ``diffgen.testing.bounds.gelu_epilogue_bound`` of each
+    other (derived there). And over the whole tensor the epilogue is no farther from the float32 result than the
+    plain path."""
     torch.manual_seed(shape[-1] + n)
     linear = _linear(shape[-1], n, dtype=dtype, device="cuda")
     x = torch.randn(shape, device="cuda").to(dtype)
@@ -205,9 +196,7 @@ def test_gelu_epilogue_agrees_with_the_plain_path_on_gpu(shape, n, dtype):
         assert torch.equal(plain, F.gelu(linear(x), approximate="tanh"))
         z = F.linear(x.float(), linear.weight.float(), linear.bias.float())
         exact = F.gelu(z, approximate="tanh")
-    u = UNIT_ROUNDOFF[dtype]
-    bound = (u * (plain.float().abs() + got.float().abs()) + (1.2 * u + 2.0**-12) * z.abs()
-             + _summation_slack(x, linear.weight, linear.bias))
+    bound = gelu_epilogue_bound(x, linear.weight, linear.bias, z, got, plain)
     excess = (got.float() - plain.float()).abs() - bound
     assert excess.max().item() <= 0, f"max excess over the bound {excess.max().item():.3e}"
     err_epilogue = (got.float() - exact).norm() / exact.norm()
@@ -236,7 +225,7 @@ def test_split_projection_agrees_with_the_concatenation_on_gpu(dtype):
             joined = torch.cat(parts, dim=-1)
             single = linear(joined)
             partial = F.linear(parts[0].float(), linear.weight[:, :widths[0]].float(), linear.bias.float())
-        bound = u * (partial.abs() + single.float().abs() + got.float().abs()) + _summation_slack(
+        bound = u * (partial.abs() + single.float().abs() + got.float().abs()) + summation_slack(
             joined, linear.weight, linear.bias)
         excess = (got.float() - single.float()).abs() - bound
         assert excess.max().item() <= 0, f"{tokens} tokens: max excess over the bound {excess.max().item():.3e}"

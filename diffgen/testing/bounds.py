@@ -1,0 +1,40 @@
+"""Per-element error bounds of the half-precision matmul paths (``diffgen.layers.linear``) against float32, shared by
+the GPU tests and ``bench/gelu_epilogue.py``.
+
+u is the unit roundoff of the output dtype: rounding v to it moves v by at most u |v| and at most u |round(v)|.
+"""
+
+from __future__ import annotations
+
+import torch
+
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+#: allowance for cuBLASLt's own tanh in its GELU epilogue, relative to |z|. gelu_tanh(z) = z (1 + tanh(t(z))) / 2,
+#: so an error d in the tanh moves the output by |z| d / 2: this allows d up to 2**-11 (4.9e-4). Measured
+#: (bench/gelu_epilogue.py, ``which_gelu``, float32, H200): the epilogue within 5.5e-6 of gelu(approximate="tanh")
+#: over z of a few units, i.e. d <= 1.1e-5 wherever |z| >= 1: the allowance keeps a margin of about 40x over that.
+EPILOGUE_TANH = 2.0**-12
+#: |gelu_tanh'(z)| <= 1.13 everywhere: rounding the GELU's input by u |z| moves its output by at most 1.13 u |z|
+GELU_SLOPE = 1.2
+
+
+def summation_slack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Twice the worst-case float32 summation error of each output of ``linear(x, weight, bias)`` (k 2**-24 times
+    sum |x| |w| + |b|, k the input width: two float32 sums of the same terms in different orders, e.g. cuBLAS's
+    and the float32 reference's)."""
+    magnitude = x.float().abs().reshape(-1, x.shape[-1]) @ weight.float().abs().t()
+    if bias is not None:
+        magnitude = magnitude + bias.float().abs()
+    return (2 * x.shape[-1] * 2.0**-24) * magnitude.view(*x.shape[:-1], weight.shape[0])
+
+
+def gelu_epilogue_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, z: torch.Tensor,
+                        epilogue: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """Per element, how far the GELU epilogue's result may be from the plain path's (addmm rounded to the dtype,
+    then the tanh GELU rounded again); z is the float32 ``linear(x)``. u (|plain| + |epilogue|) for the two final
+    roundings, GELU_SLOPE u |z| for the plain path's rounded GELU input, EPILOGUE_TANH |z| for cuBLASLt's tanh, and
+    the float32 summation-order slack."""
+    u = UNIT_ROUNDOFF[x.dtype]
+    return (u * (plain.float().abs() + epilogue.float().abs()) + (GELU_SLOPE * u + EPILOGUE_TANH) * z.abs()
+            + summation_slack(x, weight, bias))
+
