@@ -38,3 +38,21 @@ def gelu_epilogue_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return (u * (plain.float().abs() + epilogue.float().abs()) + (GELU_SLOPE * u + EPILOGUE_TANH) * z.abs()
             + summation_slack(x, weight, bias))
 
+
+def split_projection_bound(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+                           got: torch.Tensor) -> torch.Tensor:
+    """Per element, how far ``linear_of_concat``'s split result ``got`` may be from the float32 z =
+    ``linear(cat(parts))``.
+
+    The split path computes p = bias + parts[0] @ W0^T in float32 and rounds it (p'), then each further part's
+    product is accumulated in float32 onto p' and the sum rounded once more (got). So got - z = (got - v) +
+    (p' - p) + (v - z - (p' - p)), v the float32 value rounded last: |got - v| <= u |got|, |p' - p| <= u |p|, and
+    the rest is float32 summation order (every product and the bias summed once, in another order than z's, plus
+    one float32 addition per part: within ``summation_slack`` over the whole width). Taking p from the float32
+    reference instead of the device's changes u |p| by u times float32 slack, also inside ``summation_slack``'s
+    factor of two."""
+    u = UNIT_ROUNDOFF[got.dtype]
+    first = parts[0]
+    partial = torch.nn.functional.linear(first.float(), weight[:, :first.shape[-1]].float(),
+                                         None if bias is None else bias.float())
+    return u * (partial.abs() + got.float().abs()) + summation_slack(torch.cat(parts, dim=-1), weight, bias)
