@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from diffgen.layers import fused
 from diffgen.layers.linear import linear_gelu, linear_gelu_op, linear_of_concat
@@ -82,6 +83,24 @@ def test_the_split_projection_sums_the_parts_in_float32(monkeypatch):
         assert "cat" not in calls.names and calls.names.count("addmm_") == len(parts) - 1, calls.names
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrong_input_width_raises_on_every_path(monkeypatch):
+    """linear_gelu needs no width check of its own: the epilogue's matmul, the operator (its fake too, while
+    tracing) and the plain linear all refuse; linear_of_concat checks the parts' total width (one matmul per part
+    would silently leave weight columns out) and leaves the error to the plain linear."""
+    linear = _linear(16, 8)
+    x = torch.randn(3, 12)
+    for forced in (True, False):
+        monkeypatch.setattr(fused, "use_fused_kernel", lambda *a, forced=forced, **k: forced)
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            linear_gelu(linear, x)
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            linear_of_concat(_linear(32, 8), [torch.randn(3, 8), torch.randn(3, 20)])
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        linear_gelu_op(x, linear.weight, linear.bias)
+    with pytest.raises(RuntimeError, match="x has 12 features, the weight 16"), FakeTensorMode() as mode:
+        linear_gelu_op(mode.from_tensor(x), mode.from_tensor(linear.weight), mode.from_tensor(linear.bias))
 
 
 def test_wrapped_or_observed_linears_keep_their_own_forward(monkeypatch):
