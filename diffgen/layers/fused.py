@@ -4,9 +4,9 @@ Each kernel computes what a short chain of PyTorch ops computes, in one pass ove
 rounds where that chain rounds (so it agrees with the plain path within bf16 rounding). The plain
 path stays the reference: it runs on CPU and when Triton is missing. Under ``torch.compile``
 Inductor fuses the same chains itself, and across more ops than a hand-written kernel can, except
-where it measured slower than a kernel here: those (:data:`GRAPH_KERNELS`) are custom ops that
-compiled graphs call (``DIFFGEN_GRAPH_KERNELS``: 0 for Inductor's own kernels everywhere, or a comma
-list of :data:`GRAPH_CAPABLE`).
+where a kernel here (or a matmul layout of diffgen.layers.linear) measured faster or no slower:
+compiled graphs call those (:data:`GRAPH_KERNELS`) instead (``DIFFGEN_GRAPH_KERNELS``: 0 for
+Inductor's own kernels everywhere, or a comma list of :data:`GRAPH_CAPABLE`).
 """
 
 from __future__ import annotations
@@ -26,18 +26,20 @@ _disabled: frozenset[str] = frozenset()  # kernels left out (benchmarks measure 
 _graphs: tuple[str, ...] | None = None  # families in compiled graphs; None: DIFFGEN_GRAPH_KERNELS, else GRAPH_KERNELS
 #: the kernel families, as ``use_fused_kernel`` and ``set_fused_kernels`` name them
 KERNELS = ("norm_rope", "modulation", "channel_norm", "linear_gelu", "concat_linear")
-#: what compiled graphs can call as custom ops (each of a family of KERNELS): the q/k norm + RoPE with the norm
-#: per head (FLUX, Qwen-Image, HunyuanVideo) or across the heads of a token (Wan), and the modulation kernels
+#: the families compiled graphs can be told to use (each of a family of KERNELS). Custom ops: the q/k norm + RoPE
+#: with the norm per head (FLUX, Qwen-Image, HunyuanVideo) or across the heads of a token (Wan) and the modulation
+#: kernels (Triton), and cuBLASLt's bias + tanh-GELU epilogue (``diffgen::linear_gelu``). ``concat_linear`` is no
+#: op: the projection of a concatenation as one matmul per part, plain aten ops traced into the graph
+#: (diffgen.layers.linear.linear_gelu, linear_of_concat)
 GRAPH_CAPABLE = {"norm_rope": "norm_rope", "norm_rope_across_heads": "norm_rope", "modulation": "modulation",
-                 # not Triton: cuBLASLt's bias + tanh-GELU epilogue, and the projection of a concatenation as one matmul
-                 # per part (diffgen.layers.linear.linear_gelu, linear_of_concat)
                  "linear_gelu": "linear_gelu", "concat_linear": "concat_linear"}
-#: those compiled graphs call by default: only what measured faster than Inductor's own kernels in the served
-#: forward (one H200, docs/benchmarks.md): the q/k norm + RoPE per head and across heads ("A tiled q/k RMS-norm +
-#: RoPE kernel": Qwen-Image -9 ms per true-CFG step, FLUX -1 ms per forward, Wan -13 ms per CFG step), and
-#: cuBLASLt's GELU epilogue with FLUX's single-block projection split ("GELU in the matmul's epilogue":
-#: Qwen-Image -7.9 ms per true-CFG step, Wan -16.1 ms per CFG step, FLUX -3.0 / +0.5 ms in two runs: no change);
-#: the modulation ops lost or tied (Inductor fuses them with their neighbours)
+#: those compiled graphs call by default, in the served forward against Inductor's own kernels (one H200,
+#: docs/benchmarks.md): the q/k norm + RoPE per head and across heads, faster ("A tiled q/k RMS-norm + RoPE kernel":
+#: Qwen-Image -9 ms per true-CFG step, FLUX -1 ms per forward, Wan -13 ms per CFG step); cuBLASLt's GELU epilogue
+#: with FLUX's single-block projection split ("GELU in the matmul's epilogue"), faster for Qwen-Image (-7.9 ms per
+#: true-CFG step) and Wan (-16.1 ms per CFG step) and within the spread for FLUX (two runs, ms per forward: before
+#: 127.1 / 132.7, the epilogue alone 129.2 / 134.0, with the split 127.6 / 129.7: the split recovers what the
+#: epilogue alone lost). The modulation ops lost or tied (Inductor fuses them with their neighbours).
 GRAPH_KERNELS = ("norm_rope", "norm_rope_across_heads", "linear_gelu", "concat_linear")
 # What compiled graphs call, resolved outside tracing (set_fused_kernels, prepare_graph_kernels): Dynamo reads it
 # while tracing and guards on its value, so a change of setting retraces instead of reusing the other graph.
