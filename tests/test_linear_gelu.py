@@ -144,7 +144,7 @@ def test_compiled_blocks_call_linear_gelu_and_agree_with_the_plain_forward(famil
         expected = model(**inputs)
     graphs: list = []
     monkeypatch.delenv("DIFFGEN_DISABLE_TRITON", raising=False)
-    monkeypatch.setattr(fused, "_triton_available", lambda: True)
+    monkeypatch.setattr(fused, "_triton_available", lambda: False)  # the families need no Triton
     monkeypatch.setattr(fused, "_GRAPH_DEVICE", "cpu")
     compile_module, backend = torch.nn.Module.compile, _recording_backend(graphs)
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(
@@ -174,6 +174,35 @@ def test_compiled_blocks_call_linear_gelu_and_agree_with_the_plain_forward(famil
         monkeypatch.undo()
         fused.set_fused_kernels(None)
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("triton_off", ["missing", "DIFFGEN_DISABLE_TRITON"])
+def test_the_cublaslt_families_need_no_triton(triton_off, monkeypatch):
+    """With Triton missing or turned off, the epilogue and the split projection are still chosen (eager on a CUDA
+    tensor, a fake one here; compiled graphs by default), the Triton families are not; ``disabled`` and
+    ``set_fused_kernels(False)`` still turn them off."""
+    monkeypatch.delenv("DIFFGEN_GRAPH_KERNELS", raising=False)
+    monkeypatch.setattr(fused, "_triton_available", lambda: triton_off != "missing")
+    if triton_off == "missing":
+        monkeypatch.delenv("DIFFGEN_DISABLE_TRITON", raising=False)
+    else:
+        monkeypatch.setenv("DIFFGEN_DISABLE_TRITON", "1")
+    try:
+        fused.set_fused_kernels(None)
+        assert fused._in_graphs == ("linear_gelu", "concat_linear")
+        with FakeTensorMode():
+            x = torch.empty(2, 8, device="cuda", dtype=torch.bfloat16)
+            assert fused.use_fused_kernel(x, "linear_gelu") and fused.use_fused_kernel(x, "concat_linear")
+            assert not fused.use_fused_kernel(x, "norm_rope") and not fused.use_fused_kernel(x, "modulation")
+            fused.set_fused_kernels(None, disabled=("linear_gelu",))
+            assert not fused.use_fused_kernel(x, "linear_gelu") and fused.use_fused_kernel(x, "concat_linear")
+            assert fused._in_graphs == ("concat_linear",)
+            fused.set_fused_kernels(False)
+            assert not fused.use_fused_kernel(x, "linear_gelu") and not fused.use_fused_kernel(x, "concat_linear")
+            assert fused._in_graphs == ()
+    finally:
+        monkeypatch.undo()
+        fused.set_fused_kernels(None)
 
 
 def test_graph_kernel_setting_accepts_the_new_families(monkeypatch):

@@ -21,11 +21,14 @@ _DISABLE_ENV = "DIFFGEN_DISABLE_TRITON"
 GRAPH_KERNELS_ENV = "DIFFGEN_GRAPH_KERNELS"
 
 
-_enabled: bool | None = None  # None: on where Triton imports, unless DIFFGEN_DISABLE_TRITON is set
+_enabled: bool | None = None  # None: Triton kernels where Triton imports unless DIFFGEN_DISABLE_TRITON is set
 _disabled: frozenset[str] = frozenset()  # kernels left out (benchmarks measure each one's gain)
 _graphs: tuple[str, ...] | None = None  # families in compiled graphs; None: DIFFGEN_GRAPH_KERNELS, else GRAPH_KERNELS
 #: the kernel families, as ``use_fused_kernel`` and ``set_fused_kernels`` name them
 KERNELS = ("norm_rope", "modulation", "channel_norm", "linear_gelu", "concat_linear")
+#: the families that use no Triton (cuBLASLt's GELU epilogue, the split projection): on where Triton is missing
+#: or DIFFGEN_DISABLE_TRITON is set; ``set_fused_kernels`` and DIFFGEN_GRAPH_KERNELS still choose them
+NOT_TRITON = frozenset({"linear_gelu", "concat_linear"})
 #: the families compiled graphs can be told to use (each of a family of KERNELS). Custom ops: the q/k norm + RoPE
 #: with the norm per head (FLUX, Qwen-Image, HunyuanVideo) or across the heads of a token (Wan) and the modulation
 #: kernels (Triton), and cuBLASLt's bias + tanh-GELU epilogue (``diffgen::linear_gelu``). ``concat_linear`` is no
@@ -58,9 +61,11 @@ def _triton_available() -> bool:
 
 def set_fused_kernels(enabled: bool | None, disabled: tuple[str, ...] = (),
                       graphs: bool | tuple[str, ...] | None = None) -> None:
-    """Force the Triton kernels on or off for this process (None: the default), leaving out the ``disabled``
-    families (of :data:`KERNELS`); ``graphs``: the families compiled graphs call (of :data:`GRAPH_CAPABLE`; True:
-    :data:`GRAPH_KERNELS`, False: none, None: the default). Benchmarks compare them."""
+    """Force the kernels on or off for this process (None: the default; False: the plain PyTorch ops everywhere,
+    the families of :data:`NOT_TRITON` too; True: the Triton kernels even where DIFFGEN_DISABLE_TRITON is set),
+    leaving out the ``disabled`` families (of :data:`KERNELS`); ``graphs``: the families compiled graphs call (of
+    :data:`GRAPH_CAPABLE`; True: :data:`GRAPH_KERNELS`, False: none, None: the default). Benchmarks compare
+    them."""
     global _enabled, _disabled, _graphs
     unknown = set(disabled) - set(KERNELS)
     if unknown:
@@ -89,7 +94,11 @@ def _graphs_from_env() -> tuple[str, ...]:
     return _graph_families([f.strip() for f in value.split(",") if f.strip()], GRAPH_KERNELS_ENV)
 
 
-def _kernels_enabled() -> bool:
+def _family_enabled(family: str) -> bool:
+    """Whether ``family`` may run, before the device and gradient checks: a Triton family where Triton imports and
+    is not turned off, a family of :data:`NOT_TRITON` unless ``set_fused_kernels(False)``."""
+    if family in NOT_TRITON:
+        return _enabled is not False
     enabled = _enabled if _enabled is not None else os.environ.get(_DISABLE_ENV, "") in ("", "0")
     return enabled and _triton_available()
 
@@ -98,23 +107,23 @@ def prepare_graph_kernels() -> tuple[str, ...]:
     """Decide (before compiling) which families compiled graphs call as custom ops; returns them."""
     global _in_graphs
     graphs = _graphs if _graphs is not None else _graphs_from_env()
-    _in_graphs = tuple(k for k in graphs if GRAPH_CAPABLE[k] not in _disabled) if _kernels_enabled() else ()
+    _in_graphs = tuple(k for k in graphs if GRAPH_CAPABLE[k] not in _disabled and _family_enabled(GRAPH_CAPABLE[k]))
     return _in_graphs
 
 
 def use_fused_kernel(x: torch.Tensor, kernel: str = "", graph_kernel: str | None = None,
                      inputs: tuple[torch.Tensor | None, ...] = ()) -> bool:
-    """True where the Triton path applies: a CUDA tensor, Triton importable, the family not left out, no gradient
-    wanted for ``x`` or the kernel's other ``inputs`` (the kernels have no backward); inside torch.compile only
-    where compiled graphs call it as a custom op (``graph_kernel``, of :data:`GRAPH_CAPABLE`, default ``kernel``;
-    :func:`prepare_graph_kernels`)."""
+    """True where the fast path applies: a CUDA tensor, Triton importable (except for :data:`NOT_TRITON`), the
+    family not left out, no gradient wanted for ``x`` or the kernel's other ``inputs`` (the kernels have no
+    backward); inside torch.compile only where compiled graphs call it (``graph_kernel``, of :data:`GRAPH_CAPABLE`,
+    default ``kernel``; :func:`prepare_graph_kernels`)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *inputs)):
         return False
     if torch.compiler.is_compiling():
         return x.device.type == _GRAPH_DEVICE and (graph_kernel or kernel) in _in_graphs
     if not x.is_cuda or kernel in _disabled:
         return False
-    return _kernels_enabled()
+    return _family_enabled(kernel)
 
 
 @functools.cache
