@@ -84,3 +84,36 @@ def tiny_flux(tiny_checkpoint) -> str:
 @pytest.fixture(scope="session")
 def tiny_flux_schnell(tiny_checkpoint) -> str:
     return tiny_checkpoint("flux-schnell")
+
+
+@pytest.fixture
+def compiled_on_cpu(monkeypatch):
+    """Returns a function triton_available -> the list of every graph Dynamo captures from then on, the CPU standing
+    in for CUDA: DIFFGEN_DISABLE_TRITON unset, Triton reported available or not, compiled graphs calling the ops'
+    plain implementation on "cpu", and Module.compile (compile_repeated_blocks) given one recording backend (blocks
+    of a kind share a graph) that runs each graph through AOT autograd (functionalisation, the ops' fake
+    implementations) without building C++ kernels. Afterwards the real settings and a fresh Dynamo."""
+    import torch
+    from torch._dynamo import lookup_backend
+
+    from diffgen.layers import fused
+
+    def stand_in(triton_available: bool) -> list:
+        graphs: list = []
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return lookup_backend("aot_eager")(gm, inputs)
+        monkeypatch.delenv("DIFFGEN_DISABLE_TRITON", raising=False)
+        monkeypatch.setattr(fused, "_triton_available", lambda: triton_available)
+        monkeypatch.setattr(fused, "_GRAPH_DEVICE", "cpu")
+        compile_module = torch.nn.Module.compile
+        monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(
+            self, **{**kw, "backend": backend, "options": None}))
+        torch._dynamo.reset()
+        return graphs
+
+    yield stand_in
+    monkeypatch.undo()
+    fused.set_fused_kernels(None)  # the real Triton check again
+    torch._dynamo.reset()

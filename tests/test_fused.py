@@ -215,17 +215,6 @@ def test_norm_rope_op_is_the_plain_path_on_cpu(case, dtype):
         assert got.is_contiguous() and torch.equal(got, _reference(x, norm, cos, sin, bool(over)))
 
 
-def _recording_backend(graphs: list):
-    """Dynamo backend: keep each captured graph, then run it through AOT autograd (functionalisation, the op's fake
-    implementation) without building C++ kernels."""
-    from torch._dynamo import lookup_backend
-
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return lookup_backend("aot_eager")(gm, inputs)
-    return backend
-
-
 # the graph families of each model's ops (Wan normalises q/k across heads)
 NORM_FAMILY = {"flux": "norm_rope", "wan": "norm_rope_across_heads", "qwen-image": "norm_rope"}
 # per block kind: calls of each op in its graph (FLUX double blocks: q and k of both streams, two AdaLN norms and two
@@ -247,7 +236,8 @@ def _op_calls(gm) -> dict:
                          ids=["norm-rope", "all", "default"])
 @pytest.mark.parametrize("family,build", [("flux", _flux), ("wan", _wan), ("qwen-image", _qwen)],
                          ids=["flux", "wan", "qwen-image"])
-def test_compiled_blocks_call_the_custom_ops_and_agree_with_the_plain_forward(family, build, families, monkeypatch):
+def test_compiled_blocks_call_the_custom_ops_and_agree_with_the_plain_forward(family, build, families,
+                                                                             compiled_on_cpu):
     """compile_repeated_blocks puts the custom ops of the chosen families into the blocks' graphs (blocks of a kind
     share one) where compiled graphs take the kernels (here the CPU with Triton assumed: the ops' plain
     implementations; by default the q/k norm + RoPE ops); the forward equals the plain one, and turning
@@ -260,39 +250,27 @@ def test_compiled_blocks_call_the_custom_ops_and_agree_with_the_plain_forward(fa
     model.eval().requires_grad_(False)
     with torch.no_grad():
         expected = model(**inputs)
-    graphs: list = []
-    monkeypatch.delenv("DIFFGEN_DISABLE_TRITON", raising=False)
-    monkeypatch.setattr(fused, "_triton_available", lambda: True)
-    monkeypatch.setattr(fused, "_GRAPH_DEVICE", "cpu")
-    compile_module, backend = torch.nn.Module.compile, _recording_backend(graphs)  # one backend: blocks share graphs
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(
-        self, **{**kw, "backend": backend, "options": None}))
-    torch._dynamo.reset()
-    try:
-        fused.set_fused_kernels(None, graphs=families)
-        compile_repeated_blocks(model)
-        families = fused.GRAPH_KERNELS if families is True else families
-        assert fused._in_graphs == families
-        with torch.no_grad():
-            got = model(**inputs)
-        ops = {"rms_norm_rope"} if NORM_FAMILY[family] in families else set()
-        ops |= {"layer_norm_modulate", "gated_add"} if "modulation" in families else set()
-        assert [_op_calls(gm) for gm in graphs] == [{op: n for op, n in counts.items() if op in ops}
-                                                   for counts in BLOCK_OPS[family]]
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)  # float32: the same ops, regrouped
-        fused.set_fused_kernels(True, graphs=False)
-        assert fused._in_graphs == ()
-        traced = len(graphs)
-        with torch.no_grad():
-            got = model(**inputs)
-        if any(_op_calls(gm) for gm in graphs[:traced]):  # else the graphs stay the same: no retrace needed
-            assert len(graphs) == traced + len(BLOCK_OPS[family])
-        assert not any(_op_calls(gm) for gm in graphs[traced:])
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
-    finally:
-        monkeypatch.undo()
-        fused.set_fused_kernels(None)  # the real Triton check again
-        torch._dynamo.reset()
+    graphs = compiled_on_cpu(triton_available=True)
+    fused.set_fused_kernels(None, graphs=families)
+    compile_repeated_blocks(model)
+    families = fused.GRAPH_KERNELS if families is True else families
+    assert fused._in_graphs == families
+    with torch.no_grad():
+        got = model(**inputs)
+    ops = {"rms_norm_rope"} if NORM_FAMILY[family] in families else set()
+    ops |= {"layer_norm_modulate", "gated_add"} if "modulation" in families else set()
+    assert [_op_calls(gm) for gm in graphs] == [{op: n for op, n in counts.items() if op in ops}
+                                               for counts in BLOCK_OPS[family]]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)  # float32: the same ops, regrouped
+    fused.set_fused_kernels(True, graphs=False)
+    assert fused._in_graphs == ()
+    traced = len(graphs)
+    with torch.no_grad():
+        got = model(**inputs)
+    if any(_op_calls(gm) for gm in graphs[:traced]):  # else the graphs stay the same: no retrace needed
+        assert len(graphs) == traced + len(BLOCK_OPS[family])
+    assert not any(_op_calls(gm) for gm in graphs[traced:])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_graph_kernel_settings_come_from_the_environment_and_are_checked(monkeypatch):

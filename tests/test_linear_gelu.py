@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from diffgen.layers import fused
 from diffgen.layers.linear import linear_gelu, linear_gelu_op, linear_of_concat
 from diffgen.testing.bounds import gelu_epilogue_bound, split_projection_bound
-from tests.test_fused import _flux, _qwen, _recording_backend, _wan
+from tests.test_fused import _flux, _qwen, _wan
 
 SHAPES = [((7, 16), 32), ((2, 9, 24), 40), ((1, 33, 64), 256)]  # (x shape, out features)
 
@@ -130,7 +130,7 @@ def _calls(gm, name: str) -> int:
 
 @pytest.mark.parametrize("family,build", [("flux", _flux), ("wan", _wan), ("qwen-image", _qwen)],
                          ids=["flux", "wan", "qwen-image"])
-def test_compiled_blocks_call_linear_gelu_and_agree_with_the_plain_forward(family, build, monkeypatch):
+def test_compiled_blocks_call_linear_gelu_and_agree_with_the_plain_forward(family, build, compiled_on_cpu):
     """With ``linear_gelu`` and ``concat_linear`` in the compiled graphs (the CPU standing in for CUDA: the op's plain
     implementation), every tanh-GELU MLP input is one ``diffgen::linear_gelu`` call and FLUX's single blocks project
     without a concatenation; the forward equals the plain one (float32: the same sums, regrouped); turning the
@@ -142,38 +142,26 @@ def test_compiled_blocks_call_linear_gelu_and_agree_with_the_plain_forward(famil
     model.eval().requires_grad_(False)
     with torch.no_grad():
         expected = model(**inputs)
-    graphs: list = []
-    monkeypatch.delenv("DIFFGEN_DISABLE_TRITON", raising=False)
-    monkeypatch.setattr(fused, "_triton_available", lambda: False)  # the families need no Triton
-    monkeypatch.setattr(fused, "_GRAPH_DEVICE", "cpu")
-    compile_module, backend = torch.nn.Module.compile, _recording_backend(graphs)
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(
-        self, **{**kw, "backend": backend, "options": None}))
-    torch._dynamo.reset()
-    try:
-        fused.set_fused_kernels(None, graphs=("linear_gelu", "concat_linear"))
-        compile_repeated_blocks(model)
-        with torch.no_grad():
-            got = model(**inputs)
-        assert [_calls(gm, "diffgen.linear_gelu") for gm in graphs] == GELU_OPS[family]
-        if family == "flux":  # the single block's projection: two matmuls into one output
-            assert _calls(graphs[1], "addmm_") == 1
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        fused.set_fused_kernels(True, graphs=False)
-        traced = len(graphs)
-        with torch.no_grad():
-            got = model(**inputs)
-        assert len(graphs) == traced + len(GELU_OPS[family])
-        assert not any(_calls(gm, "diffgen.linear_gelu") for gm in graphs[traced:])
-        if family == "flux":  # the plain single block: one concatenation more, no accumulating matmul
-            single, plain_single = graphs[1], graphs[traced + 1]
-            assert _calls(plain_single, "method cat") == _calls(single, "method cat") + 1
-            assert _calls(plain_single, "addmm_") == 0
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    finally:
-        monkeypatch.undo()
-        fused.set_fused_kernels(None)
-        torch._dynamo.reset()
+    graphs = compiled_on_cpu(triton_available=False)  # the families need no Triton
+    fused.set_fused_kernels(None, graphs=("linear_gelu", "concat_linear"))
+    compile_repeated_blocks(model)
+    with torch.no_grad():
+        got = model(**inputs)
+    assert [_calls(gm, "diffgen.linear_gelu") for gm in graphs] == GELU_OPS[family]
+    if family == "flux":  # the single block's projection: two matmuls into one output
+        assert _calls(graphs[1], "addmm_") == 1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    fused.set_fused_kernels(True, graphs=False)
+    traced = len(graphs)
+    with torch.no_grad():
+        got = model(**inputs)
+    assert len(graphs) == traced + len(GELU_OPS[family])
+    assert not any(_calls(gm, "diffgen.linear_gelu") for gm in graphs[traced:])
+    if family == "flux":  # the plain single block: one concatenation more, no accumulating matmul
+        single, plain_single = graphs[1], graphs[traced + 1]
+        assert _calls(plain_single, "method cat") == _calls(single, "method cat") + 1
+        assert _calls(plain_single, "addmm_") == 0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("triton_off", ["missing", "DIFFGEN_DISABLE_TRITON"])
