@@ -243,7 +243,7 @@ def test_gelu_epilogue_agrees_with_the_plain_path_on_gpu(shape, n, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the split projection runs on CUDA only)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_split_projection_agrees_with_the_concatenation_on_gpu(dtype):
+def test_split_projection_agrees_with_the_concatenation_on_gpu(dtype, monkeypatch):
     """One matmul per part, the rest accumulated into the first's rounded output: per element within
     ``diffgen.testing.bounds.split_projection_bound`` of the float32 z = linear(cat(parts)) (u (|partial| + |got|):
     the partial sum's rounding and the final one, plus the float32 summation-order slack; derived there). The
@@ -252,7 +252,12 @@ def test_split_projection_agrees_with_the_concatenation_on_gpu(dtype):
     against it in bf16 on an H200; docs/benchmarks.md, "GELU in the matmul's epilogue"). Over the whole tensor
     the split result is about as close to z as the single matmul: for independent roundings its error norm is
     sqrt(1 + |partial|^2 / |got|^2) times the single one's (asserted with a margin of 1.25). At FLUX's real single-
-    block shape and a tiny one (77 tokens, parts of 64 and 200 channels -> 96: one output tile)."""
+    block shape and a tiny one (77 tokens, parts of 64 and 200 channels -> 96: one output tile). That model counts
+    one rounding per matmul: cuBLAS's split-K reductions in half precision (PyTorch's default) round between the
+    splits too, on either side (seen on an H200: the split result 1.46x the single one's error at FLUX's shape with
+    them on, the per-element bound still held), so they are off here."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", False)
     for tokens, widths, n in [(4608, (3072, 12288), 3072), (77, (64, 200), 96)]:
         torch.manual_seed(tokens)
         linear = _linear(sum(widths), n, dtype=dtype, device="cuda")
