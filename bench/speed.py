@@ -26,6 +26,12 @@ projections on top (``DIFFGEN_FUSE_PROJECTIONS=1``, off by default: it measured 
   projection) in the graphs.
 - ``... fused qkv ...``: the concatenated projections, with and without the Triton kernel.
 
+Whole requests (not with ``--quick``), after each DiT section: FLUX.1-dev (1024², 28 steps), Qwen-Image (1024², true
+CFG) and Wan2.1-T2V-1.3B (480x832x81, CFG), 20 steps for the last two unless ``--request-steps`` says otherwise (their
+real default is 50; the step cost is linear). diffusers' pipeline class over its random components at the real
+configs against diffgen's pipeline over the same components and DiT tensors: eager default, compiled, compiled + CUDA
+graph; each variant's pixels are compared with diffusers' once (``request_rows``).
+
 Every row runs in its own try/except: a failure prints and the rest goes on. Peak memory is the
 CUDA allocator's peak during one call of that row.
 """
@@ -41,6 +47,7 @@ import tempfile
 import time
 import traceback
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -413,7 +420,7 @@ def bench_flux(args, device, dtype):
             kernel_profile(section + f", compiled ({args.inductor}), no graph", without_graphs(
                 lambda: unfused(**inputs)), device)
     if not args.quick:
-        flux_request(args, cfg, reference, unfused, device, dtype)
+        flux_request(args, cfg, reference, device, dtype)
     if args.diffusers_compiled and not args.skip_compile:
         begin = time.perf_counter()
         reference.compile_repeated_blocks(fullgraph=True)
@@ -426,12 +433,12 @@ def bench_flux(args, device, dtype):
         time_rows(section + ", both compiled", rows, device, args, warmup=3)
 
 
-def flux_request(args, cfg, reference, unfused, device, dtype):
+def flux_request(args, cfg, reference, device, dtype):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from diffusers import FluxPipeline as DiffusersFlux
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from diffgen.engine.request import GenerationRequest
+    from diffgen.models.dits.flux import FluxConfig, FluxTransformer
     from diffgen.pipelines.flux import FluxPipeline
     from diffgen.testing.tokenizers import clip_tokenizer, t5_tokenizer
 
@@ -452,29 +459,79 @@ def flux_request(args, cfg, reference, unfused, device, dtype):
             in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
             shift_factor=0.1159, scaling_factor=0.3611, **vae_cfg))
-    for module in (clip, t5, vae):
-        module.eval().requires_grad_(False)
     shared = dict(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=vae,
                   text_encoder=clip, tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer())
-    theirs = DiffusersFlux(transformer=reference, **shared)
-    theirs.set_progress_bar_config(disable=True)
+    steps = args.request_steps or cfg["steps"]
     call = dict(prompt="a photo of a raccoon", height=cfg["height"], width=cfg["width"],
-                num_inference_steps=cfg["steps"], guidance_scale=3.5, max_sequence_length=cfg["text_len"])
+                num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=cfg["text_len"])
+    request_rows(f"FLUX.1-dev request {cfg['height']}x{cfg['width']}, {steps} steps (encode+denoise+decode)",
+                 DiffusersFlux, FluxPipeline, shared, reference,
+                 lambda: native_over(FluxTransformer, FluxConfig(**cfg["dit"]), reference, fused=False),
+                 call, device, dtype, args)
+
+
+def request_rows(section: str, diffusers_cls, diffgen_cls, shared: dict, reference: torch.nn.Module, build_dit,
+                 call: dict, device: torch.device, dtype: torch.dtype, args) -> None:
+    """Whole requests (encode + denoise + decode), same process, A/B alternated, medians and peak memory:
+    diffusers' pipeline built as its users build it (``diffusers_cls(transformer=..., **components)``) against
+    diffgen's pipeline over the same components and the same DiT tensors (``build_dit``: a native DiT over
+    ``reference``'s weights), eager (``diffgen generate``'s default on CUDA) and compiled, with CUDA graphs
+    (``diffgen serve``'s default). diffgen's pipeline gets its own copies of the VAE (its constructor installs
+    diffgen's decoder in it) and of the scheduler; the text encoders are the same library modules on both sides
+    (the loader would build diffgen's native ones where it has them: the one-shot bench, bench/oneshot.py, times
+    that path)."""
+    import copy
+
+    from diffgen.engine.request import GenerationRequest
+
+    for module in shared.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    theirs = diffusers_cls(transformer=reference, **shared)
+    theirs.set_progress_bar_config(disable=True)
     request = GenerationRequest.build(seed=0, **call)
-    ours = FluxPipeline(dict(transformer=unfused, **shared), "random", device, dtype)
-    variants = {"diffusers eager": lambda: theirs(generator=torch.Generator("cpu").manual_seed(0), **call)}
-    if args.skip_compile:
-        variants["diffgen default"] = with_kernels(True, lambda: ours.run(request))
-    else:
-        variants[f"diffgen compiled ({args.inductor})"] = without_graphs(with_kernels(True, lambda: ours.run(request)))
+
+    def ours_over(dit):
+        own = {"vae": copy.deepcopy(shared["vae"]), "scheduler": copy.deepcopy(shared["scheduler"])}
+        return diffgen_cls({**shared, **own, "transformer": dit}, "random", device, dtype)
+
+    eager = ours_over(build_dit())
+    variants = {"diffusers eager": lambda: theirs(generator=torch.Generator("cpu").manual_seed(0), **call),
+                "diffgen default (eager)": with_kernels(True, lambda: eager.run(request))}
+    if not args.skip_compile:
+        dit = build_dit()
+        compile_blocks(dit, args)
+        compiled = ours_over(dit)
+        variants[f"diffgen compiled ({args.inductor})"] = without_graphs(
+            with_kernels(True, lambda: compiled.run(request)))
         if args.graphs:
             variants[f"diffgen compiled ({args.inductor}) + CUDA graph (serve default)"] = with_graphs(
-                unfused, with_kernels(True, lambda: ours.run(request)))
-    section = f"FLUX.1-dev request {cfg['height']}x{cfg['width']}, {cfg['steps']} steps (encode+denoise+decode)"
+                dit, with_kernels(True, lambda: compiled.run(request)))
     with torch.inference_mode():
-        stats = ab_medians(variants, device, warmup=1, repeats=max(2, args.repeats // 2))
+        outputs = {name: pixels_of(fn()) for name, fn in variants.items()}  # also each variant's warm-up call
+        spread = float(outputs["diffusers eager"].std())  # a flat picture would make the agreement below empty
+        RESULTS.setdefault(section, {})["diffusers eager pixel std"] = spread
+        print(f"[{section}] diffusers eager: pixel standard deviation {spread:.1f}", flush=True)
+        for name, value in outputs.items():
+            if name != "diffusers eager":
+                differs = float(np.abs(value - outputs["diffusers eager"]).max())
+                RESULTS.setdefault(section, {})[f"{name} max pixel diff vs diffusers eager"] = differs
+                print(f"[{section}] {name}: max pixel difference vs diffusers eager {differs:.0f} of 255", flush=True)
+        stats = ab_medians(variants, device, warmup=0, repeats=max(2, args.repeats // 2))
     for name, s in stats.items():
         record(section, name, s, peak_gib(variants[name], device), unit="s")
+
+
+def pixels_of(output) -> np.ndarray:
+    """The uint8 pixels of a diffusers pipeline output (PIL images or float frames) or a diffgen result."""
+    if hasattr(output, "images") and output.images:
+        return np.stack([np.asarray(image) for image in output.images]).astype(np.int16)
+    frames = output.frames
+    frames = frames[0] if isinstance(frames, list) else frames
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:  # diffusers' video output: floats in [0, 1]
+        frames = (frames * 255).round().clip(0, 255)
+    return frames.squeeze().astype(np.int16)
 
 
 # -- Wan2.1-T2V-1.3B --------------------------------------------------------------------------------
@@ -536,6 +593,40 @@ def bench_wan(args, device, dtype):
         graph_counts(section + ", compiled", unfused)
         if args.profile:
             kernel_profile(section + ", compiled, no graph", without_graphs(cfg_step(unfused)), device)
+    if not args.quick:
+        wan_request(args, cfg, reference, device, dtype)
+
+
+def wan_request(args, cfg, reference, device, dtype):
+    """Wan2.1-T2V-1.3B text-to-video: UMT5-XXL at its real config (tiny: 2 layers), the UniPC flow scheduler of the
+    hub repository (flow shift 3), the Wan2.1 VAE; CFG 5 with a negative prompt."""
+    from diffusers import AutoencoderKLWan
+    from diffusers import WanPipeline as DiffusersWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from diffgen.models.dits.wan import WanConfig, WanTransformer
+    from diffgen.pipelines.wan import WanPipeline
+    from diffgen.testing.tiny_wan import unipc_scheduler
+    from diffgen.testing.tokenizers import t5_tokenizer
+
+    tiny = args.tiny
+    umt5 = dict(vocab_size=256 if tiny else 256384, d_model=cfg["dit"]["text_dim"], d_kv=8 if tiny else 64,
+                d_ff=64 if tiny else 10240, num_layers=2 if tiny else 24, num_heads=4 if tiny else 64,
+                relative_attention_num_buckets=8 if tiny else 32, feed_forward_proj="gated-gelu")
+    with torch.device(device), default_dtype(dtype):
+        text_encoder = random_init_(UMT5EncoderModel(UMT5Config(pad_token_id=0, eos_token_id=1,
+                                                                decoder_start_token_id=0, **umt5)))
+    vae = build_direct(AutoencoderKLWan, cfg["vae"], device, dtype)
+    shared = dict(scheduler=unipc_scheduler(3.0), vae=vae, text_encoder=text_encoder,
+                  tokenizer=t5_tokenizer(cfg["text_len"]))
+    steps = args.request_steps or (2 if tiny else 20)
+    call = dict(prompt="a raccoon walking through a forest", negative_prompt="blurry, static", height=cfg["height"],
+                width=cfg["width"], num_frames=cfg["frames"], num_inference_steps=steps, guidance_scale=5.0,
+                max_sequence_length=cfg["text_len"])
+    request_rows(f"Wan2.1-T2V-1.3B request {cfg['height']}x{cfg['width']}x{cfg['frames']}, {steps} steps, CFG "
+                 "(encode+denoise+decode)", DiffusersWan, WanPipeline, shared, reference,
+                 lambda: native_over(WanTransformer, WanConfig(**cfg["dit"]), reference, fused=False),
+                 call, device, dtype, args)
 
 
 @guarded("vae")
@@ -682,6 +773,54 @@ def bench_qwen(args, device, dtype):
         graph_counts(section + ", compiled", ours_model)
         if args.profile:
             kernel_profile(section + ", compiled, no graph", without_graphs(ours), device)
+    if not args.quick:
+        qwen_request(args, cfg, reference, device, dtype)
+
+
+def qwen_request(args, cfg, reference, device, dtype):
+    """Qwen-Image text-to-image with true CFG (4.0, a negative prompt): Qwen2.5-VL-7B at its real config (tiny:
+    2 layers; a byte-level stand-in tokenizer, so the template is ~5x more tokens than the real one's, on both
+    sides), the hub repository's scheduler, the Qwen-Image VAE. With ``--small-text-encoder`` the 7B encoder is a
+    2-layer stand-in of its width (the row says so): for a card without room for it beside the 20B DiT."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+    from diffusers import QwenImagePipeline as DiffusersQwen
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from diffgen.models.dits.qwen_image import QwenImageConfig, QwenImageTransformer
+    from diffgen.pipelines.qwen_image import QwenImagePipeline
+    from diffgen.testing.tiny_qwen import QWEN_IMAGE_SCHEDULER, QWEN_SPECIAL_TOKENS, qwen2_tokenizer
+
+    tiny = args.tiny
+    tokenizer = qwen2_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    width = cfg["dit"]["joint_attention_dim"]
+    layers = 2 if tiny or args.small_text_encoder else 28
+    vocab = len(tokenizer) if tiny else 152064
+    text = dict(vocab_size=vocab, hidden_size=width, intermediate_size=48 if tiny else 18944, num_hidden_layers=layers,
+                num_attention_heads=3 if tiny else 28, num_key_value_heads=3 if tiny else 4,
+                max_position_embeddings=128000, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                rope_scaling={"mrope_section": [1, 1, 2] if tiny else [16, 24, 24], "rope_type": "default"},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2 if tiny else 32, hidden_size=16 if tiny else 1280, intermediate_size=16 if tiny else 3420,
+                  num_heads=2 if tiny else 16, out_hidden_size=width, fullatt_block_indexes=[1] if tiny else
+                  [7, 15, 23, 31])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=vocab, hidden_size=width,
+                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    with torch.device(device), default_dtype(dtype):
+        text_encoder = random_init_(Qwen2_5_VLForConditionalGeneration(config))
+    vae = build_direct(AutoencoderKLQwenImage, WAN["tiny" if tiny else "real"]["vae"], device, dtype)
+    shared = dict(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=vae,
+                  text_encoder=text_encoder, tokenizer=tokenizer)
+    steps = args.request_steps or (2 if tiny else 20)
+    call = dict(prompt="a photo of a raccoon reading a newspaper", negative_prompt=" ", height=cfg["height"],
+                width=cfg["width"], num_inference_steps=steps, true_cfg_scale=4.0,
+                max_sequence_length=cfg["text_len"])
+    encoder = ", 2-layer stand-in text encoder" if args.small_text_encoder and not tiny else ""
+    request_rows(f"Qwen-Image request {cfg['height']}x{cfg['width']}, {steps} steps, true CFG{encoder} "
+                 "(encode+denoise+decode)", DiffusersQwen, QwenImagePipeline, shared, reference,
+                 lambda: native_over(QwenImageTransformer, QwenImageConfig(**cfg["dit"]), reference, fused=False),
+                 call, device, dtype, args)
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -745,6 +884,11 @@ def main() -> None:
     parser.add_argument("--sections", default="flux,wan,qwen,vae,load", help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU, float32")
     parser.add_argument("--quick", action="store_true", help="3 repeats, no whole-request rows")
+    parser.add_argument("--request-steps", type=int, default=None,
+                        help="steps of the whole-request rows (default: FLUX 28, its real count; Qwen-Image and Wan "
+                        "20, fewer than their real 50 to keep a call under 10 minutes: the step cost is linear)")
+    parser.add_argument("--small-text-encoder", action="store_true",
+                        help="Qwen-Image request: a 2-layer stand-in of Qwen2.5-VL-7B (named in the row)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--load-gb", type=float, default=8.0, help="size of the load test's shards")

@@ -62,3 +62,25 @@ def test_bench_speed_tiny_inductor_variants_are_crossed_with_graph_kernels():
         bad = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", *bad_args],
                              capture_output=True, text=True, timeout=120, env=env)
         assert bad.returncode == 2 and "--inductor" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_bench_speed_tiny_whole_request_rows():
+    """Without --quick every DiT section ends with whole requests (encode + denoise + decode): diffusers' pipeline
+    built from its components against diffgen's pipeline over the same components, eager default, compiled, compiled
+    + CUDA graph; in float32 on the CPU every diffgen variant's pixels equal diffusers' (seed 0 on both sides)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", "--skip-eager", "--repeats", "2",
+               "--sections", "flux,wan,qwen"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0 and "FAILED" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("row: |") and " request " in line]
+    for work in ("FLUX.1-dev request 64x64, 2 steps", "Wan2.1-T2V-1.3B request 48x80x9, 2 steps, CFG",
+                 "Qwen-Image request 64x64, 2 steps, true CFG"):
+        names = [row.split(" | ")[2] for row in rows if row.startswith(f"row: | {work}")]
+        assert names == ["diffusers eager", "diffgen default (eager)", "diffgen compiled (default)",
+                         "diffgen compiled (default) + CUDA graph (serve default)"], (work, rows)
+    diffs = re.findall(r"max pixel difference vs diffusers eager (\d+) of 255$", run.stdout, re.MULTILINE)
+    spreads = re.findall(r"diffusers eager: pixel standard deviation ([0-9.]+)$", run.stdout, re.MULTILINE)
+    assert len(diffs) == 9 and len(spreads) == 3, run.stdout[-3000:]
+    assert all(int(value) <= 1 for value in diffs), diffs  # one level: float32 rounding at a .5 boundary
+    assert all(float(value) > 1 for value in spreads), spreads  # pictures with content, not a flat colour
