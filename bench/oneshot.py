@@ -1,13 +1,16 @@
 """Time to the first picture: a whole one-shot process, from `python` to the image, diffgen vs diffusers.
 
     python bench/oneshot.py                 # FLUX.1-dev at its real config, random bf16 weights, 28 steps
+    python bench/oneshot.py --model wan     # Wan2.1-T2V-1.3B, 480x832x81, 50 steps, CFG
+    python bench/oneshot.py --model qwen --small-text-encoder   # Qwen-Image 1024², 50 steps, true CFG; see --help
     python bench/oneshot.py --tiny          # a tiny checkpoint on CPU, to check the script itself
     python bench/oneshot.py --baseline ../diffgen-before   # also time another diffgen source tree
     python bench/oneshot.py --env DIFFGEN_NATIVE_TEXT_ENCODERS=0   # also time this tree with a switch set
     python bench/oneshot.py --env DIFFGEN_NATIVE_VAE=0,DIFFGEN_NATIVE_SCHEDULER=0   # several switches, one variant
 
-Writes a random-weight FLUX.1-dev checkpoint in diffusers format once (~32 GB; made-up tokenizers of the real sizes,
-tiny ones with --tiny),
+Writes a random-weight checkpoint in diffusers format once (FLUX.1-dev ~32 GB with made-up tokenizers of the real
+sizes; Wan2.1-T2V-1.3B ~14 GB and Qwen-Image ~58 GB, or ~43 GB with a 2-layer stand-in text encoder, with small
+made-up tokenizers; diffgen.testing's tiny checkpoints with --tiny),
 reads it once so that it sits in the page cache (as on a machine that ran it before), then:
 
 1. a timeline of one ``diffgen generate`` process per diffgen tree (``-X importtime`` and marks at the
@@ -16,12 +19,14 @@ reads it once so that it sits in the page cache (as on a machine that ran it bef
 3. each command as a fresh process, wall clock, all commands in turn, for ``--rounds`` rounds:
    ``python -m diffgen.entrypoints.cli generate`` (what the ``diffgen`` script runs) per tree, optionally
    with ``--compile``, and a plain diffusers script:
-   ``FluxPipeline.from_pretrained(..., torch_dtype=bf16).to("cuda")`` + one call.
+   ``FluxPipeline`` (``WanPipeline``, ``QwenImagePipeline``) ``.from_pretrained(..., torch_dtype=bf16).to("cuda")``
+   + one call + saving its output (PNG, or MP4 with diffusers' export_to_video), as diffgen saves its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -113,8 +118,7 @@ LOAD_SCRIPT = r"""
 import sys, time
 from pathlib import Path
 import torch, transformers, diffusers
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-from transformers import CLIPTextModel, T5EncoderModel
+{imports}
 from diffgen.loader.components import load_pipeline
 folder, device = sys.argv[1], sys.argv[2]
 torch.zeros(1, device=device)
@@ -124,25 +128,55 @@ if device == "cuda":
     torch.cuda.synchronize()
 seconds = time.perf_counter() - begin
 size = sum(path.stat().st_size for path in Path(folder).rglob("*.safetensors")) / 1e9
-print(f"LOAD {seconds:.3f} s for {size:.2f} GB of safetensors: {size / seconds:.1f} GB/s")
+print(f"LOAD {{seconds:.3f}} s for {{size:.2f}} GB of safetensors: {{size / seconds:.1f}} GB/s")
 """
+#: what each model's load imports, done before the timed load
+LOAD_IMPORTS = {
+    "flux": "from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler\n"
+            "from transformers import CLIPTextModel, T5EncoderModel",
+    "wan": "from diffusers import AutoencoderKLWan, UniPCMultistepScheduler\nfrom transformers import UMT5EncoderModel",
+    "qwen": "from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler\n"
+            "from transformers import Qwen2_5_VLForConditionalGeneration",
+}
 
+# A plain diffusers script per model, as the model cards write it: the pipeline class's from_pretrained in bf16, .to,
+# one call, the output saved (argv: folder, device, steps, height, width, frames, output stem).
 DIFFUSERS_SCRIPT = """
 import sys, time, torch
 t0 = time.perf_counter()
-from diffusers import FluxPipeline
+from diffusers import {pipeline}
 t1 = time.perf_counter()
-pipe = FluxPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16).to(sys.argv[2])
+pipe = {pipeline}.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16).to(sys.argv[2])
 pipe.set_progress_bar_config(disable=True)
 t2 = time.perf_counter()
-image = pipe("a photo of a raccoon", num_inference_steps=int(sys.argv[3]), height=int(sys.argv[4]),
-             width=int(sys.argv[4]), guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+steps, height, width, frames, out = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+{call}
 t3 = time.perf_counter()
-print(f"import {t1 - t0:.2f} s, load {t2 - t1:.2f} s, generate {t3 - t2:.2f} s")
+print(f"import {{t1 - t0:.2f}} s, load {{t2 - t1:.2f}} s, generate {{t3 - t2:.2f}} s")
 """
+CALLS = {
+    "flux": """pipe("a photo of a raccoon", num_inference_steps=steps, height=height, width=width, guidance_scale=3.5,
+     generator=torch.Generator("cpu").manual_seed(0)).images[0].save(out + ".png")""",
+    "qwen": """pipe("a photo of a raccoon", negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=steps,
+     height=height, width=width, generator=torch.Generator("cpu").manual_seed(0)).images[0].save(out + ".png")""",
+    "wan": """from diffusers.utils import export_to_video
+frames = pipe("a photo of a raccoon", negative_prompt="blurry, static", num_inference_steps=steps, height=height,
+              width=width, num_frames=frames, guidance_scale=5.0,
+              generator=torch.Generator("cpu").manual_seed(0)).frames[0]
+export_to_video(frames, out + ".mp4", fps=16)""",
+}
+PIPELINES = {"flux": "FluxPipeline", "qwen": "QwenImagePipeline", "wan": "WanPipeline"}
+#: model -> (steps, height, width, frames) of one request: the real defaults; tiny sizes with --tiny
+SIZES = {"flux": ((28, 1024, 1024, 1), (2, 64, 64, 1)), "qwen": ((50, 1024, 1024, 1), (2, 64, 64, 1)),
+         "wan": ((50, 480, 832, 81), (2, 48, 80, 9))}
+TINY_FAMILIES = {"wan": "wan-t2v", "qwen": "qwen-image"}
 
 
-def write_checkpoint(folder: Path, tiny: bool) -> None:
+def diffusers_script(model: str) -> str:
+    return DIFFUSERS_SCRIPT.format(pipeline=PIPELINES[model], call=CALLS[model])
+
+
+def write_flux(folder: Path, tiny: bool) -> None:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -188,6 +222,71 @@ def write_checkpoint(folder: Path, tiny: bool) -> None:
                         text_encoder_2=t5, tokenizer_2=t5_tokenizer(), transformer=transformer)
     pipe.save_pretrained(folder, safe_serialization=True)
     _use_hub_class_names(folder)
+
+
+def write_wan(folder: Path, tiny: bool) -> None:
+    """Wan2.1-T2V-1.3B: the DiT and VAE at their real configs, UMT5-XXL's encoder (~11 GB bf16), random bf16
+    weights; the tokenizer is a made-up small T5 one (the real one has 256k pieces)."""
+    import torch
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from bench.common import random_init_
+    from bench.speed import WAN, default_dtype, umt5_encoder
+    from diffgen.testing.tiny import _use_hub_class_names
+    from diffgen.testing.tiny_wan import unipc_scheduler
+    from diffgen.testing.tokenizers import t5_tokenizer
+
+    cfg = WAN["real"]
+    with torch.device("cuda"), default_dtype(torch.bfloat16):
+        transformer = random_init_(WanTransformer3DModel(**cfg["dit"]))
+        from diffusers import AutoencoderKLWan
+
+        vae = random_init_(AutoencoderKLWan(**cfg["vae"]))
+    pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=umt5_encoder(False, "cuda", torch.bfloat16), vae=vae,
+                       scheduler=unipc_scheduler(3.0), transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    _use_hub_class_names(folder)
+
+
+def write_qwen(folder: Path, tiny: bool, small_text_encoder: bool = False) -> None:
+    """Qwen-Image: the 20B DiT (~41 GB bf16) and the VAE at their real configs, Qwen2.5-VL-7B (~16.6 GB; with
+    ``small_text_encoder`` a 2-layer stand-in of its width, ~2.3 GB), random bf16 weights, a byte-level tokenizer."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    from bench.common import random_init_
+    from bench.speed import QWEN, WAN, default_dtype, qwen25_vl_encoder
+    from diffgen.testing.tiny import _use_hub_class_names
+    from diffgen.testing.tiny_qwen import QWEN_IMAGE_SCHEDULER, qwen2_tokenizer
+
+    tokenizer = qwen2_tokenizer()
+    with torch.device("cuda"), default_dtype(torch.bfloat16):
+        transformer = random_init_(QwenImageTransformer2DModel(**QWEN["real"]["dit"]))
+        vae = random_init_(AutoencoderKLQwenImage(**WAN["real"]["vae"]))
+    text_encoder = qwen25_vl_encoder(tokenizer, False, small_text_encoder, "cuda", torch.bfloat16)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=vae,
+                             text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
+    _use_hub_class_names(folder)
+
+
+def write_checkpoint(folder: Path, model: str, tiny: bool, small_text_encoder: bool = False) -> None:
+    """A random checkpoint of ``model`` in diffusers format: real configs, or diffgen.testing's tiny ones."""
+    if model == "flux":
+        return write_flux(folder, tiny)
+    if tiny:
+        from diffgen.testing.tiny import write_tiny_checkpoint
+
+        write_tiny_checkpoint(TINY_FAMILIES[model], folder)
+    elif model == "wan":
+        write_wan(folder, tiny)
+    else:
+        write_qwen(folder, tiny, small_text_encoder)
 
 
 def use_real_size_tokenizers(folder: Path) -> None:
@@ -272,17 +371,31 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="also time this tree with this environment variable set (repeatable: one variant each; "
                         "KEY=VALUE,KEY2=VALUE2 sets several in one variant)")
+    parser.add_argument("--model", choices=sorted(PIPELINES), default="flux",
+                        help="flux: FLUX.1-dev (~32 GB written); wan: Wan2.1-T2V-1.3B (~14 GB); qwen: Qwen-Image "
+                        "(~58 GB: the 41 GB DiT and the 16.6 GB Qwen2.5-VL-7B text encoder; on the device's 64 GiB "
+                        "disk with its other files that does not fit: pass --small-text-encoder there)")
+    parser.add_argument("--small-text-encoder", action="store_true",
+                        help="qwen: a 2-layer stand-in of Qwen2.5-VL-7B's width (~2.3 GB; the output says so)")
     args = parser.parse_args()
-    folder = Path(args.folder or ("/tmp/diffgen-oneshot-tiny" if args.tiny else "/tmp/diffgen-oneshot-flux"))
-    steps = args.steps or (2 if args.tiny else 28)
-    size = 64 if args.tiny else 1024
+    if args.small_text_encoder and args.model != "qwen":
+        parser.error("--small-text-encoder: only with --model qwen")
+    name = args.model + ("-small-text-encoder" if args.small_text_encoder else "") + ("-tiny" if args.tiny else "")
+    folder = Path(args.folder or f"/tmp/diffgen-oneshot-{name}")
+    real, tiny = SIZES[args.model]
+    steps, height, width, frames = tiny if args.tiny else real
+    steps = args.steps or steps
     device = "cpu" if args.tiny else "cuda"
     if not (folder / "model_index.json").exists():
         begin = time.perf_counter()
-        write_checkpoint(folder, args.tiny)
+        write_checkpoint(folder, args.model, args.tiny, args.small_text_encoder)
         print(f"wrote {folder} in {time.perf_counter() - begin:.0f} s", flush=True)
-    if not args.tiny:
+    if args.model == "flux" and not args.tiny:
         use_real_size_tokenizers(folder)
+    if args.model == "qwen" and not args.tiny:
+        layers = json.loads((folder / "text_encoder" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+        print(f"text encoder: Qwen2.5-VL with {layers} layers" + (" (a STAND-IN for the real 28-layer 7B model)"
+                                                                  if layers != 28 else ""), flush=True)
     print(f"read {warm_page_cache(folder):.1f} GB into the page cache", flush=True)
 
     trees = {"this tree": (ROOT, {})}  # label -> (diffgen source tree, extra environment)
@@ -291,13 +404,19 @@ def main() -> None:
     for setting in args.env:  # one variant per --env; "A=0,B=0" sets both in that variant
         trees[f"this tree, {setting}"] = (ROOT, dict(pair.partition("=")[::2] for pair in setting.split(",")))
     arguments = ["generate", "--model-path", str(folder), "--prompt", "a photo of a raccoon", "--seed", "0",
-                 "--num-inference-steps", str(steps), "--height", str(size), "--width", str(size), "--device", device,
-                 "--save-output", "--output-path", str(folder.parent / "diffgen-oneshot-out"), "--overwrite"]
+                 "--num-inference-steps", str(steps), "--height", str(height), "--width", str(width),
+                 "--device", device, "--save-output", "--output-path", str(folder.parent / "diffgen-oneshot-out"),
+                 "--overwrite"]
+    arguments += {"flux": [], "qwen": ["--negative-prompt", " ", "--true-cfg-scale", "4.0"],
+                  "wan": ["--negative-prompt", "blurry, static", "--guidance-scale", "5.0", "--num-frames",
+                          str(frames)]}[args.model]
+    print(f"{args.model}: {steps} steps, {height}x{width}" + (f"x{frames}" if args.model == "wan" else ""), flush=True)
 
     for label, (tree, extra) in ({} if args.skip_timelines else trees).items():
         timeline(label, tree, arguments, args.timeout, extra)
     for label, (tree, extra) in ({} if args.skip_load else trees).items():
-        wall, status, output = run([sys.executable, "-c", LOAD_SCRIPT, str(folder), device], tree_env(tree, extra),
+        load = LOAD_SCRIPT.format(imports=LOAD_IMPORTS[args.model])
+        wall, status, output = run([sys.executable, "-c", load, str(folder), device], tree_env(tree, extra),
                                    args.timeout, cwd=tree)
         loads = [line for line in output.splitlines() if line.startswith("LOAD") or "diffgen: read" in line]
         print(f"\n### whole-pipeline load, imports done: {label} ({status})\n" + "\n".join(loads), flush=True)
@@ -310,7 +429,8 @@ def main() -> None:
             [sys.executable, "-m", "diffgen.entrypoints.cli", *arguments, "--compile"], ROOT, {})
     if not args.skip_diffusers:
         commands["diffusers script (from_pretrained + .to + call)"] = (
-            [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), device, str(steps), str(size)], ROOT, {})
+            [sys.executable, "-c", diffusers_script(args.model), str(folder), device, str(steps), str(height),
+             str(width), str(frames), str(folder.parent / "diffusers-oneshot-out")], ROOT, {})
     rows: list = []
     # Round 1 pays each first-process cost (bytecode, Triton's and Inductor's caches, the driver's
     # caches); later rounds are what a user sees from the second run on. Orders alternate by round.

@@ -343,6 +343,44 @@ def time_rows(section: str, variants: dict, device, args, reference_name: str | 
         record(section, name, s, peak_gib(variants[name], device))
 
 
+def umt5_encoder(tiny: bool, device, dtype: torch.dtype) -> torch.nn.Module:
+    """Wan's text encoder, UMT5-XXL's encoder at its real config (tiny: 2 layers of width 32), random weights."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=256 if tiny else 256384, d_model=WAN["tiny" if tiny else "real"]["dit"]["text_dim"],
+                        d_kv=8 if tiny else 64, d_ff=64 if tiny else 10240, num_layers=2 if tiny else 24,
+                        num_heads=4 if tiny else 64, relative_attention_num_buckets=8 if tiny else 32,
+                        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    with torch.device(device), default_dtype(dtype):
+        return random_init_(UMT5EncoderModel(config)).eval().requires_grad_(False)
+
+
+def qwen25_vl_encoder(tokenizer, tiny: bool, small: bool, device, dtype: torch.dtype) -> torch.nn.Module:
+    """Qwen-Image's text encoder, Qwen2.5-VL-7B at its real config, random weights; ``small``: 2 layers of its width
+    (a stand-in where the 7B does not fit); tiny: 2 layers of width 24. ``tokenizer`` gives the special token ids."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from diffgen.testing.tiny_qwen import QWEN_SPECIAL_TOKENS
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    width = QWEN["tiny" if tiny else "real"]["dit"]["joint_attention_dim"]
+    vocab = len(tokenizer) if tiny else 152064
+    text = dict(vocab_size=vocab, hidden_size=width, intermediate_size=48 if tiny else 18944,
+                num_hidden_layers=2 if tiny or small else 28, num_attention_heads=3 if tiny else 28,
+                num_key_value_heads=3 if tiny else 4, max_position_embeddings=128000, rope_theta=1000000.0,
+                rms_norm_eps=1e-6, rope_scaling={"mrope_section": [1, 1, 2] if tiny else [16, 24, 24],
+                                                 "rope_type": "default"},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2 if tiny else 32, hidden_size=16 if tiny else 1280, intermediate_size=16 if tiny else 3420,
+                  num_heads=2 if tiny else 16, out_hidden_size=width,
+                  fullatt_block_indexes=[1] if tiny else [7, 15, 23, 31])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=vocab, hidden_size=width,
+                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    with torch.device(device), default_dtype(dtype):
+        return random_init_(Qwen2_5_VLForConditionalGeneration(config)).eval().requires_grad_(False)
+
+
 # -- FLUX.1-dev ------------------------------------------------------------------------------------
 def flux_inputs(cfg, device, dtype):
     tokens = (cfg["height"] // 16) * (cfg["width"] // 16)
@@ -602,7 +640,6 @@ def wan_request(args, cfg, reference, device, dtype):
     hub repository (flow shift 3), the Wan2.1 VAE; CFG 5 with a negative prompt."""
     from diffusers import AutoencoderKLWan
     from diffusers import WanPipeline as DiffusersWan
-    from transformers import UMT5Config, UMT5EncoderModel
 
     from diffgen.models.dits.wan import WanConfig, WanTransformer
     from diffgen.pipelines.wan import WanPipeline
@@ -610,12 +647,7 @@ def wan_request(args, cfg, reference, device, dtype):
     from diffgen.testing.tokenizers import t5_tokenizer
 
     tiny = args.tiny
-    umt5 = dict(vocab_size=256 if tiny else 256384, d_model=cfg["dit"]["text_dim"], d_kv=8 if tiny else 64,
-                d_ff=64 if tiny else 10240, num_layers=2 if tiny else 24, num_heads=4 if tiny else 64,
-                relative_attention_num_buckets=8 if tiny else 32, feed_forward_proj="gated-gelu")
-    with torch.device(device), default_dtype(dtype):
-        text_encoder = random_init_(UMT5EncoderModel(UMT5Config(pad_token_id=0, eos_token_id=1,
-                                                                decoder_start_token_id=0, **umt5)))
+    text_encoder = umt5_encoder(tiny, device, dtype)
     vae = build_direct(AutoencoderKLWan, cfg["vae"], device, dtype)
     shared = dict(scheduler=unipc_scheduler(3.0), vae=vae, text_encoder=text_encoder,
                   tokenizer=t5_tokenizer(cfg["text_len"]))
@@ -784,31 +816,14 @@ def qwen_request(args, cfg, reference, device, dtype):
     2-layer stand-in of its width (the row says so): for a card without room for it beside the 20B DiT."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
     from diffusers import QwenImagePipeline as DiffusersQwen
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from diffgen.models.dits.qwen_image import QwenImageConfig, QwenImageTransformer
     from diffgen.pipelines.qwen_image import QwenImagePipeline
-    from diffgen.testing.tiny_qwen import QWEN_IMAGE_SCHEDULER, QWEN_SPECIAL_TOKENS, qwen2_tokenizer
+    from diffgen.testing.tiny_qwen import QWEN_IMAGE_SCHEDULER, qwen2_tokenizer
 
     tiny = args.tiny
     tokenizer = qwen2_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    width = cfg["dit"]["joint_attention_dim"]
-    layers = 2 if tiny or args.small_text_encoder else 28
-    vocab = len(tokenizer) if tiny else 152064
-    text = dict(vocab_size=vocab, hidden_size=width, intermediate_size=48 if tiny else 18944, num_hidden_layers=layers,
-                num_attention_heads=3 if tiny else 28, num_key_value_heads=3 if tiny else 4,
-                max_position_embeddings=128000, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                rope_scaling={"mrope_section": [1, 1, 2] if tiny else [16, 24, 24], "rope_type": "default"},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=2 if tiny else 32, hidden_size=16 if tiny else 1280, intermediate_size=16 if tiny else 3420,
-                  num_heads=2 if tiny else 16, out_hidden_size=width, fullatt_block_indexes=[1] if tiny else
-                  [7, 15, 23, 31])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=vocab, hidden_size=width,
-                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    with torch.device(device), default_dtype(dtype):
-        text_encoder = random_init_(Qwen2_5_VLForConditionalGeneration(config))
+    text_encoder = qwen25_vl_encoder(tokenizer, tiny, args.small_text_encoder, device, dtype)
     vae = build_direct(AutoencoderKLQwenImage, WAN["tiny" if tiny else "real"]["vae"], device, dtype)
     shared = dict(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=vae,
                   text_encoder=text_encoder, tokenizer=tokenizer)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,3 +33,27 @@ def test_bench_oneshot_tiny_cpu_mode(tmp_path):
     assert out.count("\nLOAD ") == 3
     rows = [line for line in out.splitlines() if line.startswith("| diffgen generate")]
     assert len(rows) == 3 and all(row.endswith("| ok |") for row in rows), rows
+
+
+@pytest.mark.parametrize("model, suffix", [("wan", ".mp4"), ("qwen", ".png")])
+def test_bench_oneshot_tiny_other_models(tmp_path, model, suffix):
+    """``--model wan|qwen``: the tiny checkpoint (diffgen.testing's), the whole-pipeline load, and one round of
+    ``diffgen generate`` against the model's plain diffusers script (WanPipeline / QwenImagePipeline), each
+    process writing its output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, str(ROOT / "bench" / "oneshot.py"), "--tiny", "--model", model, "--rounds", "1",
+               "--skip-timelines", "--folder", str(tmp_path / "ckpt")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("\nLOAD ") == 1
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("| diffgen generate", "| diffusers script"))]
+    assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows), rows
+    assert [path.suffix for path in (tmp_path / "diffgen-oneshot-out").iterdir()] == [suffix]
+    assert (tmp_path / f"diffusers-oneshot-out{suffix}").is_file()
+
+
+def test_bench_oneshot_refuses_a_stand_in_text_encoder_outside_qwen():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "oneshot.py"), "--model", "wan", "--small-text-encoder"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2 and "--small-text-encoder: only with --model qwen" in run.stderr, run.stderr
