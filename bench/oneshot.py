@@ -9,7 +9,7 @@
     python bench/oneshot.py --env DIFFGEN_NATIVE_VAE=0,DIFFGEN_NATIVE_SCHEDULER=0   # several switches, one variant
 
 Writes a random-weight checkpoint in diffusers format once (FLUX.1-dev ~32 GB with made-up tokenizers of the real
-sizes; Wan2.1-T2V-1.3B ~14 GB and Qwen-Image ~58 GB, or ~43 GB with a 2-layer stand-in text encoder, with small
+sizes; Wan2.1-T2V-1.3B ~14 GB and Qwen-Image ~58 GB, or ~46 GB with a 2-layer stand-in text encoder, with small
 made-up tokenizers; diffgen.testing's tiny checkpoints with --tiny),
 reads it once so that it sits in the page cache (as on a machine that ran it before), then:
 
@@ -228,7 +228,7 @@ def write_wan(folder: Path, tiny: bool) -> None:
     """Wan2.1-T2V-1.3B: the DiT and VAE at their real configs, UMT5-XXL's encoder (~11 GB bf16), random bf16
     weights; the tokenizer is a made-up small T5 one (the real one has 256k pieces)."""
     import torch
-    from diffusers import WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
     from bench.common import random_init_
     from bench.speed import WAN, default_dtype, umt5_encoder
@@ -239,8 +239,6 @@ def write_wan(folder: Path, tiny: bool) -> None:
     cfg = WAN["real"]
     with torch.device("cuda"), default_dtype(torch.bfloat16):
         transformer = random_init_(WanTransformer3DModel(**cfg["dit"]))
-        from diffusers import AutoencoderKLWan
-
         vae = random_init_(AutoencoderKLWan(**cfg["vae"]))
     pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=umt5_encoder(False, "cuda", torch.bfloat16), vae=vae,
                        scheduler=unipc_scheduler(3.0), transformer=transformer)
@@ -250,7 +248,8 @@ def write_wan(folder: Path, tiny: bool) -> None:
 
 def write_qwen(folder: Path, tiny: bool, small_text_encoder: bool = False) -> None:
     """Qwen-Image: the 20B DiT (~41 GB bf16) and the VAE at their real configs, Qwen2.5-VL-7B (~16.6 GB; with
-    ``small_text_encoder`` a 2-layer stand-in of its width, ~2.3 GB), random bf16 weights, a byte-level tokenizer."""
+    ``small_text_encoder`` a 2-layer stand-in of its width, 2.2B parameters, ~4.5 GB), random bf16 weights, a
+    byte-level tokenizer."""
     import torch
     from diffusers import (
         AutoencoderKLQwenImage,
@@ -374,9 +373,11 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(PIPELINES), default="flux",
                         help="flux: FLUX.1-dev (~32 GB written); wan: Wan2.1-T2V-1.3B (~14 GB); qwen: Qwen-Image "
                         "(~58 GB: the 41 GB DiT and the 16.6 GB Qwen2.5-VL-7B text encoder; on the device's 64 GiB "
-                        "disk with its other files that does not fit: pass --small-text-encoder there)")
+                        "disk with its other files that does not fit: pass --small-text-encoder there, and remove "
+                        "another model's folder first: FLUX's 34 GB and Qwen-Image's 46 GB together do not fit either)")
     parser.add_argument("--small-text-encoder", action="store_true",
-                        help="qwen: a 2-layer stand-in of Qwen2.5-VL-7B's width (~2.3 GB; the output says so)")
+                        help="qwen: a 2-layer stand-in of Qwen2.5-VL-7B's width (~4.5 GB: its 152k-token embedding "
+                        "and head; the output says so)")
     args = parser.parse_args()
     if args.small_text_encoder and args.model != "qwen":
         parser.error("--small-text-encoder: only with --model qwen")
