@@ -140,7 +140,7 @@ LOAD_IMPORTS = {
 }
 
 # A plain diffusers script per model, as the model cards write it: the pipeline class's from_pretrained in bf16, .to,
-# one call, the output saved (argv: folder, device, steps, height, width, frames, output stem).
+# one call, the output saved (argv: folder, device, steps, height, width, frames, output stem, video format).
 DIFFUSERS_SCRIPT = """
 import sys, time, torch
 t0 = time.perf_counter()
@@ -159,11 +159,17 @@ CALLS = {
      generator=torch.Generator("cpu").manual_seed(0)).images[0].save(out + ".png")""",
     "qwen": """pipe("a photo of a raccoon", negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=steps,
      height=height, width=width, generator=torch.Generator("cpu").manual_seed(0)).images[0].save(out + ".png")""",
-    "wan": """from diffusers.utils import export_to_video
-frames = pipe("a photo of a raccoon", negative_prompt="blurry, static", num_inference_steps=steps, height=height,
-              width=width, num_frames=frames, guidance_scale=5.0,
+    "wan": """frames = pipe("a photo of a raccoon", negative_prompt="blurry, static", num_inference_steps=steps,
+              height=height, width=width, num_frames=frames, guidance_scale=5.0,
               generator=torch.Generator("cpu").manual_seed(0)).frames[0]
-export_to_video(frames, out + ".mp4", fps=16)""",
+if sys.argv[8] == "mp4":
+    from diffusers.utils import export_to_video
+    export_to_video(frames, out + ".mp4", fps=16)
+else:  # png-frames: one PNG per frame with Pillow, as diffgen's --output-format png-frames
+    import os, PIL.Image
+    os.makedirs(out, exist_ok=True)
+    for index, frame in enumerate(frames):
+        PIL.Image.fromarray((frame * 255).round().astype("uint8")).save(f"{out}/frame_{index:05d}.png")""",
 }
 PIPELINES = {"flux": "FluxPipeline", "qwen": "QwenImagePipeline", "wan": "WanPipeline"}
 #: model -> (steps, height, width, frames) of one request: the real defaults; tiny sizes with --tiny
@@ -378,6 +384,9 @@ def main() -> None:
     parser.add_argument("--small-text-encoder", action="store_true",
                         help="qwen: a 2-layer stand-in of Qwen2.5-VL-7B's width (~4.5 GB: its 152k-token embedding "
                         "and head; the output says so)")
+    parser.add_argument("--video-format", choices=("mp4", "png-frames"), default="mp4",
+                        help="wan: how both sides save the video (mp4 needs imageio-ffmpeg, which the device image "
+                        "lacks: png-frames there, Pillow on both sides)")
     args = parser.parse_args()
     if args.small_text_encoder and args.model != "qwen":
         parser.error("--small-text-encoder: only with --model qwen")
@@ -410,7 +419,7 @@ def main() -> None:
                  "--overwrite"]
     arguments += {"flux": [], "qwen": ["--negative-prompt", " ", "--true-cfg-scale", "4.0"],
                   "wan": ["--negative-prompt", "blurry, static", "--guidance-scale", "5.0", "--num-frames",
-                          str(frames)]}[args.model]
+                          str(frames), "--output-format", args.video_format]}[args.model]
     print(f"{args.model}: {steps} steps, {height}x{width}" + (f"x{frames}" if args.model == "wan" else ""), flush=True)
 
     for label, (tree, extra) in ({} if args.skip_timelines else trees).items():
@@ -431,7 +440,7 @@ def main() -> None:
     if not args.skip_diffusers:
         commands["diffusers script (from_pretrained + .to + call)"] = (
             [sys.executable, "-c", diffusers_script(args.model), str(folder), device, str(steps), str(height),
-             str(width), str(frames), str(folder.parent / "diffusers-oneshot-out")], ROOT, {})
+             str(width), str(frames), str(folder.parent / "diffusers-oneshot-out"), args.video_format], ROOT, {})
     rows: list = []
     # Round 1 pays each first-process cost (bytecode, Triton's and Inductor's caches, the driver's
     # caches); later rounds are what a user sees from the second run on. Orders alternate by round.

@@ -35,21 +35,26 @@ def test_bench_oneshot_tiny_cpu_mode(tmp_path):
     assert len(rows) == 3 and all(row.endswith("| ok |") for row in rows), rows
 
 
-@pytest.mark.parametrize("model, suffix", [("wan", ".mp4"), ("qwen", ".png")])
-def test_bench_oneshot_tiny_other_models(tmp_path, model, suffix):
+@pytest.mark.parametrize("model, options, suffix", [
+    ("wan", [], ".mp4"), ("wan", ["--video-format", "png-frames", "--skip-load"], ""), ("qwen", [], ".png")])
+def test_bench_oneshot_tiny_other_models(tmp_path, model, options, suffix):
     """``--model wan|qwen``: the tiny checkpoint (diffgen.testing's), the whole-pipeline load, and one round of
     ``diffgen generate`` against the model's plain diffusers script (WanPipeline / QwenImagePipeline), each
     process writing its output."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     command = [sys.executable, str(ROOT / "bench" / "oneshot.py"), "--tiny", "--model", model, "--rounds", "1",
-               "--skip-timelines", "--folder", str(tmp_path / "ckpt")]
+               "--skip-timelines", "--folder", str(tmp_path / "ckpt"), *options]
     run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("\nLOAD ") == 1
+    assert run.stdout.count("\nLOAD ") == (0 if "--skip-load" in options else 1)  # the whole-pipeline load
     rows = [line for line in run.stdout.splitlines() if line.startswith(("| diffgen generate", "| diffusers script"))]
     assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows), rows
-    assert [path.suffix for path in (tmp_path / "diffgen-oneshot-out").iterdir()] == [suffix]
-    assert (tmp_path / f"diffusers-oneshot-out{suffix}").is_file()
+    written = list((tmp_path / "diffgen-oneshot-out").iterdir())
+    assert [path.suffix for path in written] == [suffix]
+    assert (tmp_path / f"diffusers-oneshot-out{suffix}").exists()
+    if not suffix:  # png-frames: a folder of one PNG per frame on both sides (9 frames)
+        for folder in (written[0], tmp_path / "diffusers-oneshot-out"):
+            assert sorted(path.name for path in folder.iterdir()) == [f"frame_{i:05d}.png" for i in range(9)]
 
 
 def test_bench_oneshot_refuses_a_stand_in_text_encoder_outside_qwen():
