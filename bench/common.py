@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -58,3 +59,30 @@ def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def profile_one_call(fn: Callable[[], object], device: torch.device):
+    """The CUDA profiler over one call of ``fn`` after a warm one (inference mode); its ``key_averages()`` tell which
+    kernels ran and for how long."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        fn()
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+    return prof
+
+
+def kernel_bench_setup(description: str) -> tuple[argparse.Namespace, torch.device, torch.dtype]:
+    """The kernel benches' command line (``--tiny``: CPU, float32, to check the script; ``--repeats``), their device
+    and dtype (CUDA and bf16 where there is a GPU); prints the card and torch version."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"## {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    return args, device, dtype

@@ -8,7 +8,6 @@ input, GELU, concatenation, output projection) in the layouts diffgen can run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import ab_medians, kernel_bench_setup, profile_one_call  # noqa: E402
 
 SHAPES = {  # name: (tokens, in features, out features)
     "FLUX double block image MLP in": (4096, 3072, 12288),
@@ -29,7 +29,6 @@ FLUX_SINGLE = dict(real=(4608, 3072, 12288), tiny=(40, 16, 64))  # tokens, dim, 
 
 
 def _median_rows(title: str, variants: dict, device: torch.device, repeats: int, work: dict | None = None) -> dict:
-    from bench.common import ab_medians
 
     with torch.inference_mode():
         stats = ab_medians(variants, device, warmup=3, repeats=repeats)
@@ -44,14 +43,7 @@ def _kernel_names(fn, device: torch.device) -> list[str]:
     """The GPU kernels one call launches (does the epilogue path run a separate GELU kernel?)."""
     if device.type != "cuda":
         return []
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode():
-        fn()
-        torch.cuda.synchronize(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize(device)
+    prof = profile_one_call(fn, device)
     return [event.key[:80] for event in prof.key_averages() if (getattr(event, "device_time_total", 0) or 0) > 0]
 
 
@@ -173,13 +165,7 @@ def bench_flux_single(device: torch.device, dtype: torch.dtype, repeats: int, ti
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"## {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    args, device, dtype = kernel_bench_setup(__doc__)
     which_gelu(device)
     print("| shape | variant | median µs | range | TFLOP/s |\n|---|---|---|---|---|")
     for name, shape in (TINY if args.tiny else SHAPES).items():

@@ -9,13 +9,13 @@ variant runs 20 times inside a CUDA graph and a replay is timed: the GPU's time 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import ab_medians, kernel_bench_setup  # noqa: E402
 
 SHAPES = {  # name: (batch, tokens, heads, head_dim, norm over heads, round before scale)
     "FLUX single block q (4608 tokens)": (1, 4608, 24, 128, False, False),
@@ -63,7 +63,6 @@ def graphed(fn, device: torch.device):
 
 
 def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
-    from bench.common import ab_medians
     from diffgen.layers.fused import NORM_ROPE_TILE, rms_norm_rope, rms_norm_rope_op
     from diffgen.layers.norm import RMSNorm
     from diffgen.layers.rope import apply_rope, rope_tables
@@ -105,13 +104,7 @@ def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtyp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"## {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    args, device, dtype = kernel_bench_setup(__doc__)
     print("| shape | variant | median µs per call | GB/s | vs plain ops (relative, elements that differ) |\n"
           "|---|---|---|---|---|")
     for name, shape in (TINY if args.tiny else SHAPES).items():

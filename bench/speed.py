@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import ab_medians, random_init_  # noqa: E402
+from bench.common import ab_medians, profile_one_call, random_init_  # noqa: E402
 
 FLUX = dict(
     real=dict(dit=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -241,14 +241,7 @@ def kernel_profile(section: str, fn, device) -> None:
     """Where one call's GPU time goes: matmuls, attention, the rest (top kernels printed)."""
     if device.type != "cuda":
         return
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode():
-        fn()
-        torch.cuda.synchronize(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize(device)
+    prof = profile_one_call(fn, device)
     totals: dict[str, float] = {}
     for event in prof.key_averages():
         name = event.key.lower()
