@@ -51,6 +51,13 @@ def _flux():
     return FluxTransformer(config), inputs, 2 * 2 + 2  # double: image + text qkv; single: qkv+mlp
 
 
+def _flux_on_gpu():
+    """The tiny FLUX of :func:`_flux` in bf16 on CUDA, for inference, and its inputs there."""
+    model, inputs, _ = _flux()
+    model = model.to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    return model, {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+
 def _wan():
     from diffgen.models.dits.wan import WanConfig, WanTransformer
 
@@ -347,9 +354,7 @@ def test_compiled_graphs_call_the_triton_kernel_on_gpu(monkeypatch):
     calls = []
     launcher = fused.rms_norm_rope
     monkeypatch.setattr(fused, "rms_norm_rope", lambda *a: calls.append(1) or launcher(*a))
-    model, inputs, _ = _flux()
-    model = model.to("cuda", torch.bfloat16).eval().requires_grad_(False)
-    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    model, inputs = _flux_on_gpu()
     outputs = {}
     try:
         compile_repeated_blocks(model)

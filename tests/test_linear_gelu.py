@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from diffgen.layers import fused
 from diffgen.layers.linear import linear_gelu, linear_gelu_op, linear_of_concat
 from diffgen.testing.bounds import gelu_epilogue_bound, split_projection_bound
-from tests.test_fused import _flux, _qwen, _wan
+from tests.test_fused import _flux, _flux_on_gpu, _qwen, _wan
 
 SHAPES = [((7, 16), 32), ((2, 9, 24), 40), ((1, 33, 64), 256)]  # (x shape, out features)
 
@@ -292,9 +292,7 @@ def test_compiled_graphs_call_the_epilogue_on_gpu():
         assert torch.equal(compiled, torch._addmm_activation(linear.bias, x.view(-1, 256), linear.weight.t(),
                                                              use_gelu=True).view(2, 77, 1024))
     torch.manual_seed(5)
-    model, inputs, _ = _flux()
-    model = model.to("cuda", torch.bfloat16).eval().requires_grad_(False)
-    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    model, inputs = _flux_on_gpu()
     outputs = {}
     try:
         compile_repeated_blocks(model)
