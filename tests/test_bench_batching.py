@@ -3,18 +3,11 @@ batched rows really shared forwards (the "max shared" column)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_runs import run_bench
 
 
 def test_bench_batching_tiny_cpu_mode():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "batching.py"), "--tiny", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=900, env=env)
+    run = run_bench("batching.py", "--tiny", "--device", "cpu", timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()
             if line.startswith("| FLUX") or line.startswith("| Wan")]

@@ -3,18 +3,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_runs import run_bench
 
 
 def test_bench_flux_vae_tiny_decode_section():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, str(ROOT / "bench" / "flux_vae.py"), "--tiny", "--sections", "decode", "--repeats", "2"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    run = run_bench("flux_vae.py", "--tiny", "--sections", "decode", "--repeats", "2", timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "diffgen vs diffusers at torch.float32: relative diff 0.00e+00, bit-equal True" in run.stdout, run.stdout
     for variant in ("diffusers AutoencoderKL.decode", "diffgen AutoencoderKL.decode"):

@@ -3,19 +3,13 @@ the plain one computes (on the CPU the epilogue and the split projection are the
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_runs import run_bench
 
 
 def test_bench_gelu_epilogue_tiny_cpu_mode_runs():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gelu_epilogue.py"), "--tiny", "--repeats", "2"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    run = run_bench("gelu_epilogue.py", "--tiny", "--repeats", "2", timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert sum(line.startswith("| tiny |") for line in run.stdout.splitlines()) == 2  # addmm alone, addmm + GELU
     assert sum(line.startswith("| FLUX single block") for line in run.stdout.splitlines()) == 6

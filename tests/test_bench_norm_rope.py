@@ -3,18 +3,11 @@ plain ops (on the CPU only the plain and Inductor-compiled rows run: no Triton).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_runs import run_bench
 
 
 def test_bench_norm_rope_tiny_cpu_mode_runs():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "norm_rope.py"), "--tiny", "--repeats", "2"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    run = run_bench("norm_rope.py", "--tiny", "--repeats", "2", timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("| tiny ")]
     assert [(row[0], row[1]) for row in rows] == [

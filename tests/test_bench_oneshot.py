@@ -3,22 +3,15 @@ and the timed one-shot process all run."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_runs import run_bench
 
 
 def test_bench_oneshot_tiny_cpu_mode(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, str(ROOT / "bench" / "oneshot.py"), "--tiny", "--rounds", "1", "--skip-diffusers",
-               "--folder", str(tmp_path / "ckpt"), "--env", "DIFFGEN_NATIVE_TEXT_ENCODERS=0",
-               "--env", "DIFFGEN_NATIVE_VAE=0,DIFFGEN_NATIVE_SCHEDULER=0"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    run = run_bench("oneshot.py", "--tiny", "--rounds", "1", "--skip-diffusers", "--folder", str(tmp_path / "ckpt"),
+                    "--env", "DIFFGEN_NATIVE_TEXT_ENCODERS=0",
+                    "--env", "DIFFGEN_NATIVE_VAE=0,DIFFGEN_NATIVE_SCHEDULER=0", timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     timeline = out.split("### timeline: this tree")[1].split("###")[0]
@@ -41,10 +34,8 @@ def test_bench_oneshot_tiny_other_models(tmp_path, model, options, suffix):
     """``--model wan|qwen``: the tiny checkpoint (diffgen.testing's), the whole-pipeline load, and one round of
     ``diffgen generate`` against the model's plain diffusers script (WanPipeline / QwenImagePipeline), each
     process writing its output."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, str(ROOT / "bench" / "oneshot.py"), "--tiny", "--model", model, "--rounds", "1",
-               "--skip-timelines", "--folder", str(tmp_path / "ckpt"), *options]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    run = run_bench("oneshot.py", "--tiny", "--model", model, "--rounds", "1", "--skip-timelines", "--folder",
+                    str(tmp_path / "ckpt"), *options, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("\nLOAD ") == (0 if "--skip-load" in options else 1)  # the whole-pipeline load
     rows = [line for line in run.stdout.splitlines() if line.startswith(("| diffgen generate", "| diffusers script"))]
@@ -58,7 +49,5 @@ def test_bench_oneshot_tiny_other_models(tmp_path, model, options, suffix):
 
 
 def test_bench_oneshot_refuses_a_stand_in_text_encoder_outside_qwen():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "oneshot.py"), "--model", "wan", "--small-text-encoder"],
-                         capture_output=True, text=True, timeout=120, env=env)
+    run = run_bench("oneshot.py", "--model", "wan", "--small-text-encoder", timeout=120)
     assert run.returncode == 2 and "--small-text-encoder: only with --model qwen" in run.stderr, run.stderr

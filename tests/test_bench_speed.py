@@ -4,19 +4,13 @@ comparisons of the two sides' outputs, so a broken variant shows here)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_runs import run_bench
 
 
 def test_bench_speed_tiny_cpu_mode_runs_every_section_and_agrees():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", "--quick"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    run = run_bench("speed.py", "--tiny", "--quick", timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("row: |")]
     for work in ("FLUX.1-dev DiT forward", "Qwen-Image true-CFG step", "Wan2.1-1.3B CFG step", "Wan VAE decode",
@@ -31,10 +25,8 @@ def test_bench_speed_tiny_cpu_mode_runs_every_section_and_agrees():
 def test_bench_speed_tiny_graph_kernel_rows():
     """``--graph-kernels``: one compiled + CUDA graph row per variant in each DiT section, each variant's forward
     compared with diffusers' (on the CPU every variant runs the plain ops: no Triton)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", "--quick", "--skip-eager",
-               "--sections", "flux,wan,qwen", "--graph-kernels", "norm_rope,all,off"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    args = ["--tiny", "--quick", "--skip-eager", "--sections", "flux,wan,qwen", "--graph-kernels", "norm_rope,all,off"]
+    run = run_bench("speed.py", *args, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("row: |")]
     for label in ("Triton q/k norm+RoPE op in the graph", "gated residual ops in the graph", "Inductor's kernels only"):
@@ -42,25 +34,22 @@ def test_bench_speed_tiny_graph_kernel_rows():
     agreements = re.findall(r"CUDA graph, .* relative diff vs diffusers ([0-9.]+e[-+][0-9]+)$", run.stdout,
                             re.MULTILINE)
     assert len(agreements) == 9 and max(float(value) for value in agreements) < 1e-5, run.stdout[-3000:]
-    bad = subprocess.run(command[:-1] + ["norm_rope,fast"], capture_output=True, text=True, timeout=120, env=env)
+    bad = run_bench("speed.py", *args[:-1], "norm_rope,fast", timeout=120)
     assert bad.returncode == 2 and "--graph-kernels: unknown ['fast']" in bad.stderr
 
 
 def test_bench_speed_tiny_inductor_variants_are_crossed_with_graph_kernels():
     """``--inductor a,b`` with ``--graph-kernels``: every (graph kernels, Inductor options) pair gets its own compiled
     model and row in one process; a list without --graph-kernels, or an unknown name, is refused."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", "--quick", "--skip-eager",
-               "--sections", "flux", "--graph-kernels", "off,norm_rope", "--inductor", "default,no-emulate-casts"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    run = run_bench("speed.py", "--tiny", "--quick", "--skip-eager", "--sections", "flux", "--graph-kernels",
+                    "off,norm_rope", "--inductor", "default,no-emulate-casts", timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("row: |") and "CUDA graph" in line]
     for inductor in ("default", "no-emulate-casts"):
         for label in ("Inductor's kernels only", "Triton q/k norm+RoPE op in the graph"):
             assert sum(f"compiled ({inductor}) + CUDA graph, {label}" in row for row in rows) == 1, rows
     for bad_args in (["--inductor", "default,fast"], ["--sections", "flux", "--inductor", "default,no-emulate-casts"]):
-        bad = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", *bad_args],
-                             capture_output=True, text=True, timeout=120, env=env)
+        bad = run_bench("speed.py", "--tiny", *bad_args, timeout=120)
         assert bad.returncode == 2 and "--inductor" in bad.stderr, bad.stderr[-2000:]
 
 
@@ -68,10 +57,7 @@ def test_bench_speed_tiny_whole_request_rows():
     """Without --quick every DiT section ends with whole requests (encode + denoise + decode): diffusers' pipeline
     built from its components against diffgen's pipeline over the same components, eager default, compiled, compiled
     + CUDA graph; in float32 on the CPU every diffgen variant's pixels equal diffusers' (seed 0 on both sides)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", "--skip-eager", "--repeats", "2",
-               "--sections", "flux,wan,qwen"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    run = run_bench("speed.py", "--tiny", "--skip-eager", "--repeats", "2", "--sections", "flux,wan,qwen", timeout=900)
     assert run.returncode == 0 and "FAILED" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("row: |") and " request " in line]
     for work in ("FLUX.1-dev request 64x64, 2 steps", "Wan2.1-T2V-1.3B request 48x80x9, 2 steps, CFG",

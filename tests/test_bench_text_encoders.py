@@ -3,18 +3,11 @@ give transformers' outputs exactly (float32, same weights)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_runs import run_bench
 
 
 def test_bench_text_encoders_tiny_cpu_mode():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "text_encoders.py"), "--tiny", "--rounds", "1"],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    run = run_bench("text_encoders.py", "--tiny", "--rounds", "1", timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("| ")}
     for label in ("transformers' T5 + CLIP modeling", "diffgen's T5 + CLIP", "torch._dynamo alone"):

@@ -3,18 +3,11 @@ mode's output equals the 1-process output (the GPU run reports the same column i
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_runs import run_bench
 
 
 def test_bench_parallel_tiny_cpu_mode():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "parallel.py"), "--tiny", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=900, env=env)
+    run = run_bench("parallel.py", "--tiny", "--device", "cpu", timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.stdout.splitlines()
             if line.startswith("| tiny")]
