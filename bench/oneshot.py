@@ -230,7 +230,7 @@ def write_flux(folder: Path, tiny: bool) -> None:
     _use_hub_class_names(folder)
 
 
-def write_wan(folder: Path, tiny: bool) -> None:
+def write_wan(folder: Path) -> None:
     """Wan2.1-T2V-1.3B: the DiT and VAE at their real configs, UMT5-XXL's encoder (~11 GB bf16), random bf16
     weights; the tokenizer is a made-up small T5 one (the real one has 256k pieces)."""
     import torch
@@ -252,7 +252,7 @@ def write_wan(folder: Path, tiny: bool) -> None:
     _use_hub_class_names(folder)
 
 
-def write_qwen(folder: Path, tiny: bool, small_text_encoder: bool = False) -> None:
+def write_qwen(folder: Path, small_text_encoder: bool = False) -> None:
     """Qwen-Image: the 20B DiT (~41 GB bf16) and the VAE at their real configs, Qwen2.5-VL-7B (~16.6 GB; with
     ``small_text_encoder`` a 2-layer stand-in of its width, 2.2B parameters, ~4.5 GB), random bf16 weights, a
     byte-level tokenizer."""
@@ -289,9 +289,9 @@ def write_checkpoint(folder: Path, model: str, tiny: bool, small_text_encoder: b
 
         write_tiny_checkpoint(TINY_FAMILIES[model], folder)
     elif model == "wan":
-        write_wan(folder, tiny)
+        write_wan(folder)
     else:
-        write_qwen(folder, tiny, small_text_encoder)
+        write_qwen(folder, small_text_encoder)
 
 
 def use_real_size_tokenizers(folder: Path) -> None:
