@@ -166,9 +166,9 @@ def test_compiled_blocks_call_linear_gelu_and_agree_with_the_plain_forward(famil
 
 @pytest.mark.parametrize("triton_off", ["missing", "DIFFGEN_DISABLE_TRITON"])
 def test_the_cublaslt_families_need_no_triton(triton_off, monkeypatch):
-    """With Triton missing or turned off, the epilogue and the split projection are still chosen (eager on a CUDA
-    tensor, a fake one here; compiled graphs by default), the Triton families are not; ``disabled`` and
-    ``set_fused_kernels(False)`` still turn them off."""
+    """With Triton missing or turned off, the epilogue is still chosen (eager on a CUDA tensor, a fake one here;
+    compiled graphs by default), the Triton families are not; the split projection (opt-in) only after
+    ``set_fused_kernels(True)``; ``disabled`` and ``set_fused_kernels(False)`` still turn them off."""
     monkeypatch.delenv("DIFFGEN_GRAPH_KERNELS", raising=False)
     monkeypatch.setattr(fused, "_triton_available", lambda: triton_off != "missing")
     if triton_off == "missing":
@@ -177,15 +177,15 @@ def test_the_cublaslt_families_need_no_triton(triton_off, monkeypatch):
         monkeypatch.setenv("DIFFGEN_DISABLE_TRITON", "1")
     try:
         fused.set_fused_kernels(None)
-        assert fused._in_graphs == ("linear_gelu", "concat_linear")
+        assert fused._in_graphs == ("linear_gelu",)
         with FakeTensorMode():
             x = torch.empty(2, 8, device="cuda", dtype=torch.bfloat16)
-            assert fused.use_fused_kernel(x, "linear_gelu") and fused.use_fused_kernel(x, "concat_linear")
+            assert fused.use_fused_kernel(x, "linear_gelu") and not fused.use_fused_kernel(x, "concat_linear")
             assert not fused.use_fused_kernel(x, "norm_rope") and not fused.use_fused_kernel(x, "modulation")
-            fused.set_fused_kernels(None, disabled=("linear_gelu",))
+            fused.set_fused_kernels(True, disabled=("linear_gelu",), graphs=("linear_gelu", "concat_linear"))
             assert not fused.use_fused_kernel(x, "linear_gelu") and fused.use_fused_kernel(x, "concat_linear")
             assert fused._in_graphs == ("concat_linear",)
-            fused.set_fused_kernels(False)
+            fused.set_fused_kernels(False, graphs=("linear_gelu", "concat_linear"))
             assert not fused.use_fused_kernel(x, "linear_gelu") and not fused.use_fused_kernel(x, "concat_linear")
             assert fused._in_graphs == ()
     finally:
@@ -240,40 +240,68 @@ def test_gelu_epilogue_agrees_with_the_plain_path_on_gpu(shape, n, dtype):
     assert err_epilogue <= 1.05 * err_plain + 1e-6, (err_epilogue, err_plain)
 
 
+def _split_and_single(tokens, widths, n, dtype):
+    """The split projection (forced on: it is opt-in), the one matmul over the concatenation, the float32 result z,
+    the first part's partial sum and the per-element bound of the split path."""
+    torch.manual_seed(tokens)
+    linear = _linear(sum(widths), n, dtype=dtype, device="cuda")
+    parts = [torch.randn(1, tokens, w, device="cuda").to(dtype) for w in widths]
+    with torch.inference_mode():
+        fused.set_fused_kernels(True)
+        try:
+            got = linear_of_concat(linear, parts)
+        finally:
+            fused.set_fused_kernels(None)
+        single = linear(torch.cat(parts, dim=-1))
+        z = F.linear(torch.cat(parts, dim=-1).float(), linear.weight.float(), linear.bias.float())
+        partial = F.linear(parts[0].float(), linear.weight[:, :widths[0]].float(), linear.bias.float())
+        bound = split_projection_bound(parts, linear.weight, linear.bias, got)
+    return got, single, z, partial, bound
+
+
+SPLIT_CASES = [(4608, (3072, 12288), 3072), (77, (64, 200), 96)]  # FLUX's single block; one output tile
+_TINY_PAST_THE_BOUND = pytest.mark.xfail(strict=True, reason=(
+    "measured on H200s (2026-11-27, three machines): at 77 tokens (one output tile) the split result goes past its "
+    "bound, 3.2e-3 in bf16 and 1.1e-5 in fp16; an extra rounding the bound does not count, in cuBLAS's accumulating "
+    "matmul most likely (not proven); one reason the split projection is opt-in. A pass here means that changed"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the split projection runs on CUDA only)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_split_projection_agrees_with_the_concatenation_on_gpu(dtype, monkeypatch):
+@pytest.mark.parametrize("tokens,widths,n", [SPLIT_CASES[0], pytest.param(*SPLIT_CASES[1], marks=_TINY_PAST_THE_BOUND)],
+                         ids=["flux", "tiny"])
+def test_split_projection_is_within_its_bound_on_gpu(tokens, widths, n, dtype, monkeypatch):
     """One matmul per part, the rest accumulated into the first's rounded output: per element within
     ``diffgen.testing.bounds.split_projection_bound`` of the float32 z = linear(cat(parts)) (u (|partial| + |got|):
-    the partial sum's rounding and the final one, plus the float32 summation-order slack; derived there). The
-    single bf16/fp16 matmul over the concatenation is compared with z too, not with the split result: cuBLAS may
-    split K and round between the splits, which no bound on the split path covers (a tiny problem went past a bound
-    against it in bf16 on an H200; docs/benchmarks.md, "GELU in the matmul's epilogue"). Over the whole tensor
-    the split result is about as close to z as the single matmul: for independent roundings its error norm is
-    sqrt(1 + |partial|^2 / |got|^2) times the single one's (asserted with a margin of 1.25). At FLUX's real single-
-    block shape and a tiny one (77 tokens, parts of 64 and 200 channels -> 96: one output tile). That model counts
-    one rounding per matmul: cuBLAS's split-K reductions in half precision (PyTorch's default) round between the
-    splits too, on either side (seen on an H200: the split result 1.46x the single one's error at FLUX's shape with
-    them on, the per-element bound still held), so they are off here."""
+    the partial sum's rounding and the final one, plus the float32 summation-order slack; derived there). The single
+    bf16/fp16 matmul is compared with z, not with the split result: cuBLAS may split K and round between the splits,
+    which no bound on the split path covers. Half-precision split-K reductions off, as in the test below."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", False)
-    for tokens, widths, n in [(4608, (3072, 12288), 3072), (77, (64, 200), 96)]:
-        torch.manual_seed(tokens)
-        linear = _linear(sum(widths), n, dtype=dtype, device="cuda")
-        parts = [torch.randn(1, tokens, w, device="cuda").to(dtype) for w in widths]
-        with torch.inference_mode():
-            got = linear_of_concat(linear, parts)
-            single = linear(torch.cat(parts, dim=-1))
-            z = F.linear(torch.cat(parts, dim=-1).float(), linear.weight.float(), linear.bias.float())
-            partial = F.linear(parts[0].float(), linear.weight[:, :widths[0]].float(), linear.bias.float())
-            bound = split_projection_bound(parts, linear.weight, linear.bias, got)
-        excess = (got.float() - z).abs() - bound
-        assert excess.max().item() <= 0, f"{tokens} tokens: max excess over the bound {excess.max().item():.3e}"
-        err_split, err_single = (got.float() - z).norm(), (single.float() - z).norm()
-        expected_ratio = (1 + (partial.norm() / got.float().norm()) ** 2).sqrt()
-        assert err_split <= 1.25 * expected_ratio * err_single, (tokens, err_split.item(), err_single.item(),
-                                                                 expected_ratio.item())
+    got, _, z, _, bound = _split_and_single(tokens, widths, n, dtype)
+    excess = (got.float() - z).abs() - bound
+    assert excess.max().item() <= 0, f"{tokens} tokens: max excess over the bound {excess.max().item():.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the split projection runs on CUDA only)")
+@pytest.mark.xfail(strict=True, reason="measured on an H200 (2026-11-27): the split result is 1.46x farther from "
+                   "float32 than the one matmul at FLUX's shape, where independent roundings predict 1.10x; why is "
+                   "not found, so the split projection is opt-in (diffgen.layers.fused.OPT_IN). A pass here means "
+                   "that changed: look again")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_split_projection_is_about_as_close_to_float32_as_one_matmul_on_gpu(dtype, monkeypatch):
+    """Over the whole tensor, for independent roundings, the split result's error norm is sqrt(1 + |partial|^2 /
+    |got|^2) times the single matmul's (asserted with a margin of 1.25), at FLUX's single-block shape, with cuBLAS's
+    half-precision split-K reductions off (they round between the splits, on either side)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", False)
+    got, single, z, partial, _ = _split_and_single(*SPLIT_CASES[0], dtype)
+    err_split, err_single = (got.float() - z).norm(), (single.float() - z).norm()
+    expected_ratio = (1 + (partial.norm() / got.float().norm()) ** 2).sqrt()
+    assert err_split <= 1.25 * expected_ratio * err_single, (err_split.item(), err_single.item(),
+                                                             expected_ratio.item())
 
 
 @pytest.mark.gpu

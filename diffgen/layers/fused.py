@@ -29,6 +29,11 @@ KERNELS = ("norm_rope", "modulation", "channel_norm", "linear_gelu", "concat_lin
 #: the families that use no Triton (cuBLASLt's GELU epilogue, the split projection): on where Triton is missing
 #: or DIFFGEN_DISABLE_TRITON is set; ``set_fused_kernels`` and DIFFGEN_GRAPH_KERNELS still choose them
 NOT_TRITON = frozenset({"linear_gelu", "concat_linear"})
+#: families that run only where asked for (``set_fused_kernels(True)``, ``graphs=``, DIFFGEN_GRAPH_KERNELS): the split
+#: projection measured 1.46x farther from the float32 result than the one matmul over the concatenation at FLUX's
+#: single-block shape on an H200 (more than its one extra rounding explains), and no faster compiled
+#: (docs/benchmarks.md, "FlashAttention-4")
+OPT_IN = frozenset({"concat_linear"})
 #: the families compiled graphs can be told to use (each of a family of KERNELS). Custom ops: the q/k norm + RoPE
 #: with the norm per head (FLUX, Qwen-Image, HunyuanVideo) or across the heads of a token (Wan) and the modulation
 #: kernels (Triton), and cuBLASLt's bias + tanh-GELU epilogue (``diffgen::linear_gelu``). ``concat_linear`` is no
@@ -39,11 +44,11 @@ GRAPH_CAPABLE = {"norm_rope": "norm_rope", "norm_rope_across_heads": "norm_rope"
 #: those compiled graphs call by default, in the served forward against Inductor's own kernels (one H200,
 #: docs/benchmarks.md): the q/k norm + RoPE per head and across heads, faster ("A tiled q/k RMS-norm + RoPE kernel":
 #: Qwen-Image -9 ms per true-CFG step, FLUX -1 ms per forward, Wan -13 ms per CFG step); cuBLASLt's GELU epilogue
-#: with FLUX's single-block projection split ("GELU in the matmul's epilogue"), faster for Qwen-Image (-7.9 ms per
-#: true-CFG step) and Wan (-16.1 ms per CFG step) and within the spread for FLUX (two runs, ms per forward: before
-#: 127.1 / 132.7, the epilogue alone 129.2 / 134.0, with the split 127.6 / 129.7: the split recovers what the
-#: epilogue alone lost). The modulation ops lost or tied (Inductor fuses them with their neighbours).
-GRAPH_KERNELS = ("norm_rope", "norm_rope_across_heads", "linear_gelu", "concat_linear")
+#: ("GELU in the matmul's epilogue"), faster for Qwen-Image (-7.9 ms per true-CFG step) and Wan (-16.1 ms per CFG
+#: step) and within the spread for FLUX (two runs, ms per forward: before 127.1 / 132.7, the epilogue alone
+#: 129.2 / 134.0). The modulation ops lost or tied (Inductor fuses them with their neighbours); the split projection
+#: is :data:`OPT_IN`.
+GRAPH_KERNELS = ("norm_rope", "norm_rope_across_heads", "linear_gelu")
 # What compiled graphs call, resolved outside tracing (set_fused_kernels, prepare_graph_kernels): Dynamo reads it
 # while tracing and guards on its value, so a change of setting retraces instead of reusing the other graph.
 _in_graphs: tuple[str, ...] = ()
@@ -96,7 +101,10 @@ def _graphs_from_env() -> tuple[str, ...]:
 
 def _family_enabled(family: str) -> bool:
     """Whether ``family`` may run, before the device and gradient checks: a Triton family where Triton imports and
-    is not turned off, a family of :data:`NOT_TRITON` unless ``set_fused_kernels(False)``."""
+    is not turned off, a family of :data:`NOT_TRITON` unless ``set_fused_kernels(False)``, one of :data:`OPT_IN`
+    after ``set_fused_kernels(True)`` only."""
+    if family in OPT_IN:
+        return _enabled is True
     if family in NOT_TRITON:
         return _enabled is not False
     enabled = _enabled if _enabled is not None else os.environ.get(_DISABLE_ENV, "") in ("", "0")
@@ -107,7 +115,9 @@ def prepare_graph_kernels() -> tuple[str, ...]:
     """Decide (before compiling) which families compiled graphs call as custom ops; returns them."""
     global _in_graphs
     graphs = _graphs if _graphs is not None else _graphs_from_env()
-    _in_graphs = tuple(k for k in graphs if GRAPH_CAPABLE[k] not in _disabled and _family_enabled(GRAPH_CAPABLE[k]))
+    # an OPT_IN family named here (graphs=, DIFFGEN_GRAPH_KERNELS) was asked for
+    _in_graphs = tuple(k for k in graphs if GRAPH_CAPABLE[k] not in _disabled and (
+        _family_enabled(GRAPH_CAPABLE[k]) or (GRAPH_CAPABLE[k] in OPT_IN and _enabled is not False)))
     return _in_graphs
 
 
