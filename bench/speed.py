@@ -177,6 +177,19 @@ def with_kernels(enabled: bool, fn, disabled: tuple[str, ...] = (), graphs: bool
     return run
 
 
+def with_attention(backend: str, fn):
+    """``fn`` under attention backend ``backend`` (a compiled block traces the choice; the rows keep it set)."""
+    from diffgen.layers.attention import set_attention_backend
+
+    def run():
+        set_attention_backend(backend)
+        try:
+            return fn()
+        finally:
+            set_attention_backend("auto")
+    return run
+
+
 def with_cudnn_benchmark(fn):
     def run():
         previous = torch.backends.cudnn.benchmark
@@ -282,28 +295,34 @@ def graph_kernel_rows(section: str, build, forward_of, step_of, reference: dict,
     weights (a graph replays what it captured), A/B alternated; one compiled forward of each against diffusers'
     eager forward (``reference``: its "forward" and its timed "step")."""
     forwards, rows, models = {"diffusers": reference["forward"]}, {"diffusers eager": reference["step"]}, {}
-    for inductor in args.inductor_variants:
-        for variant in args.graph_kernels.split(","):
-            families, label = GRAPH_KERNEL_VARIANTS[variant]
-            model = models[variant, inductor] = build()
-            begin = time.perf_counter()
-            compile_blocks(model, args, inductor)
-            name = f"diffgen compiled ({inductor}) + CUDA graph, {label}"
-            forwards[name] = without_graphs(with_kernels(True, forward_of(model), graphs=families))
-            rows[name] = with_graphs(model, with_kernels(True, step_of(model), graphs=families))
-            with torch.inference_mode():
-                forwards[name]()
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            print(f"[{section}] compile ({inductor}, graph kernels {variant}) + first forward: "
-                  f"{time.perf_counter() - begin:.1f} s", flush=True)
+    for backend in args.attention_variants:
+        for inductor in args.inductor_variants:
+            for variant in args.graph_kernels.split(","):
+                families, label = GRAPH_KERNEL_VARIANTS[variant]
+                if len(args.attention_variants) > 1:
+                    label += f", attention {backend}"
+                model = models[variant, inductor, backend] = build()
+                begin = time.perf_counter()
+                compile_blocks(model, args, inductor)
+                name = f"diffgen compiled ({inductor}) + CUDA graph, {label}"
+                forwards[name] = with_attention(backend, without_graphs(with_kernels(True, forward_of(model),
+                                                                                     graphs=families)))
+                rows[name] = with_attention(backend, with_graphs(model, with_kernels(True, step_of(model),
+                                                                                     graphs=families)))
+                with torch.inference_mode():
+                    forwards[name]()
+                torch.cuda.synchronize() if device.type == "cuda" else None
+                print(f"[{section}] compile ({inductor}, graph kernels {variant}, attention {backend}) + first "
+                      f"forward: {time.perf_counter() - begin:.1f} s", flush=True)
     one_forward_diffs(section, forwards)
     time_rows(section, rows, device, args, warmup=3)
-    for (variant, inductor), model in models.items():
-        graph_counts(f"{section}, graph kernels {variant}, {inductor}", model)
+    for (variant, inductor, backend), model in models.items():
+        graph_counts(f"{section}, graph kernels {variant}, {inductor}, attention {backend}", model)
         if args.profile:
-            kernel_profile(f"{section}, compiled ({inductor}), no graph, graph kernels {variant}",
-                           without_graphs(with_kernels(True, step_of(model), graphs=GRAPH_KERNEL_VARIANTS[variant][0])),
-                           device)
+            families = GRAPH_KERNEL_VARIANTS[variant][0]
+            kernel_profile(f"{section}, compiled ({inductor}), no graph, graph kernels {variant}, attention {backend}",
+                           with_attention(backend, without_graphs(with_kernels(True, step_of(model),
+                                                                               graphs=families))), device)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -915,6 +934,9 @@ def main() -> None:
                              ": diffgen's Triton kernels inside the compiled graphs (norm_rope: the q/k norm+RoPE; "
                              "all: also AdaLN modulate and gated residual) or Inductor's (off), each on its own "
                              "model, A/B alternated, CUDA graph on")
+    parser.add_argument("--attention", default="auto",
+                        help="with --graph-kernels: a comma list of attention backends (auto, fa4, cudnn, ...), each "
+                             "variant compiled under each, A/B in one process")
     parser.add_argument("--diffusers-compiled", action="store_true",
                         help="FLUX: also diffusers' compile_repeated_blocks against diffgen's serve default")
     parser.add_argument("--vae-sweep", action="store_true", help="vae: also chunk sizes, kernels off, cuDNN autotuner")
@@ -928,6 +950,13 @@ def main() -> None:
         parser.error(f"--inductor: {args.inductor!r}: one of {', '.join(INDUCTOR_OPTIONS)}, or a comma list of them "
                      "with --graph-kernels")
     args.inductor = args.inductor_variants[0]
+    from diffgen.options import ATTENTION_BACKENDS
+
+    args.attention_variants = [name.strip() for name in args.attention.split(",") if name.strip()]
+    if (set(args.attention_variants) - set(ATTENTION_BACKENDS) or not args.attention_variants
+            or (args.attention_variants != ["auto"] and not args.graph_kernels)):
+        parser.error(f"--attention: {args.attention!r}: a comma list of {', '.join(ATTENTION_BACKENDS)}, with "
+                     "--graph-kernels")
     args.repeats = args.repeats or (3 if args.quick else 5)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -53,6 +53,20 @@ def test_bench_speed_tiny_inductor_variants_are_crossed_with_graph_kernels():
         assert bad.returncode == 2 and "--inductor" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_bench_speed_tiny_attention_backends_are_crossed_with_graph_kernels():
+    """``--attention a,b`` with ``--graph-kernels``: one compiled model and row per backend (on the CPU both run SDPA,
+    so their forwards agree); a list without --graph-kernels, or an unknown backend, is refused."""
+    run = run_bench("speed.py", "--tiny", "--quick", "--skip-eager", "--sections", "wan", "--graph-kernels",
+                    "norm_rope", "--attention", "auto,cudnn", timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("row: |") and "CUDA graph" in line]
+    for backend in ("auto", "cudnn"):
+        assert sum(f"Triton q/k norm+RoPE op in the graph, attention {backend}" in row for row in rows) == 1, rows
+    for bad_args in (["--attention", "auto,fast", "--graph-kernels", "off"], ["--attention", "auto,cudnn"]):
+        bad = run_bench("speed.py", "--tiny", *bad_args, timeout=120)
+        assert bad.returncode == 2 and "--attention" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_bench_speed_tiny_whole_request_rows():
     """Without --quick every DiT section ends with whole requests (encode + denoise + decode): diffusers' pipeline
     built from its components against diffgen's pipeline over the same components, eager default, compiled, compiled

@@ -30,14 +30,15 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
         check_compile_options,
         resolve_compile,
     )
-    from diffgen.layers.attention import set_attention_backend
-    from diffgen.loader.components import load_pipeline
+    from diffgen.layers.attention import prefetch_attention_kernels, set_attention_backend
+    from diffgen.loader.components import load_pipeline, parse_device
 
     check_compile_options(compile, lora_mode)
     sizes = parse_warmup_sizes(warmup_sizes)  # a bad value fails before anything loads
 
     if attention_backend:
         set_attention_backend(attention_backend)
+    prefetch_attention_kernels(parse_device(device))  # FlashAttention-4's import overlaps the loading
     if offload not in (None, "none"):
         from diffgen.engine.offload import OFFLOAD_MODES
         from diffgen.errors import DiffgenError

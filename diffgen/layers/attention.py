@@ -1,37 +1,51 @@
 """The one attention entry point of diffgen.
 
 Every DiT calls :func:`attention` with (batch, seq, heads, head_dim) tensors. The backend is chosen
-once per process (``set_attention_backend``); on Hopper, cuDNN attention through SDPA measured
-1.6-1.9x faster than SDPA's flash kernel on DiT shapes, so it is the CUDA default.
+once per process (``set_attention_backend``). On CUDA, "auto" runs FlashAttention-4 (the ``flash-attn-4``
+package, ``pip install 'diffgen[fa4]'``) on Hopper where the keys are many, and cuDNN attention through
+SDPA otherwise: on an H200, FA4 measured 1.14-1.18x faster than cuDNN at Wan's 32760 and 75600 tokens and
+no faster at FLUX's / Qwen-Image's ~4500 (docs/benchmarks.md); cuDNN measured 1.6-1.9x faster than SDPA's
+own flash kernel on DiT shapes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import math
+import threading
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-_BACKENDS = {
-    "auto": None,
+from diffgen.options import ATTENTION_BACKENDS
+
+logger = logging.getLogger(__name__)
+
+_SDPA_ORDER = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
               SDPBackend.MATH],
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "math": [SDPBackend.MATH],
 }
-ATTENTION_BACKENDS = tuple(_BACKENDS)
+assert set(_SDPA_ORDER) | {"auto", "fa4"} == set(ATTENTION_BACKENDS)
+#: "auto" calls FA4 from this many keys on: it won at 32760 and 75600 and tied or lost at ~4500 on an H200
+FA4_MIN_KEYS = 16384
 _backend = "auto"
 
 
 def set_attention_backend(name: str) -> None:
-    """Select the SDPA kernel family for all later calls ("auto" lets PyTorch choose)."""
+    """Select the attention kernels for all later calls (see :data:`ATTENTION_BACKENDS`)."""
     global _backend
-    if name not in _BACKENDS:
+    if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if name == "fa4" and not fa4_installed():
+        raise ValueError("attention backend 'fa4' needs the flash-attn-4 package, which is not installed "
+                         "(pip install 'diffgen[fa4]')")
     _backend = name
 
 
@@ -42,8 +56,85 @@ def get_attention_backend() -> str:
 def _kernel_context(device: torch.device):
     if device.type != "cuda":
         return contextlib.nullcontext()
-    name = "cudnn" if _backend == "auto" else _backend
-    return sdpa_kernel(_BACKENDS[name], set_priority=True)
+    return sdpa_kernel(_SDPA_ORDER.get(_backend, _SDPA_ORDER["cudnn"]), set_priority=True)
+
+
+def fa4_installed() -> bool:
+    """Whether FlashAttention-4's package is there (without importing it: that takes seconds)."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # a "flash_attn" without the cute subpackage, or a broken one
+        return False
+
+
+_fa4_resolved: list = []  # [flash_attn_func or None] once the import was tried
+_fa4_ready_by: dict[tuple[str, int], bool] = {}
+_fa4_lock = threading.Lock()
+
+
+def _fa4_function():
+    """FlashAttention-4's ``flash_attn_func``, or None where it does not import (logged once). The first call
+    imports it; a call while the prefetch thread imports waits for it."""
+    with _fa4_lock:
+        if not _fa4_resolved:
+            try:
+                from flash_attn.cute import flash_attn_func
+            except Exception as error:  # noqa: BLE001 - any import failure means: use cuDNN
+                logger.warning("diffgen: FlashAttention-4 did not import (%s); attention runs on cuDNN", error)
+                flash_attn_func = None
+            _fa4_resolved.append(flash_attn_func)
+    return _fa4_resolved[0]
+
+
+def prefetch_attention_kernels(device: torch.device | str | None) -> None:
+    """Import FlashAttention-4 in a background thread when "auto" or "fa4" may call it on ``device``: the import
+    takes seconds (the CuTe DSL's compiler), which then overlap the weights' loading instead of the first step."""
+    device = torch.device(device or "cpu")
+    if _backend not in ("auto", "fa4") or device.type != "cuda" or _fa4_resolved or not fa4_installed():
+        return
+
+    def prefetch():
+        if _backend == "fa4" or torch.cuda.get_device_capability(device)[0] == 9:
+            _fa4_function()
+    threading.Thread(target=prefetch, name="diffgen-fa4-import", daemon=True).start()
+
+
+@torch.compiler.assume_constant_result  # a compiled block traces the answer, not the import
+def _fa4_ready(backend: str, device_index: int) -> bool:
+    """Whether FlashAttention-4 serves ``backend`` on this GPU: installed and importable; for "auto" on Hopper only
+    (where it was measured)."""
+    key = (backend, device_index)
+    if key not in _fa4_ready_by:
+        _fa4_ready_by[key] = ((backend == "fa4" or torch.cuda.get_device_capability(device_index)[0] == 9)
+                              and fa4_installed() and _fa4_function() is not None)
+    return _fa4_ready_by[key]
+
+
+@torch.library.custom_op("diffgen::flash_attention_4", mutates_args=())
+def fa4_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+                     causal: bool) -> torch.Tensor:
+    """FlashAttention-4 over (B, S, H, D) inputs (an op, so that compiled graphs and CUDA graphs call it whole)."""
+    out = _fa4_function()(query, key, value, softmax_scale=scale, causal=causal)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@fa4_attention_op.register_fake
+def _(query, key, value, scale, causal):
+    return query.new_empty(query.shape[:-1] + value.shape[-1:])
+
+
+def _use_fa4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether this call goes to FlashAttention-4 under the selected backend (its kernels take no mask, 16-bit
+    inputs, head dims that are multiples of 8 up to 256; no gradients through the op)."""
+    if _backend not in ("auto", "fa4") or query.device.type != "cuda" or mask is not None:
+        return False
+    if query.dtype not in (torch.bfloat16, torch.float16) or not query.dtype == key.dtype == value.dtype:
+        return False
+    if any(t.shape[-1] % 8 or t.shape[-1] > 256 for t in (query, value)) or torch.is_grad_enabled():
+        return False
+    if _backend == "auto" and key.shape[1] < FA4_MIN_KEYS:
+        return False
+    return _fa4_ready(_backend, query.device.index or 0)
 
 
 def attention(
@@ -139,6 +230,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torc
     ``causal``: each query attends to the keys up to its own position (CLIP's text model);
     ``library_kernels``: PyTorch's own kernel choice, as transformers' models get it (the text encoders: the
     same kernel as the reference, whatever the DiT's backend is)."""
+    if not library_kernels and _use_fa4(query, key, value, mask):
+        return fa4_attention_op(query, key, value, scale, causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     if mask is not None and mask.dtype == torch.bool and mask.ndim == 2:
         mask = mask[:, None, None, :]

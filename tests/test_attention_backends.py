@@ -1,0 +1,162 @@
+"""Which kernel :func:`diffgen.layers.attention.sdpa` calls under each backend, and FlashAttention-4 on the GPU.
+
+The routing is checked on the CPU with fake CUDA tensors (FakeTensorMode: shapes, dtypes and devices without a GPU);
+FlashAttention-4 itself (the ``flash-attn-4`` package, ``diffgen[fa4]``) runs only on a CUDA GPU where it is
+installed: against float32 attention, as close as cuDNN's kernel is, eager, compiled and replayed from a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from diffgen.layers import attention
+from diffgen.layers.attention import FA4_MIN_KEYS, fa4_attention_op, sdpa, set_attention_backend
+
+
+@pytest.fixture
+def backend():
+    yield set_attention_backend
+    set_attention_backend("auto")
+
+
+def _qkv(mode: FakeTensorMode, keys: int, dtype=torch.bfloat16, head_dim: int = 128, queries: int = 64):
+    with mode:
+        q = torch.empty(1, queries, 2, head_dim, device="cuda", dtype=dtype)
+        k, v = (torch.empty(1, keys, 2, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.skipif(attention.fa4_installed(), reason="flash-attn-4 is installed here: the error cannot be seen")
+def test_fa4_without_its_package_is_refused_before_anything_runs(backend):
+    with pytest.raises(ValueError, match=r"'fa4' needs the flash-attn-4 package.*pip install 'diffgen\[fa4\]'"):
+        backend("fa4")
+    assert attention.get_attention_backend() == "auto"
+    with pytest.raises(ValueError, match="'fast' is not one of auto, fa4, cudnn"):
+        backend("fast")
+
+
+def test_auto_calls_fa4_for_long_16_bit_unmasked_attention_only(backend, monkeypatch):
+    """Under "auto" (FA4 ready on this GPU): FA4 from FA4_MIN_KEYS keys on, in bf16/fp16, without a mask or
+    gradients, head dims a multiple of 8 up to 256; everything else, and every other backend but "fa4", SDPA."""
+    monkeypatch.setattr(attention, "_fa4_ready", lambda backend, device_index: True)
+    mode = FakeTensorMode()
+    use = attention._use_fa4
+    with torch.inference_mode():
+        long, short = _qkv(mode, FA4_MIN_KEYS), _qkv(mode, FA4_MIN_KEYS - 1)
+        assert use(*long, None) and use(*_qkv(mode, FA4_MIN_KEYS, torch.float16), None)
+        assert not use(*short, None)
+        assert not use(*_qkv(mode, FA4_MIN_KEYS, torch.float32), None)
+        assert not use(*_qkv(mode, FA4_MIN_KEYS, head_dim=12), None)
+        assert not use(*_qkv(mode, FA4_MIN_KEYS, head_dim=264), None)
+        with mode:
+            mask = torch.ones(1, FA4_MIN_KEYS, dtype=torch.bool, device="cuda")
+        assert not use(*long, mask)
+        cpu = tuple(torch.empty(1, FA4_MIN_KEYS, 2, 128, dtype=torch.bfloat16) for _ in range(3))
+        assert not use(*cpu, None)
+        for name in ("cudnn", "flash", "efficient", "math"):
+            backend(name)
+            assert not use(*long, None)
+        monkeypatch.setattr(attention, "fa4_installed", lambda: True)
+        backend("fa4")  # wherever it applies, however short
+        assert use(*short, None) and not use(*_qkv(mode, 8, torch.float32), None)
+    backend("auto")
+    with torch.enable_grad():
+        assert not use(*long, None)  # the op has no backward
+    monkeypatch.setattr(attention, "_fa4_ready", lambda backend, device_index: False)  # not importable, not Hopper
+    with torch.inference_mode():
+        assert not use(*long, None)
+
+
+def test_sdpa_hands_fa4_calls_to_the_op_with_scale_and_causality(monkeypatch):
+    """Where FA4 applies, :func:`sdpa` calls the op with the (B, S, H, D) tensors as they are (no transposes), its
+    scale and causal flag, and returns its result."""
+    calls = []
+    monkeypatch.setattr(attention, "_use_fa4", lambda q, k, v, mask: True)
+    monkeypatch.setattr(attention, "fa4_attention_op", lambda *args: calls.append(args) or args[0] * 2)
+    q, k, v = (torch.randn(1, 5, 2, 8) for _ in range(3))
+    assert torch.equal(sdpa(q, k, v, scale=0.5, causal=True), q * 2)
+    assert calls == [(q, k, v, 0.5, True)]
+    sdpa(q, k, v, library_kernels=True)  # text encoders: PyTorch's own choice, never FA4
+    assert len(calls) == 1
+
+
+def test_the_fa4_op_has_the_output_shape_of_its_values():
+    with FakeTensorMode():
+        q, k = (torch.empty(2, 7, 3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        v = torch.empty(2, 7, 3, 32, device="cuda", dtype=torch.bfloat16)
+        out = fa4_attention_op(q, k, v, None, False)
+    assert out.shape == (2, 7, 3, 32) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
+
+
+def test_prefetch_on_the_cpu_starts_nothing(monkeypatch):
+    started = []
+    monkeypatch.setattr(attention.threading, "Thread", lambda *a, **k: started.append(k))
+    attention.prefetch_attention_kernels("cpu")
+    assert started == []
+
+
+def _fa4_on_this_gpu() -> bool:
+    return (torch.cuda.is_available() and attention.fa4_installed()
+            and torch.cuda.get_device_capability()[0] == 9 and attention._fa4_function() is not None)
+
+
+needs_fa4 = pytest.mark.skipif(not _fa4_on_this_gpu(), reason="needs a Hopper GPU with flash-attn-4 installed "
+                                                                "(pip install 'diffgen[fa4]')")
+
+
+def _reference(q, k, v, scale=None, causal=False):
+    """float32 attention over (B, S, H, D)."""
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    scores = qf @ kf.transpose(-1, -2) * (scale or 1 / math.sqrt(q.shape[-1]))
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    return (torch.softmax(scores, -1) @ vf).transpose(1, 2)
+
+
+@pytest.mark.gpu
+@needs_fa4
+def test_fa4_compiled_and_graphed_equals_eager_on_gpu(backend):
+    """A compiled function over :func:`sdpa` (full graph: the op, no break) and its CUDA-graph replay give FA4's
+    eager result bit for bit; first in the file, so the compiler is the first to ask whether FA4 is ready."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, FA4_MIN_KEYS + 7, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with torch.inference_mode():
+        compiled = torch.compile(lambda *t: sdpa(*t), fullgraph=True)(q, k, v)
+        eager = fa4_attention_op(q, k, v, None, False)
+        assert torch.equal(compiled, eager)
+        graph, static = torch.cuda.CUDAGraph(), [t.clone() for t in (q, k, v)]
+        with torch.cuda.graph(graph):
+            replayed = sdpa(*static)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, eager)
+
+
+@pytest.mark.gpu
+@needs_fa4
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape,scale,causal", [
+    ((1, 4608, 3, 128), None, False),  # FLUX's sequence
+    ((2, 333, 2, 64), 0.2, False),  # odd length, another head dim and scale
+    ((1, 1000, 2, 128), None, True),
+])
+def test_fa4_is_as_close_to_float32_as_cudnn_on_gpu(shape, scale, causal, dtype):
+    """FA4's relative error against float32 attention is within 10% of cuDNN's (SDPA's on the causal case), and
+    "auto" at these lengths (below FA4_MIN_KEYS) stays on cuDNN bit for bit."""
+    torch.manual_seed(shape[1])
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3))
+    with torch.inference_mode():
+        exact = _reference(q, k, v, scale, causal)
+        fa4 = fa4_attention_op(q, k, v, scale, causal)
+        with torch.nn.attention.sdpa_kernel(attention._SDPA_ORDER["cudnn"], set_priority=True):
+            library = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=scale,
+                                                     is_causal=causal).transpose(1, 2)
+        assert torch.equal(sdpa(q, k, v, scale=scale, causal=causal), library)
+    err_fa4 = ((fa4.float() - exact).norm() / exact.norm()).item()
+    err_library = ((library.float() - exact).norm() / exact.norm()).item()
+    assert err_fa4 <= 1.1 * err_library, (err_fa4, err_library)
