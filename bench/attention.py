@@ -1,7 +1,7 @@
 """Attention alone, per call: cuDNN's kernel through SDPA (diffgen's "cudnn"), FlashAttention-4 (``flash-attn-4``,
-diffgen's "fa4") and what "auto" picks, at the real models' shapes and at the lengths between them that set
-``diffgen.layers.attention.FA4_MIN_KEYS``; time, TFLOP/s (4·B·H·S²·D) and the relative error of each against float32
-attention where it fits in memory. A/B alternated, CUDA events, medians.
+diffgen's "fa4") and what "auto" picks inside compiled blocks (serve), at the real models' shapes and at the
+lengths between them that set ``diffgen.layers.attention.FA4_MIN_KEYS``; time, TFLOP/s (4·B·H·S²·D) and the
+relative error of each against float32 attention where it fits in memory. A/B alternated, CUDA events, medians.
 
     python bench/attention.py            # on CUDA (the FA4 rows where flash-attn-4 is installed)
     python bench/attention.py --tiny     # tiny shapes on the CPU (SDPA rows only): checks the script
@@ -50,15 +50,17 @@ def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtyp
     g = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=g) for _ in range(3))
 
-    def backend(name):
+    def backend(name, fn=sdpa):
         def run():
             set_attention_backend(name)
             try:
-                return sdpa(q, k, v)
+                return fn(q, k, v)
             finally:
                 set_attention_backend("auto")
         return run
-    variants = {"cuDNN (SDPA)": backend("cudnn"), "auto": backend("auto")}
+    # "auto" as compiled blocks call it (serve's default); on the CPU through Dynamo alone (no C++ compiler needed)
+    compiled = torch.compile(sdpa, backend="inductor" if device.type == "cuda" else "aot_eager")
+    variants = {"cuDNN (SDPA)": backend("cudnn"), "auto, compiled (serve)": backend("auto", compiled)}
     if device.type == "cuda" and fa4_installed():
         variants["FlashAttention-4"] = lambda: fa4_attention_op(q, k, v, None, False)
     with torch.inference_mode():

@@ -329,8 +329,10 @@ def run(command: list[str], env: dict, timeout: float, cwd: Path = ROOT) -> tupl
 
 
 def tree_env(tree: Path, extra: dict[str, str] | None = None) -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
-                DIFFGEN_LOG_LEVEL="INFO", **(extra or {}))
+    """The environment of a process running ``tree``: first on PYTHONPATH, INFO logs; ``extra`` wins (also over
+    PYTHONPATH: a variant without an optional package)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
+            "DIFFGEN_LOG_LEVEL": "INFO", **(extra or {})}
 
 
 def import_summary(importtime: list[str], threshold_ms: float = 30.0) -> list[str]:

@@ -107,7 +107,7 @@ CACHE_METHODS = ("none", "first-block", "teacache", "taylorseer")
 MAX_CACHE_THRESHOLD = 2.0
 MAX_TAYLOR_ORDER = 4
 OFFLOAD_MODES = ("none", "model", "layerwise")
-#: diffgen.layers.attention's backends ("auto": FlashAttention-4 or cuDNN, chosen per call)
+#: diffgen.layers.attention's backends ("auto": cuDNN, or FlashAttention-4 in compiled blocks, chosen per call)
 ATTENTION_BACKENDS = ("auto", "fa4", "cudnn", "flash", "efficient", "math")
 LORA_MODES = ("merged", "dynamic")
 LORA_COMPONENTS = ("transformer", "transformer_2")  # the DiTs a LoRA may go on (transformer_2: Wan2.2's 2nd expert)
@@ -124,9 +124,9 @@ MODEL = OptionGroup("model", "model", ("generate", "serve"), engine=True, option
 ))
 
 PERFORMANCE = OptionGroup("performance", "performance", ("generate", "serve"), engine=True, options=(
-    Option("attention_backend", str, "attention kernels (default auto: on Hopper FlashAttention-4 for long "
-           "sequences where flash-attn-4 is installed, cuDNN otherwise; fa4: FlashAttention-4 wherever it applies; "
-           "cudnn/flash/efficient/math: that SDPA kernel family)", choices=ATTENTION_BACKENDS),
+    Option("attention_backend", str, "attention kernels (default auto: cuDNN, and in compiled blocks on Hopper "
+           "FlashAttention-4 for long sequences where flash-attn-4 is installed; fa4: FlashAttention-4 wherever it "
+           "applies; cudnn/flash/efficient/math: that SDPA kernel family)", choices=ATTENTION_BACKENDS),
     Option("compile", bool, "torch.compile each DiT block (default: on for serve on CUDA, warmed up at start-up "
            "and cached on disk across restarts; off for a one-shot generate, where it costs more than it saves)",
            negatable=True),

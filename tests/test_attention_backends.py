@@ -41,9 +41,11 @@ def test_fa4_without_its_package_is_refused_before_anything_runs(backend):
 
 
 def test_auto_calls_fa4_for_long_16_bit_unmasked_attention_only(backend, monkeypatch):
-    """Under "auto" (FA4 ready on this GPU): FA4 from FA4_MIN_KEYS keys on, in bf16/fp16, without a mask or
-    gradients, head dims a multiple of 8 up to 256; everything else, and every other backend but "fa4", SDPA."""
+    """Under "auto" inside compiled blocks (FA4 ready on this GPU): FA4 from FA4_MIN_KEYS keys on, in bf16/fp16,
+    without a mask or gradients, head dims a multiple of 8 up to 256; everything else, and every other backend but
+    "fa4", SDPA."""
     monkeypatch.setattr(attention, "_fa4_ready", lambda backend, device_index: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     mode = FakeTensorMode()
     use = attention._use_fa4
     with torch.inference_mode():
@@ -93,11 +95,33 @@ def test_the_fa4_op_has_the_output_shape_of_its_values():
     assert out.shape == (2, 7, 3, 32) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
 
 
-def test_prefetch_on_the_cpu_starts_nothing(monkeypatch):
+def test_auto_uses_fa4_in_compiled_blocks_only(backend, monkeypatch):
+    """Eager (a one-shot ``generate``) "auto" stays on cuDNN: FA4's import and first compilation cost more than they
+    save there; inside compiled blocks (serve's default, ``--compile``) it may call FA4. The import starts in a
+    background thread where FA4 may run (CUDA, the package there; "auto" only when compiling), never for the CPU."""
+    monkeypatch.setattr(attention, "_fa4_ready", lambda backend, device_index: True)
+    monkeypatch.setattr(attention, "fa4_installed", lambda: True)
+    monkeypatch.setattr(attention, "_fa4_resolved", [])
     started = []
-    monkeypatch.setattr(attention.threading, "Thread", lambda *a, **k: started.append(k))
-    attention.prefetch_attention_kernels("cpu")
+    monkeypatch.setattr(attention.threading, "Thread", lambda *a, **k: started.append(k["name"]) or _NoThread())
+    long = _qkv(FakeTensorMode(), FA4_MIN_KEYS)
+    with torch.inference_mode():
+        assert not attention._use_fa4(*long, None)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert attention._use_fa4(*long, None)
+    attention.prefetch_attention_kernels("cpu", compiled=True)
+    attention.prefetch_attention_kernels(torch.device("cuda"), compiled=False)
     assert started == []
+    attention.prefetch_attention_kernels(torch.device("cuda"), compiled=True)
+    assert started == ["diffgen-fa4-import"]
+    backend("fa4")
+    attention.prefetch_attention_kernels("cuda", compiled=False)
+    assert started == ["diffgen-fa4-import"] * 2
+
+
+class _NoThread:
+    def start(self):
+        pass
 
 
 def _fa4_on_this_gpu() -> bool:
@@ -121,14 +145,17 @@ def _reference(q, k, v, scale=None, causal=False):
 @pytest.mark.gpu
 @needs_fa4
 def test_fa4_compiled_and_graphed_equals_eager_on_gpu(backend):
-    """A compiled function over :func:`sdpa` (full graph: the op, no break) and its CUDA-graph replay give FA4's
-    eager result bit for bit; first in the file, so the compiler is the first to ask whether FA4 is ready."""
+    """Under "auto", a compiled function over :func:`sdpa` (full graph: the op, no break) and the CUDA-graph replay of
+    the "fa4" backend's eager call give FA4's eager result bit for bit; the first GPU test of the file, so the
+    compiler is the first to ask whether FA4 is ready."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, FA4_MIN_KEYS + 7, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     with torch.inference_mode():
         compiled = torch.compile(lambda *t: sdpa(*t), fullgraph=True)(q, k, v)
         eager = fa4_attention_op(q, k, v, None, False)
         assert torch.equal(compiled, eager)
+        assert not torch.equal(sdpa(q, k, v), eager)  # eager "auto": cuDNN's kernel
+        backend("fa4")
         graph, static = torch.cuda.CUDAGraph(), [t.clone() for t in (q, k, v)]
         with torch.cuda.graph(graph):
             replayed = sdpa(*static)

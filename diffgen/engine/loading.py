@@ -38,11 +38,14 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
 
     if attention_backend:
         set_attention_backend(attention_backend)
-    prefetch_attention_kernels(parse_device(device))  # FlashAttention-4's import overlaps the loading
-    if offload not in (None, "none"):
+    offloaded = offload not in (None, "none")
+    # Offloaded models move between devices as they run: compile them only when asked.
+    compiled = resolve_compile(compile, parse_device(device), serving and not offloaded, lora_mode)
+    prefetch_attention_kernels(parse_device(device), compiled)  # FlashAttention-4's import overlaps the loading
+    if offloaded:
         from diffgen.engine.offload import OFFLOAD_MODES
         from diffgen.errors import DiffgenError
-        from diffgen.loader.components import parse_device, parse_dtype
+        from diffgen.loader.components import parse_dtype
 
         if offload not in OFFLOAD_MODES:
             raise DiffgenError(f"--offload {offload!r} is not supported; choose one of {', '.join(OFFLOAD_MODES)}")
@@ -56,15 +59,13 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
         pipeline = load_pipeline(model_path, device=device, dtype=dtype, revision=revision, vae_dtype=vae_dtype)
     if quantize:
         apply_quantization(pipeline.components, quantize)
-    if offload not in (None, "none"):
+    if offloaded:
         from diffgen.engine.offload import apply_offload
 
         pipeline.offloaders = apply_offload(pipeline, offload)
-    # Offloaded models move between devices as they run: compile them only when asked.
-    compiled = resolve_compile(compile, pipeline.device, serving and offload in (None, "none"), lora_mode)
     if compiled:
         apply_compile(pipeline.components)
-        if serving and offload in (None, "none"):
+        if serving and not offloaded:
             apply_cuda_graphs(pipeline.components)  # captured on each signature's second forward (warm-up)
     set_step_cache(pipeline, cache, cache_threshold, cache_warmup, cache_order)
     if lora_mode is not None or lora_path:

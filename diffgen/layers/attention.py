@@ -1,11 +1,11 @@
 """The one attention entry point of diffgen.
 
 Every DiT calls :func:`attention` with (batch, seq, heads, head_dim) tensors. The backend is chosen
-once per process (``set_attention_backend``). On CUDA, "auto" runs FlashAttention-4 (the ``flash-attn-4``
-package, ``pip install 'diffgen[fa4]'``) on Hopper where the keys are many, and cuDNN attention through
-SDPA otherwise: on an H200, FA4 measured 1.14-1.18x faster than cuDNN at Wan's 32760 and 75600 tokens and
-no faster at FLUX's / Qwen-Image's ~4500 (docs/benchmarks.md); cuDNN measured 1.6-1.9x faster than SDPA's
-own flash kernel on DiT shapes.
+once per process (``set_attention_backend``). On CUDA, "auto" runs cuDNN attention through SDPA (1.6-1.9x
+faster than SDPA's own flash kernel on DiT shapes, on Hopper); inside compiled blocks (``serve``'s default,
+``--compile``) on Hopper, where the ``flash-attn-4`` package is installed (``pip install 'diffgen[fa4]'``),
+FlashAttention-4 for long sequences: 1.07-1.24x faster than cuDNN from 16384 keys on an H200
+(docs/benchmarks.md, "FlashAttention-4").
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ _SDPA_ORDER = {
     "math": [SDPBackend.MATH],
 }
 assert set(_SDPA_ORDER) | {"auto", "fa4"} == set(ATTENTION_BACKENDS)
-#: "auto" calls FA4 from this many keys on: it won at 32760 and 75600 and tied or lost at ~4500 on an H200
+#: "auto" (in compiled blocks) calls FA4 from this many keys on: on an H200 it was 1.07-1.24x faster than cuDNN from
+#: 16384 keys, within the noise at 8192-12288 and no faster at ~4500 (FLUX, Qwen-Image)
 FA4_MIN_KEYS = 16384
 _backend = "auto"
 
@@ -86,11 +87,12 @@ def _fa4_function():
     return _fa4_resolved[0]
 
 
-def prefetch_attention_kernels(device: torch.device | str | None) -> None:
-    """Import FlashAttention-4 in a background thread when "auto" or "fa4" may call it on ``device``: the import
-    takes seconds (the CuTe DSL's compiler), which then overlap the weights' loading instead of the first step."""
+def prefetch_attention_kernels(device: torch.device | str | None, compiled: bool) -> None:
+    """Import FlashAttention-4 in a background thread where it may be called on ``device`` ("fa4"; "auto" with
+    compiled blocks), so that its import (~11 s, the CuTe DSL's compiler) overlaps the weights' loading."""
     device = torch.device(device or "cpu")
-    if _backend not in ("auto", "fa4") or device.type != "cuda" or _fa4_resolved or not fa4_installed():
+    if (_backend != "fa4" and (_backend != "auto" or not compiled)) or device.type != "cuda" or _fa4_resolved \
+            or not fa4_installed():
         return
 
     def prefetch():
@@ -132,7 +134,9 @@ def _use_fa4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
         return False
     if any(t.shape[-1] % 8 or t.shape[-1] > 256 for t in (query, value)) or torch.is_grad_enabled():
         return False
-    if _backend == "auto" and key.shape[1] < FA4_MIN_KEYS:
+    # "auto" in compiled blocks only: where eager runs (a one-shot generate), FA4's import and each shape's first
+    # compilation cost more than they saved (Wan2.1-1.3B 480p, 20 steps: 52-54 s with it, 46-49 s without, H200)
+    if _backend == "auto" and (key.shape[1] < FA4_MIN_KEYS or not torch.compiler.is_compiling()):
         return False
     return _fa4_ready(_backend, query.device.index or 0)
 
