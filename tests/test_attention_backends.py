@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from diffgen.errors import DiffgenError
 from diffgen.layers import attention
 from diffgen.layers.attention import FA4_MIN_KEYS, fa4_attention_op, sdpa, set_attention_backend
 
@@ -33,10 +34,10 @@ def _qkv(mode: FakeTensorMode, keys: int, dtype=torch.bfloat16, head_dim: int = 
 
 @pytest.mark.skipif(attention.fa4_installed(), reason="flash-attn-4 is installed here: the error cannot be seen")
 def test_fa4_without_its_package_is_refused_before_anything_runs(backend):
-    with pytest.raises(ValueError, match=r"'fa4' needs the flash-attn-4 package.*pip install 'diffgen\[fa4\]'"):
+    with pytest.raises(DiffgenError, match=r"'fa4' needs the flash-attn-4 package.*pip install 'diffgen\[fa4\]'"):
         backend("fa4")
     assert attention.get_attention_backend() == "auto"
-    with pytest.raises(ValueError, match="'fast' is not one of auto, fa4, cudnn"):
+    with pytest.raises(DiffgenError, match="'fast' is not one of auto, fa4, cudnn"):
         backend("fast")
 
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from diffgen.entrypoints.cli import main
+from diffgen.layers.attention import fa4_installed, get_attention_backend
 
 
 def _generate(model: str, *extra: str) -> list[str]:
@@ -86,6 +87,17 @@ def test_bad_input_is_one_clear_line(tiny_flux, tmp_path, capsys, args, message)
     assert code == 2
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.skipif(fa4_installed(), reason="flash-attn-4 is installed here: nothing to refuse")
+def test_fa4_without_its_package_is_one_clear_line(tiny_flux, tmp_path, capsys):
+    code = main(["generate", "--model-path", tiny_flux, "--prompt", "x", "--num-inference-steps", "1", "--height",
+                 "32", "--width", "32", "--output-path", str(tmp_path), "--attention-backend", "fa4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not any("Traceback" in line for line in err), err
+    assert err[-1] == ("error: --attention-backend 'fa4' needs the flash-attn-4 package, which is not installed "
+                       "(pip install 'diffgen[fa4]')")
+    assert get_attention_backend() == "auto"
 
 
 def test_bad_model_paths(tiny_flux, tmp_path, capsys):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from diffgen.errors import DiffgenError
 from diffgen.options import ATTENTION_BACKENDS
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,10 @@ def set_attention_backend(name: str) -> None:
     """Select the attention kernels for all later calls (see :data:`ATTENTION_BACKENDS`)."""
     global _backend
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        raise DiffgenError(f"--attention-backend {name!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
     if name == "fa4" and not fa4_installed():
-        raise ValueError("attention backend 'fa4' needs the flash-attn-4 package, which is not installed "
-                         "(pip install 'diffgen[fa4]')")
+        raise DiffgenError("--attention-backend 'fa4' needs the flash-attn-4 package, which is not installed "
+                           "(pip install 'diffgen[fa4]')")
     _backend = name
 
 
