@@ -86,3 +86,12 @@ def kernel_bench_setup(description: str) -> tuple[argparse.Namespace, torch.devi
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"## {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     return args, device, dtype
+
+
+def bench_shapes(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, header: tuple[str, ...],
+                 shapes: dict, tiny_shapes: dict, bench_shape: Callable) -> None:
+    """A kernel bench's table: the header, then ``bench_shape(name, shape, device, dtype, repeats)`` per shape of
+    ``shapes`` (``tiny_shapes`` with ``--tiny``), each printing its rows."""
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name, shape in (tiny_shapes if args.tiny else shapes).items():
+        bench_shape(name, shape, device, dtype, args.repeats)

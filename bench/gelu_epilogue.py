@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import ab_medians, kernel_bench_setup, profile_one_call  # noqa: E402
+from bench.common import ab_medians, bench_shapes, kernel_bench_setup, profile_one_call  # noqa: E402
 
 SHAPES = {  # name: (tokens, in features, out features)
     "FLUX double block image MLP in": (4096, 3072, 12288),
@@ -167,9 +167,8 @@ def bench_flux_single(device: torch.device, dtype: torch.dtype, repeats: int, ti
 def main() -> None:
     args, device, dtype = kernel_bench_setup(__doc__)
     which_gelu(device)
-    print("| shape | variant | median µs | range | TFLOP/s |\n|---|---|---|---|---|")
-    for name, shape in (TINY if args.tiny else SHAPES).items():
-        bench_mlp_in(name, shape, device, dtype, args.repeats)
+    bench_shapes(args, device, dtype, ("shape", "variant", "median µs", "range", "TFLOP/s"), SHAPES, TINY,
+                 bench_mlp_in)
     bench_flux_single(device, dtype, args.repeats, args.tiny)
 
 

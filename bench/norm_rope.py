@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import ab_medians, kernel_bench_setup  # noqa: E402
+from bench.common import ab_medians, bench_shapes, kernel_bench_setup  # noqa: E402
 
 SHAPES = {  # name: (batch, tokens, heads, head_dim, norm over heads, round before scale)
     "FLUX single block q (4608 tokens)": (1, 4608, 24, 128, False, False),
@@ -105,10 +105,8 @@ def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtyp
 
 def main() -> None:
     args, device, dtype = kernel_bench_setup(__doc__)
-    print("| shape | variant | median µs per call | GB/s | vs plain ops (relative, elements that differ) |\n"
-          "|---|---|---|---|---|")
-    for name, shape in (TINY if args.tiny else SHAPES).items():
-        bench_shape(name, shape, device, dtype, args.repeats)
+    bench_shapes(args, device, dtype, ("shape", "variant", "median µs per call", "GB/s",
+                                       "vs plain ops (relative, elements that differ)"), SHAPES, TINY, bench_shape)
 
 
 if __name__ == "__main__":
