@@ -163,13 +163,14 @@ def native_over(native_cls, config, reference: torch.nn.Module, fused: bool) -> 
     return model
 
 
-def with_kernels(enabled: bool, fn, disabled: tuple[str, ...] = (), graphs: bool | None = None):
+def with_kernels(enabled: bool, fn, disabled: tuple[str, ...] = (), graphs: bool | None = None,
+                 opt_in: tuple[str, ...] = ()):
     """``fn`` with the Triton kernels on or off (``disabled`` families left out; ``graphs``: whether compiled
-    graphs call them as custom ops, read when a block is traced)."""
+    graphs call them as custom ops, read when a block is traced; ``opt_in``: opt-in families eager code uses)."""
     from diffgen.layers.fused import set_fused_kernels
 
     def run():
-        set_fused_kernels(enabled, disabled, graphs)
+        set_fused_kernels(enabled, disabled, graphs, opt_in)
         try:
             return fn()
         finally:
@@ -430,10 +431,10 @@ def bench_flux(args, device, dtype):
                                                                            disabled=("modulation", *EPILOGUE_FAMILIES)),
         "diffgen default (Triton norm/rope + AdaLN modulate + gated residual)":
             with_kernels(True, lambda: unfused(**inputs)),
-        "diffgen default without the GELU epilogue and the split projection":
+        "diffgen default without the GELU epilogue":
             with_kernels(True, lambda: unfused(**inputs), disabled=EPILOGUE_FAMILIES),
-        "diffgen default without the split projection": with_kernels(True, lambda: unfused(**inputs),
-                                                                     disabled=("concat_linear",)),
+        "diffgen default + the split projection (opt-in)": with_kernels(True, lambda: unfused(**inputs),
+                                                                        opt_in=("concat_linear",)),
     }
     if args.fused_qkv:
         variants["diffgen fused qkv + Triton kernels"] = with_kernels(True, lambda: fused(**inputs))

@@ -8,6 +8,7 @@ installed: against float32 attention, as close as cuDNN's kernel is, eager, comp
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def _qkv(mode: FakeTensorMode, keys: int, dtype=torch.bfloat16, head_dim: int = 
 
 @pytest.mark.skipif(attention.fa4_installed(), reason="flash-attn-4 is installed here: the error cannot be seen")
 def test_fa4_without_its_package_is_refused_before_anything_runs(backend):
-    with pytest.raises(DiffgenError, match=r"'fa4' needs the flash-attn-4 package.*pip install 'diffgen\[fa4\]'"):
+    with pytest.raises(DiffgenError, match=r"'fa4' needs the flash-attn-4 package.*pip install -e '\.\[fa4\]'"):
         backend("fa4")
     assert attention.get_attention_backend() == "auto"
     with pytest.raises(DiffgenError, match="'fast' is not one of auto, fa4, cudnn"):
@@ -59,6 +60,10 @@ def test_auto_calls_fa4_for_long_16_bit_unmasked_attention_only(backend, monkeyp
         with mode:
             mask = torch.ones(1, FA4_MIN_KEYS, dtype=torch.bool, device="cuda")
         assert not use(*long, mask)
+        with mode:
+            fewer_kv_heads = torch.empty(1, FA4_MIN_KEYS, 1, 128, device="cuda", dtype=torch.bfloat16)
+        assert not use(long[0], fewer_kv_heads, fewer_kv_heads, None)  # SDPA refuses it; FA4 would group queries
+        assert use(*long, None, causal=False) and not use(*long, None, causal=True)  # 64 queries, 16384 keys
         cpu = tuple(torch.empty(1, FA4_MIN_KEYS, 2, 128, dtype=torch.bfloat16) for _ in range(3))
         assert not use(*cpu, None)
         for name in ("cudnn", "flash", "efficient", "math"):
@@ -79,7 +84,7 @@ def test_sdpa_hands_fa4_calls_to_the_op_with_scale_and_causality(monkeypatch):
     """Where FA4 applies, :func:`sdpa` calls the op with the (B, S, H, D) tensors as they are (no transposes), its
     scale and causal flag, and returns its result."""
     calls = []
-    monkeypatch.setattr(attention, "_use_fa4", lambda q, k, v, mask: True)
+    monkeypatch.setattr(attention, "_use_fa4", lambda q, k, v, mask, causal: True)
     monkeypatch.setattr(attention, "fa4_attention_op", lambda *args: calls.append(args) or args[0] * 2)
     q, k, v = (torch.randn(1, 5, 2, 8) for _ in range(3))
     assert torch.equal(sdpa(q, k, v, scale=0.5, causal=True), q * 2)
@@ -104,7 +109,8 @@ def test_auto_uses_fa4_in_compiled_blocks_only(backend, monkeypatch):
     monkeypatch.setattr(attention, "fa4_installed", lambda: True)
     monkeypatch.setattr(attention, "_fa4_resolved", [])
     started = []
-    monkeypatch.setattr(attention.threading, "Thread", lambda *a, **k: started.append(k["name"]) or _NoThread())
+    monkeypatch.setattr(attention, "threading", SimpleNamespace(  # this module's view only, not the process's
+        Thread=lambda *a, **k: started.append(k["name"]) or SimpleNamespace(start=lambda: None)))
     long = _qkv(FakeTensorMode(), FA4_MIN_KEYS)
     with torch.inference_mode():
         assert not attention._use_fa4(*long, None)
@@ -120,18 +126,11 @@ def test_auto_uses_fa4_in_compiled_blocks_only(backend, monkeypatch):
     assert started == ["diffgen-fa4-import"] * 2
 
 
-class _NoThread:
-    def start(self):
-        pass
-
-
-def _fa4_on_this_gpu() -> bool:
-    return (torch.cuda.is_available() and attention.fa4_installed()
-            and torch.cuda.get_device_capability()[0] == 9 and attention._fa4_function() is not None)
-
-
-needs_fa4 = pytest.mark.skipif(not _fa4_on_this_gpu(), reason="needs a Hopper GPU with flash-attn-4 installed "
-                                                                "(pip install 'diffgen[fa4]')")
+# Not importing it here (~11 s): the compiled test below is then the first to need it, as a server is when its
+# background import has not finished.
+needs_fa4 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and attention.fa4_installed() and torch.cuda.get_device_capability()[0] == 9),
+    reason="needs a Hopper GPU with flash-attn-4 installed (pip install -e '.[fa4]')")
 
 
 def _reference(q, k, v, scale=None, causal=False):

@@ -96,7 +96,7 @@ def test_fa4_without_its_package_is_one_clear_line(tiny_flux, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not any("Traceback" in line for line in err), err
     assert err[-1] == ("error: --attention-backend 'fa4' needs the flash-attn-4 package, which is not installed "
-                       "(pip install 'diffgen[fa4]')")
+                       "(diffgen's fa4 extra: pip install -e '.[fa4]' in the clone)")
     assert get_attention_backend() == "auto"
 
 

@@ -38,10 +38,10 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
 
     if attention_backend:
         set_attention_backend(attention_backend)
-    offloaded = offload not in (None, "none")
+    device, offloaded = parse_device(device), offload not in (None, "none")
     # Offloaded models move between devices as they run: compile them only when asked.
-    compiled = resolve_compile(compile, parse_device(device), serving and not offloaded, lora_mode)
-    prefetch_attention_kernels(parse_device(device), compiled)  # FlashAttention-4's import overlaps the loading
+    compiled = resolve_compile(compile, device, serving and not offloaded, lora_mode)
+    prefetch_attention_kernels(device, compiled)  # FlashAttention-4's import overlaps the loading
     if offloaded:
         from diffgen.engine.offload import OFFLOAD_MODES
         from diffgen.errors import DiffgenError
@@ -50,7 +50,6 @@ def load_model(model_path: str, device: Any = None, dtype: Any = None, revision:
         if offload not in OFFLOAD_MODES:
             raise DiffgenError(f"--offload {offload!r} is not supported; choose one of {', '.join(OFFLOAD_MODES)}")
         # Load into CPU memory (in the dtype the GPU would get); components move when they run.
-        device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         vae_dtype = parse_dtype(vae_dtype, device, flag="--vae-dtype") if vae_dtype else None
         pipeline = load_pipeline(model_path, device="cpu", dtype=dtype, revision=revision, vae_dtype=vae_dtype)

@@ -47,7 +47,7 @@ def set_attention_backend(name: str) -> None:
         raise DiffgenError(f"--attention-backend {name!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
     if name == "fa4" and not fa4_installed():
         raise DiffgenError("--attention-backend 'fa4' needs the flash-attn-4 package, which is not installed "
-                           "(pip install 'diffgen[fa4]')")
+                           "(diffgen's fa4 extra: pip install -e '.[fa4]' in the clone)")
     _backend = name
 
 
@@ -65,18 +65,23 @@ def fa4_installed() -> bool:
     """Whether FlashAttention-4's package is there (without importing it: that takes seconds)."""
     try:
         return importlib.util.find_spec("flash_attn.cute") is not None
-    except (ImportError, ValueError):  # a "flash_attn" without the cute subpackage, or a broken one
+    except Exception:  # noqa: BLE001 - finding it runs flash_attn/__init__.py: a broken FlashAttention-2 raises anything
         return False
 
 
 _fa4_resolved: list = []  # [flash_attn_func or None] once the import was tried
 _fa4_ready_by: dict[tuple[str, int], bool] = {}
 _fa4_lock = threading.Lock()
+#: GPU generations (compute capability major) FA4's kernels run on: Hopper, Blackwell; "auto" uses Hopper only, where
+#: it was measured
+FA4_GENERATIONS = (9, 10, 11)
 
 
 def _fa4_function():
     """FlashAttention-4's ``flash_attn_func``, or None where it does not import (logged once). The first call
     imports it; a call while the prefetch thread imports waits for it."""
+    if _fa4_resolved:
+        return _fa4_resolved[0]
     with _fa4_lock:
         if not _fa4_resolved:
             try:
@@ -97,27 +102,39 @@ def prefetch_attention_kernels(device: torch.device | str | None, compiled: bool
         return
 
     def prefetch():
-        if _backend == "fa4" or torch.cuda.get_device_capability(device)[0] == 9:
+        if _fits(_backend, torch.cuda.get_device_capability(device)[0]):
             _fa4_function()
+
     threading.Thread(target=prefetch, name="diffgen-fa4-import", daemon=True).start()
 
 
 @torch.compiler.assume_constant_result  # a compiled block traces the answer, not the import
 def _fa4_ready(backend: str, device_index: int) -> bool:
-    """Whether FlashAttention-4 serves ``backend`` on this GPU: installed and importable; for "auto" on Hopper only
-    (where it was measured)."""
+    """Whether FlashAttention-4 serves ``backend`` on this GPU: installed and importable, a generation it runs on
+    ("auto": Hopper only, where it was measured). "fa4" on another GPU falls back to cuDNN with a warning."""
     key = (backend, device_index)
     if key not in _fa4_ready_by:
-        _fa4_ready_by[key] = ((backend == "fa4" or torch.cuda.get_device_capability(device_index)[0] == 9)
-                              and fa4_installed() and _fa4_function() is not None)
+        generation = torch.cuda.get_device_capability(device_index)[0]
+        if backend == "fa4" and not _fits(backend, generation):
+            logger.warning("diffgen: FlashAttention-4 has no kernels for compute capability %d.x (it runs on %s); "
+                           "attention runs on cuDNN", generation, ", ".join(f"{g}.x" for g in FA4_GENERATIONS))
+        _fa4_ready_by[key] = _fits(backend, generation) and fa4_installed() and _fa4_function() is not None
     return _fa4_ready_by[key]
+
+
+def _fits(backend: str, generation: int) -> bool:
+    return generation == 9 if backend == "auto" else generation in FA4_GENERATIONS
 
 
 @torch.library.custom_op("diffgen::flash_attention_4", mutates_args=())
 def fa4_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
                      causal: bool) -> torch.Tensor:
     """FlashAttention-4 over (B, S, H, D) inputs (an op, so that compiled graphs and CUDA graphs call it whole)."""
-    out = _fa4_function()(query, key, value, softmax_scale=scale, causal=causal)
+    flash_attn_func = _fa4_function()
+    if flash_attn_func is None:
+        raise RuntimeError("FlashAttention-4 (flash_attn.cute) did not import: see the warning logged before")
+    with torch.cuda.device(query.device):  # FA4 launches on the current device's stream
+        out = flash_attn_func(query, key, value, softmax_scale=scale, causal=causal)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -126,10 +143,15 @@ def _(query, key, value, scale, causal):
     return query.new_empty(query.shape[:-1] + value.shape[-1:])
 
 
-def _use_fa4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def _use_fa4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+             causal: bool = False) -> bool:
     """Whether this call goes to FlashAttention-4 under the selected backend (its kernels take no mask, 16-bit
-    inputs, head dims that are multiples of 8 up to 256; no gradients through the op)."""
+    inputs, head dims that are multiples of 8 up to 256; no gradients through the op). Where SDPA would refuse or
+    differ, SDPA runs: unequal head counts (FA4 would group the queries), causal attention over unequal lengths
+    (FA4 aligns the mask to the end, SDPA to the start)."""
     if _backend not in ("auto", "fa4") or query.device.type != "cuda" or mask is not None:
+        return False
+    if not query.shape[2] == key.shape[2] == value.shape[2] or (causal and query.shape[1] != key.shape[1]):
         return False
     if query.dtype not in (torch.bfloat16, torch.float16) or not query.dtype == key.dtype == value.dtype:
         return False
@@ -235,7 +257,7 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torc
     ``causal``: each query attends to the keys up to its own position (CLIP's text model);
     ``library_kernels``: PyTorch's own kernel choice, as transformers' models get it (the text encoders: the
     same kernel as the reference, whatever the DiT's backend is)."""
-    if not library_kernels and _use_fa4(query, key, value, mask):
+    if not library_kernels and _use_fa4(query, key, value, mask, causal):
         return fa4_attention_op(query, key, value, scale, causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     if mask is not None and mask.dtype == torch.bool and mask.ndim == 2:

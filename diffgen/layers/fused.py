@@ -23,13 +23,15 @@ GRAPH_KERNELS_ENV = "DIFFGEN_GRAPH_KERNELS"
 
 _enabled: bool | None = None  # None: Triton kernels where Triton imports unless DIFFGEN_DISABLE_TRITON is set
 _disabled: frozenset[str] = frozenset()  # kernels left out (benchmarks measure each one's gain)
+_opted_in: frozenset[str] = frozenset()  # OPT_IN families asked for in eager code
 _graphs: tuple[str, ...] | None = None  # families in compiled graphs; None: DIFFGEN_GRAPH_KERNELS, else GRAPH_KERNELS
 #: the kernel families, as ``use_fused_kernel`` and ``set_fused_kernels`` name them
 KERNELS = ("norm_rope", "modulation", "channel_norm", "linear_gelu", "concat_linear")
-#: the families that use no Triton (cuBLASLt's GELU epilogue, the split projection): on where Triton is missing
-#: or DIFFGEN_DISABLE_TRITON is set; ``set_fused_kernels`` and DIFFGEN_GRAPH_KERNELS still choose them
+#: the families that use no Triton (cuBLASLt's GELU epilogue, the split projection): they run (the split projection
+#: where named, :data:`OPT_IN`) even where Triton is missing or DIFFGEN_DISABLE_TRITON is set;
+#: ``set_fused_kernels`` and DIFFGEN_GRAPH_KERNELS still choose them
 NOT_TRITON = frozenset({"linear_gelu", "concat_linear"})
-#: families that run only where asked for (``set_fused_kernels(True)``, ``graphs=``, DIFFGEN_GRAPH_KERNELS): the split
+#: families that run only where named (``set_fused_kernels(opt_in=...)``, ``graphs=``, DIFFGEN_GRAPH_KERNELS): the split
 #: projection measured 1.46x farther from the float32 result than the one matmul over the concatenation at FLUX's
 #: single-block shape on an H200 (more than its one extra rounding explains), and no faster compiled
 #: (docs/benchmarks.md, "FlashAttention-4")
@@ -65,17 +67,19 @@ def _triton_available() -> bool:
 
 
 def set_fused_kernels(enabled: bool | None, disabled: tuple[str, ...] = (),
-                      graphs: bool | tuple[str, ...] | None = None) -> None:
+                      graphs: bool | tuple[str, ...] | None = None, opt_in: tuple[str, ...] = ()) -> None:
     """Force the kernels on or off for this process (None: the default; False: the plain PyTorch ops everywhere,
     the families of :data:`NOT_TRITON` too; True: the Triton kernels even where DIFFGEN_DISABLE_TRITON is set),
     leaving out the ``disabled`` families (of :data:`KERNELS`); ``graphs``: the families compiled graphs call (of
-    :data:`GRAPH_CAPABLE`; True: :data:`GRAPH_KERNELS`, False: none, None: the default). Benchmarks compare
-    them."""
-    global _enabled, _disabled, _graphs
+    :data:`GRAPH_CAPABLE`; True: :data:`GRAPH_KERNELS`, False: none, None: the default); ``opt_in``: families of
+    :data:`OPT_IN` eager code uses too. Benchmarks compare them."""
+    global _enabled, _disabled, _graphs, _opted_in
     unknown = set(disabled) - set(KERNELS)
     if unknown:
         raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {', '.join(KERNELS)}")
-    _enabled, _disabled = enabled, frozenset(disabled)
+    if set(opt_in) - OPT_IN:
+        raise ValueError(f"opt_in: {sorted(set(opt_in) - OPT_IN)} are not opt-in families ({', '.join(OPT_IN)})")
+    _enabled, _disabled, _opted_in = enabled, frozenset(disabled), frozenset(opt_in)
     _graphs = None if graphs is None else GRAPH_KERNELS if graphs is True else () if graphs is False else \
         _graph_families(graphs, "graphs")
     prepare_graph_kernels()
@@ -102,9 +106,9 @@ def _graphs_from_env() -> tuple[str, ...]:
 def _family_enabled(family: str) -> bool:
     """Whether ``family`` may run, before the device and gradient checks: a Triton family where Triton imports and
     is not turned off, a family of :data:`NOT_TRITON` unless ``set_fused_kernels(False)``, one of :data:`OPT_IN`
-    after ``set_fused_kernels(True)`` only."""
+    only where named (``set_fused_kernels(opt_in=...)``)."""
     if family in OPT_IN:
-        return _enabled is True
+        return family in _opted_in and _enabled is not False
     if family in NOT_TRITON:
         return _enabled is not False
     enabled = _enabled if _enabled is not None else os.environ.get(_DISABLE_ENV, "") in ("", "0")
