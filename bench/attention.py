@@ -44,7 +44,13 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
-    from diffgen.layers.attention import fa4_attention_op, fa4_installed, sdpa, set_attention_backend
+    from diffgen.layers.attention import (
+        fa4_attention_op,
+        fa4_installed,
+        prepare_compiled_attention,
+        sdpa,
+        set_attention_backend,
+    )
 
     batch, tokens, heads, head_dim = shape
     g = torch.Generator(device).manual_seed(0)
@@ -59,6 +65,7 @@ def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtyp
                 set_attention_backend("auto")
         return run
     # "auto" as compiled blocks call it (serve's default); on the CPU through Dynamo alone (no C++ compiler needed)
+    prepare_compiled_attention(device)  # as compiled blocks do: decided before the trace
     compiled = torch.compile(sdpa, backend="inductor" if device.type == "cuda" else "aot_eager")
     variants = {"cuDNN (SDPA)": backend("cudnn"), "auto, compiled (serve)": backend("auto", compiled)}
     if device.type == "cuda" and fa4_installed():

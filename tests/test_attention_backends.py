@@ -93,6 +93,26 @@ def test_sdpa_hands_fa4_calls_to_the_op_with_scale_and_causality(monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_trace_reads_the_decision_made_before_it_and_never_imports(monkeypatch):
+    """Inside a trace an undecided GPU means no FA4 (nothing imported there); ``prepare_compiled_attention`` decides
+    outside it, once per backend and GPU, and a trace then reads that decision."""
+    imports = []
+    monkeypatch.setattr(attention, "_fa4_ready_by", {})
+    monkeypatch.setattr(attention, "_fa4_function", lambda: imports.append(1) or (lambda *a, **k: None))
+    monkeypatch.setattr(attention, "fa4_installed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert attention._fa4_ready("auto", 0) is False and imports == [] and attention._fa4_ready_by == {}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    attention.prepare_compiled_attention(torch.device("cuda:0"))
+    assert attention._fa4_ready_by == {("auto", 0): True} and imports == [1]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert attention._fa4_ready("auto", 0) is True and imports == [1]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert attention._fa4_ready("auto", 1) is False and attention._fa4_ready("fa4", 1) is False  # Ampere: none
+
+
 def test_the_fa4_op_has_the_output_shape_of_its_values():
     with FakeTensorMode():
         q, k = (torch.empty(2, 7, 3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -145,16 +165,21 @@ def _reference(q, k, v, scale=None, causal=False):
 @pytest.mark.gpu
 @needs_fa4
 def test_fa4_compiled_and_graphed_equals_eager_on_gpu(backend):
-    """Under "auto", a compiled function over :func:`sdpa` (full graph: the op, no break) and the CUDA-graph replay of
-    the "fa4" backend's eager call give FA4's eager result bit for bit; the first GPU test of the file, so the
-    compiler is the first to ask whether FA4 is ready."""
+    """Under "auto", a compiled function over :func:`sdpa` (full graph: the op, no break; decided before tracing by
+    ``prepare_compiled_attention``, as compiled blocks are) and the CUDA-graph replay of the "fa4" backend's eager
+    call give FA4's eager result bit for bit; undecided, a trace falls back to cuDNN rather than import in it."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, FA4_MIN_KEYS + 7, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     with torch.inference_mode():
+        eager_cudnn = sdpa(q, k, v)  # eager "auto": cuDNN's kernel
+        if not attention._fa4_ready_by:  # the first GPU test of the file: nothing decided yet
+            undecided = torch.compile(lambda *t: sdpa(*t), fullgraph=True)(q, k, v)
+            assert torch.equal(undecided, eager_cudnn)
+        attention.prepare_compiled_attention(q.device)
         compiled = torch.compile(lambda *t: sdpa(*t), fullgraph=True)(q, k, v)
         eager = fa4_attention_op(q, k, v, None, False)
         assert torch.equal(compiled, eager)
-        assert not torch.equal(sdpa(q, k, v), eager)  # eager "auto": cuDNN's kernel
+        assert not torch.equal(eager_cudnn, eager)
         backend("fa4")
         graph, static = torch.cuda.CUDAGraph(), [t.clone() for t in (q, k, v)]
         with torch.cuda.graph(graph):

@@ -33,9 +33,13 @@ def compile_repeated_blocks(model: nn.Module, options: dict | None = None) -> in
     :func:`inductor_options`'s (bench/speed.py measures some). The blocks call diffgen's Triton kernels that
     beat Inductor's own (diffgen.layers.fused.GRAPH_KERNELS) as custom ops.
     """
+    from diffgen.layers.attention import prepare_compiled_attention
     from diffgen.layers.fused import prepare_graph_kernels
 
     prepare_graph_kernels()
+    parameter = next(model.parameters(), None)
+    if parameter is not None:
+        prepare_compiled_attention(parameter.device)
     options = inductor_options(model, options)
     count = 0
     for child in model.children():

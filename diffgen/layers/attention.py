@@ -108,12 +108,22 @@ def prefetch_attention_kernels(device: torch.device | str | None, compiled: bool
     threading.Thread(target=prefetch, name="diffgen-fa4-import", daemon=True).start()
 
 
-@torch.compiler.assume_constant_result  # a compiled block traces the answer, not the import
+def prepare_compiled_attention(device: torch.device) -> None:
+    """Decide (importing FlashAttention-4 if needed) whether compiled blocks on ``device`` call FA4, before they are
+    traced: a trace reads the decision and cannot import (diffgen.engine.optimize.compile_repeated_blocks calls
+    this; so must any other ``torch.compile`` over :func:`attention` that should use FA4)."""
+    if device.type == "cuda" and _backend in ("auto", "fa4"):
+        _fa4_ready(_backend, device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _fa4_ready(backend: str, device_index: int) -> bool:
     """Whether FlashAttention-4 serves ``backend`` on this GPU: installed and importable, a generation it runs on
-    ("auto": Hopper only, where it was measured). "fa4" on another GPU falls back to cuDNN with a warning."""
+    ("auto": Hopper only, where it was measured). "fa4" on another GPU falls back to cuDNN with a warning. Inside a
+    trace only the decision made before (:func:`prepare_compiled_attention`) is read; undecided there means no."""
     key = (backend, device_index)
     if key not in _fa4_ready_by:
+        if torch.compiler.is_compiling():
+            return False
         generation = torch.cuda.get_device_capability(device_index)[0]
         if backend == "fa4" and not _fits(backend, generation):
             logger.warning("diffgen: FlashAttention-4 has no kernels for compute capability %d.x (it runs on %s); "
@@ -161,7 +171,7 @@ def _use_fa4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     # compilation cost more than they saved (Wan2.1-1.3B 480p, 20 steps: 52-54 s with it, 46-49 s without, H200)
     if _backend == "auto" and (key.shape[1] < FA4_MIN_KEYS or not torch.compiler.is_compiling()):
         return False
-    return _fa4_ready(_backend, query.device.index or 0)
+    return _fa4_ready(_backend, query.device.index)  # a CUDA tensor's device always has its index
 
 
 def attention(
