@@ -113,6 +113,23 @@ def test_a_trace_reads_the_decision_made_before_it_and_never_imports(monkeypatch
     assert attention._fa4_ready("auto", 1) is False and attention._fa4_ready("fa4", 1) is False  # Ampere: none
 
 
+def test_dynamo_traces_the_decision_without_a_break(monkeypatch):
+    """Traced by Dynamo (full graph, no compiler needed): undecided -> no FA4 and no import; decided -> the decision,
+    retraced when it changes (the dict is guarded)."""
+    def fail():
+        raise AssertionError("imported inside a trace")
+    monkeypatch.setattr(attention, "_fa4_ready_by", {})
+    monkeypatch.setattr(attention, "_fa4_function", fail)
+
+    def step(x):
+        return x + 1 if attention._fa4_ready("auto", 0) else x - 1
+    traced = torch.compile(step, fullgraph=True, backend="eager")
+    x = torch.zeros(3)
+    assert traced(x).tolist() == [-1, -1, -1]
+    attention._fa4_ready_by[("auto", 0)] = True
+    assert traced(x).tolist() == [1, 1, 1]
+
+
 def test_the_fa4_op_has_the_output_shape_of_its_values():
     with FakeTensorMode():
         q, k = (torch.empty(2, 7, 3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
