@@ -1,7 +1,7 @@
 """Which kernel :func:`diffgen.layers.attention.sdpa` calls under each backend, and FlashAttention-4 on the GPU.
 
 The routing is checked on the CPU with fake CUDA tensors (FakeTensorMode: shapes, dtypes and devices without a GPU);
-FlashAttention-4 itself (the ``flash-attn-4`` package, ``diffgen[fa4]``) runs only on a CUDA GPU where it is
+FlashAttention-4 itself (the ``flash-attn-4`` package, diffgen's ``fa4`` extra) runs only on a CUDA GPU where it is
 installed: against float32 attention, as close as cuDNN's kernel is, eager, compiled and replayed from a CUDA graph.
 """
 

@@ -3,7 +3,7 @@
 Every DiT calls :func:`attention` with (batch, seq, heads, head_dim) tensors. The backend is chosen
 once per process (``set_attention_backend``). On CUDA, "auto" runs cuDNN attention through SDPA (1.6-1.9x
 faster than SDPA's own flash kernel on DiT shapes, on Hopper); inside compiled blocks (``serve``'s default,
-``--compile``) on Hopper, where the ``flash-attn-4`` package is installed (``pip install 'diffgen[fa4]'``),
+``--compile``) on Hopper, where the ``flash-attn-4`` package is installed (diffgen's ``fa4`` extra),
 FlashAttention-4 for long sequences: 1.07-1.24x faster than cuDNN from 16384 keys on an H200
 (docs/benchmarks.md, "FlashAttention-4").
 """
