@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -370,6 +371,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--baseline", default=None, help="another diffgen source tree to time beside this one")
     parser.add_argument("--with-compile", action="store_true", help="also time `generate --compile`")
+    parser.add_argument("--variant-args", action="append", default=[], metavar="ARGS",
+                        help="also time this tree's `generate` with these extra flags (repeatable: one variant each), "
+                        "e.g. --variant-args='--attention-backend fa4'")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--skip-load", action="store_true", help="no whole-pipeline load in an imported process")
     parser.add_argument("--skip-timelines", action="store_true", help="no -X importtime timeline per tree")
@@ -436,9 +440,9 @@ def main() -> None:
     commands = {f"diffgen generate ({label})": ([sys.executable, "-m", "diffgen.entrypoints.cli", *arguments], tree,
                                                  extra)
                 for label, (tree, extra) in trees.items()}
-    if args.with_compile:
-        commands["diffgen generate --compile (this tree)"] = (
-            [sys.executable, "-m", "diffgen.entrypoints.cli", *arguments, "--compile"], ROOT, {})
+    for extra_args in args.variant_args + (["--compile"] if args.with_compile else []):
+        commands[f"diffgen generate {extra_args} (this tree)"] = (
+            [sys.executable, "-m", "diffgen.entrypoints.cli", *arguments, *shlex.split(extra_args)], ROOT, {})
     if not args.skip_diffusers:
         commands["diffusers script (from_pretrained + .to + call)"] = (
             [sys.executable, "-c", diffusers_script(args.model), str(folder), device, str(steps), str(height),

@@ -48,6 +48,21 @@ def test_bench_oneshot_tiny_other_models(tmp_path, model, options, suffix):
             assert sorted(path.name for path in folder.iterdir()) == [f"frame_{i:05d}.png" for i in range(9)]
 
 
+def test_bench_oneshot_variant_args_time_generate_with_extra_flags(tmp_path):
+    """``--variant-args ARGS``: one more `generate` process per value, with those flags (here two: a flag that works
+    and one that generate refuses, so the row's status shows the flags really reached the command line)."""
+    run = run_bench("oneshot.py", "--tiny", "--rounds", "1", "--skip-diffusers", "--skip-load", "--skip-timelines",
+                    "--folder", str(tmp_path / "ckpt"), "--variant-args=--attention-backend math",
+                    "--variant-args=--attention-backend fastest", timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| diffgen generate")]
+    assert len(rows) == 3, rows
+    assert any(row.startswith("| diffgen generate --attention-backend math (this tree), round 1") and
+               row.endswith("| ok |") for row in rows), rows
+    assert any(row.startswith("| diffgen generate --attention-backend fastest (this tree), round 1") and
+               row.endswith("| exit 2 |") for row in rows), rows
+
+
 def test_bench_oneshot_refuses_a_stand_in_text_encoder_outside_qwen():
     run = run_bench("oneshot.py", "--model", "wan", "--small-text-encoder", timeout=120)
     assert run.returncode == 2 and "--small-text-encoder: only with --model qwen" in run.stderr, run.stderr
