@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None, exit_after_generate: bool = False) -> in
             if pause_gc:  # until the model is loaded; this process ends after the generate
                 gc.disable()
             _quiet_libraries()
-            code = run_generate(options, after_load=_resume_gc if pause_gc else lambda: None)
+            code = run_generate(options, after_load=_resume_gc) if pause_gc else run_generate(options)
             if exit_after_generate:
                 exit_now(code)
             return code

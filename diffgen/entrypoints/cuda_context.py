@@ -28,6 +28,8 @@ EARLY_CUDA_CONTEXT_ENV = "DIFFGEN_EARLY_CUDA_CONTEXT"
 def device_ordinal(options: dict[str, Any]) -> int | None:
     """The CUDA device a one-process ``generate`` with these options will run on, or None: CPU, several GPUs, a
     torchrun rank, or the switch at 0. ``--device`` unset or ``auto`` means GPU 0 where there is one."""
+    # Mirrors what Engine.from_pretrained decides with torch at hand (engine.py: several GPUs when plan.num_gpus > 1;
+    # parse_device's "auto"): keep the two in step, or a multi-GPU run's parent holds a context on GPU 0.
     if os.environ.get(EARLY_CUDA_CONTEXT_ENV, "1") == "0":
         return None
     if under_torchrun():

@@ -94,18 +94,12 @@ def _fa4_function():
 
 
 def prefetch_attention_kernels(device: torch.device | str | None, compiled: bool) -> None:
-    """Import FlashAttention-4 in a background thread where it may be called on ``device`` ("fa4"; "auto" with
+    """Decide FlashAttention-4 for ``device`` in a background thread where it may be called ("fa4"; "auto" with
     compiled blocks), so that its import (~11 s, the CuTe DSL's compiler) overlaps the weights' loading."""
-    device = torch.device(device or "cpu")
-    if (_backend != "fa4" and (_backend != "auto" or not compiled)) or device.type != "cuda" or _fa4_resolved \
-            or not fa4_installed():
-        return
-
-    def prefetch():
-        if _fits(_backend, torch.cuda.get_device_capability(device)[0]):
-            _fa4_function()
-
-    threading.Thread(target=prefetch, name="diffgen-fa4-import", daemon=True).start()
+    device, backend = torch.device(device or "cpu"), _backend
+    if device.type == "cuda" and (backend == "fa4" or (backend == "auto" and compiled)) and fa4_installed():
+        threading.Thread(target=lambda: _fa4_ready(backend, _index(device)), name="diffgen-fa4-import",
+                         daemon=True).start()
 
 
 def prepare_compiled_attention(device: torch.device) -> None:
@@ -113,7 +107,11 @@ def prepare_compiled_attention(device: torch.device) -> None:
     traced: a trace reads the decision and cannot import (diffgen.engine.optimize.compile_repeated_blocks calls
     this; so must any other ``torch.compile`` over :func:`attention` that should use FA4)."""
     if device.type == "cuda" and _backend in ("auto", "fa4"):
-        _fa4_ready(_backend, device.index if device.index is not None else torch.cuda.current_device())
+        _fa4_ready(_backend, _index(device))
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _fa4_ready(backend: str, device_index: int) -> bool:

@@ -103,12 +103,12 @@ def _graphs_from_env() -> tuple[str, ...]:
     return _graph_families([f.strip() for f in value.split(",") if f.strip()], GRAPH_KERNELS_ENV)
 
 
-def _family_enabled(family: str) -> bool:
+def _family_enabled(family: str, named: bool = False) -> bool:
     """Whether ``family`` may run, before the device and gradient checks: a Triton family where Triton imports and
     is not turned off, a family of :data:`NOT_TRITON` unless ``set_fused_kernels(False)``, one of :data:`OPT_IN`
-    only where named (``set_fused_kernels(opt_in=...)``)."""
+    only where named (``named``: by the compiled graphs' list; ``set_fused_kernels(opt_in=...)`` for eager code)."""
     if family in OPT_IN:
-        return family in _opted_in and _enabled is not False
+        return (named or family in _opted_in) and _enabled is not False
     if family in NOT_TRITON:
         return _enabled is not False
     enabled = _enabled if _enabled is not None else os.environ.get(_DISABLE_ENV, "") in ("", "0")
@@ -119,9 +119,8 @@ def prepare_graph_kernels() -> tuple[str, ...]:
     """Decide (before compiling) which families compiled graphs call as custom ops; returns them."""
     global _in_graphs
     graphs = _graphs if _graphs is not None else _graphs_from_env()
-    # an OPT_IN family named here (graphs=, DIFFGEN_GRAPH_KERNELS) was asked for
-    _in_graphs = tuple(k for k in graphs if GRAPH_CAPABLE[k] not in _disabled and (
-        _family_enabled(GRAPH_CAPABLE[k]) or (GRAPH_CAPABLE[k] in OPT_IN and _enabled is not False)))
+    _in_graphs = tuple(k for k in graphs
+                       if GRAPH_CAPABLE[k] not in _disabled and _family_enabled(GRAPH_CAPABLE[k], named=True))
     return _in_graphs
 
 

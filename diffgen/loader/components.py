@@ -217,7 +217,7 @@ def native_class(pipeline_cls, folder: Path, class_name: str) -> type | None:
     switch = getattr(native, "native_env", None)
     if switch is not None and os.environ.get(switch, "1") == "0":
         reason = f"{switch}=0"
-    elif hasattr(native, "unsupported_folder"):
+    elif not _has_weights(native):
         reason = native.unsupported_folder(folder)
     else:
         config_file = folder / "config.json"
@@ -332,9 +332,9 @@ def load_component(folder: Path, library: str, class_name: str, pipeline_cls, dt
     ``component_loaders`` loads it)."""
     if not folder.is_dir():
         raise ModelLoadError(f"component folder {folder} is missing")
-    if native is not None and not _has_weights(native):
-        return native.from_folder(folder)  # a tokenizer
     if native is not None:
+        if not _has_weights(native):
+            return native.from_folder(folder)  # a tokenizer
         model = load_native_model(native, folder, dtype, device)
         if os.environ.get(FUSE_PROJECTIONS_ENV) == "1":
             fuse_projections(model)

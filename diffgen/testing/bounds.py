@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+UNIT_ROUNDOFF = {dtype: torch.finfo(dtype).eps / 2 for dtype in (torch.bfloat16, torch.float16, torch.float32)}
 #: allowance for cuBLASLt's own tanh in its GELU epilogue, relative to |z|. gelu_tanh(z) = z (1 + tanh(t(z))) / 2,
 #: so an error d in the tanh moves the output by |z| d / 2: this allows d up to 2**-11 (4.9e-4). Measured
 #: (bench/gelu_epilogue.py, ``which_gelu``, float32, H200): the epilogue within 5.5e-6 of gelu(approximate="tanh")
@@ -25,7 +25,7 @@ def summation_slack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     magnitude = x.float().abs().reshape(-1, x.shape[-1]) @ weight.float().abs().t()
     if bias is not None:
         magnitude = magnitude + bias.float().abs()
-    return (2 * x.shape[-1] * 2.0**-24) * magnitude.view(*x.shape[:-1], weight.shape[0])
+    return (2 * x.shape[-1] * UNIT_ROUNDOFF[torch.float32]) * magnitude.view(*x.shape[:-1], weight.shape[0])
 
 
 def gelu_epilogue_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, z: torch.Tensor,

@@ -50,8 +50,8 @@ class NativeTokenizer:
     #: tokenizer_config.json's ``tokenizer_class`` values this class builds (transformers' slow and fast names)
     tokenizer_classes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, backend: Tokenizer, config: dict, name_or_path: str = ""):
-        self.backend, self.name_or_path = backend, name_or_path
+    def __init__(self, backend: Tokenizer, config: dict):
+        self.backend = backend
         self.model_max_length = int(config["model_max_length"])
         self.pad_token = _token_text(config.get("pad_token"))
         self.pad_token_id = backend.token_to_id(self.pad_token)
@@ -85,7 +85,7 @@ class NativeTokenizer:
         config = json.loads((folder / "tokenizer_config.json").read_text())
         backend = cls._build(folder, config)
         cls._add_tokens(backend, config)
-        tokenizer = cls(backend, config, str(folder))
+        tokenizer = cls(backend, config)
         if tokenizer.pad_token_id is None:
             raise ModelLoadError(f"{folder}: pad_token {tokenizer.pad_token!r} is not in the vocabulary")
         return tokenizer
@@ -167,7 +167,7 @@ class CLIPTokenizer(NativeTokenizer):
                        unk_token=_token_text(config.get("unk_token", "<|endoftext|>")))
         tokenizer_json = folder / "tokenizer.json"
         if tokenizer_json.is_file():
-            model = _model_of(tokenizer_json, "BPE")
+            model = _model_of(tokenizer_json, json.loads(tokenizer_json.read_text()), "BPE")
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
             bpe = BPE(vocab=model["vocab"], merges=merges, **options)
         else:  # read by the library itself: no Python dict of the 49408 tokens (half the load time)
@@ -201,7 +201,7 @@ class T5Tokenizer(NativeTokenizer):
     @classmethod
     def _build(cls, folder: Path, config: dict) -> Tokenizer:
         spec = json.loads((folder / "tokenizer.json").read_text())
-        model = _model_of(folder / "tokenizer.json", "Unigram", spec)
+        model = _model_of(folder / "tokenizer.json", spec, "Unigram")
         # as transformers' T5Tokenizer: <unk> at id 2 and no byte fallback, whatever the file says
         backend = Tokenizer(Unigram([tuple(piece) for piece in model["vocab"]], unk_id=2, byte_fallback=False))
         charsmap = _precompiled_charsmap(spec.get("normalizer"))
@@ -216,11 +216,11 @@ class T5Tokenizer(NativeTokenizer):
         return backend
 
 
-def _model_of(tokenizer_json: Path, kind: str, spec: dict | None = None) -> dict:
-    """The ``model`` section of a tokenizer.json, which must be a ``kind`` model (checked here, while building, rather
-    than in ``unsupported_folder``: that runs before the loader starts its weight reads, and parsing the file there
-    would delay them)."""
-    model = (spec or json.loads(tokenizer_json.read_text()))["model"]
+def _model_of(tokenizer_json: Path, spec: dict, kind: str) -> dict:
+    """The ``model`` section of ``spec`` (the parsed ``tokenizer_json``), which must be a ``kind`` model (checked
+    here, while building, rather than in ``unsupported_folder``: that runs before the loader starts its weight
+    reads, and parsing the file there would delay them)."""
+    model = spec["model"]
     if model.get("type") != kind:
         raise ModelLoadError(f"{tokenizer_json}: a {kind} model expected for this tokenizer class, found "
                          f"{model.get('type')!r}")
