@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import ab_medians, bench_shapes, kernel_bench_setup  # noqa: E402
+from bench.common import ab_medians, bench_shapes, kernel_bench_setup, with_attention  # noqa: E402
 
 SHAPES = {  # name: (batch, tokens, heads, head_dim)
     "FLUX.1 1024² (4608 tokens)": (1, 4608, 24, 128),
@@ -44,30 +44,18 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
-    from diffgen.layers.attention import (
-        fa4_attention_op,
-        fa4_installed,
-        prepare_compiled_attention,
-        sdpa,
-        set_attention_backend,
-    )
+    from diffgen.layers.attention import fa4_attention_op, fa4_installed, prepare_compiled_attention, sdpa
 
+    torch._dynamo.reset()  # each shape compiled for itself: static shapes, no recompile limit across shapes
     batch, tokens, heads, head_dim = shape
     g = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=g) for _ in range(3))
-
-    def backend(name, fn=sdpa):
-        def run():
-            set_attention_backend(name)
-            try:
-                return fn(q, k, v)
-            finally:
-                set_attention_backend("auto")
-        return run
-    # "auto" as compiled blocks call it (serve's default); on the CPU through Dynamo alone (no C++ compiler needed)
-    prepare_compiled_attention(device)  # as compiled blocks do: decided before the trace
+    # "auto" (the default backend) as compiled blocks call it (serve's default), decided before the trace as they
+    # do; on the CPU through Dynamo alone (no C++ compiler needed)
+    prepare_compiled_attention(device)
     compiled = torch.compile(sdpa, backend="inductor" if device.type == "cuda" else "aot_eager")
-    variants = {"cuDNN (SDPA)": backend("cudnn"), "auto, compiled (serve)": backend("auto", compiled)}
+    variants = {"cuDNN (SDPA)": with_attention("cudnn", lambda: sdpa(q, k, v)),
+                "auto, compiled (serve)": lambda: compiled(q, k, v)}
     if device.type == "cuda" and fa4_installed():
         variants["FlashAttention-4"] = lambda: fa4_attention_op(q, k, v, None, False)
     with torch.inference_mode():

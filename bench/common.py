@@ -39,6 +39,21 @@ def ab_medians(variants: dict[str, Callable[[], object]], device: torch.device, 
     return {name: {"median": statistics.median(s), "min": min(s), "max": max(s)} for name, s in samples.items()}
 
 
+def with_attention(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` under diffgen's attention backend ``backend``, the previous one restored after (a compiled block
+    traces the choice; the rows keep it set while they run)."""
+    from diffgen.layers.attention import get_attention_backend, set_attention_backend
+
+    def run():
+        previous = get_attention_backend()
+        set_attention_backend(backend)
+        try:
+            return fn()
+        finally:
+            set_attention_backend(previous)
+    return run
+
+
 def random_init_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
     """Fill every floating parameter with N(0, std) (norm scales with 1) in place, deterministically."""
     generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)

@@ -46,17 +46,14 @@ GRAPH_CALLS = 20  # calls per CUDA graph replay: the GPU's time per call, withou
 def graphed(fn, device: torch.device):
     """On CUDA, ``fn`` called GRAPH_CALLS times inside one CUDA graph (a replay is timed, then divided); ``fn`` as
     it is (one call timed) elsewhere or where the capture fails. Returns (callable, calls per timed call)."""
+    from diffgen.engine.cuda_graphs import capture_cuda_graph
+
     if device.type != "cuda":
         return fn, 1
     try:
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_CALLS):
-                fn()
-        return graph.replay, GRAPH_CALLS
+        fn()  # compile / autotune outside the capture
+        replay, _ = capture_cuda_graph(lambda: [fn() for _ in range(GRAPH_CALLS)], device, None)
+        return replay, GRAPH_CALLS
     except Exception as error:  # noqa: BLE001 (the bench goes on with the host-timed call)
         print(f"  (no CUDA graph for this variant: {type(error).__name__}: {error}; one call timed)", flush=True)
         return fn, 1
@@ -67,6 +64,7 @@ def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtyp
     from diffgen.layers.norm import RMSNorm
     from diffgen.layers.rope import apply_rope, rope_tables
 
+    torch._dynamo.reset()  # each shape compiled for itself: static shapes, no recompile limit across shapes
     batch, tokens, heads, head_dim, over, rbs = shape
     g = torch.Generator(device).manual_seed(0)
     qkv = torch.randn(batch, tokens, 3 * heads, head_dim, device=device, dtype=dtype, generator=g)
@@ -81,9 +79,9 @@ def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtyp
     op_args = (x, norm.weight, norm.eps, cos, sin, over, rbs and dtype != torch.float32)
     variants = {"plain PyTorch ops": plain, "plain ops compiled by Inductor": torch.compile(plain)}
     if device.type == "cuda":
-        variants[f"diffgen Triton kernel (eager launch), tile {NORM_ROPE_TILE}"] = lambda: rms_norm_rope(*op_args)
-        for tile in TILES:
-            variants[f"diffgen Triton kernel, tile {tile}"] = with_tile(tile, lambda: rms_norm_rope(*op_args))
+        for tile in (NORM_ROPE_TILE, *TILES):
+            label = f"diffgen Triton kernel, tile {tile}" + (" (the default)" if tile == NORM_ROPE_TILE else "")
+            variants[label] = with_tile(tile, lambda: rms_norm_rope(*op_args))
         variants["custom op in a compiled function"] = torch.compile(lambda: rms_norm_rope_op(*op_args))
     with torch.inference_mode():
         expected = plain()

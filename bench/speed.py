@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import ab_medians, profile_one_call, random_init_  # noqa: E402
+from bench.common import ab_medians, profile_one_call, random_init_, with_attention  # noqa: E402
 
 FLUX = dict(
     real=dict(dit=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -178,19 +179,6 @@ def with_kernels(enabled: bool, fn, disabled: tuple[str, ...] = (), graphs: bool
     return run
 
 
-def with_attention(backend: str, fn):
-    """``fn`` under attention backend ``backend`` (a compiled block traces the choice; the rows keep it set)."""
-    from diffgen.layers.attention import set_attention_backend
-
-    def run():
-        set_attention_backend(backend)
-        try:
-            return fn()
-        finally:
-            set_attention_backend("auto")
-    return run
-
-
 def with_cudnn_benchmark(fn):
     def run():
         previous = torch.backends.cudnn.benchmark
@@ -296,6 +284,10 @@ def graph_kernel_rows(section: str, build, forward_of, step_of, reference: dict,
     weights (a graph replays what it captured), A/B alternated; one compiled forward of each against diffusers'
     eager forward (``reference``: its "forward" and its timed "step")."""
     forwards, rows, models = {"diffusers": reference["forward"]}, {"diffusers eager": reference["step"]}, {}
+    # Every variant's blocks share one forward code object, each setting read while tracing (graph kernels, Inductor
+    # options, attention backend) adds an entry to its cache: past the limit Dynamo would run the rest eagerly
+    variants = len(args.attention_variants) * len(args.inductor_variants) * len(args.graph_kernels.split(","))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * variants)
     for backend in args.attention_variants:
         for inductor in args.inductor_variants:
             for variant in args.graph_kernels.split(","):
@@ -304,7 +296,7 @@ def graph_kernel_rows(section: str, build, forward_of, step_of, reference: dict,
                     label += f", attention {backend}"
                 model = models[variant, inductor, backend] = build()
                 begin = time.perf_counter()
-                compile_blocks(model, args, inductor)
+                with_attention(backend, functools.partial(compile_blocks, model, args, inductor))()  # decides FA4
                 name = f"diffgen compiled ({inductor}) + CUDA graph, {label}"
                 forwards[name] = with_attention(backend, without_graphs(with_kernels(True, forward_of(model),
                                                                                      graphs=families)))
