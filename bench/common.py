@@ -68,10 +68,14 @@ def random_init_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> t
     return module
 
 
+def print_header(header: tuple[str, ...]) -> None:
+    """A markdown table's header and rule."""
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+
+
 def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
     print(f"\n## {title}")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print_header(header)
     for row in rows:
         print("| " + " | ".join(row) + " |")
 
@@ -107,6 +111,6 @@ def bench_shapes(args: argparse.Namespace, device: torch.device, dtype: torch.dt
                  shapes: dict, tiny_shapes: dict, bench_shape: Callable) -> None:
     """A kernel bench's table: the header, then ``bench_shape(name, shape, device, dtype, repeats)`` per shape of
     ``shapes`` (``tiny_shapes`` with ``--tiny``), each printing its rows."""
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print_header(header)
     for name, shape in (tiny_shapes if args.tiny else shapes).items():
         bench_shape(name, shape, device, dtype, args.repeats)
