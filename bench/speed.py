@@ -15,7 +15,8 @@ projections on top (``DIFFGEN_FUSE_PROJECTIONS=1``, off by default: it measured 
 - ``diffgen compiled + CUDA graph``: what ``diffgen serve`` runs now (diffgen/engine/cuda_graphs.py).
 - ``--inductor NAME``: diffgen's compiled rows with Inductor options (``coordinate-descent``,
   ``no-emulate-casts``, ``emulate-casts``, ``max-autotune``: GEMM templates with their epilogues fused,
-  autotuned), to decide whether they pay; with ``--graph-kernels`` a comma list, every pair in one process.
+  autotuned; ``pdl``: Inductor's kernels launched as programmatic dependent launches), to decide whether they
+  pay; with ``--graph-kernels`` a comma list, every pair in one process.
 - ``diffgen default without the GELU epilogue ...``: the eager default without cuBLASLt's bias + tanh-GELU
   epilogue (``diffgen.layers.linear.linear_gelu``) and FLUX's single-block projection without the concatenation.
 - ``--graph-kernels norm_rope,all,off,default``: the compiled + CUDA graph rows with diffgen's Triton kernels
@@ -198,6 +199,8 @@ INDUCTOR_OPTIONS = {
     "emulate-casts": {"emulate_precision_casts": True},
     "max-autotune": {"max_autotune": True, "max_autotune_gemm": True, "epilogue_fusion": True,
                      "coordinate_descent_tuning": True},
+    # programmatic dependent launch: each Inductor kernel may start while the one before it drains (Hopper on)
+    "pdl": {"triton.enable_pdl": True},
 }
 
 
