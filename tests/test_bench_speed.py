@@ -101,6 +101,7 @@ def test_full_size_bf16_forwards_agree_with_diffusers_on_gpu():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     agreements = re.findall(r"one forward: (.*?) relative diff vs diffusers ([0-9.]+e[-+][0-9]+)$", run.stdout,
                             re.MULTILINE)
+    print("\n".join(f"{value}  {name}" for name, value in agreements))  # shown with pytest -rP
     names = [name for name, _ in agreements]
     assert sum("compiled" in name for name in names) >= 3 and len(agreements) >= 5, run.stdout[-3000:]
     assert all(float(value) <= 2e-2 for _, value in agreements), agreements
