@@ -16,7 +16,8 @@ that long to enqueue the step, over 80% of its time: the GPU waited on Python (h
 ``flux-graph`` replays the FLUX forward from a CUDA graph (collectives included), an experiment that
 shows the GPU time without the host's per-kernel cost; the pipelines themselves run eager.
 ``flux-compile`` compiles each block as the server does by default (``compile_repeated_blocks``; each mode
-compiles again in its warm-up), ``flux-compile-graph`` replays the compiled forward from a CUDA graph.
+compiles again in its warm-up), ``flux-compile-graph`` adds the server's CUDA graphs (``install_cuda_graphs``:
+each mode's warm-up captures its graph, collectives included).
 The FLUX rows also run Ulysses-2 with the text replicated (FLUX before it split its text over the group).
 ``qwen-mask``: one Qwen-Image forward of two prompts of different lengths (200 and 120 text tokens, the
 shorter one padded and masked), 1 GPU against Ulysses-2: the padded-text path on CUDA.
@@ -301,6 +302,11 @@ def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=
     elif compiled:
         for block in (*model.transformer_blocks, *model.single_transformer_blocks):
             block.compile(backend=compiled)
+    served_graphs = None
+    if compiled and cuda_graph and device.type == "cuda":  # the server's graphs (diffgen/engine/cuda_graphs.py)
+        from diffgen.engine.cuda_graphs import install_cuda_graphs
+
+        served_graphs, cuda_graph = install_cuda_graphs(model), False
     inputs = flux_inputs(config, device, dtype, size, text_len)
 
     def step():
@@ -308,9 +314,12 @@ def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=
             return model(**inputs)
 
     def warm():
+        if served_graphs is not None:  # each mode captures its own graph (the text-replicated mode has the same
+            served_graphs.graphs.clear()  # signature as the text-split one)
+            served_graphs.sightings.clear()
         step()
         if compiled:
-            step()
+            step()  # compiled: its second forward (served graphs: captured there)
 
     facts = ModelFacts(title, config.num_attention_heads, 1)
     modes = [m for m in mode_list(world, config.num_attention_heads, False) if "Ring" not in m[0] or world == 2]
@@ -319,6 +328,9 @@ def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=
     if world == 2:  # right after Ulysses-2: placed after Ring-2 it once took as long as Ring-2 (cause not found)
         modes.insert(1, ("Ulysses-2, text replicated (before)", modes[0][1], flux_text_replicated))
     compare_modes(title, rank, world, device, modes, step, warm, repeats, facts, cuda_graph=cuda_graph)
+    if served_graphs is not None and rank == 0:
+        ROWS.append((title, "(served graphs)", str(world), "-", "-", "-",
+                     f"replays {served_graphs.replays}, failed captures {len(served_graphs.failed)}"))
     return None if cuda_graph or compiled else (model, inputs)
 
 
@@ -644,7 +656,7 @@ def rank_main(rank: int, world: int, init: str, args) -> None:
              (dtype, wan_1_3b, frames, 480, 832, 2)),
             ("flux-compile", f"FLUX.1-dev {size}² forward, compiled", flux_row,
              (dtype, flux, size, 3, 512, False, "inductor")),
-            ("flux-compile-graph", f"FLUX.1-dev {size}² forward, compiled", flux_row,
+            ("flux-compile-graph", f"FLUX.1-dev {size}² forward, compiled, served CUDA graphs", flux_row,
              (dtype, flux, size, 3, 512, True, "inductor")),
             ("ring-accuracy", "Wan2.1-T2V-1.3B 480x832x9 forward vs float32", ring_accuracy_row,
              (dtype, wan_1_3b, 9, 480, 832)),

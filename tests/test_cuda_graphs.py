@@ -104,8 +104,7 @@ def test_a_new_shape_is_captured_on_its_second_forward_and_the_count_is_bounded(
 
 
 def test_forwards_that_cannot_replay_a_graph_run_plainly(graphed, monkeypatch):
-    """Step caches, offload, key masks, gradients, sequence-parallel groups and DIFFGEN_CUDA_GRAPHS=0 never reach a
-    graph."""
+    """Step caches, offload, key masks, gradients, Ring groups and DIFFGEN_CUDA_GRAPHS=0 never reach a graph."""
     engine, forward = graphed("flux")
     model = engine.pipeline.transformer
     inputs = _flux_inputs(model, seed=0)
@@ -138,15 +137,14 @@ def _check_fallbacks(forward, model, inputs, monkeypatch):
 
     from diffgen.parallel.config import ParallelPlan
 
-    for degrees in (dict(ulysses_degree=2), dict(ring_degree=2)):  # collectives inside the forward: not captured
-        plan = ParallelPlan(num_gpus=2, **degrees)
-        monkeypatch.setattr(parallel_state, "_current", SimpleNamespace(plan=plan, sp=SimpleNamespace(size=2)))
-        assert forward.signature(inputs) is None
-    cfg = ParallelPlan(num_gpus=2, cfg_degree=2)  # one branch per rank: a forward without collectives
-    monkeypatch.setattr(parallel_state, "_current", SimpleNamespace(plan=cfg, sp=SimpleNamespace(size=1)))
-    under_cfg = forward.signature(inputs)
+    ring = SimpleNamespace(plan=ParallelPlan(num_gpus=2, ring_degree=2), rank=0, ring=SimpleNamespace(size=2))
+    monkeypatch.setattr(parallel_state, "_current", ring)
+    assert forward.signature(inputs) is None  # Ring passes keys/values point to point: not captured
+    ulysses = SimpleNamespace(plan=ParallelPlan(num_gpus=2, ulysses_degree=2), rank=0, ring=SimpleNamespace(size=1))
+    monkeypatch.setattr(parallel_state, "_current", ulysses)
+    under_ulysses = forward.signature(inputs)
     monkeypatch.setattr(parallel_state, "_current", None)
-    assert under_cfg is not None and under_cfg != forward.signature(inputs)  # its own graph
+    assert under_ulysses is not None and under_ulysses != forward.signature(inputs)  # one graph per plan
     monkeypatch.setenv("DIFFGEN_CUDA_GRAPHS", "0")
     assert forward.signature(inputs) is None
     monkeypatch.delenv("DIFFGEN_CUDA_GRAPHS")
@@ -274,6 +272,23 @@ def test_cuda_graph_replay_is_bit_equal_to_the_forward_it_captured(tiny_checkpoi
         uninstall_cuda_graphs(model)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a served Ulysses-2 group needs 2 CUDA devices")
+def test_a_served_ulysses_2_group_replays_its_graphs_on_two_gpus(tiny_checkpoint, capfd):
+    """The serve path on 2 GPUs: compiled blocks, Ulysses-2, each rank's forward captured with its all-to-alls at
+    warm-up (both ranks agree on it) and replayed; the requests equal one GPU's eager forward (float32)."""
+    single = Engine.from_pretrained(tiny_checkpoint("flux"), device="cuda", dtype="float32")
+    expected = _latents(single, "flux", max_sequence_length=None)
+    single.close()
+    served = Engine.from_pretrained(tiny_checkpoint("flux"), device="cuda", dtype="float32", serving=True,
+                                    compile=True, num_gpus=2, ulysses_degree=2, warmup_sizes=[(32, 32)])
+    try:
+        for _ in range(2):
+            assert torch.allclose(_latents(served, "flux", max_sequence_length=None), expected, atol=1e-4, rtol=0)
+    finally:
+        served.close()
+    assert "no CUDA graph for the DiT forward" not in capfd.readouterr().err
+
+
 def _flux_inputs(model, seed: int, batch: int = 1, tokens: int = 16, text: int = 16) -> dict:
     config = model.config
     parameter = next(model.parameters())
@@ -288,3 +303,19 @@ def _flux_inputs(model, seed: int, batch: int = 1, tokens: int = 16, text: int =
                 img_ids=ids.to(parameter.device, parameter.dtype),
                 txt_ids=torch.zeros(text, 3, device=parameter.device, dtype=parameter.dtype),
                 guidance=rand(batch).abs() if config.guidance_embeds else None)
+
+
+def test_ulysses_ranks_capture_together_or_not_at_all(tmp_path):
+    """2 gloo ranks under Ulysses-2 behind GraphedForward (the stand-in graph): the replayed forwards equal the
+    single-process forward; when one rank's capture fails, both run without a graph (no rank replays alone)."""
+    import json
+
+    from diffgen.testing.parallel import run_graph_cases, spawn
+
+    out = tmp_path / "graphs.json"
+    spawn(2, run_graph_cases, str(out))
+    results = json.loads(out.read_text())
+    assert results["captured"] == {"graphs": [1, 1], "replays": [2, 2]}  # 3 forwards: captured on the 2nd
+    assert results["captured_diff"] <= 1e-5
+    assert results["failed_on_one"] == {"graphs": [0, 0], "replays": [0, 0]}
+    assert results["failed_on_one_diff"] <= 1e-5

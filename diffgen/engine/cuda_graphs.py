@@ -17,9 +17,10 @@ visible. The forward runs without a graph (and gives the same numbers) where a g
 
 - a step cache is active (it decides on the host between blocks which blocks run),
 - the model streams its weights in (layerwise offload) or is not on a CUDA device,
-- the forward runs collectives (a sequence-parallel group: Ulysses / Ring; not captured in the server yet, see
-  docs/parallel.md); CFG-parallel and tensor-parallel ranks, whose DiT forward runs none, capture it as one
-  GPU does (a graph per plan),
+- the sequence-parallel group passes keys/values around a ring (Ring/USP: point-to-point sends are not
+  captured here); Ulysses, CFG-parallel and tensor-parallel ranks capture their forward, collectives
+  included. The ranks of a sequence-parallel group agree on each capture (one all-reduce when it is
+  made): a graph is kept on all of them or on none, since a rank replaying collectives alone would hang,
 - an argument is a key mask (``*_mask`` or bool): the attention reads it on the host to pick kernels,
 - an argument cannot name a graph (an unhashable value, a tensor on another device), gradients are on,
 - the capture failed once for that signature (logged once; e.g. an operation that waits for the GPU).
@@ -122,10 +123,11 @@ class GraphedForward:
         if not cuda_graphs_enabled() or torch.is_grad_enabled() or active_block_hook.get() is not None:
             return None
         state = parallel_state.current()
-        if is_offloaded(self.model) or (state is not None and state.sp.size > 1):
+        if is_offloaded(self.model) or (state is not None and state.ring.size > 1):
             return None
         device = _device_of(self.model)
-        parts: list[Any] = [(torch.is_inference_mode_enabled(), None if state is None else state.plan)]
+        # a graph holds the collectives of its plan: a forward under another plan (or none) is another graph
+        parts: list[Any] = [(torch.is_inference_mode_enabled(), None if state is None else (state.plan, state.rank))]
         for name in sorted(kwargs):
             value = kwargs[name]
             if isinstance(value, torch.Tensor):
@@ -158,7 +160,12 @@ class GraphedForward:
                 if self.pool is None and device.type == "cuda":
                     self.pool = torch.cuda.graph_pool_handle()
                 replay, outputs = (self.capture or capture_cuda_graph)(lambda: self.forward(**call), device, self.pool)
-            except Exception as error:  # any failure: this signature runs without a graph from now on
+                error = None
+            except Exception as caught:  # any failure: this signature runs without a graph from now on
+                error = caught
+            if not _captured_on_every_rank(error is None, device) and error is None:
+                error = RuntimeError("the capture failed on another rank of the sequence-parallel group")
+            if error is not None:
                 self.failed.add(signature)
                 logger.warning("diffgen: no CUDA graph for the DiT forward at %s (it runs without one): %s: %s",
                                _describe(signature), type(error).__name__, error)
@@ -170,6 +177,21 @@ class GraphedForward:
             logger.info("diffgen: captured a CUDA graph of the DiT forward at %s (%d kept)", _describe(signature),
                         len(self.graphs))
             return graph
+
+
+def _captured_on_every_rank(captured: bool, device: torch.device) -> bool:
+    """Whether every rank of this rank's sequence-parallel group captured (collective over that group; True
+    without one). Their forwards run the same collectives, so they capture together or not at all."""
+    from diffgen.parallel import state as parallel_state
+
+    state = parallel_state.current()
+    if state is None or state.sp.group is None:
+        return captured
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if captured else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=state.sp.group)
+    return bool(flag.item())
 
 
 def install_cuda_graphs(model: nn.Module, **options: Any) -> GraphedForward:

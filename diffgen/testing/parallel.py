@@ -193,3 +193,51 @@ def run_attention_cases(rank: int, world_size: int, out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
+
+
+def run_graph_cases(rank: int, world_size: int, out_path: str) -> None:
+    """A tiny FLUX DiT behind GraphedForward under Ulysses-2, with a stand-in for the CUDA graph (the capture runs
+    the forward, a replay runs it again into the same static output): 3 forwards, then again with the capture
+    failing on the last rank only. Writes each case's graphs and replays per rank and its max abs diff from the
+    single-process forward."""
+    import torch.distributed as dist
+
+    from diffgen.engine.cuda_graphs import install_cuda_graphs, uninstall_cuda_graphs
+    from diffgen.models.dits.flux import FluxConfig, FluxTransformer
+    from diffgen.parallel.config import ParallelPlan
+    from diffgen.parallel.state import build_state, use_state
+
+    def standin(forward, device, pool):
+        outputs = forward()
+        return (lambda: outputs.copy_(forward())), outputs
+
+    def failing_here(forward, device, pool):
+        if rank == world_size - 1:
+            forward()  # its collectives ran, as the other ranks' did
+            raise RuntimeError("capture failed on this rank only")
+        return standin(forward, device, pool)
+
+    torch.manual_seed(0)
+    model = FluxTransformer(FluxConfig(num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                       num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                       axes_dims_rope=(4, 6, 6), in_channels=16, guidance_embeds=True)).eval()
+    grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(3.0), torch.arange(5.0), indexing="ij"), -1)
+    inputs = dict(hidden_states=torch.randn(1, 15, 16), timestep=torch.tensor([0.9]), guidance=torch.tensor([3.5]),
+                  encoder_hidden_states=torch.randn(1, 7, 32), pooled_projections=torch.randn(1, 32),
+                  txt_ids=torch.zeros(7, 3), img_ids=grid.reshape(-1, 3))
+    with torch.inference_mode():
+        reference = model(**inputs)
+    state = build_state(ParallelPlan(num_gpus=world_size, ulysses_degree=world_size), torch.device("cpu"))
+    results: dict[str, Any] = {}
+    for case, capture in (("captured", standin), ("failed_on_one", failing_here)):
+        forward = install_cuda_graphs(model, capture=capture)
+        with use_state(state), torch.inference_mode():
+            outputs = [model(**inputs) for _ in range(3)]
+        uninstall_cuda_graphs(model)
+        counts = [None] * world_size
+        dist.all_gather_object(counts, (len(forward.graphs), forward.replays))
+        results[case] = {"graphs": [c[0] for c in counts], "replays": [c[1] for c in counts]}
+        results[f"{case}_diff"] = max((out - reference).abs().max().item() for out in outputs)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
