@@ -277,13 +277,14 @@ def test_a_served_ulysses_2_group_replays_its_graphs_on_two_gpus(tiny_checkpoint
     """The serve path on 2 GPUs: compiled blocks, Ulysses-2, each rank's forward captured with its all-to-alls at
     warm-up (both ranks agree on it) and replayed; the requests equal one GPU's eager forward (float32)."""
     single = Engine.from_pretrained(tiny_checkpoint("flux"), device="cuda", dtype="float32")
-    expected = _latents(single, "flux", max_sequence_length=None)
+    expected = _latents(single, "flux", max_sequence_length=None).cpu()  # a parallel engine returns CPU tensors
     single.close()
     served = Engine.from_pretrained(tiny_checkpoint("flux"), device="cuda", dtype="float32", serving=True,
                                     compile=True, num_gpus=2, ulysses_degree=2, warmup_sizes=[(32, 32)])
     try:
         for _ in range(2):
-            assert torch.allclose(_latents(served, "flux", max_sequence_length=None), expected, atol=1e-4, rtol=0)
+            assert torch.allclose(_latents(served, "flux", max_sequence_length=None).cpu(), expected, atol=1e-4,
+                                  rtol=0)
     finally:
         served.close()
     assert "no CUDA graph for the DiT forward" not in capfd.readouterr().err
