@@ -315,8 +315,7 @@ def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=
 
     def warm():
         if served_graphs is not None:  # each mode captures its own graph (the text-replicated mode has the same
-            served_graphs.graphs.clear()  # signature as the text-split one)
-            served_graphs.sightings.clear()
+            served_graphs.drop_graphs()  # signature as the text-split one)
         step()
         if compiled:
             step()  # compiled: its second forward (served graphs: captured there)

@@ -168,6 +168,27 @@ def test_a_failed_capture_falls_back_once_and_for_good(graphed, caplog):
     assert "no CUDA graph for the DiT forward" in caplog.text and "stream is capturing" in caplog.text
 
 
+def test_dropped_graphs_are_captured_again_with_a_new_pool(graphed):
+    engine, forward = graphed("flux")
+    pools = []
+    standin = forward.capture
+    forward.capture = lambda fn, device, pool: (pools.append(pool), standin(fn, device, pool))[1]
+    forward.pool = object()  # stands for a CUDA pool handle (the CPU run has none)
+    first = forward.pool
+    model = engine.pipeline.transformer
+    inputs = _flux_inputs(model, seed=0)
+    with torch.inference_mode():
+        expected = forward.forward(**inputs)
+        for _ in range(3):
+            assert torch.equal(forward(**inputs), expected)
+        forward.drop_graphs()
+        assert not forward.graphs and not forward.sightings and forward.pool is None
+        for _ in range(3):
+            assert torch.equal(forward(**inputs), expected)
+    assert pools == [first, None] and len(forward.graphs) == 1, (pools, forward.graphs)
+    assert forward.replays == 4  # per round: the capturing forward (served by its graph) and one replay
+
+
 def test_continuous_batching_replays_a_graph_per_batch_size_it_meets_again(graphed):
     """Requests joining and leaving a running batch change the forward's batch size; each size is captured on its
     second forward and replayed after, and every request still equals itself alone (as in test_batching)."""
@@ -270,6 +291,25 @@ def test_cuda_graph_replay_is_bit_equal_to_the_forward_it_captured(tiny_checkpoi
                     assert torch.equal(model(**inputs), expected)
         assert len(forward.graphs) == 2 and forward.replays == 6 and not forward.failed
         uninstall_cuda_graphs(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphs_captured_again_after_dropping_them(tiny_checkpoint):
+    """drop_graphs forgets the graphs and their memory pool: the next forwards capture again (reusing the pool of
+    destroyed graphs made PyTorch's allocator assert, found by bench/parallel.py on 2 x H200) and replay equal."""
+    model = Engine.from_pretrained(tiny_checkpoint("flux"), device="cuda", dtype=torch.float32).pipeline.transformer
+    forward = install_cuda_graphs(model)
+    with torch.inference_mode():
+        for _ in range(2):
+            for seed in range(3):
+                inputs = _flux_inputs(model, seed=seed)
+                with cuda_graphs.graphs_disabled():
+                    expected = model(**inputs)
+                assert torch.equal(model(**inputs), expected)
+            assert len(forward.graphs) == 1 and not forward.failed
+            forward.drop_graphs()
+    assert forward.replays == 4  # per round: the capturing forward (served by its graph) and one replay
+    uninstall_cuda_graphs(model)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a served Ulysses-2 group needs 2 CUDA devices")

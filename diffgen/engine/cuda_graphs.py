@@ -101,6 +101,14 @@ class GraphedForward:
         self.pool = None
         self._lock = threading.Lock()
 
+    def drop_graphs(self) -> None:
+        """Forget every graph and sighting (the next forwards capture anew). The memory pool goes with them:
+        PyTorch's allocator asserts when a new capture names a pool whose graphs were all destroyed."""
+        with self._lock:
+            self.graphs.clear()
+            self.sightings.clear()
+            self.pool = None
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:  # name positional arguments so that the signature and the static buffers are keyed by name
             kwargs = {**dict(zip(self.parameter_names, args, strict=False)), **kwargs}
