@@ -305,6 +305,7 @@ def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=
     served_graphs = None
     if compiled and cuda_graph and device.type == "cuda":  # the server's graphs (diffgen/engine/cuda_graphs.py)
         from diffgen.engine.cuda_graphs import install_cuda_graphs
+        from diffgen.engine.optimize import release_cuda_graphs
 
         served_graphs, cuda_graph = install_cuda_graphs(model), False
     inputs = flux_inputs(config, device, dtype, size, text_len)
@@ -327,9 +328,12 @@ def flux_row(title, rank, world, device, dtype, config, size, repeats, text_len=
     if world == 2:  # right after Ulysses-2: placed after Ring-2 it once took as long as Ring-2 (cause not found)
         modes.insert(1, ("Ulysses-2, text replicated (before)", modes[0][1], flux_text_replicated))
     compare_modes(title, rank, world, device, modes, step, warm, repeats, facts, cuda_graph=cuda_graph)
-    if served_graphs is not None and rank == 0:
-        ROWS.append((title, "(served graphs)", str(world), "-", "-", "-",
-                     f"replays {served_graphs.replays}, failed captures {len(served_graphs.failed)}"))
+    if served_graphs is not None:
+        if rank == 0:
+            ROWS.append((title, "(served graphs)", str(world), "-", "-", "-",
+                         f"replays {served_graphs.replays}, failed captures {len(served_graphs.failed)}"))
+        # graphs holding collectives outlived by the process group: its destruction hung at exit (2 x H200)
+        release_cuda_graphs({"transformer": model})
     return None if cuda_graph or compiled else (model, inputs)
 
 

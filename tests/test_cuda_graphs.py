@@ -14,7 +14,7 @@ import torch
 
 from diffgen import Engine
 from diffgen.engine import cuda_graphs
-from diffgen.engine.cuda_graphs import GraphedForward, install_cuda_graphs, uninstall_cuda_graphs
+from diffgen.engine.cuda_graphs import GraphedForward, graphed_forward, install_cuda_graphs, uninstall_cuda_graphs
 
 PROMPT = "a lighthouse at dusk"
 FLUX = dict(height=32, width=32, num_inference_steps=3, max_sequence_length=16)
@@ -189,6 +189,22 @@ def test_dropped_graphs_are_captured_again_with_a_new_pool(graphed):
     assert forward.replays == 4  # per round: the capturing forward (served by its graph) and one replay
 
 
+def test_release_cuda_graphs_leaves_the_plain_forward(graphed):
+    """What a parallel rank does before destroying its process group: no graph, no GraphedForward left."""
+    from diffgen.engine.optimize import release_cuda_graphs
+
+    engine, forward = graphed("flux")
+    model = engine.pipeline.transformer
+    inputs = _flux_inputs(model, seed=0)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(**inputs)
+        assert forward.graphs
+        release_cuda_graphs(engine.pipeline.components)
+        assert not forward.graphs and graphed_forward(model) is None
+        assert torch.equal(model(**inputs), forward.forward(**inputs))
+
+
 def test_continuous_batching_replays_a_graph_per_batch_size_it_meets_again(graphed):
     """Requests joining and leaving a running batch change the forward's batch size; each size is captured on its
     second forward and replayed after, and every request still equals itself alone (as in test_batching)."""
@@ -262,7 +278,6 @@ def test_compiled_and_replayed_requests_do_not_recompile_at_a_warmed_size(plain,
 
 
 def test_graphs_are_installed_for_a_compiled_server_on_cuda_only(tiny_checkpoint):
-    from diffgen.engine.cuda_graphs import graphed_forward
     from diffgen.engine.optimize import apply_cuda_graphs
 
     engine = Engine.from_pretrained(tiny_checkpoint("flux"), device="cpu", dtype="float32")

@@ -143,3 +143,18 @@ def apply_cuda_graphs(components: dict) -> int:
             install_cuda_graphs(model)
             count += 1
     return count
+
+
+def release_cuda_graphs(components: dict) -> None:
+    """Destroy the DiTs' CUDA graphs (their forwards run plainly again). A rank calls it before destroying its
+    process group: graphs that captured collectives hold on to the communicator's resources."""
+    import gc
+
+    from diffgen.engine.cuda_graphs import graphed_forward, uninstall_cuda_graphs
+
+    for name in DIT_COMPONENTS:
+        forward = graphed_forward(components.get(name))
+        if forward is not None:
+            forward.drop_graphs()
+            uninstall_cuda_graphs(components[name])
+    gc.collect()  # a graph's closures may sit in a reference cycle

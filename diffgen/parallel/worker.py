@@ -148,6 +148,7 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("DIFFGEN_LOG_LEVEL", "WARNING"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from diffgen.engine.loading import quiet_libraries
+    from diffgen.engine.optimize import release_cuda_graphs
 
     quiet_libraries()
     with open(os.environ["DIFFGEN_GROUP_SPEC"], "rb") as f:
@@ -174,6 +175,7 @@ def main() -> None:
         connection = Client(spec["address"], authkey=spec["authkey"])
         send(connection, ("ready", state.dp.rank, info))
     serve_rank(pipeline, state, connection)
+    release_cuda_graphs(pipeline.components)  # before the communicator goes (a bench process hung there with them)
     dist.destroy_process_group()
 
 
