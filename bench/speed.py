@@ -906,7 +906,7 @@ SECTIONS = {"flux": bench_flux, "wan": bench_wan, "vae": bench_vae, "qwen": benc
 def release_section_memory(device) -> None:
     """Free what a section's models held before the next section (its compiled blocks and graphs sit in reference
     cycles), so each row's peak memory is its own section's: a run of Qwen-Image then Wan measured Wan's step at
-    42.4 GiB peak with Qwen-Image's weights still allocated (2.8 GiB in a Wan-only run)."""
+    40.9-42.4 GiB peak with Qwen-Image's weights still allocated (2.8-4.3 GiB in a Wan-only run)."""
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":

@@ -59,6 +59,22 @@ def _latents(engine: Engine, family: str, **kwargs) -> torch.Tensor:
     return engine.generate(PROMPT, seed=7, return_tensors=True, **{**sampling, **kwargs}).latents
 
 
+def _flux_inputs(model, seed: int, batch: int = 1, tokens: int = 16, text: int = 16) -> dict:
+    config = model.config
+    parameter = next(model.parameters())
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(parameter.device, parameter.dtype)
+    ids = torch.stack([torch.zeros(tokens), torch.arange(tokens) // 4, torch.arange(tokens) % 4], -1)
+    return dict(hidden_states=rand(batch, tokens, config.in_channels), timestep=rand(batch).abs(),
+                encoder_hidden_states=rand(batch, text, config.joint_attention_dim),
+                pooled_projections=rand(batch, config.pooled_projection_dim),
+                img_ids=ids.to(parameter.device, parameter.dtype),
+                txt_ids=torch.zeros(text, 3, device=parameter.device, dtype=parameter.dtype),
+                guidance=rand(batch).abs() if config.guidance_embeds else None)
+
+
 @pytest.mark.parametrize("family", ["flux", "qwen-image"])
 def test_replayed_requests_equal_the_plain_forward(plain, graphed, family):
     """Step 1 runs plainly, step 2 captures, every later forward replays: the latents are bit-equal to the plain
@@ -172,7 +188,11 @@ def test_dropped_graphs_are_captured_again_with_a_new_pool(graphed):
     engine, forward = graphed("flux")
     pools = []
     standin = forward.capture
-    forward.capture = lambda fn, device, pool: (pools.append(pool), standin(fn, device, pool))[1]
+
+    def recording_pool(fn, device, pool):
+        pools.append(pool)
+        return standin(fn, device, pool)
+    forward.capture = recording_pool
     forward.pool = object()  # stands for a CUDA pool handle (the CPU run has none)
     first = forward.pool
     model = engine.pipeline.transformer
@@ -328,37 +348,27 @@ def test_graphs_captured_again_after_dropping_them(tiny_checkpoint):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a served Ulysses-2 group needs 2 CUDA devices")
-def test_a_served_ulysses_2_group_replays_its_graphs_on_two_gpus(tiny_checkpoint, capfd):
+def test_a_served_ulysses_2_group_replays_its_graphs_on_two_gpus(tiny_checkpoint, capfd, monkeypatch):
     """The serve path on 2 GPUs: compiled blocks, Ulysses-2, each rank's forward captured with its all-to-alls at
-    warm-up (both ranks agree on it) and replayed; the requests equal one GPU's eager forward (float32)."""
+    warm-up (both ranks agree on it) and replayed; the requests equal one GPU's eager forward (float32); on close
+    every rank exits by itself (its graphs destroyed before its process group: stop() kills a rank after 10 s)."""
+    monkeypatch.setenv("DIFFGEN_LOG_LEVEL", "INFO")  # the ranks log each capture
     single = Engine.from_pretrained(tiny_checkpoint("flux"), device="cuda", dtype="float32")
     expected = _latents(single, "flux", max_sequence_length=None).cpu()  # a parallel engine returns CPU tensors
     single.close()
     served = Engine.from_pretrained(tiny_checkpoint("flux"), device="cuda", dtype="float32", serving=True,
                                     compile=True, num_gpus=2, ulysses_degree=2, warmup_sizes=[(32, 32)])
+    ranks = list(served.executor.processes)
     try:
         for _ in range(2):
             assert torch.allclose(_latents(served, "flux", max_sequence_length=None).cpu(), expected, atol=1e-4,
                                   rtol=0)
     finally:
         served.close()
-    assert "no CUDA graph for the DiT forward" not in capfd.readouterr().err
-
-
-def _flux_inputs(model, seed: int, batch: int = 1, tokens: int = 16, text: int = 16) -> dict:
-    config = model.config
-    parameter = next(model.parameters())
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(parameter.device, parameter.dtype)
-    ids = torch.stack([torch.zeros(tokens), torch.arange(tokens) // 4, torch.arange(tokens) % 4], -1)
-    return dict(hidden_states=rand(batch, tokens, config.in_channels), timestep=rand(batch).abs(),
-                encoder_hidden_states=rand(batch, text, config.joint_attention_dim),
-                pooled_projections=rand(batch, config.pooled_projection_dim),
-                img_ids=ids.to(parameter.device, parameter.dtype),
-                txt_ids=torch.zeros(text, 3, device=parameter.device, dtype=parameter.dtype),
-                guidance=rand(batch).abs() if config.guidance_embeds else None)
+    log = capfd.readouterr().err
+    assert "no CUDA graph for the DiT forward" not in log
+    assert log.count("captured a CUDA graph of the DiT forward") >= 2, log[-3000:]  # at least one per rank
+    assert [rank.returncode for rank in ranks] == [0, 0]
 
 
 def test_ulysses_ranks_capture_together_or_not_at_all(tmp_path):

@@ -103,7 +103,8 @@ class GraphedForward:
 
     def drop_graphs(self) -> None:
         """Forget every graph and sighting (the next forwards capture anew). The memory pool goes with them:
-        PyTorch's allocator asserts when a new capture names a pool whose graphs were all destroyed."""
+        PyTorch's allocator asserts when a new capture names a pool whose graphs were all destroyed. Signatures
+        whose capture failed stay failed (they run without a graph)."""
         with self._lock:
             self.graphs.clear()
             self.sightings.clear()
@@ -134,8 +135,9 @@ class GraphedForward:
         if is_offloaded(self.model) or (state is not None and state.ring.size > 1):
             return None
         device = _device_of(self.model)
-        # a graph holds the collectives of its plan: a forward under another plan (or none) is another graph
-        parts: list[Any] = [(torch.is_inference_mode_enabled(), None if state is None else (state.plan, state.rank))]
+        # a graph holds the collectives of its process groups: a forward under another plan or another state (the
+        # groups it was built with; a server builds one per process, the bench one per mode) is another graph
+        parts: list[Any] = [(torch.is_inference_mode_enabled(), None if state is None else (state.plan, id(state)))]
         for name in sorted(kwargs):
             value = kwargs[name]
             if isinstance(value, torch.Tensor):
@@ -160,11 +162,11 @@ class GraphedForward:
             self.sightings[signature] = self.sightings.get(signature, 0) + 1
             if self.sightings[signature] < CAPTURE_ON_SIGHTING:
                 return None
-            inputs = {name: torch.empty(value.shape, dtype=value.dtype, device=value.device).copy_(value)
-                      for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
-            call = {**kwargs, **inputs}
             device = _device_of(self.model)
-            try:
+            try:  # everything that can fail before the ranks agree sits inside (each rank reaches the agreement)
+                inputs = {name: torch.empty(value.shape, dtype=value.dtype, device=value.device).copy_(value)
+                          for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+                call = {**kwargs, **inputs}
                 if self.pool is None and device.type == "cuda":
                     self.pool = torch.cuda.graph_pool_handle()
                 replay, outputs = (self.capture or capture_cuda_graph)(lambda: self.forward(**call), device, self.pool)
