@@ -903,6 +903,16 @@ def bench_load(args, device, dtype):
 SECTIONS = {"flux": bench_flux, "wan": bench_wan, "vae": bench_vae, "qwen": bench_qwen, "load": bench_load}
 
 
+def comma_list(parser: argparse.ArgumentParser, flag: str, value: str | None, allowed) -> list[str]:
+    """``value``'s comma-separated names, each one of ``allowed`` (else the parser's error naming them)."""
+    names = [name.strip() for name in (value or "").split(",") if name.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown or (value is not None and not names):
+        what = f"unknown {unknown} in {value!r}" if unknown else f"{value!r} names none"
+        parser.error(f"{flag}: {what}; choose from {', '.join(allowed)}")
+    return names
+
+
 def release_section_memory(device) -> None:
     """Free what a section's models held before the next section (its compiled blocks and graphs sit in reference
     cycles), so each row's peak memory is its own section's: a run of Qwen-Image then Wan measured Wan's step at
@@ -949,22 +959,16 @@ def main() -> None:
                         help="FLUX: also diffusers' compile_repeated_blocks against diffgen's serve default")
     parser.add_argument("--vae-sweep", action="store_true", help="vae: also chunk sizes, kernels off, cuDNN autotuner")
     args = parser.parse_args()
-    unknown = set((args.graph_kernels or "").split(",")) - set(GRAPH_KERNEL_VARIANTS) - {""}
-    if unknown:
-        parser.error(f"--graph-kernels: unknown {sorted(unknown)}; choose from {', '.join(GRAPH_KERNEL_VARIANTS)}")
-    args.inductor_variants = [name.strip() for name in args.inductor.split(",") if name.strip()]
-    unknown = set(args.inductor_variants) - set(INDUCTOR_OPTIONS)
-    if unknown or not args.inductor_variants or (len(args.inductor_variants) > 1 and not args.graph_kernels):
-        parser.error(f"--inductor: {args.inductor!r}: one of {', '.join(INDUCTOR_OPTIONS)}, or a comma list of them "
-                     "with --graph-kernels")
-    args.inductor = args.inductor_variants[0]
     from diffgen.options import ATTENTION_BACKENDS
 
-    args.attention_variants = [name.strip() for name in args.attention.split(",") if name.strip()]
-    if (set(args.attention_variants) - set(ATTENTION_BACKENDS) or not args.attention_variants
-            or (args.attention_variants != ["auto"] and not args.graph_kernels)):
-        parser.error(f"--attention: {args.attention!r}: a comma list of {', '.join(ATTENTION_BACKENDS)}, with "
-                     "--graph-kernels")
+    comma_list(parser, "--graph-kernels", args.graph_kernels, GRAPH_KERNEL_VARIANTS)
+    args.inductor_variants = comma_list(parser, "--inductor", args.inductor, INDUCTOR_OPTIONS)
+    args.attention_variants = comma_list(parser, "--attention", args.attention, ATTENTION_BACKENDS)
+    if len(args.inductor_variants) > 1 and not args.graph_kernels:
+        parser.error(f"--inductor: {args.inductor!r}: a comma list needs --graph-kernels")
+    if args.attention_variants != ["auto"] and not args.graph_kernels:
+        parser.error(f"--attention: {args.attention!r}: another backend than auto needs --graph-kernels")
+    args.inductor = args.inductor_variants[0]
     args.repeats = args.repeats or (3 if args.quick else 5)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
