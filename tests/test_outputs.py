@@ -104,6 +104,23 @@ def test_video_metadata_has_frames_and_fps():
     assert generation_metadata(result.request, seed=3, model="served", output_index=0)["model"] == "served"
 
 
+def test_png_frames_are_each_frame_in_order_with_the_metadata_on_the_first(tmp_path, monkeypatch):
+    """Frames encoded on several threads land under their own index, pixel for pixel, the same bytes as one thread."""
+    from diffgen import outputs
+
+    frames = np.random.default_rng(0).integers(0, 256, (7, 16, 24, 3), dtype=np.uint8)
+    outputs.write_png_frames(frames, tmp_path / "threads", {"prompt": "a boat"})
+    monkeypatch.setattr(outputs, "PNG_THREADS", 1)
+    outputs.write_png_frames(frames, tmp_path / "one", {"prompt": "a boat"})
+    written = sorted((tmp_path / "threads").iterdir())
+    assert [path.name for path in written] == [f"frame_{index:05d}.png" for index in range(7)]
+    for index, path in enumerate(written):
+        assert np.array_equal(np.asarray(Image.open(path)), frames[index])
+        assert path.read_bytes() == (tmp_path / "one" / path.name).read_bytes()
+    assert json.loads(Image.open(written[0]).text["parameters"]) == {"prompt": "a boat"}
+    assert "parameters" not in Image.open(written[1]).text
+
+
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names = set()
