@@ -271,13 +271,16 @@ def test_guidance_scale_2_needs_two_experts(checkpoints, capsys):
 
 def test_latent_stats_round_as_diffusers_in_bfloat16(tiny_checkpoint):
     """diffusers casts latents_std to the latents' dtype, then takes the reciprocal in that dtype."""
+    import dataclasses
+
     import torch
 
     from diffgen import Engine
 
     pipe = Engine.from_pretrained(tiny_checkpoint("wan-t2v"), device="cpu").pipeline
-    pipe.vae.register_to_config(latents_std=[0.5664, 2.8, 1.7, 3.1, 1.3, 2.2, 2.7, 1.9, 2.4, 1.6, 1.6, 2.5, 2.6,
-                                             1.7, 2.7, 2.1])
+    # text-to-video's VAE is diffgen's WanDecodingVAE, whose config is a frozen dataclass
+    pipe.vae.config = dataclasses.replace(pipe.vae.config, latents_std=(0.5664, 2.8, 1.7, 3.1, 1.3, 2.2, 2.7, 1.9,
+                                                                        2.4, 1.6, 1.6, 2.5, 2.6, 1.7, 2.7, 2.1))
     mean, inv_std = pipe._latent_stats(torch.bfloat16, torch.device("cpu"))
     expected = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1).to(torch.bfloat16)
     assert inv_std.dtype == torch.bfloat16 and torch.equal(inv_std, expected)

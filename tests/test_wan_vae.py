@@ -175,6 +175,64 @@ def test_pipelines_decode_through_the_native_decoder(tiny_checkpoint):
         assert pipeline.vae.decode == pipeline.vae.native_decoder.decode, family
 
 
+def test_text_to_video_loads_a_decoding_vae_without_diffusers(tiny_checkpoint):
+    """Wan text-to-video loads WanDecodingVAE (decoder tensors only, strictly): its decode and tiled decode equal
+    diffusers' AutoencoderKLWan from the same folder, and diffusers' VAE module is never imported for it."""
+    import subprocess
+    import sys
+
+    from diffusers import AutoencoderKLWan
+
+    from diffgen.loader.components import load_pipeline
+    from diffgen.models.vaes.wan import WanDecodingVAE
+
+    folder = tiny_checkpoint("wan-t2v")
+    vae = load_pipeline(folder, device="cpu").vae
+    assert isinstance(vae, WanDecodingVAE) and not any(name.startswith("encoder.") for name in vae.state_dict())
+    reference = AutoencoderKLWan.from_pretrained(f"{folder}/vae").eval()
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(vae.decode(z, return_dict=False)[0], reference.decode(z, return_dict=False)[0],
+                                   atol=2e-5, rtol=0)
+        assert torch.equal(vae.tiled_decode(z).sample, reference.tiled_decode(z).sample)
+    check = ("import sys; from diffgen.loader.components import load_pipeline; "
+             f"p = load_pipeline({folder!r}, device='cpu'); "
+             "print(type(p.vae).__name__, 'diffusers.models.autoencoders.autoencoder_kl_wan' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["WanDecodingVAE", "False"], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["wan-i2v", "wan22-ti2v"])
+def test_pipelines_that_encode_keep_diffusers_vae(tiny_checkpoint, family):
+    """Image-to-video encodes its first frame; TI2V-5B's VAE is Wan2.2's (declined): diffusers' class for both."""
+    from diffgen.loader.components import load_pipeline
+
+    assert type(load_pipeline(tiny_checkpoint(family), device="cpu").vae).__name__ == "AutoencoderKLWan"
+
+
+def test_decoding_vae_switch_and_strictness(tiny_checkpoint, tmp_path, monkeypatch):
+    """DIFFGEN_NATIVE_VAE=0 loads diffusers' class; a checkpoint missing a decoder tensor is refused by name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from diffgen.errors import ModelLoadError
+    from diffgen.loader.components import load_pipeline
+
+    folder = tiny_checkpoint("wan-t2v")
+    monkeypatch.setenv(NATIVE_VAE_ENV, "0")
+    assert type(load_pipeline(folder, device="cpu").vae).__name__ == "AutoencoderKLWan"
+    monkeypatch.delenv(NATIVE_VAE_ENV)
+    broken = tmp_path / "ckpt"
+    shutil.copytree(folder, broken)
+    [weights] = (broken / "vae").glob("*.safetensors")
+    state = load_file(weights)
+    del state["decoder.conv_out.bias"]
+    save_file(state, weights)
+    with pytest.raises(ModelLoadError, match="decoder.conv_out.bias"):
+        load_pipeline(str(broken), device="cpu")
+
+
 _INTERPRETER_CHECK = """
 import torch
 import diffgen.models.vaes.wan as wan

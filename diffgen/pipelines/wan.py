@@ -25,7 +25,7 @@ from diffgen.configs import wan as presets
 from diffgen.engine.spec import ModelSpec
 from diffgen.models.dits.wan import WanTransformer
 from diffgen.models.encoders.t5 import UMT5Encoder
-from diffgen.models.vaes.wan import channels_last_conv3d, use_native_decoder
+from diffgen.models.vaes.wan import WanDecodingVAE, channels_last_conv3d, use_native_decoder
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
 from diffgen.pipelines.guidance import GuidanceStep, cfg
 from diffgen.pipelines.latents import image_to_tensor, vae_latent_stats, vae_tiling_wanted
@@ -52,7 +52,10 @@ class WanPipeline(ComposedPipeline):
     pipeline_class_names = ("WanPipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
     optional_components = ("transformer_2",)
-    native_models = {"WanTransformer3DModel": WanTransformer, "UMT5EncoderModel": UMT5Encoder}
+    #: text-to-video only decodes: its VAE loads without diffusers (WanDecodingVAE declines Wan2.2's, which TI2V-5B
+    #: also encodes with)
+    native_models = {"WanTransformer3DModel": WanTransformer, "UMT5EncoderModel": UMT5Encoder,
+                     "AutoencoderKLWan": WanDecodingVAE}
     output_kind = "video"
     guidance_branches = 2
     #: diffusers' WanPipeline pins the scheduler's first step index; its image-to-video pipeline does not.
@@ -251,3 +254,5 @@ class WanImageToVideoPipeline(WanPipeline):
     optional_components = ("transformer_2", "image_encoder", "image_processor")
     pins_begin_index = False
     requires_image = True
+    # it encodes the first frame: diffusers' VAE class, with its encoder
+    native_models = {name: cls for name, cls in WanPipeline.native_models.items() if cls is not WanDecodingVAE}

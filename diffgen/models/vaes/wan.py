@@ -9,14 +9,16 @@ written in front of the chunk. On CUDA the activations stay channels-last and ea
 is one Triton pass that writes straight into the next convolution's input (context included).
 
 The parameters are the VAE's own (the very tensors, under the same names): ``use_native_decoder``
-makes ``vae.decode`` run this decoder; encoding and the tiled decode stay diffusers'. Equal to
-diffusers' decode in float32 (tests/test_wan_vae.py), within bf16 rounding in bf16.
+makes ``vae.decode`` run this decoder; encoding and the tiled decode stay diffusers'. Pipelines that only
+decode (text-to-video) load :class:`WanDecodingVAE` instead, this decoder straight from the checkpoint, without
+diffusers. Equal to diffusers' decode in float32 (tests/test_wan_vae.py), within bf16 rounding in bf16.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffgen.configs.mapping import MappingConfig
 from diffgen.layers.fused import bias_residual_add, channel_rms_norm, use_fused_kernel
 from diffgen.models.vaes import NATIVE_VAE_ENV
 
@@ -438,6 +441,95 @@ class WanVAEDecoder(nn.Module):
         """diffusers' ``decode`` interface: ``(video,)`` or an object with ``.sample``."""
         out = self(z)
         return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
+@dataclass(frozen=True)
+class WanVAEConfig(MappingConfig):
+    """config.json of diffusers' ``AutoencoderKLWan`` (the keys the decode and the pipelines read; diffusers'
+    defaults); readable as attributes (``vae.config.z_dim``) and as a mapping (``vae.config.get(...)``)."""
+
+    base_dim: int = 96
+    decoder_base_dim: int | None = None
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
+    is_residual: bool = False
+    in_channels: int = 3
+    out_channels: int = 3
+    patch_size: int | None = None
+    scale_factor_temporal: int | None = 4
+    scale_factor_spatial: int | None = 8
+
+
+class WanDecodingVAE(WanVAEDecoder):
+    """diffusers' ``AutoencoderKLWan`` for pipelines that only decode (text-to-video), loaded without diffusers.
+
+    Importing diffusers' VAE class took ~5 s of a one-shot Wan run's critical path on an H200 (after the weight
+    reads had finished; docs/benchmarks.md). The checkpoint's ``decoder.*`` and ``post_quant_conv.*`` tensors load
+    strictly; the encoder's (``encoder.*``, ``quant_conv.*``) are not read, as a text-to-video request never
+    encodes. ``tiled_decode`` (frames over 1280x720) imports diffusers then and runs its tiled decode over these
+    very parameters. Wan2.2's VAE (``is_residual``: TI2V-5B, which also encodes images) stays diffusers'.
+    """
+
+    config_class = WanVAEConfig
+    native_env = NATIVE_VAE_ENV  # 0: diffusers' class (the loader's native_class)
+    #: diffusers' tiling settings: set on this module, they reach the tiled decode
+    TILE_SETTINGS = ("tile_sample_min_height", "tile_sample_min_width", "tile_sample_stride_height",
+                     "tile_sample_stride_width")
+
+    def __init__(self, config: WanVAEConfig):
+        super().__init__(config)
+        self._tiled: nn.Module | None = None
+
+    @classmethod
+    def unsupported(cls, config: Mapping[str, Any]) -> str | None:
+        """Why this config.json is not decoded here (None: it is): the loader then loads diffusers' class."""
+        if config.get("is_residual") or config.get("patch_size"):
+            return "Wan2.2's VAE (is_residual / patch_size)"
+        if not config.get("latents_mean") or not config.get("latents_std"):
+            return "no latents_mean / latents_std in its config.json"
+        return None
+
+    @classmethod
+    def checkpoint_names(cls, keys: list[str]) -> dict[str, str | None]:
+        """The encoder's tensors are not read (None); the rest keep their names."""
+        return {key: None for key in keys if key.startswith(("encoder.", "quant_conv."))}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_quant_conv.weight.device
+
+    @property
+    def native_decoder(self) -> WanDecodingVAE:
+        """The decoder a split decode resizes its chunks on (diffgen/parallel/vae.py): this module itself."""
+        return self
+
+    def tiled_decode(self, z: torch.Tensor, return_dict: bool = True):
+        """diffusers' tiled decode, on a diffusers ``AutoencoderKLWan`` that holds this module's parameters (built
+        on first use; its encoder stays on the meta device, unused)."""
+        if self._tiled is None:
+            from diffusers import AutoencoderKLWan
+
+            with torch.device("meta"):
+                tiled = AutoencoderKLWan.from_config({key: list(value) if isinstance(value, tuple) else value
+                                                      for key, value in self.config.items()})
+            for name, parameter in self.named_parameters():
+                module_name, _, attr = name.rpartition(".")
+                tiled.get_submodule(module_name)._parameters[attr] = parameter
+            object.__setattr__(self, "_tiled", tiled)  # not a submodule: the state dict stays this module's
+        for name in self.TILE_SETTINGS:  # set on this module as on diffusers' VAE (tests set small tiles)
+            if name in self.__dict__:
+                setattr(self._tiled, name, self.__dict__[name])
+        return self._tiled.tiled_decode(z, return_dict=return_dict)
 
 
 def unpatchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
