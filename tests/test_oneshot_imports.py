@@ -62,6 +62,20 @@ def test_flux_generate_imports_neither_diffusers_nor_scipy_nor_torch_dynamo(tiny
         assert imported(modules, package) == [], f"a FLUX generate imported {imported(modules, package)[:5]}"
 
 
+def test_decode_only_pipelines_leave_out_diffusers_vae_module(tiny_checkpoint, tmp_path):
+    """Qwen-Image text-to-image (native DiT, VAE decoder and sampler) imports no diffusers at all; Wan text-to-video
+    (its UniPC scheduler is still diffusers') none of diffusers' model packages. With ``DIFFGEN_NATIVE_VAE=0`` the
+    probe sees diffusers' Wan VAE module: the check can fail."""
+    modules, stdout = oneshot_modules(tiny_checkpoint("qwen-image"), tmp_path / "qwen")
+    assert "saved " in stdout and "diffgen.pipelines.flow_match" in modules
+    assert imported(modules, "diffusers") == [], imported(modules, "diffusers")[:5]
+    modules, stdout = oneshot_modules(tiny_checkpoint("wan-t2v"), tmp_path / "wan")
+    assert "saved " in stdout and "diffusers.schedulers.scheduling_unipc_multistep" in modules
+    assert imported(modules, "diffusers.models") == [], imported(modules, "diffusers.models")[:5]
+    modules, _ = oneshot_modules(tiny_checkpoint("wan-t2v"), tmp_path / "wan-diffusers", {"DIFFGEN_NATIVE_VAE": "0"})
+    assert "diffusers.models.autoencoders.autoencoder_kl_wan" in modules
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (its load path, kernels and Triton)")
 def test_flux_generate_on_the_gpu_imports_neither(tiny_flux, tmp_path):
     """The CUDA path adds diffgen's parallel reader, the GPU library warm-up and the Triton kernels."""

@@ -18,7 +18,7 @@ from diffgen.configs.qwen_image import QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_E
 from diffgen.engine.spec import ModelSpec, area_fit_size
 from diffgen.models.dits.qwen_image import QwenImageTransformer
 from diffgen.models.encoders.qwen_vl import QwenVLProcessor, encode_qwen_vl_prompts
-from diffgen.models.vaes.wan import channels_last_conv3d, use_native_decoder
+from diffgen.models.vaes.wan import WanDecodingVAE, channels_last_conv3d, use_native_decoder
 from diffgen.pipelines.base import ComposedPipeline, PipelineState, register_pipeline
 from diffgen.pipelines.flow_match import load_flow_match_scheduler
 from diffgen.pipelines.guidance import GuidanceStep, norm_preserving_cfg
@@ -59,7 +59,8 @@ def min_steps(checkpoint) -> int:
 class QwenImagePipeline(ComposedPipeline):
     pipeline_class_names = ("QwenImagePipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
-    native_models = {"QwenImageTransformer2DModel": QwenImageTransformer}
+    #: text-to-image only decodes: its VAE (Wan2.1's network) loads without diffusers
+    native_models = {"QwenImageTransformer2DModel": QwenImageTransformer, "AutoencoderKLQwenImage": WanDecodingVAE}
     component_loaders = {"FlowMatchEulerDiscreteScheduler": load_flow_match_scheduler}
     packed_latents = True
     prompt_template = T2I_TEMPLATE
@@ -155,6 +156,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
     pipeline_class_names = ("QwenImageEditPipeline",)
     required_components = ("scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer")
+    # it encodes the input image: diffusers' VAE class, with its encoder
+    native_models = {name: cls for name, cls in QwenImagePipeline.native_models.items() if cls is not WanDecodingVAE}
     component_loaders = {**QwenImagePipeline.component_loaders, "Qwen2VLProcessor": QwenVLProcessor.from_folder}
     prompt_template = EDIT_TEMPLATE
     template_tokens = 64

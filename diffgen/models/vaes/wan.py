@@ -467,7 +467,8 @@ class WanVAEConfig(MappingConfig):
 
 
 class WanDecodingVAE(WanVAEDecoder):
-    """diffusers' ``AutoencoderKLWan`` for pipelines that only decode (text-to-video), loaded without diffusers.
+    """diffusers' ``AutoencoderKLWan`` (and ``AutoencoderKLQwenImage``, the same network) for pipelines that only
+    decode (Wan text-to-video, Qwen-Image text-to-image), loaded without diffusers.
 
     Importing diffusers' VAE class took ~5 s of a one-shot Wan run's critical path on an H200 (after the weight
     reads had finished; docs/benchmarks.md). The checkpoint's ``decoder.*`` and ``post_quant_conv.*`` tensors load
