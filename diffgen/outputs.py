@@ -79,8 +79,8 @@ def write_animation(frames: np.ndarray, path: Path, fps: int, output_format: str
                    duration=max(1, round(1000 / fps)), loop=0, **options)
 
 
-#: threads that encode PNG frames at once (Pillow's zlib encoder releases the GIL)
-PNG_THREADS = min(os.cpu_count() or 1, 16)
+#: threads that encode PNG frames at once (Pillow's zlib encoder releases the GIL): the CPUs this process may use
+PNG_THREADS = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 16)
 
 
 def write_png_frames(frames: np.ndarray, folder: Path, metadata: dict[str, Any] | None = None) -> None:
@@ -88,15 +88,19 @@ def write_png_frames(frames: np.ndarray, folder: Path, metadata: dict[str, Any] 
 
     The frames are encoded on several threads, the same bytes as one: one at a time, 81 frames of 480x832 took 7.7 s
     of a one-shot Wan run on an H200 machine (docs/benchmarks.md); 81 synthetic frames of that size took 6.0 s on one
-    thread and 3.1 s on four on a 2-core CPU machine."""
+    thread and 3.1 s on a pool of four on a 2-core CPU machine (both cores busy)."""
     folder.mkdir(parents=True, exist_ok=True)  # save_outputs has reserved it
 
     def write(index: int) -> None:
         data = encode_image(Image.fromarray(frames[index]), "png", metadata if index == 0 else None)
         (folder / f"frame_{index:05d}.png").write_bytes(data)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(PNG_THREADS, len(frames)))) as pool:
-        list(pool.map(write, range(len(frames))))  # list(): a frame's exception is raised here
+    pool = ThreadPoolExecutor(max_workers=max(1, min(PNG_THREADS, len(frames))))
+    try:
+        for future in [pool.submit(write, index) for index in range(len(frames))]:
+            future.result()  # a frame's exception is raised here
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, frames not yet started are not encoded
 
 
 def write_video(frames: np.ndarray, path: Path, fps: int, output_format: str,

@@ -191,10 +191,19 @@ def test_text_to_video_loads_a_decoding_vae_without_diffusers(tiny_checkpoint):
     assert isinstance(vae, WanDecodingVAE) and not any(name.startswith("encoder.") for name in vae.state_dict())
     reference = AutoencoderKLWan.from_pretrained(f"{folder}/vae").eval()
     z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    tiles = dict(tile_sample_min_height=24, tile_sample_min_width=24, tile_sample_stride_height=16,
+                 tile_sample_stride_width=16)  # 32x48 pixels: 2 x 3 overlapping tiles, blended
     with torch.inference_mode():
-        torch.testing.assert_close(vae.decode(z, return_dict=False)[0], reference.decode(z, return_dict=False)[0],
-                                   atol=2e-5, rtol=0)
-        assert torch.equal(vae.tiled_decode(z).sample, reference.tiled_decode(z).sample)
+        whole = reference.decode(z, return_dict=False)[0]
+        torch.testing.assert_close(vae.decode(z, return_dict=False)[0], whole, atol=2e-5, rtol=0)
+        reference.enable_tiling(**tiles)
+        for name, value in tiles.items():
+            setattr(vae, name, value)
+        tiled = vae.tiled_decode(z).sample
+        assert torch.equal(tiled, reference.tiled_decode(z).sample)
+        assert not torch.equal(tiled, whole)  # the tiles and their blending did run
+    with pytest.raises(NotImplementedError, match="DIFFGEN_NATIVE_VAE=0"):
+        vae.encode(torch.zeros(1, 3, 1, 32, 48))
     check = ("import sys; from diffgen.loader.components import load_pipeline; "
              f"p = load_pipeline({folder!r}, device='cpu'); "
              "print(type(p.vae).__name__, 'diffusers.models.autoencoders.autoencoder_kl_wan' in sys.modules)")
@@ -208,6 +217,17 @@ def test_pipelines_that_encode_keep_diffusers_vae(tiny_checkpoint, family):
     from diffgen.loader.components import load_pipeline
 
     assert type(load_pipeline(tiny_checkpoint(family), device="cpu").vae).__name__ == "AutoencoderKLWan"
+
+
+def test_decoding_vae_gets_the_split_decode_of_several_gpus(tiny_checkpoint):
+    """--num-gpus N splits each frame's decode over the ranks (diffgen/parallel/vae.py): the decode-only VAE too."""
+    from diffgen.loader.components import load_pipeline
+    from diffgen.parallel.vae import install_parallel_decode
+
+    vae = load_pipeline(tiny_checkpoint("wan-t2v"), device="cpu").vae
+    own = vae.decode
+    install_parallel_decode(vae)
+    assert vae.decode != own and vae._diffgen_parallel_decode
 
 
 def test_decoding_vae_switch_and_strictness(tiny_checkpoint, tmp_path, monkeypatch):

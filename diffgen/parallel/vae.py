@@ -49,7 +49,8 @@ def stage_halos(vae) -> list[int]:
 
 
 def supports_parallel_decode(vae) -> bool:
-    return type(vae).__name__ in ("AutoencoderKLWan", "AutoencoderKLQwenImage")
+    """diffusers' Wan-family VAEs and diffgen's decode-only one (the same decoder network)."""
+    return type(vae).__name__ in ("AutoencoderKLWan", "AutoencoderKLQwenImage", "WanDecodingVAE")
 
 
 def install_parallel_decode(vae) -> None:

@@ -492,6 +492,8 @@ class WanDecodingVAE(WanVAEDecoder):
         """Why this config.json is not decoded here (None: it is): the loader then loads diffusers' class."""
         if config.get("is_residual") or config.get("patch_size"):
             return "Wan2.2's VAE (is_residual / patch_size)"
+        if config.get("input_channels", 3) != 3:  # Qwen-Image's name for the image channels (RGBA variants: 4)
+            return f"input_channels {config['input_channels']} (3 is built here)"
         if not config.get("latents_mean") or not config.get("latents_std"):
             return "no latents_mean / latents_std in its config.json"
         return None
@@ -514,6 +516,11 @@ class WanDecodingVAE(WanVAEDecoder):
         """The decoder a split decode resizes its chunks on (diffgen/parallel/vae.py): this module itself."""
         return self
 
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        raise NotImplementedError(
+            "this VAE was loaded for decoding only (WanDecodingVAE, for text-to-video / text-to-image pipelines); "
+            f"set {NATIVE_VAE_ENV}=0 to load diffusers' class, which encodes")
+
     def tiled_decode(self, z: torch.Tensor, return_dict: bool = True):
         """diffusers' tiled decode, on a diffusers ``AutoencoderKLWan`` that holds this module's parameters (built
         on first use; its encoder stays on the meta device, unused)."""
@@ -523,10 +530,10 @@ class WanDecodingVAE(WanVAEDecoder):
             with torch.device("meta"):
                 tiled = AutoencoderKLWan.from_config({key: list(value) if isinstance(value, tuple) else value
                                                       for key, value in self.config.items()})
-            for name, parameter in self.named_parameters():
-                module_name, _, attr = name.rpartition(".")
-                tiled.get_submodule(module_name)._parameters[attr] = parameter
             object.__setattr__(self, "_tiled", tiled)  # not a submodule: the state dict stays this module's
+        for name, parameter in self.named_parameters():  # every call: a parameter replaced since is seen
+            module_name, _, attr = name.rpartition(".")
+            self._tiled.get_submodule(module_name)._parameters[attr] = parameter
         for name in self.TILE_SETTINGS:  # set on this module as on diffusers' VAE (tests set small tiles)
             if name in self.__dict__:
                 setattr(self._tiled, name, self.__dict__[name])
