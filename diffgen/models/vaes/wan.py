@@ -11,7 +11,8 @@ is one Triton pass that writes straight into the next convolution's input (conte
 The parameters are the VAE's own (the very tensors, under the same names): ``use_native_decoder``
 makes ``vae.decode`` run this decoder; encoding and the tiled decode stay diffusers'. Pipelines that only
 decode (Wan text-to-video, Qwen-Image text-to-image) load :class:`WanDecodingVAE` instead, this decoder straight
-from the checkpoint, without diffusers. Equal to diffusers' decode in float32 (tests/test_wan_vae.py), within bf16 rounding in bf16.
+from the checkpoint, without diffusers. Equal to diffusers' decode in float32 (tests/test_wan_vae.py), within bf16
+rounding in bf16.
 """
 
 from __future__ import annotations
@@ -472,8 +473,9 @@ class WanDecodingVAE(WanVAEDecoder):
 
     Importing diffusers' VAE class took ~5 s of a one-shot Wan run's critical path on an H200 (after the weight
     reads had finished; docs/benchmarks.md). The checkpoint's ``decoder.*`` and ``post_quant_conv.*`` tensors load
-    strictly; the encoder's (``encoder.*``, ``quant_conv.*``) are not read, as these pipelines never encode. ``tiled_decode`` (frames over 1280x720) imports diffusers then and runs its tiled decode over these
-    very parameters. Wan2.2's VAE (``is_residual``: TI2V-5B, which also encodes images) stays diffusers'.
+    strictly; the encoder's (``encoder.*``, ``quant_conv.*``) are not read, as these pipelines never encode.
+    ``tiled_decode`` (frames over 1280x720) imports diffusers then and runs its tiled decode over these very
+    parameters. Wan2.2's VAE (``is_residual``: TI2V-5B, which also encodes images) stays diffusers'.
     """
 
     config_class = WanVAEConfig
