@@ -9,7 +9,6 @@ relative error of each against float32 attention where it fits in memory. A/B al
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -34,17 +33,9 @@ TINY = {"tiny": (1, 64, 2, 16), "tiny, two rows": (2, 33, 3, 8)}
 EXACT_LIMIT = 2**32  # float32 scores (B·H·S² elements) up to this size are computed for the error column
 
 
-def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """float32 attention over (B, S, H, D), one head at a time (the scores of all heads may not fit)."""
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    for head in range(q.shape[2]):
-        qh, kh, vh = (t[:, :, head].float() for t in (q, k, v))
-        out[:, :, head] = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ vh
-    return out
-
-
 def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
     from diffgen.layers.attention import fa4_attention_op, fa4_installed, prepare_compiled_attention, sdpa
+    from diffgen.testing.bounds import float32_attention
 
     torch._dynamo.reset()  # each shape compiled for itself: static shapes, no recompile limit across shapes
     batch, tokens, heads, head_dim = shape
@@ -64,7 +55,7 @@ def bench_shape(name: str, shape: tuple, device: torch.device, dtype: torch.dtyp
         first = time.perf_counter() - begin
         errors = {variant: "" for variant in variants}
         if batch * heads * tokens * tokens <= EXACT_LIMIT:
-            exact = exact_attention(q, k, v)
+            exact = float32_attention(q, k, v)
             errors = {variant: f"{((out.float() - exact).norm() / exact.norm()).item():.2e}"
                       for variant, out in outputs.items()}
         stats = ab_medians(variants, device, warmup=3, repeats=repeats)

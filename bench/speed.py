@@ -290,11 +290,11 @@ def graph_kernel_rows(section: str, build, forward_of, step_of, reference: dict,
     forwards, rows, models = {"diffusers": reference["forward"]}, {"diffusers eager": reference["step"]}, {}
     # Every variant's blocks share one forward code object, each setting read while tracing (graph kernels, Inductor
     # options, attention backend) adds an entry to its cache: past the limit Dynamo would run the rest eagerly
-    variants = len(args.attention_variants) * len(args.inductor_variants) * len(args.graph_kernels.split(","))
+    variants = len(args.attention_variants) * len(args.inductor_variants) * len(args.graph_kernel_variants)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * variants)
     for backend in args.attention_variants:
         for inductor in args.inductor_variants:
-            for variant in args.graph_kernels.split(","):
+            for variant in args.graph_kernel_variants:
                 families, label = GRAPH_KERNEL_VARIANTS[variant]
                 if len(args.attention_variants) > 1:
                     label += f", attention {backend}"
@@ -961,7 +961,7 @@ def main() -> None:
     args = parser.parse_args()
     from diffgen.options import ATTENTION_BACKENDS
 
-    comma_list(parser, "--graph-kernels", args.graph_kernels, GRAPH_KERNEL_VARIANTS)
+    args.graph_kernel_variants = comma_list(parser, "--graph-kernels", args.graph_kernels, GRAPH_KERNEL_VARIANTS)
     args.inductor_variants = comma_list(parser, "--inductor", args.inductor, INDUCTOR_OPTIONS)
     args.attention_variants = comma_list(parser, "--attention", args.attention, ATTENTION_BACKENDS)
     if len(args.inductor_variants) > 1 and not args.graph_kernels:

@@ -7,7 +7,6 @@ installed: against float32 attention, as close as cuDNN's kernel is, eager, comp
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from diffgen.errors import DiffgenError
 from diffgen.layers import attention
 from diffgen.layers.attention import FA4_MIN_KEYS, fa4_attention_op, sdpa, set_attention_backend
+from diffgen.testing.bounds import float32_attention
 
 
 @pytest.fixture
@@ -170,15 +170,6 @@ needs_fa4 = pytest.mark.skipif(
     reason="needs a Hopper GPU with flash-attn-4 installed (pip install -e '.[fa4]')")
 
 
-def _reference(q, k, v, scale=None, causal=False):
-    """float32 attention over (B, S, H, D)."""
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
-    scores = qf @ kf.transpose(-1, -2) * (scale or 1 / math.sqrt(q.shape[-1]))
-    if causal:
-        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-    return (torch.softmax(scores, -1) @ vf).transpose(1, 2)
-
-
 @pytest.mark.gpu
 @needs_fa4
 def test_fa4_compiled_and_graphed_equals_eager_on_gpu(backend):
@@ -220,7 +211,7 @@ def test_fa4_is_as_close_to_float32_as_cudnn_on_gpu(shape, scale, causal, dtype)
     torch.manual_seed(shape[1])
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3))
     with torch.inference_mode():
-        exact = _reference(q, k, v, scale, causal)
+        exact = float32_attention(q, k, v, scale, causal)
         fa4 = fa4_attention_op(q, k, v, scale, causal)
         with torch.nn.attention.sdpa_kernel(attention._SDPA_ORDER["cudnn"], set_priority=True):
             library = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=scale,

@@ -159,15 +159,15 @@ def _use_fa4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     (FA4 aligns the mask to the end, SDPA to the start)."""
     if _backend not in ("auto", "fa4") or query.device.type != "cuda" or mask is not None:
         return False
+    # "auto" in compiled blocks only: where eager runs (a one-shot generate), FA4's import and each shape's first
+    # compilation cost more than they saved (Wan2.1-1.3B 480p, 20 steps: 52-54 s with it, 46-49 s without, H200)
+    if _backend == "auto" and (key.shape[1] < FA4_MIN_KEYS or not torch.compiler.is_compiling()):
+        return False
     if not query.shape[2] == key.shape[2] == value.shape[2] or (causal and query.shape[1] != key.shape[1]):
         return False
     if query.dtype not in (torch.bfloat16, torch.float16) or not query.dtype == key.dtype == value.dtype:
         return False
     if any(t.shape[-1] % 8 or t.shape[-1] > 256 for t in (query, value)) or torch.is_grad_enabled():
-        return False
-    # "auto" in compiled blocks only: where eager runs (a one-shot generate), FA4's import and each shape's first
-    # compilation cost more than they saved (Wan2.1-1.3B 480p, 20 steps: 52-54 s with it, 46-49 s without, H200)
-    if _backend == "auto" and (key.shape[1] < FA4_MIN_KEYS or not torch.compiler.is_compiling()):
         return False
     return _fa4_ready(_backend, query.device.index)  # a CUDA tensor's device always has its index
 

@@ -1,10 +1,13 @@
-"""Per-element error bounds of the half-precision matmul paths (``diffgen.layers.linear``) against float32, shared by
-the GPU tests and ``bench/gelu_epilogue.py``.
+"""Per-element error bounds of the half-precision matmul paths (``diffgen.layers.linear``) against float32, and the
+float32 attention the attention kernels are measured against, shared by the GPU tests and the benches
+(``bench/gelu_epilogue.py``, ``bench/attention.py``).
 
 u is the unit roundoff of the output dtype: rounding v to it moves v by at most u |v| and at most u |round(v)|.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -56,3 +59,16 @@ def split_projection_bound(parts: list[torch.Tensor], weight: torch.Tensor, bias
     partial = torch.nn.functional.linear(first.float(), weight[:, :first.shape[-1]].float(),
                                          None if bias is None else bias.float())
     return u * (partial.abs() + got.float().abs()) + summation_slack(torch.cat(parts, dim=-1), weight, bias)
+
+
+def float32_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                      causal: bool = False) -> torch.Tensor:
+    """Attention over (B, S, H, D) in float32, one head at a time (the scores of all heads may not fit)."""
+    out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=torch.float32, device=q.device)
+    for head in range(q.shape[2]):
+        qh, kh, vh = (t[:, :, head].float() for t in (q, k, v))
+        scores = qh @ kh.transpose(-1, -2) * (scale or 1 / math.sqrt(q.shape[-1]))
+        if causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        out[:, :, head] = torch.softmax(scores, -1) @ vh
+    return out
