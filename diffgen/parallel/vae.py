@@ -50,7 +50,9 @@ def stage_halos(vae) -> list[int]:
 
 def supports_parallel_decode(vae) -> bool:
     """diffusers' Wan-family VAEs and diffgen's decode-only one (the same decoder network)."""
-    return type(vae).__name__ in ("AutoencoderKLWan", "AutoencoderKLQwenImage", "WanDecodingVAE")
+    from diffgen.models.vaes.wan import SUPPORTED_VAES, WanDecodingVAE
+
+    return type(vae).__name__ in SUPPORTED_VAES or isinstance(vae, WanDecodingVAE)
 
 
 def install_parallel_decode(vae) -> None:
